@@ -1,0 +1,59 @@
+"""Endpoints to and from JSON, with a ``type`` tag, driven by the endpoint registry.
+
+Every registered type round-trips; there is no per-type marshalling block to forget. Open fds
+(``TapInterface.vm_fds``/``vhost_fds``) are never written. An entry that cannot be understood
+(unknown type, bad field) is returned as :class:`UnknownEntry` so the caller keeps it verbatim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_unstructure_fn, override
+
+from qmpnet.endpoints import REGISTRY, Endpoint
+from qmpnet.errors import InvalidInputError, QmpnetError
+from qmpnet.model import EndpointType, TapInterface
+
+
+@attrs.frozen
+class UnknownEntry:
+    """A saved endpoint this version cannot read; written back exactly as it was."""
+
+    raw: dict[str, Any]
+    reason: str
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=False)
+    conv.register_unstructure_hook(TapInterface, make_dict_unstructure_fn(
+        TapInterface, conv, vm_fds=override(omit=True), vhost_fds=override(omit=True)))
+    return conv
+
+
+_converter = _make_converter()
+
+
+def dump_endpoint(endpoint: Endpoint) -> dict[str, Any]:
+    data: dict[str, Any] = {"type": endpoint.type.value}
+    data.update(_converter.unstructure(endpoint))
+    return data
+
+
+def load_endpoint(data: object) -> Endpoint | UnknownEntry:
+    """Parse one saved endpoint; anything unreadable comes back as UnknownEntry."""
+    if not isinstance(data, dict):
+        return UnknownEntry({"value": data}, "not a JSON object")
+    try:
+        kind = EndpointType.parse(data.get("type"))
+    except InvalidInputError as err:
+        return UnknownEntry(data, str(err))
+    body = {k: v for k, v in data.items() if k != "type"}
+    try:
+        endpoint: Endpoint = _converter.structure(body, REGISTRY[kind])
+    except (QmpnetError, cattrs.BaseValidationError, ValueError, TypeError, KeyError,
+            AttributeError) as err:
+        return UnknownEntry(data, f"{kind.value} endpoint: {type(err).__name__}: {err}")
+    return endpoint

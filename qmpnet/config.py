@@ -1,0 +1,106 @@
+"""TOML configuration: which interworking model, vhost, queue count and deadlines.
+
+Defaults are what a demanding user expects on a real host: ``tcfilter`` as the interworking
+model (the documented meaning of ``default``), vhost-net when the host has it, one queue pair
+per guest vCPU, and bounded waits everywhere (the unplug deadline follows libvirt's 5 s).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Self
+
+import attrs
+
+from qmpnet.errors import InvalidInputError
+from qmpnet.model import InterworkingModel, check_ifname, check_queues
+
+
+def _positive(field: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+        raise InvalidInputError(field, value, "must be a number of seconds in (0, 3600]")
+    return float(value)
+
+
+@attrs.frozen(kw_only=True)
+class Timeouts:
+    """Deadlines in seconds; every wait on QEMU or the guest has one."""
+
+    connect: float = 5.0
+    command: float = 10.0
+    unplug: float = 5.0
+    guest_ready: float = 30.0
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """Settings for one driver; ``queues = 0`` means one queue pair per guest vCPU."""
+
+    internetworking_model: InterworkingModel = InterworkingModel.DEFAULT
+    disable_vhost_net: bool = False
+    queues: int = 0
+    #: host tap name for the endpoint with index ``idx``; must stay within 15 bytes.
+    tap_name: str = attrs.field(default="tap{idx}_kata")
+    timeouts: Timeouts = Timeouts()
+
+    @tap_name.validator
+    def _check_tap_name(self, _attr: object, value: str) -> None:
+        if not isinstance(value, str) or "{idx}" not in value:
+            raise InvalidInputError("tap_name", value, "must be a template containing {idx}")
+        check_ifname("tap_name", value.format(idx=999))
+
+    @property
+    def model(self) -> InterworkingModel:
+        return self.internetworking_model.resolved()
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> Self:
+        """Build from parsed TOML (top level or a ``[network]`` table); unknown keys are errors."""
+        table = data.get("network", data)
+        if not isinstance(table, dict):
+            raise InvalidInputError("network", table, "must be a table")
+        known = {"internetworking_model", "disable_vhost_net", "queues", "tap_name", "timeouts"}
+        for key in table:
+            if key not in known:
+                raise InvalidInputError("config key", key, "unknown; known keys are "
+                                        + ", ".join(sorted(known)))
+        kwargs: dict[str, Any] = {}
+        if "internetworking_model" in table:
+            kwargs["internetworking_model"] = InterworkingModel.parse(
+                table["internetworking_model"])
+        if "disable_vhost_net" in table:
+            value = table["disable_vhost_net"]
+            if not isinstance(value, bool):
+                raise InvalidInputError("disable_vhost_net", value, "must be true or false")
+            kwargs["disable_vhost_net"] = value
+        if "queues" in table:
+            value = table["queues"]
+            if value != 0:
+                check_queues("queues", value)
+            kwargs["queues"] = value
+        if "tap_name" in table:
+            kwargs["tap_name"] = table["tap_name"]
+        if "timeouts" in table:
+            tbl = table["timeouts"]
+            if not isinstance(tbl, dict):
+                raise InvalidInputError("timeouts", tbl, "must be a table")
+            names = {f.name for f in attrs.fields(Timeouts)}
+            for key in tbl:
+                if key not in names:
+                    raise InvalidInputError("timeouts key", key, "unknown; known keys are "
+                                            + ", ".join(sorted(names)))
+            kwargs["timeouts"] = Timeouts(**{k: _positive(f"timeouts.{k}", v)
+                                             for k, v in tbl.items()})
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as err:
+            raise InvalidInputError("config file", str(path), err.strerror or str(err)) from err
+        except tomllib.TOMLDecodeError as err:
+            raise InvalidInputError("config file", str(path), f"not valid TOML: {err}") from err
+        return cls.from_mapping(data)

@@ -1,0 +1,161 @@
+"""The endpoint protocol, the type registry, and building an endpoint for an interface.
+
+Every endpoint type is a frozen attrs class registered under its :class:`EndpointType`; the
+registry drives creation, JSON (un)structuring and reporting, so no code switches on type
+strings and no type can be forgotten. ``hot_attach`` returns the plugged endpoint (with its PCI
+path and the MACs it settled on) instead of mutating it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
+
+import attrs
+
+from qmpnet.errors import InvalidInputError, UnsupportedError
+from qmpnet.model import (
+    EndpointType,
+    InterfaceDescription,
+    InterworkingModel,
+    LinkAttrs,
+    NetworkInfo,
+    NetworkInterfacePair,
+)
+
+if TYPE_CHECKING:
+    from qmpnet.config import Config
+    from qmpnet.hypervisor import QemuHypervisor
+    from qmpnet.lifecycle import Operation
+
+
+@attrs.define(eq=False)
+class PlugContext:
+    """What an endpoint needs to plug or unplug itself: the VM, settings, the operation."""
+
+    hypervisor: QemuHypervisor
+    config: Config
+    op: Operation
+    wait_guest: bool = False
+
+    async def queues(self, requested: int) -> int:
+        """Queue pairs: as requested, else as configured, else one per guest vCPU."""
+        if requested:
+            return requested
+        if self.config.queues:
+            return self.config.queues
+        return await self.hypervisor.vcpus()
+
+
+@runtime_checkable
+class Endpoint(Protocol):
+    """What every endpoint type provides."""
+
+    type: ClassVar[EndpointType]
+
+    @property
+    def properties(self) -> NetworkInfo | None: ...
+
+    @property
+    def pci_path(self) -> str: ...
+
+    @property
+    def netns_path(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def hardware_addr(self) -> str: ...
+
+    @property
+    def network_pair(self) -> NetworkInterfacePair | None: ...
+
+    @property
+    def id(self) -> str: ...
+
+    async def attach(self, ctx: PlugContext) -> Self: ...
+
+    async def detach(self, ctx: PlugContext, netns_created: bool) -> None: ...
+
+    async def hot_attach(self, ctx: PlugContext) -> Self: ...
+
+    async def hot_detach(self, ctx: PlugContext, netns_created: bool) -> None: ...
+
+
+E = TypeVar("E", bound=type[Any])
+
+#: EndpointType -> the class that implements it. Filled by :func:`register`.
+REGISTRY: dict[EndpointType, type[Endpoint]] = {}
+
+
+def register(cls: E) -> E:
+    REGISTRY[cls.type] = cls
+    return cls
+
+
+def new_id() -> str:
+    """A QEMU-id-safe, unique id for one NIC; also the owner mark of its host links."""
+    return "qn" + secrets.token_hex(5)
+
+
+def random_mac() -> str:
+    """A MAC in QEMU's 52:54:00 range for a guest NIC that was given none."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+def net_info_from_interface(desc: InterfaceDescription, model: InterworkingModel) -> NetworkInfo:
+    """NetworkInfo for a described interface: link type ``tap`` for model none, else veth.
+
+    An explicit ``linkType`` in the description wins, so a CNI-made macvlan is not mistaken
+    for a veth.
+    """
+    if not desc.name:
+        raise InvalidInputError("name", desc.name, "an interface needs a name")
+    default = "tap" if model.resolved() is InterworkingModel.NONE else "veth"
+    link_type = desc.link_type or default
+    return NetworkInfo(
+        iface=LinkAttrs(name=desc.name, hardware_addr=desc.hw_addr, mtu=desc.mtu),
+        link_type=link_type, addrs=desc.ip_addresses,
+    )
+
+
+#: netlink link kind -> endpoint type, for interfaces found in a netns or described by type.
+LINK_TYPES: dict[str, EndpointType] = {
+    "tap": EndpointType.TAP,
+    "veth": EndpointType.VETH,
+    "virtual": EndpointType.VETH,
+    "macvlan": EndpointType.MACVLAN,
+    "macvtap": EndpointType.MACVTAP,
+    "ipvlan": EndpointType.IPVLAN,
+    "tuntap": EndpointType.TUNTAP,
+    "tun": EndpointType.TUNTAP,
+    "physical": EndpointType.PHYSICAL,
+    "device": EndpointType.PHYSICAL,
+    "vhost-user": EndpointType.VHOST_USER,
+}
+
+def endpoint_type_for(link_type: str) -> EndpointType:
+    try:
+        return LINK_TYPES[link_type]
+    except KeyError:
+        raise InvalidInputError("linkType", link_type, "unsupported link type; known: "
+                                + ", ".join(sorted(LINK_TYPES))) from None
+
+
+def create_endpoint(net_info: NetworkInfo, idx: int, model: InterworkingModel, *,
+                    netns_path: str = "", tap_name: str | None = None,
+                    queues: int = 0) -> Endpoint:
+    """An endpoint for ``net_info``, its type picked from the interface's link type."""
+    if idx < 0:
+        raise InvalidInputError("index", idx, "must be >= 0")
+    kind = endpoint_type_for(net_info.link_type)
+    cls = REGISTRY[kind]
+    build: Callable[..., Endpoint] = cls.create  # type: ignore[attr-defined]
+    return build(net_info=net_info, idx=idx, model=model, netns_path=netns_path,
+                 tap_name=tap_name, queues=queues)
+
+
+def unsupported(endpoint: Endpoint, operation: str, reason: str) -> UnsupportedError:
+    return UnsupportedError(f"{endpoint.type} endpoint {endpoint.name}", operation, reason)

@@ -1,0 +1,286 @@
+"""NetPair endpoints: a link a CNI plugin made in the sandbox netns, joined to a tap QEMU reads.
+
+``veth`` (type ``virtual``), ``macvlan`` and ``tuntap`` share this plumbing; they differ only
+in their type tag. How the sandbox link is joined to the tap is the interworking model, looked
+up in :data:`MODELS`:
+
+- ``tcfilter``: a new tap; tc ingress + mirred redirect from the link to the tap and back.
+- ``macvtap``: a bridge-mode macvtap on the link carrying the link's MAC; QEMU reads its queues.
+- ``bridged``: a new tap and a new bridge enslaving both.
+
+The guest NIC always takes the sandbox link's MAC (the address the pod network knows). Where
+the link's MAC would capture the guest's frames (macvtap, bridged), the link gets a fresh MAC
+and gets its own back on unplug.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import ClassVar, Self
+
+import attrs
+
+from qmpnet import tuntap
+from qmpnet.endpoints import plumbing
+from qmpnet.endpoints.base import PlugContext, new_id, random_mac, register, unsupported
+from qmpnet.errors import InvalidInputError, UnsupportedError
+from qmpnet.lifecycle import Step
+from qmpnet.links import Links
+from qmpnet.model import (
+    EndpointType,
+    InterworkingModel,
+    NetworkInfo,
+    NetworkInterface,
+    NetworkInterfacePair,
+    TapInterface,
+    check_ifname,
+)
+
+
+@attrs.frozen
+class PairModel:
+    """How one interworking model connects and disconnects a NetPair."""
+
+    connect: Callable[[NetPairEndpoint, PlugContext, int, tuntap.QueueFds], Awaitable[None]]
+    disconnect: Callable[[NetPairEndpoint], Awaitable[None]]
+
+
+def bridge_name(pair: NetworkInterfacePair) -> str:
+    """The bridge of the ``bridged`` model, named after the pair's tap (``br0_kata``)."""
+    tap = pair.tap_interface.tap_iface.name
+    return check_ifname("bridge name", "br" + tap[3:] if tap.startswith("tap") else "br-" + tap)
+
+
+# --- tcfilter --------------------------------------------------------------------------------
+
+async def _tc_connect(ep: NetPairEndpoint, ctx: PlugContext, queues: int,
+                      fds: tuntap.QueueFds) -> None:
+    await plumbing.open_tap(ctx, ep.netns_path, ep.tap_name, queues, fds)
+
+    async def join() -> None:
+        async with Links.open(ep.netns_path) as links:
+            virt = await links.get(ep.virt_name)
+            await links.configure(ep.tap_name, mtu=virt.mtu, owner=ep.id, up=True)
+            await links.add_tc_mirror(ep.virt_name, ep.tap_name)
+            await links.set_up(ep.virt_name)
+
+    async def undo(_: None) -> None:
+        await _tc_disconnect(ep)
+
+    await ctx.op.step(Step.PREPARE_LINKS, join, undo)
+
+
+async def _tc_disconnect(ep: NetPairEndpoint) -> None:
+    async with Links.open(ep.netns_path) as links:
+        await links.del_tc_ingress(ep.virt_name)
+        await links.delete(ep.tap_name, owner=ep.id)
+
+
+# --- macvtap ---------------------------------------------------------------------------------
+
+async def _macvtap_connect(ep: NetPairEndpoint, ctx: PlugContext, queues: int,
+                           fds: tuntap.QueueFds) -> None:
+    async def create() -> None:
+        async with Links.open(ep.netns_path) as links:
+            virt = await links.get(ep.virt_name)
+            await links.set_mac(ep.virt_name, random_mac())
+            await links.add_macvtap(ep.tap_name, ep.virt_name, ep.hardware_addr, ep.id)
+            await links.configure(ep.tap_name, mtu=virt.mtu, up=True)
+            await links.set_up(ep.virt_name)
+
+    # Registered first: a failure half-way (MAC already changed) is undone too.
+    ctx.op.on_undo(Step.PREPARE_LINKS, lambda: _macvtap_disconnect(ep))
+    await ctx.op.step(Step.PREPARE_LINKS, create)
+    await plumbing.open_macvtap(ctx, ep.netns_path, ep.tap_name, queues, fds)
+
+
+async def _macvtap_disconnect(ep: NetPairEndpoint) -> None:
+    async with Links.open(ep.netns_path) as links:
+        await links.delete(ep.tap_name, owner=ep.id)
+        await _restore_mac(links, ep)
+
+
+async def _restore_mac(links: Links, ep: NetPairEndpoint) -> None:
+    virt = await links.lookup(ep.virt_name)
+    if virt is not None and virt.mac != ep.hardware_addr:
+        await links.set_mac(ep.virt_name, ep.hardware_addr)
+
+
+# --- bridged ---------------------------------------------------------------------------------
+
+async def _bridge_connect(ep: NetPairEndpoint, ctx: PlugContext, queues: int,
+                          fds: tuntap.QueueFds) -> None:
+    await plumbing.open_tap(ctx, ep.netns_path, ep.tap_name, queues, fds)
+    bridge = bridge_name(ep.net_pair)
+
+    async def join() -> None:
+        async with Links.open(ep.netns_path) as links:
+            virt = await links.get(ep.virt_name)
+            await links.configure(ep.tap_name, mtu=virt.mtu, owner=ep.id)
+            await links.add_bridge(bridge, ep.id, mtu=virt.mtu)
+            await links.set_mac(ep.virt_name, random_mac())
+            await links.set_master(ep.virt_name, bridge)
+            await links.set_master(ep.tap_name, bridge)
+            for name in (bridge, ep.tap_name, ep.virt_name):
+                await links.set_up(name)
+
+    ctx.op.on_undo(Step.PREPARE_LINKS, lambda: _bridge_disconnect(ep))
+    await ctx.op.step(Step.PREPARE_LINKS, join)
+
+
+async def _bridge_disconnect(ep: NetPairEndpoint) -> None:
+    async with Links.open(ep.netns_path) as links:
+        virt = await links.lookup(ep.virt_name)
+        if virt is not None and virt.master:
+            await links.set_master(ep.virt_name, None)
+        await links.delete(bridge_name(ep.net_pair), owner=ep.id)
+        await links.delete(ep.tap_name, owner=ep.id)
+        await _restore_mac(links, ep)
+
+
+MODELS: dict[InterworkingModel, PairModel] = {
+    InterworkingModel.TCFILTER: PairModel(_tc_connect, _tc_disconnect),
+    InterworkingModel.MACVTAP: PairModel(_macvtap_connect, _macvtap_disconnect),
+    InterworkingModel.BRIDGED: PairModel(_bridge_connect, _bridge_disconnect),
+}
+
+
+def pair_model(model: InterworkingModel) -> PairModel:
+    resolved = model.resolved()
+    if resolved is InterworkingModel.NONE:
+        raise InvalidInputError("interworking model", model.value,
+                                "model none plugs a tap endpoint; a NetPair needs tcfilter, "
+                                "macvtap or bridged")
+    try:
+        return MODELS[resolved]
+    except KeyError:
+        raise UnsupportedError(f"interworking model {model.value}", "NetPair plumbing",
+                               "this model has no defined plumbing; use tcfilter, macvtap "
+                               "or bridged") from None
+
+
+@attrs.frozen(kw_only=True)
+class NetPairEndpoint:
+    """A sandbox link (``virt_iface``) joined to a tap by ``net_pair.model``."""
+
+    type: ClassVar[EndpointType] = EndpointType.VETH
+
+    net_pair: NetworkInterfacePair
+    properties: NetworkInfo | None = None
+    pci_path: str = ""
+    netns_path: str = ""
+    queues: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.net_pair.virt_iface.name
+
+    @property
+    def hardware_addr(self) -> str:
+        return self.net_pair.tap_interface.tap_iface.hard_addr
+
+    @property
+    def network_pair(self) -> NetworkInterfacePair:
+        return self.net_pair
+
+    @property
+    def id(self) -> str:
+        return self.net_pair.tap_interface.id
+
+    @property
+    def virt_name(self) -> str:
+        return self.net_pair.virt_iface.name
+
+    @property
+    def tap_name(self) -> str:
+        return self.net_pair.tap_interface.tap_iface.name
+
+    @classmethod
+    def create(cls, *, net_info: NetworkInfo, idx: int, model: InterworkingModel,
+               netns_path: str, tap_name: str | None, queues: int) -> Self:
+        if idx < 0:
+            raise InvalidInputError("index", idx, "must be >= 0")
+        pair_model(model)  # an unusable model is refused before anything is made
+        virt_name = net_info.iface.name or f"eth{idx}"
+        tap = TapInterface(
+            id=new_id(), name=virt_name,
+            tap_iface=NetworkInterface(name=check_ifname("tap name",
+                                                         tap_name or f"tap{idx}_kata"),
+                                       hard_addr=net_info.iface.hardware_addr))
+        pair = NetworkInterfacePair(
+            tap_interface=tap, model=model.resolved(),
+            virt_iface=NetworkInterface(name=virt_name, hard_addr=net_info.iface.hardware_addr,
+                                        addrs=net_info.addrs))
+        return cls(net_pair=pair, properties=net_info, netns_path=netns_path, queues=queues)
+
+    async def attach(self, ctx: PlugContext) -> Self:
+        raise unsupported(self, "cold plug", "qmpnet plugs into a running VM: use hot_attach")
+
+    async def detach(self, ctx: PlugContext, netns_created: bool) -> None:
+        if not netns_created and self.netns_path:
+            return
+        await self._disconnect(ctx)
+
+    async def _settle_mac(self) -> Self:
+        """Take the guest MAC from the sandbox link, as the pod network knows it."""
+        async with Links.open(self.netns_path) as links:
+            virt = await links.get(self.virt_name)
+        given = self.net_pair.virt_iface.hard_addr
+        if given and given != virt.mac:
+            raise InvalidInputError("hwAddr", given, f"{self.virt_name} in the netns has MAC "
+                                    f"{virt.mac}; the guest must use the link's own MAC")
+        tap = self.net_pair.tap_interface
+        tap = attrs.evolve(tap, tap_iface=attrs.evolve(tap.tap_iface, hard_addr=virt.mac))
+        virt_iface = attrs.evolve(self.net_pair.virt_iface, hard_addr=virt.mac)
+        return attrs.evolve(self, net_pair=attrs.evolve(self.net_pair, tap_interface=tap,
+                                                        virt_iface=virt_iface))
+
+    async def hot_attach(self, ctx: PlugContext) -> Self:
+        model = pair_model(self.net_pair.model)
+        ep = await ctx.op.step(Step.VALIDATE, self._settle_mac)
+        queues = await ctx.queues(self.queues)
+        fds = tuntap.QueueFds()
+        try:
+            await model.connect(ep, ctx, queues, fds)
+            await plumbing.open_vhost(ctx, queues, fds)
+            tap = attrs.evolve(ep.net_pair.tap_interface, vm_fds=tuple(fds.tap),
+                               vhost_fds=tuple(fds.vhost))
+            with_fds = attrs.evolve(ep, net_pair=attrs.evolve(ep.net_pair, tap_interface=tap))
+            pci_path = await ctx.hypervisor.hotplug_add_device(with_fds, ctx.op,
+                                                               wait_guest=ctx.wait_guest)
+        finally:
+            fds.close()
+        return attrs.evolve(ep, pci_path=pci_path, queues=queues)
+
+    async def hot_detach(self, ctx: PlugContext, netns_created: bool) -> None:
+        await ctx.hypervisor.hotplug_remove_device(self, ctx.op)
+        await self._disconnect(ctx)
+
+    async def _disconnect(self, ctx: PlugContext) -> None:
+        disconnect = pair_model(self.net_pair.model).disconnect
+        await ctx.op.step(Step.REMOVE_LINKS, lambda: plumbing.best_effort(
+            f"removing the NetPair of {self.name}", lambda: disconnect(self)))
+
+
+@register
+@attrs.frozen(kw_only=True)
+class VethEndpoint(NetPairEndpoint):
+    """A CNI-made veth (type ``virtual``)."""
+
+    type: ClassVar[EndpointType] = EndpointType.VETH
+
+
+@register
+@attrs.frozen(kw_only=True)
+class MacvlanEndpoint(NetPairEndpoint):
+    """A CNI-made macvlan, joined to the tap like a veth."""
+
+    type: ClassVar[EndpointType] = EndpointType.MACVLAN
+
+
+@register
+@attrs.frozen(kw_only=True)
+class TuntapEndpoint(NetPairEndpoint):
+    """A CNI-made tun/tap link in the sandbox, joined to a tap QEMU reads."""
+
+    type: ClassVar[EndpointType] = EndpointType.TUNTAP

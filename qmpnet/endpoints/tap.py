@@ -1,0 +1,127 @@
+"""The ``tap`` endpoint (interworking model ``none``): a tap made directly in a namespace.
+
+No NetPair and no netns of ours: the tap is created in the host namespace (or the given one)
+by opening its queues, configured, and its fds handed to QEMU. The tap is not persistent, so
+it lives exactly as long as QEMU holds a queue: a crash before the hand-over leaves nothing.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Self
+
+import attrs
+
+from qmpnet import tuntap
+from qmpnet.endpoints import plumbing
+from qmpnet.endpoints.base import (
+    PlugContext,
+    new_id,
+    random_mac,
+    register,
+    unsupported,
+)
+from qmpnet.errors import InvalidInputError
+from qmpnet.lifecycle import Step
+from qmpnet.links import Links
+from qmpnet.model import (
+    EndpointType,
+    InterworkingModel,
+    LinkAttrs,
+    NetworkInfo,
+    NetworkInterface,
+    NetworkInterfacePair,
+    TapInterface,
+    check_ifname,
+)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class TapEndpoint:
+    """A tap QEMU reads directly; ``tap_interface.name`` is the guest-side name."""
+
+    type: ClassVar[EndpointType] = EndpointType.TAP
+
+    tap_interface: TapInterface
+    properties: NetworkInfo | None = None
+    pci_path: str = ""
+    netns_path: str = ""
+    #: queue pairs; 0 until plugged means "as configured / one per vCPU".
+    queues: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.tap_interface.name
+
+    @property
+    def hardware_addr(self) -> str:
+        return self.tap_interface.tap_iface.hard_addr
+
+    @property
+    def network_pair(self) -> NetworkInterfacePair | None:
+        return None
+
+    @property
+    def id(self) -> str:
+        return self.tap_interface.id
+
+    @property
+    def host_link(self) -> str:
+        return self.tap_interface.tap_iface.name
+
+    @classmethod
+    def create(cls, *, net_info: NetworkInfo, idx: int, model: InterworkingModel,
+               netns_path: str, tap_name: str | None, queues: int) -> TapEndpoint:
+        del model  # a tap endpoint has no interworking: that is model none
+        endpoint = create_tap_endpoint(idx, net_info.iface.name, tap_name=tap_name,
+                                       mac=net_info.iface.hardware_addr)
+        return attrs.evolve(endpoint, properties=net_info, netns_path=netns_path, queues=queues)
+
+    async def attach(self, ctx: PlugContext) -> Self:
+        raise unsupported(self, "cold plug", "a tap endpoint can only be hot-plugged")
+
+    async def detach(self, ctx: PlugContext, netns_created: bool) -> None:
+        if not netns_created and self.netns_path:
+            return
+        await self._remove_tap(ctx)
+
+    async def hot_attach(self, ctx: PlugContext) -> Self:
+        queues = await ctx.queues(self.queues)
+        fds = tuntap.QueueFds()
+        try:
+            await plumbing.open_tap(ctx, self.netns_path, self.host_link, queues, fds)
+            mtu = self.properties.iface.mtu if self.properties else 1500
+            await plumbing.configure_tap(ctx, self.netns_path, self.host_link, self.id, mtu)
+            await plumbing.open_vhost(ctx, queues, fds)
+            with_fds = attrs.evolve(self.tap_interface, vm_fds=tuple(fds.tap),
+                                    vhost_fds=tuple(fds.vhost))
+            pci_path = await ctx.hypervisor.hotplug_add_device(
+                attrs.evolve(self, tap_interface=with_fds), ctx.op, wait_guest=ctx.wait_guest)
+        finally:
+            fds.close()  # QEMU holds its copies now, or the plug was undone
+        return attrs.evolve(self, pci_path=pci_path, queues=queues)
+
+    async def hot_detach(self, ctx: PlugContext, netns_created: bool) -> None:
+        await ctx.hypervisor.hotplug_remove_device(self, ctx.op)
+        await self._remove_tap(ctx)
+
+    async def _remove_tap(self, ctx: PlugContext) -> None:
+        async def remove() -> None:
+            async with Links.open(self.netns_path) as links:
+                await links.delete(self.host_link, owner=self.id)
+        await ctx.op.step(Step.REMOVE_LINKS, lambda: plumbing.best_effort(
+            f"removing tap {self.host_link}", remove))
+
+
+def create_tap_endpoint(idx: int, if_name: str = "", *, tap_name: str | None = None,
+                        mac: str = "") -> TapEndpoint:
+    """A tap endpoint ``tap{idx}_kata`` for guest interface ``if_name`` (``eth{idx}``)."""
+    if not isinstance(idx, int) or idx < 0:
+        raise InvalidInputError("index", idx, "must be an integer >= 0")
+    guest_name = check_ifname("name", if_name or f"eth{idx}")
+    host_name = check_ifname("tap name", tap_name or f"tap{idx}_kata")
+    tap = TapInterface(id=new_id(), name=guest_name,
+                       tap_iface=NetworkInterface(name=host_name, hard_addr=mac or random_mac()))
+    return TapEndpoint(tap_interface=tap, properties=NetworkInfo(
+        iface=LinkAttrs(name=guest_name, hardware_addr=tap.tap_iface.hard_addr),
+        link_type="tap"))

@@ -1,0 +1,103 @@
+"""Endpoint types that exist in the vocabulary but cannot be hot-plugged.
+
+They parse, persist and list like every other type (so state written by another runtime is
+kept), and refuse ``hot_attach``/``attach`` with the reason:
+
+- ``physical``: a host NIC handed to the VM by VFIO passthrough, not through a tap.
+- ``vhost-user``: the NIC's backend is a vhost-user socket of a userspace switch.
+- ``macvtap``: a CNI-made macvtap is a cold-plug device whose queues belong to the runtime.
+- ``ipvlan``: shares its parent's MAC at layer 3; no tap can carry its frames faithfully.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Self
+
+import attrs
+
+from qmpnet.endpoints.base import PlugContext, new_id, register, unsupported
+from qmpnet.model import (
+    EndpointType,
+    InterworkingModel,
+    NetworkInfo,
+    NetworkInterface,
+    NetworkInterfacePair,
+)
+
+
+@attrs.frozen(kw_only=True)
+class UnpluggableEndpoint:
+    type: ClassVar[EndpointType]
+    reason: ClassVar[str]
+
+    iface: NetworkInterface
+    endpoint_id: str = attrs.field(factory=new_id)
+    properties: NetworkInfo | None = None
+    pci_path: str = ""
+    netns_path: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.iface.name
+
+    @property
+    def hardware_addr(self) -> str:
+        return self.iface.hard_addr
+
+    @property
+    def network_pair(self) -> NetworkInterfacePair | None:
+        return None
+
+    @property
+    def id(self) -> str:
+        return self.endpoint_id
+
+    @classmethod
+    def create(cls, *, net_info: NetworkInfo, idx: int, model: InterworkingModel,
+               netns_path: str, tap_name: str | None, queues: int) -> Self:
+        del model, tap_name, queues
+        iface = NetworkInterface(name=net_info.iface.name or f"eth{idx}",
+                                 hard_addr=net_info.iface.hardware_addr, addrs=net_info.addrs)
+        return cls(iface=iface, properties=net_info, netns_path=netns_path)
+
+    async def attach(self, ctx: PlugContext) -> Self:
+        raise unsupported(self, "cold plug", self.reason)
+
+    async def detach(self, ctx: PlugContext, netns_created: bool) -> None:
+        return None
+
+    async def hot_attach(self, ctx: PlugContext) -> Self:
+        raise unsupported(self, "hot-plug", self.reason)
+
+    async def hot_detach(self, ctx: PlugContext, netns_created: bool) -> None:
+        raise unsupported(self, "hot-unplug", self.reason)
+
+
+@register
+@attrs.frozen(kw_only=True)
+class PhysicalEndpoint(UnpluggableEndpoint):
+    type: ClassVar[EndpointType] = EndpointType.PHYSICAL
+    reason: ClassVar[str] = "a physical NIC is passed through with VFIO, not hot-plugged as a tap"
+
+
+@register
+@attrs.frozen(kw_only=True)
+class VhostUserEndpoint(UnpluggableEndpoint):
+    type: ClassVar[EndpointType] = EndpointType.VHOST_USER
+    reason: ClassVar[str] = "a vhost-user NIC is backed by a userspace switch socket, not a tap"
+
+
+@register
+@attrs.frozen(kw_only=True)
+class MacvtapEndpoint(UnpluggableEndpoint):
+    type: ClassVar[EndpointType] = EndpointType.MACVTAP
+    reason: ClassVar[str] = ("a CNI-made macvtap endpoint can only be cold-plugged; use a veth "
+                             "with interworking model macvtap to hot-plug")
+
+
+@register
+@attrs.frozen(kw_only=True)
+class IpvlanEndpoint(UnpluggableEndpoint):
+    type: ClassVar[EndpointType] = EndpointType.IPVLAN
+    reason: ClassVar[str] = ("an ipvlan shares its parent's MAC at layer 3 and cannot be "
+                             "joined to a tap; use a veth or macvlan")

@@ -1,0 +1,172 @@
+"""The one error tree of qmpnet.
+
+Every error carries typed fields so a caller (or the CLI's exit code table) can act on it
+without parsing messages, and each is raised ``from`` its cause::
+
+    QmpnetError
+    ├── InvalidInputError        field + value + reason: bad description, config, state, CLI input
+    │   └── UnknownValueError    a value outside a closed vocabulary (endpoint type, model)
+    ├── UnsupportedError         a valid request qmpnet cannot do (tap cold plug, physical hot-plug)
+    ├── HostError                a syscall or netlink call failed (operation, object, errno)
+    │   ├── LinkExistsError      the requested host link name is taken: refused, left untouched
+    │   ├── NotOursError         a link qmpnet did not create: never changed or deleted
+    │   └── NetnsError           a netns path that does not exist or is not a netns
+    ├── QmpError                 anything between us and QEMU
+    │   ├── QmpConnectError      socket missing, not a socket, monitor busy, connect timed out
+    │   ├── QmpCommandError      QEMU answered a command with an error (class + desc kept)
+    │   ├── QmpDisconnectedError QEMU went away mid-command
+    │   └── QmpTimeoutError      no answer within the deadline
+    │       └── UnplugTimeoutError  DEVICE_DELETED did not come in time (the unplug is pending)
+    ├── PlugError                a hot-plug or unplug step failed: step + endpoint; cause chained
+    └── StateError               the saved state or journal cannot be read or written
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+from typing import Any
+
+
+class QmpnetError(Exception):
+    """Root of every error qmpnet raises on purpose."""
+
+
+class InvalidInputError(QmpnetError, ValueError):
+    """A value from outside (description, config, state, command line) is not acceptable."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid {field} {value!r}: {reason}")
+
+
+class UnknownValueError(InvalidInputError):
+    """A value that is not in a closed vocabulary; names the valid ones."""
+
+    def __init__(self, field: str, value: object, valid: tuple[str, ...]) -> None:
+        super().__init__(field, value, "valid values are " + ", ".join(valid))
+        self.valid = valid
+        Exception.__init__(self, f"Unknown {field} {value}: valid values are {', '.join(valid)}")
+
+
+class UnsupportedError(QmpnetError):
+    """The request is well formed, but this endpoint type or model cannot do it."""
+
+    def __init__(self, what: str, operation: str, reason: str) -> None:
+        self.what = what
+        self.operation = operation
+        self.reason = reason
+        super().__init__(f"{operation} of {what}: {reason}")
+
+
+class HostError(QmpnetError):
+    """A kernel call on the host failed."""
+
+    def __init__(self, operation: str, obj: str, err: int | None, detail: str = "") -> None:
+        self.operation = operation
+        self.obj = obj
+        self.errno = err
+        self.detail = detail
+        why = detail or (errno_mod.errorcode.get(err, str(err)) + ": " + _strerror(err)
+                         if err is not None else "failed")
+        super().__init__(f"{operation} {obj}: {why}")
+
+
+class LinkExistsError(HostError):
+    """A link with the requested name already exists; qmpnet refuses to reuse it."""
+
+    def __init__(self, obj: str) -> None:
+        super().__init__("create link", obj, errno_mod.EEXIST,
+                         "a link with this name already exists and was left untouched")
+
+
+class NotOursError(HostError):
+    """The link was not created by qmpnet (no marker), so qmpnet will not change it."""
+
+    def __init__(self, operation: str, obj: str) -> None:
+        super().__init__(operation, obj, None, "link was not created by qmpnet; left untouched")
+
+
+class NetnsError(HostError):
+    """A network namespace path is missing or is not a netns file."""
+
+
+class QmpError(QmpnetError):
+    """A failure talking to QEMU."""
+
+
+class QmpConnectError(QmpError):
+    """The QMP monitor could not be reached."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"QMP monitor {path}: {reason}")
+
+
+class QmpCommandError(QmpError):
+    """QEMU answered a command with an error; its class and description are kept verbatim."""
+
+    def __init__(self, command: str, arguments: dict[str, Any], error_class: str,
+                 desc: str) -> None:
+        self.command = command
+        self.arguments = arguments
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"{command} failed: {error_class}: {desc}")
+
+
+class QmpDisconnectedError(QmpError):
+    """The connection to QEMU dropped while a command was in flight."""
+
+    def __init__(self, command: str, detail: str) -> None:
+        self.command = command
+        super().__init__(f"{command}: connection to QEMU lost: {detail}")
+
+
+class QmpTimeoutError(QmpError):
+    """QEMU did not answer within the deadline."""
+
+    def __init__(self, command: str, timeout: float) -> None:
+        self.command = command
+        self.timeout = timeout
+        super().__init__(f"{command}: no answer from QEMU within {timeout:g} s")
+
+
+class UnplugTimeoutError(QmpTimeoutError):
+    """The guest did not release the device in time; the unplug stays pending."""
+
+    def __init__(self, device_id: str, timeout: float) -> None:
+        self.device_id = device_id
+        QmpError.__init__(
+            self, f"device_del {device_id}: no DEVICE_DELETED within {timeout:g} s "
+            "(guest paused, busy or without hot-plug support); the unplug is pending")
+        self.command = "device_del"
+        self.timeout = timeout
+
+
+class PlugError(QmpnetError):
+    """A named step of a hot-plug or unplug failed; everything done before it was undone."""
+
+    def __init__(self, operation: str, step: str, endpoint: str, cause: BaseException) -> None:
+        self.operation = operation
+        self.step = step
+        self.endpoint = endpoint
+        self.cause = cause
+        super().__init__(f"{operation} {endpoint}: step {step} failed: {cause}")
+
+
+class StateError(QmpnetError):
+    """The persisted state or journal is unreadable or cannot be written."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"state {path}: {reason}")
+
+
+def _strerror(err: int) -> str:
+    import os
+
+    return os.strerror(err)

@@ -1,0 +1,281 @@
+"""QEMU as a hypervisor that hot-plugs network devices.
+
+``QemuHypervisor`` turns an endpoint into QMP steps: pass the queue fds, ``netdev_add``,
+``device_add`` on a free hot-pluggable slot; and back with ``device_del`` (bounded wait for
+DEVICE_DELETED) and ``netdev_del``. Which tap an endpoint plugs is decided by a table keyed by
+endpoint type, not by a chain of type checks: a NetPair-based endpoint plugs its pair's tap,
+a tap endpoint its own; any other type is refused with a clear error.
+
+Slots: a free ``pcie-root-port`` on q35 (QEMU's pcie.0 itself is not hot-pluggable), a free
+slot of ``pci.0`` or of a ``pci-bridge`` on pc. One VM's operations are serialized by a lock,
+so two plugs never race for a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from qmpnet.errors import QmpnetError, UnsupportedError
+from qmpnet.lifecycle import Operation, Step
+from qmpnet.model import EndpointType, TapInterface
+from qmpnet.qmp import QmpSession
+
+if TYPE_CHECKING:
+    from qmpnet.endpoints.base import Endpoint
+
+log = logging.getLogger(__name__)
+
+#: QOM types of the bridges a NIC can be hot-plugged behind.
+BRIDGE_TYPES = ("pcie-root-port", "pci-bridge")
+#: Device id of Q35's host bridge in query-pci: its root bus is not hot-pluggable.
+Q35_HOST_BRIDGE = 0x29C0
+
+
+def _pair_tap(endpoint: Endpoint) -> TapInterface:
+    pair = endpoint.network_pair
+    assert pair is not None
+    return pair.tap_interface
+
+
+def _own_tap(endpoint: Endpoint) -> TapInterface:
+    tap = getattr(endpoint, "tap_interface", None)
+    assert isinstance(tap, TapInterface)
+    return tap
+
+
+#: Which TapInterface an endpoint type plugs. A type missing here cannot be hot-plugged.
+TAP_OF: Mapping[EndpointType, Callable[[Endpoint], TapInterface]] = {
+    EndpointType.VETH: _pair_tap,
+    EndpointType.MACVLAN: _pair_tap,
+    EndpointType.TUNTAP: _pair_tap,
+    EndpointType.TAP: _own_tap,
+}
+
+
+def plugged_tap(endpoint: Endpoint) -> TapInterface:
+    """The tap QEMU reads for ``endpoint``; UnsupportedError for types that have none."""
+    try:
+        extract = TAP_OF[endpoint.type]
+    except KeyError:
+        raise UnsupportedError(f"{endpoint.type} endpoint {endpoint.name}", "hot-plug",
+                               "this endpoint is not supported") from None
+    return extract(endpoint)
+
+
+def netdev_id(tap: TapInterface) -> str:
+    return f"{tap.id}-net"
+
+
+def device_id(tap: TapInterface) -> str:
+    return f"{tap.id}-dev"
+
+
+def fd_name(tap: TapInterface, kind: str, index: int) -> str:
+    return f"{tap.id}-{kind}{index}"
+
+
+def vectors_for(queues: int) -> int:
+    """MSI-X vectors for a multiqueue virtio-net: one per rx and tx queue, config, control."""
+    return 2 * queues + 2
+
+
+@attrs.frozen
+class Slot:
+    """A free hot-pluggable place: the QEMU bus id, the address on it, the guest PCI path."""
+
+    bus: str
+    addr: int
+    pci_path: str
+
+
+@attrs.frozen
+class Bridge:
+    """A root port or PCI bridge with an id, its slot on bus 0 and the slots used below it."""
+
+    qdev_id: str
+    kind: str
+    slot: int
+    used: frozenset[int]
+
+
+def free_slots(bridges: list[Bridge], root_used: set[int], root_hotplug: bool) -> list[Slot]:
+    """Free hot-pluggable slots: empty root ports first, then pci.0, then pci-bridge slots."""
+    ports = [Slot(b.qdev_id, 0, f"{b.slot:02x}/00") for b in sorted(bridges, key=_by_slot)
+             if b.kind == "pcie-root-port" and not b.used]
+    # pc: slot 0 is the host bridge, 1 the PIIX3. On q35 pcie.0 cannot hot-plug at all.
+    root = [Slot("pci.0", s, f"{s:02x}") for s in range(2, 32)
+            if root_hotplug and s not in root_used]
+    behind = [Slot(b.qdev_id, s, f"{b.slot:02x}/{s:02x}") for b in sorted(bridges, key=_by_slot)
+              if b.kind == "pci-bridge" for s in range(1, 32) if s not in b.used]
+    return ports + root + behind
+
+
+def _by_slot(bridge: Bridge) -> int:
+    return bridge.slot
+
+
+@attrs.define(eq=False)
+class QemuHypervisor:
+    """Hot-plug network devices into one running QEMU through one QMP session."""
+
+    qmp: QmpSession
+    unplug_timeout: float = 5.0
+    guest_timeout: float = 30.0
+    _lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
+    _vcpus: int | None = None
+
+    async def vcpus(self) -> int:
+        if self._vcpus is None:
+            self._vcpus = len(await self.qmp.execute("query-cpus-fast"))
+        return self._vcpus
+
+    async def hotplug_add_device(self, endpoint: Endpoint, op: Operation | None = None, *,
+                                 wait_guest: bool = False) -> str:
+        """Plug ``endpoint``'s tap; return its guest PCI path. All or nothing.
+
+        Only the slot choice is serialized; fds and netdevs have names unique to the NIC.
+
+        With ``op``, the steps join the caller's operation (whose undo covers the host side);
+        without, a private operation is used and committed on success.
+        """
+        tap = plugged_tap(endpoint)
+        if not tap.vm_fds:
+            raise UnsupportedError(f"endpoint {endpoint.name}", "hot-plug",
+                                   "no tap queue fds were opened")
+        if op is not None:
+            return await self._plug(tap, endpoint.hardware_addr, op, wait_guest)
+        async with Operation("hot-plug", endpoint.name) as own:
+            path = await self._plug(tap, endpoint.hardware_addr, own, wait_guest)
+            own.commit()
+        return path
+
+    async def _plug(self, tap: TapInterface, mac: str, op: Operation, wait_guest: bool) -> str:
+        names: list[str] = []
+
+        async def pass_fds() -> list[str]:
+            for kind, fds in (("fd", tap.vm_fds), ("vhost", tap.vhost_fds)):
+                for i, fd in enumerate(fds):
+                    name = fd_name(tap, kind, i)
+                    await self.qmp.pass_fd(fd, name)
+                    names.append(name)
+            return names
+
+        async def close_fds(passed: list[str]) -> None:
+            for name in passed:
+                await self.qmp.close_fd(name)
+
+        # Names sent before a failure are released too: register the undo first.
+        op.on_undo(Step.PASS_FDS, lambda: close_fds(names))
+        await op.step(Step.PASS_FDS, pass_fds)
+
+        queues = len(tap.vm_fds)
+        fd_names = [fd_name(tap, "fd", i) for i in range(queues)]
+        vhost_names = [fd_name(tap, "vhost", i) for i in range(len(tap.vhost_fds))]
+
+        async def netdev_add() -> None:
+            await self.qmp.netdev_add_tap(netdev_id(tap), fd_names, vhost_names)
+
+        async def netdev_del(_: None) -> None:
+            await self.qmp.netdev_del(netdev_id(tap))
+
+        await op.step(Step.NETDEV_ADD, netdev_add, netdev_del)
+
+        async def device_add() -> Slot:
+            # Choosing a slot and taking it must not interleave with another plug.
+            async with self._lock:
+                slots = await self.free_slots()
+                if not slots:
+                    raise UnsupportedError("this VM", "hot-plug", "no free hot-pluggable PCI "
+                                           "slot (launch q35 with more pcie-root-port devices)")
+                slot = slots[0]
+                args: dict[str, Any] = {
+                    "driver": "virtio-net-pci", "id": device_id(tap), "netdev": netdev_id(tap),
+                    "mac": mac, "bus": slot.bus, "addr": hex(slot.addr), "romfile": "",
+                }
+                if queues > 1:
+                    args.update(mq=True, vectors=vectors_for(queues))
+                await self.qmp.device_add(args)
+                return slot
+
+        async def device_del(_: Slot) -> None:
+            await self.qmp.device_del(device_id(tap), self.unplug_timeout)
+
+        slot = await op.step(Step.DEVICE_ADD, device_add, device_del)
+        if wait_guest:
+            await op.step(Step.WAIT_GUEST, lambda: self.qmp.wait_driver_ok(
+                device_id(tap), self.guest_timeout))
+        return slot.pci_path
+
+    async def hotplug_remove_device(self, endpoint: Endpoint, op: Operation | None = None) -> None:
+        """Unplug: device_del, wait for DEVICE_DELETED (bounded), then netdev_del.
+
+        The order matters: QEMU lets a netdev go while the NIC still uses it.
+        """
+        tap = plugged_tap(endpoint)
+        if op is None:
+            async with Operation("unplug", endpoint.name) as own:
+                await self._unplug(tap, own)
+                own.commit()
+        else:
+            await self._unplug(tap, op)
+
+    async def _unplug(self, tap: TapInterface, op: Operation) -> None:
+        # No lock here: waiting for the guest must not hold up other plugs of this VM.
+        await op.step(Step.DEVICE_DEL, lambda: self.qmp.device_del(
+            device_id(tap), self.unplug_timeout))
+        await op.step(Step.NETDEV_DEL, lambda: self.qmp.netdev_del(netdev_id(tap)))
+
+    async def free_slots(self) -> list[Slot]:
+        """Free slots as QEMU's object tree shows them.
+
+        QOM, not query-pci, for what sits behind bridges: query-pci cannot see below a bridge
+        until the guest firmware has numbered the buses (a paused VM never has).
+        """
+        bridges = []
+        for child in await self.qmp.qom_list("/machine/peripheral"):
+            kind = child["type"].removeprefix("child<").removesuffix(">")
+            if kind not in BRIDGE_TYPES:
+                continue
+            path = f"/machine/peripheral/{child['name']}"
+            used = set()
+            for link in await self.qmp.qom_list(f"{path}/{child['name']}"):
+                if link["name"].startswith("child["):
+                    target = f"{path}/{child['name']}/{link['name']}"
+                    used.add(int(await self.qmp.qom_get(target, "addr")) >> 3)
+            slot = int(await self.qmp.qom_get(path, "addr")) >> 3
+            bridges.append(Bridge(child["name"], kind, slot, frozenset(used)))
+        pci = await self.qmp.query_pci()
+        root = [d for bus in pci if bus.get("bus") == 0 for d in bus.get("devices", [])]
+        q35 = any(d["id"]["device"] == Q35_HOST_BRIDGE for d in root)
+        return free_slots(bridges, {d["slot"] for d in root}, root_hotplug=not q35)
+
+    async def device_present(self, endpoint: Endpoint) -> bool:
+        """Whether QEMU still has the endpoint's device (its QOM node exists)."""
+        wanted = device_id(plugged_tap(endpoint))
+        return wanted in await self.peripheral_ids()
+
+    async def peripheral_ids(self) -> set[str]:
+        return {c["name"] for c in await self.qmp.qom_list("/machine/peripheral")
+                if c["type"].startswith("child<")}
+
+
+def pci_device_ids(pci: list[dict[str, Any]]) -> set[str]:
+    found: set[str] = set()
+
+    def walk(devices: list[dict[str, Any]]) -> None:
+        for dev in devices:
+            if dev.get("qdev_id"):
+                found.add(dev["qdev_id"])
+            walk(dev.get("pci_bridge", {}).get("devices", []))
+    for bus in pci:
+        walk(bus.get("devices", []))
+    return found
+
+
+__all__ = ["TAP_OF", "Bridge", "QemuHypervisor", "QmpnetError", "Slot", "free_slots",
+           "plugged_tap"]

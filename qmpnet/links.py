@@ -1,0 +1,235 @@
+"""Host links through netlink: the only module that speaks pyroute2.
+
+The rest of qmpnet calls typed methods (``links.set_mtu(name, mtu)``), never pyroute2's
+string-keyed API. A :class:`Links` is bound to one netns: its netlink socket is made inside
+that namespace on a dedicated thread (pyroute2 would otherwise fork a helper, and would create
+a missing namespace silently).
+
+Ownership: every link qmpnet creates gets the interface alias ``qmpnet:<owner>``. ``delete``
+and the other destructive calls refuse a link without that mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from qmpnet.errors import HostError, LinkExistsError, NotOursError
+from qmpnet.netns import run_in_netns
+
+log = logging.getLogger(__name__)
+
+MARK_PREFIX = "qmpnet:"
+ETH_P_ALL = 0x0003
+INGRESS = 0xFFFF0000
+NETLINK_ROUTE = 0
+
+
+@attrs.frozen(kw_only=True)
+class LinkInfo:
+    """What netlink says of one link."""
+
+    index: int
+    name: str
+    mac: str
+    mtu: int
+    up: bool
+    alias: str
+    kind: str
+    master: int
+
+    @property
+    def owner(self) -> str | None:
+        """The owner id from qmpnet's mark, or None for a link qmpnet did not make."""
+        return self.alias[len(MARK_PREFIX):] if self.alias.startswith(MARK_PREFIX) else None
+
+
+def mark(owner: str) -> str:
+    return MARK_PREFIX + owner
+
+
+def _info(msg: Any) -> LinkInfo:
+    return LinkInfo(
+        index=msg["index"], name=msg.get("ifname"), mac=msg.get("address") or "",
+        mtu=msg.get("mtu") or 0, up=bool(msg["flags"] & 1), alias=msg.get("ifalias") or "",
+        kind=msg.get(("linkinfo", "kind")) or "", master=msg.get("master") or 0)
+
+
+class Links:
+    """Typed netlink operations in one network namespace; use :meth:`open`."""
+
+    def __init__(self, ipr: AsyncIPRoute, netns: str) -> None:
+        self._ipr = ipr
+        self.netns = netns
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, netns: str = "") -> AsyncIterator[Links]:
+        sock = await run_in_netns(
+            netns, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE))
+        try:
+            async with AsyncIPRoute(use_socket=sock) as ipr:
+                yield cls(ipr, netns)
+        finally:
+            sock.close()
+
+    def _where(self, name: str) -> str:
+        return f"{name} (netns {self.netns})" if self.netns else name
+
+    async def _call(self, operation: str, name: str, coro: Any) -> Any:
+        try:
+            return await coro
+        except NetlinkError as err:
+            raise HostError(operation, self._where(name), err.code) from err
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def lookup(self, name: str) -> LinkInfo | None:
+        try:
+            async for msg in await self._ipr.get_links(ifname=name):
+                return _info(msg)
+        except NetlinkError as err:
+            if err.code in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise HostError("look up link", self._where(name), err.code) from err
+        return None
+
+    async def get(self, name: str) -> LinkInfo:
+        info = await self.lookup(name)
+        if info is None:
+            raise HostError("look up link", self._where(name), errno.ENODEV)
+        return info
+
+    async def list(self) -> list[LinkInfo]:
+        return [_info(msg) async for msg in await self._ipr.get_links()]
+
+    async def wait_for(self, name: str, present: bool = True, timeout: float = 5.0) -> None:
+        """Poll until the link is (or is no longer) visible; a netlink change may lag a syscall."""
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while (await self.lookup(name) is not None) != present:
+            if time.monotonic() > deadline:
+                raise HostError("wait for link", self._where(name), None,
+                                f"still {'missing' if present else 'present'} after {timeout} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    # --- changing a link -------------------------------------------------------------------
+
+    async def configure(self, name: str, *, mtu: int | None = None, mac: str | None = None,
+                        up: bool | None = None, owner: str | None = None) -> None:
+        """Set MTU, MAC, alias mark and state, in that order, in one place."""
+        index = (await self.get(name)).index
+        attrs_: dict[str, Any] = {}
+        if mtu is not None:
+            attrs_["mtu"] = mtu
+        if mac:
+            attrs_["address"] = mac
+        if owner is not None:
+            attrs_["ifalias"] = mark(owner)
+        if attrs_:
+            await self._call("configure link", name, self._ipr.link("set", index=index, **attrs_))
+        if up is not None:
+            await self._call("set link state", name,
+                             self._ipr.link("set", index=index, state="up" if up else "down"))
+
+    async def set_mtu(self, name: str, mtu: int) -> None:
+        await self.configure(name, mtu=mtu)
+
+    async def set_mac(self, name: str, mac: str) -> None:
+        await self.configure(name, mac=mac)
+
+    async def set_up(self, name: str, up: bool = True) -> None:
+        await self.configure(name, up=up)
+
+    async def mark_ours(self, name: str, owner: str) -> None:
+        await self.configure(name, owner=owner)
+
+    async def set_master(self, name: str, master: str | None) -> None:
+        index = (await self.get(name)).index
+        master_index = (await self.get(master)).index if master else 0
+        await self._call("set master of", name,
+                         self._ipr.link("set", index=index, master=master_index))
+
+    # --- creating and deleting -------------------------------------------------------------
+
+    async def _refuse_existing(self, name: str) -> None:
+        if await self.lookup(name) is not None:
+            raise LinkExistsError(self._where(name))
+
+    async def add_macvtap(self, name: str, parent: str, mac: str, owner: str) -> LinkInfo:
+        """A bridge-mode macvtap on ``parent`` carrying ``mac``, marked as ours."""
+        await self._refuse_existing(name)
+        parent_index = (await self.get(parent)).index
+        await self._call("create macvtap", name, self._ipr.link(
+            "add", ifname=name, kind="macvtap", link=parent_index, macvtap_mode="bridge",
+            address=mac, ifalias=mark(owner)))
+        return await self.get(name)
+
+    async def add_bridge(self, name: str, owner: str, mtu: int | None = None) -> LinkInfo:
+        await self._refuse_existing(name)
+        extra: dict[str, Any] = {"mtu": mtu} if mtu else {}
+        await self._call("create bridge", name, self._ipr.link(
+            "add", ifname=name, kind="bridge", ifalias=mark(owner), **extra))
+        return await self.get(name)
+
+    async def add_veth(self, name: str, peer: str, owner: str) -> LinkInfo:
+        await self._refuse_existing(name)
+        await self._call("create veth", name, self._ipr.link(
+            "add", ifname=name, kind="veth", peer={"ifname": peer}, ifalias=mark(owner)))
+        return await self.get(name)
+
+    async def delete(self, name: str, owner: str | None = None) -> bool:
+        """Delete a link qmpnet made (optionally: made for ``owner``); False if already gone."""
+        info = await self.lookup(name)
+        if info is None:
+            return False
+        if info.owner is None or (owner is not None and info.owner != owner):
+            raise NotOursError("delete link", self._where(name))
+        try:
+            await self._ipr.link("del", index=info.index)
+        except NetlinkError as err:
+            if err.code == errno.ENODEV:
+                return False
+            raise HostError("delete link", self._where(name), err.code) from err
+        return True
+
+    # --- tc mirroring (the tcfilter model) -------------------------------------------------
+
+    async def add_tc_mirror(self, a: str, b: str) -> None:
+        """Redirect everything arriving on ``a`` out of ``b`` and the reverse."""
+        ia, ib = (await self.get(a)).index, (await self.get(b)).index
+        for src, dst, name in ((ia, ib, a), (ib, ia, b)):
+            await self._call("add ingress qdisc on", name,
+                             self._ipr.tc("add", "ingress", src, INGRESS))
+            await self._call("add mirred filter on", name, self._ipr.tc(
+                "add-filter", "u32", src, ":1", parent=INGRESS, protocol=ETH_P_ALL,
+                target=0x10000, keys=["0x0/0x0+0"],
+                action={"kind": "mirred", "direction": "egress", "action": "redirect",
+                        "ifindex": dst}))
+
+    async def del_tc_ingress(self, name: str) -> None:
+        """Remove the ingress qdisc (and with it our filters); absent link or qdisc is fine."""
+        info = await self.lookup(name)
+        if info is None:
+            return
+        try:
+            await self._ipr.tc("del", "ingress", info.index, INGRESS)
+        except NetlinkError as err:
+            if err.code not in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                raise HostError("delete ingress qdisc on", self._where(name), err.code) from err
+
+    async def has_tc_ingress(self, name: str) -> bool:
+        info = await self.get(name)
+        qdiscs = [q async for q in await self._ipr.get_qdiscs(index=info.index)]
+        return any(q.get("kind") == "ingress" for q in qdiscs)

@@ -1,0 +1,342 @@
+"""The closed vocabularies and the data qmpnet passes between layers.
+
+Every value that comes from outside is checked here, once, when the object is built: the
+kernel's limits (IFNAMSIZ, the MTU range, tun's queue limit) and the shape of MACs, addresses
+and PCI paths. The layers below never see a bad value, and a bad value is reported as an
+``InvalidInputError`` naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Self, TypeVar
+
+import attrs
+
+from qmpnet.errors import InvalidInputError, UnknownValueError
+
+#: IFNAMSIZ is 16 including the terminating NUL.
+IFNAME_MAX = 15
+MTU_MIN = 68
+MTU_MAX = 65535
+#: tun's MAX_TAP_QUEUES; QEMU's virtio-net allows more pairs, the tap is the tighter limit.
+QUEUES_MAX = 256
+
+_E = TypeVar("_E", bound=enum.StrEnum)
+
+
+class EndpointType(enum.StrEnum):
+    """The closed set of endpoint types (the ``type`` tag in saved state)."""
+
+    PHYSICAL = "physical"
+    VETH = "virtual"
+    VHOST_USER = "vhost-user"
+    MACVLAN = "macvlan"
+    MACVTAP = "macvtap"
+    TAP = "tap"
+    TUNTAP = "tuntap"
+    IPVLAN = "ipvlan"
+
+    @classmethod
+    def parse(cls, value: object) -> EndpointType:
+        return _parse_enum(cls, "endpoint type", value)
+
+
+class InterworkingModel(enum.StrEnum):
+    """How a sandbox veth is joined to the tap QEMU reads.
+
+    - ``default``: the documented default, which is ``tcfilter``.
+    - ``tcfilter``: tc ingress + mirred redirect between the veth and a tap, both ways.
+    - ``macvtap``: a macvtap on top of the veth; QEMU reads the macvtap's queues.
+    - ``bridged``: a bridge enslaving the veth and a tap.
+    - ``enlightened``: a name kept for configuration compatibility; it has no plumbing.
+    - ``none``: no netns of our own; a tap is made directly in the host namespace.
+    """
+
+    DEFAULT = "default"
+    BRIDGED = "bridged"
+    MACVTAP = "macvtap"
+    ENLIGHTENED = "enlightened"
+    TCFILTER = "tcfilter"
+    NONE = "none"
+
+    @classmethod
+    def parse(cls, value: object) -> InterworkingModel:
+        return _parse_enum(cls, "interworking model", value)
+
+    @staticmethod
+    def is_valid(value: object) -> bool:
+        return isinstance(value, str) and value in InterworkingModel._value2member_map_
+
+    def resolved(self) -> InterworkingModel:
+        """The model actually used: ``default`` means ``tcfilter``."""
+        return InterworkingModel.TCFILTER if self is InterworkingModel.DEFAULT else self
+
+
+def _parse_enum(cls: type[_E], field: str, value: object) -> _E:
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str) and value in cls._value2member_map_:
+        return cls(value)
+    raise UnknownValueError(field, value, tuple(m.value for m in cls))
+
+
+# --- field checks: each raises InvalidInputError(field, value, reason) -------------------------
+
+def check_ifname(field: str, value: object) -> str:
+    """A Linux interface name, as the kernel's dev_valid_name() accepts it."""
+    if not isinstance(value, str):
+        raise InvalidInputError(field, value, "must be a string")
+    raw = value.encode("utf-8", "surrogateescape")
+    if not 1 <= len(raw) <= IFNAME_MAX:
+        raise InvalidInputError(field, value, f"must be 1 to {IFNAME_MAX} bytes (IFNAMSIZ)")
+    if value in (".", "..") or any(c in value for c in "/:\0") or any(c.isspace() for c in value):
+        raise InvalidInputError(field, value, "must not be '.' or '..' nor contain '/', ':', "
+                                "NUL or white space")
+    return value
+
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def check_mac(field: str, value: object) -> str:
+    """A unicast, non-zero Ethernet address, normalised to lower case."""
+    if not isinstance(value, str) or not _MAC_RE.match(value.lower()):
+        raise InvalidInputError(field, value, "must be six hex bytes like 52:54:00:12:34:56")
+    mac = value.lower()
+    if mac == "00:00:00:00:00:00":
+        raise InvalidInputError(field, value, "must not be all zeros")
+    if int(mac[:2], 16) & 1:
+        raise InvalidInputError(field, value, "must be unicast (the multicast bit is set)")
+    return mac
+
+
+def check_mtu(field: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not MTU_MIN <= value <= MTU_MAX:
+        raise InvalidInputError(field, value, f"must be an integer from {MTU_MIN} to {MTU_MAX}")
+    return value
+
+
+def check_queues(field: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= QUEUES_MAX:
+        raise InvalidInputError(field, value, f"must be an integer from 1 to {QUEUES_MAX}")
+    return value
+
+
+_PCI_PATH_RE = re.compile(r"^[0-9a-f]{2}(/[0-9a-f]{2}){0,7}$")
+
+
+def check_pci_path(field: str, value: object) -> str:
+    """A guest PCI path: slot numbers from the root bus down, like ``02/00`` (may be empty)."""
+    if value == "":
+        return ""
+    if not isinstance(value, str) or not _PCI_PATH_RE.match(value.lower()) or any(
+            int(s, 16) > 0x1F for s in value.split("/")):
+        raise InvalidInputError(field, value, "must be slots 00..1f joined by '/', like 02/00")
+    return value.lower()
+
+
+def _validator(check: Callable[[str, object], object]) -> Callable[[Any, Any, Any], None]:
+    def validate(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        check(attribute.alias or attribute.name, value)
+    return validate
+
+
+def _opt(check: Callable[[str, object], object]) -> Callable[[Any, Any, Any], None]:
+    inner = _validator(check)
+
+    def validate(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in (None, ""):
+            inner(inst, attribute, value)
+    return validate
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+@attrs.frozen(kw_only=True)
+class IPAddress:
+    """One address of an interface as the agent's ``IPAddress``: family 4 or 6, prefix as text."""
+
+    family: int
+    address: str
+    mask: str
+
+    def __attrs_post_init__(self) -> None:
+        if self.family not in (4, 6):
+            raise InvalidInputError("family", self.family, "must be 4 or 6")
+        try:
+            addr = ipaddress.ip_address(self.address)
+        except ValueError as err:
+            raise InvalidInputError("address", self.address, "not an IP address") from err
+        if addr.version != self.family:
+            raise InvalidInputError("address", self.address,
+                                    f"is not an IPv{self.family} address")
+        limit = 32 if self.family == 4 else 128
+        if not (isinstance(self.mask, str) and self.mask.isdigit() and
+                0 <= int(self.mask) <= limit):
+            raise InvalidInputError("mask", self.mask, f"must be a prefix length 0..{limit}")
+
+    @property
+    def cidr(self) -> str:
+        return f"{self.address}/{self.mask}"
+
+
+@attrs.frozen(kw_only=True)
+class Route:
+    """A route the guest should have; empty strings mean "not set", as in the agent's protocol."""
+
+    dest: str = ""
+    gateway: str = ""
+    device: str = ""
+    source: str = ""
+    scope: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class LinkAttrs:
+    """The attributes of a host link that qmpnet reads and sets."""
+
+    name: str = attrs.field(validator=_validator(check_ifname))
+    hardware_addr: str = attrs.field(default="", converter=_lower, validator=_opt(check_mac))
+    mtu: int = attrs.field(default=1500, validator=_validator(check_mtu))
+
+
+@attrs.frozen(kw_only=True)
+class NetworkInfo:
+    """What is known of the interface to plug: its link, the link type, addresses and routes."""
+
+    iface: LinkAttrs
+    link_type: str
+    addrs: tuple[IPAddress, ...] = ()
+    routes: tuple[Route, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class NetworkInterface:
+    """A named interface with a MAC and addresses (the guest side, or a host side)."""
+
+    name: str = attrs.field(validator=_opt(check_ifname))
+    hard_addr: str = attrs.field(default="", converter=_lower, validator=_opt(check_mac))
+    addrs: tuple[IPAddress, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class TapInterface:
+    """The tap QEMU reads: ``id`` names the netdev/device pair, ``tap_iface`` the host link.
+
+    ``vm_fds``/``vhost_fds`` hold open fds only while a hot-plug is in flight; they are never
+    saved and never compared.
+    """
+
+    id: str
+    name: str = attrs.field(validator=_opt(check_ifname))
+    tap_iface: NetworkInterface
+    vm_fds: tuple[int, ...] = attrs.field(default=(), eq=False, repr=False)
+    vhost_fds: tuple[int, ...] = attrs.field(default=(), eq=False, repr=False)
+
+
+def _to_model(value: object) -> InterworkingModel:
+    return InterworkingModel.parse(value)
+
+
+@attrs.frozen(kw_only=True)
+class NetworkInterfacePair:
+    """A NetPair: the tap QEMU reads, joined to the sandbox's virtual interface by ``model``."""
+
+    tap_interface: TapInterface
+    virt_iface: NetworkInterface
+    model: InterworkingModel = attrs.field(converter=_to_model)
+
+
+@attrs.frozen(kw_only=True)
+class InterfaceDescription:
+    """What a caller hands in for a new interface (the agent protocol's ``Interface``).
+
+    Parsed from Kata-style JSON by :meth:`from_json`; ``to_json`` gives the same shape back,
+    with the PCI path filled in once the device is plugged.
+    """
+
+    device: str = attrs.field(default="", validator=_opt(check_ifname))
+    name: str = attrs.field(default="", validator=_opt(check_ifname))
+    ip_addresses: tuple[IPAddress, ...] = ()
+    mtu: int = attrs.field(default=1500, validator=_validator(check_mtu))
+    hw_addr: str = attrs.field(default="", converter=_lower, validator=_opt(check_mac))
+    pci_path: str = attrs.field(default="", converter=_lower, validator=_validator(check_pci_path))
+    link_type: str = ""
+    raw_flags: int = 0
+
+    #: JSON key -> attribute name, in the agent's spelling.
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {
+        "device": "device", "name": "name", "IPAddresses": "ip_addresses", "mtu": "mtu",
+        "hwAddr": "hw_addr", "pciPath": "pci_path", "linkType": "link_type",
+        "raw_flags": "raw_flags",
+    }
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """Parse the agent-style JSON object; unknown keys and wrong types are errors."""
+        if not isinstance(data, Mapping):
+            raise InvalidInputError("interface", data, "must be a JSON object")
+        unknown = sorted(set(data) - set(cls.JSON_KEYS))
+        if unknown:
+            raise InvalidInputError("interface", unknown[0],
+                                    "unknown key; known keys are " + ", ".join(cls.JSON_KEYS))
+        kwargs: dict[str, Any] = {}
+        for key, attr in cls.JSON_KEYS.items():
+            if key not in data or data[key] is None:
+                continue
+            value = data[key]
+            if attr == "ip_addresses":
+                kwargs[attr] = _parse_addresses(value)
+            elif attr in ("mtu", "raw_flags"):
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise InvalidInputError(key, value, "must be an integer")
+                kwargs[attr] = value
+            else:
+                if not isinstance(value, str):
+                    raise InvalidInputError(key, value, "must be a string")
+                kwargs[attr] = value
+        try:
+            return cls(**kwargs)
+        except InvalidInputError as err:
+            key = {v: k for k, v in cls.JSON_KEYS.items()}.get(err.field, err.field)
+            raise InvalidInputError(key, err.value, err.reason) from err
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device, "name": self.name,
+            "IPAddresses": [{"family": a.family, "address": a.address, "mask": a.mask}
+                            for a in self.ip_addresses],
+            "mtu": self.mtu, "hwAddr": self.hw_addr, "pciPath": self.pci_path,
+            "linkType": self.link_type, "raw_flags": self.raw_flags,
+        }
+
+
+def _parse_addresses(value: object) -> tuple[IPAddress, ...]:
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise InvalidInputError("IPAddresses", value, "must be a list")
+    out = []
+    for item in value:
+        if not isinstance(item, Mapping):
+            raise InvalidInputError("IPAddresses", item, "each entry must be an object")
+        family = item.get("family", 4)
+        # The agent's protobuf spells families as 0/1 (v4/v6) in some versions: accept both.
+        family = {0: 4, 1: 6}.get(family, family) if isinstance(family, int) else family
+        if not isinstance(family, int) or isinstance(family, bool):
+            raise InvalidInputError("family", family, "must be 4 or 6")
+        address, mask = item.get("address"), item.get("mask")
+        if not isinstance(address, str):
+            raise InvalidInputError("address", address, "must be a string")
+        if isinstance(mask, int) and not isinstance(mask, bool):
+            mask = str(mask)
+        if not isinstance(mask, str):
+            raise InvalidInputError("mask", mask, "must be a prefix length")
+        out.append(IPAddress(family=family, address=address, mask=mask))
+    return tuple(out)

@@ -1,0 +1,194 @@
+"""The network of one VM: add, remove and list its interfaces, with state that survives.
+
+``NetworkState`` is the library's front door. Each operation takes the VM's lock (tasks and
+processes alike), writes its intent to the journal before every step, runs the endpoint's
+hot-plug or unplug, and persists the result. A failure anywhere undoes every earlier step;
+a crash leaves a journal entry that :func:`qmpnet.reconcile.reconcile` finishes or rolls back.
+
+The QMP monitor serves one client at a time, so by default a session is opened per
+operation, under the lock, and closed after; :meth:`NetworkState.connect` keeps one open for a
+long-lived caller instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import attrs
+
+from qmpnet.config import Config
+from qmpnet.endpoints import Endpoint, PlugContext, create_endpoint, net_info_from_interface
+from qmpnet.errors import InvalidInputError, PlugError
+from qmpnet.hypervisor import QemuHypervisor
+from qmpnet.lifecycle import Observer, Operation, Phase, Step
+from qmpnet.model import InterfaceDescription, InterworkingModel, check_ifname, check_mac
+from qmpnet.qmp import QmpSession
+from qmpnet.store import Entry, Snapshot, Status, Store
+
+
+class NoSuchInterfaceError(InvalidInputError):
+    """No interface of the VM has the given MAC."""
+
+
+def host_link(endpoint: Endpoint) -> str:
+    """The host link QEMU reads for ``endpoint`` (its tap or macvtap), or ``""``."""
+    pair = endpoint.network_pair
+    if pair is not None:
+        return pair.tap_interface.tap_iface.name
+    return str(getattr(endpoint, "host_link", ""))
+
+
+def interface_of(endpoint: Endpoint) -> InterfaceDescription:
+    """The agent-style description of a plugged endpoint, with its guest PCI path."""
+    info = endpoint.properties
+    return InterfaceDescription(
+        device=endpoint.name, name=endpoint.name,
+        ip_addresses=info.addrs if info else (), mtu=info.iface.mtu if info else 1500,
+        hw_addr=endpoint.hardware_addr, pci_path=endpoint.pci_path,
+        link_type=info.link_type if info else "")
+
+
+@attrs.define(eq=False)
+class NetworkState:
+    """One VM's interfaces, driven through its QMP socket and saved in ``store``."""
+
+    store: Store
+    qmp_path: str
+    config: Config = attrs.field(factory=Config)
+    #: extra lifecycle observers (logging, tests, crash drills).
+    observers: list[Observer] = attrs.field(factory=list)
+    _hypervisor: QemuHypervisor | None = None
+
+    @classmethod
+    def open(cls, state_dir: str | Path, qmp_path: str, config: Config | None = None,
+             ) -> NetworkState:
+        return cls(Store(state_dir), qmp_path, config or Config())
+
+    # --- the QMP connection ----------------------------------------------------------------
+
+    async def _session(self) -> QmpSession:
+        t = self.config.timeouts
+        return await QmpSession.connect(self.qmp_path, connect_timeout=t.connect,
+                                        command_timeout=t.command)
+
+    def _adapter(self, session: QmpSession) -> QemuHypervisor:
+        t = self.config.timeouts
+        return QemuHypervisor(session, unplug_timeout=t.unplug, guest_timeout=t.guest_ready)
+
+    async def connect(self) -> None:
+        """Keep one QMP session open across operations (a long-lived library caller)."""
+        if self._hypervisor is None:
+            self._hypervisor = self._adapter(await self._session())
+
+    async def close(self) -> None:
+        if self._hypervisor is not None:
+            await self._hypervisor.qmp.close()
+            self._hypervisor = None
+
+    @contextlib.asynccontextmanager
+    async def hypervisor(self) -> AsyncIterator[QemuHypervisor]:
+        if self._hypervisor is not None:
+            yield self._hypervisor
+            return
+        async with await self._session() as session:
+            yield self._adapter(session)
+
+    # --- journal ---------------------------------------------------------------------------
+
+    def _journal(self, started: float) -> Observer:
+        def observe(op: Operation, step: Step, phase: Phase) -> None:
+            if phase is Phase.BEGIN and op.subject is not None:
+                self.store.journal_begin(op.subject.id, op.kind, step.value, op.subject,
+                                         started)
+        return observe
+
+    def _operation(self, kind: str, endpoint: Endpoint) -> Operation:
+        return Operation(kind, endpoint.name, subject=endpoint,
+                         observers=[self._journal(time.time()), *self.observers])
+
+    # --- operations ------------------------------------------------------------------------
+
+    async def list_interfaces(self) -> list[Entry]:
+        return list(self.store.load().entries)
+
+    async def add_interface(self, desc: InterfaceDescription, *,
+                            model: InterworkingModel | None = None, netns_path: str = "",
+                            queues: int = 0, tap_name: str | None = None,
+                            wait_guest: bool = False) -> Endpoint:
+        """Hot-plug the described interface; returns the plugged endpoint. All or nothing."""
+        model = model or self.config.internetworking_model
+        async with self.store.locked():
+            snap = self.store.load()
+            if desc.hw_addr and any(e.endpoint.hardware_addr == desc.hw_addr
+                                    for e in snap.entries):
+                raise InvalidInputError("hwAddr", desc.hw_addr,
+                                        "the VM already has an interface with this MAC")
+            idx = _free_index(snap, self.config.tap_name)
+            name = tap_name or self.config.tap_name.format(idx=idx)
+            endpoint = create_endpoint(net_info_from_interface(desc, model), idx, model,
+                                       netns_path=netns_path, tap_name=name, queues=queues)
+            async with self.hypervisor() as hv:
+                op = self._operation("hot-plug", endpoint)
+                try:
+                    async with op:
+                        ctx = PlugContext(hv, self.config, op, wait_guest=wait_guest)
+                        plugged = await endpoint.hot_attach(ctx)
+                        op.subject = plugged
+                        entry = Entry(plugged)
+                        await op.step(Step.PERSIST, lambda: self._save(
+                            attrs.evolve(snap, entries=(*snap.entries, entry))))
+                        op.commit()
+                finally:
+                    self.store.journal_end(endpoint.id)
+            return plugged
+
+    async def _save(self, snap: Snapshot) -> None:
+        self.store.save(snap)
+
+    async def remove_interface(self, hw_addr: str) -> Endpoint:
+        """Unplug the interface with MAC ``hw_addr`` and forget it.
+
+        If the guest does not release the device in time, the entry is kept as
+        ``unplug-pending`` and :class:`PlugError` (cause :class:`UnplugTimeoutError`) is
+        raised; a later call or a reconcile completes it.
+        """
+        mac = check_mac("hwAddr", hw_addr)
+        async with self.store.locked():
+            snap = self.store.load()
+            match = [e for e in snap.entries if e.endpoint.hardware_addr == mac]
+            if not match:
+                raise NoSuchInterfaceError("hwAddr", mac, "no interface of this VM has it")
+            entry = match[0]
+            rest = tuple(e for e in snap.entries if e is not entry)
+            async with self.hypervisor() as hv:
+                op = self._operation("unplug", entry.endpoint)
+                try:
+                    async with op:
+                        ctx = PlugContext(hv, self.config, op)
+                        await entry.endpoint.hot_detach(ctx, netns_created=True)
+                        await op.step(Step.FORGET, lambda: self._save(
+                            attrs.evolve(snap, entries=rest)))
+                        op.commit()
+                except PlugError:
+                    reached = (Step.DEVICE_DEL, Phase.BEGIN) in op.history
+                    if reached and entry.status is Status.PLUGGED:
+                        # device_del may be under way in the guest: never report it plugged.
+                        pending = Entry(entry.endpoint, Status.UNPLUG_PENDING)
+                        self.store.save(attrs.evolve(snap, entries=(*rest, pending)))
+                    raise
+                finally:
+                    self.store.journal_end(entry.endpoint.id)
+            return entry.endpoint
+
+
+def _free_index(snap: Snapshot, template: str) -> int:
+    """The smallest index whose tap name no saved endpoint of this VM uses."""
+    used = {host_link(e.endpoint) for e in snap.entries}
+    idx = 0
+    while template.format(idx=idx) in used:
+        idx += 1
+    check_ifname("tap name", template.format(idx=idx))
+    return idx

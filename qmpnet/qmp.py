@@ -1,0 +1,235 @@
+"""An async QMP session on ``qemu.qmp`` with deadlines, fd passing and typed errors.
+
+Nothing here knows what an endpoint is: it speaks QEMU's commands. Every call has a deadline
+(``qemu.qmp`` has none of its own); QEMU's error replies become :class:`QmpCommandError` with
+QEMU's class and description kept; a dropped connection becomes
+:class:`QmpDisconnectedError`. Traffic is logged at debug level as ``-->``/``<--`` lines on a
+per-VM child logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import stat
+from collections.abc import Mapping
+from typing import Any
+
+from qemu.qmp import EventListener, ExecInterruptedError, QMPClient
+from qemu.qmp import ExecuteError as _ExecuteError
+from qemu.qmp.error import QMPError as _QMPError
+from qemu.qmp.protocol import Runstate, StateError
+
+from qmpnet.errors import (
+    QmpCommandError,
+    QmpConnectError,
+    QmpDisconnectedError,
+    QmpTimeoutError,
+    UnplugTimeoutError,
+)
+
+log = logging.getLogger(__name__)
+
+#: virtio status bit the guest driver sets once the device is ready (virtio spec 2.1).
+VIRTIO_CONFIG_S_DRIVER_OK = 4
+
+
+def check_socket_path(path: str) -> None:
+    """Refuse anything that is not a unix socket before connecting (clear error, no hang)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise QmpConnectError(path, f"cannot stat: {err.strerror}") from err
+    if not stat.S_ISSOCK(mode):
+        raise QmpConnectError(path, "not a unix socket")
+
+
+class QmpSession:
+    """One connection to one QEMU monitor. Fd passing is serialized on the connection."""
+
+    def __init__(self, client: QMPClient, path: str, command_timeout: float,
+                 logger: logging.Logger) -> None:
+        self._client = client
+        self.path = path
+        self.command_timeout = command_timeout
+        self.log = logger
+        self._fd_lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, path: str, *, connect_timeout: float = 5.0,
+                      command_timeout: float = 10.0, name: str | None = None) -> QmpSession:
+        """Connect with a deadline. A monitor serves one client at a time: a hang means busy."""
+        check_socket_path(path)
+        label = name or path.rstrip("/").rsplit("/", 2)[-2 if path.count("/") > 1 else -1]
+        client = QMPClient(label)
+        try:
+            await asyncio.wait_for(client.connect(path), connect_timeout)
+        except TimeoutError as err:
+            await _quiet_disconnect(client)
+            raise QmpConnectError(path, f"no QMP greeting within {connect_timeout:g} s: the "
+                                  "monitor is busy with another client or QEMU is stuck") from err
+        except ConnectionRefusedError as err:
+            await _quiet_disconnect(client)
+            raise QmpConnectError(path, "connection refused: QEMU is not running") from err
+        except (OSError, _QMPError) as err:
+            await _quiet_disconnect(client)
+            raise QmpConnectError(path, f"cannot connect: {err}") from err
+        return cls(client, path, command_timeout, log.getChild(label))
+
+    async def close(self) -> None:
+        await _quiet_disconnect(self._client)
+
+    async def __aenter__(self) -> QmpSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate == Runstate.RUNNING
+
+    # --- commands --------------------------------------------------------------------------
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
+                      timeout: float | None = None) -> Any:
+        args = dict(arguments or {})
+        deadline = self.command_timeout if timeout is None else timeout
+        self.log.debug("--> %s %s", command, args)
+        try:
+            reply = await asyncio.wait_for(self._client.execute(command, args or None), deadline)
+        except _ExecuteError as err:
+            self.log.debug("<-- %s error %s: %s", command, err.error_class, err)
+            raise QmpCommandError(command, args, err.error_class, str(err)) from err
+        except TimeoutError as err:
+            raise QmpTimeoutError(command, deadline) from err
+        except (ExecInterruptedError, StateError, ConnectionError, EOFError) as err:
+            raise QmpDisconnectedError(command, str(err) or type(err).__name__) from err
+        self.log.debug("<-- %s %s", command, reply)
+        return reply
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Send ``fd`` with SCM_RIGHTS and name it with ``getfd``.
+
+        One fd in flight per connection: a second send before the ``getfd`` loses the fd.
+        """
+        async with self._fd_lock:
+            self.log.debug("--> SCM_RIGHTS fd %d as %s", fd, name)
+            try:
+                self._client.send_fd_scm(fd)
+            except (StateError, OSError, _QMPError) as err:
+                raise QmpDisconnectedError("getfd", f"sending fd {fd}: {err}") from err
+            await self.execute("getfd", {"fdname": name})
+
+    async def close_fd(self, name: str) -> bool:
+        """Release a named fd QEMU holds; False when QEMU holds no fd of that name."""
+        try:
+            await self.execute("closefd", {"fdname": name})
+        except QmpCommandError as err:
+            if "not found" in err.desc:
+                return False
+            raise
+        return True
+
+    async def netdev_add_tap(self, netdev_id: str, fd_names: list[str],
+                             vhost_fd_names: list[str]) -> None:
+        args: dict[str, Any] = {"type": "tap", "id": netdev_id}
+        if len(fd_names) == 1:
+            args["fd"] = fd_names[0]
+        else:
+            args["fds"] = ":".join(fd_names)
+        if vhost_fd_names:
+            # vhost settings only together with fds we opened: vhost without fds aborts QEMU
+            # when /dev/vhost-net is missing.
+            args["vhost"] = True
+            if len(vhost_fd_names) == 1:
+                args["vhostfd"] = vhost_fd_names[0]
+            else:
+                args["vhostfds"] = ":".join(vhost_fd_names)
+        await self.execute("netdev_add", args)
+
+    async def netdev_del(self, netdev_id: str) -> bool:
+        """Remove a netdev; False when there is none of that id."""
+        try:
+            await self.execute("netdev_del", {"id": netdev_id})
+        except QmpCommandError as err:
+            if err.error_class == "DeviceNotFound" or "not found" in err.desc:
+                return False
+            raise
+        return True
+
+    async def device_add(self, args: Mapping[str, Any]) -> None:
+        await self.execute("device_add", args)
+
+    async def device_del(self, device_id: str, timeout: float) -> bool:
+        """Ask the guest to release the device and wait for DEVICE_DELETED up to ``timeout``.
+
+        Returns False when there was no such device. Raises :class:`UnplugTimeoutError` when
+        the event does not come: the request stays with QEMU and may still complete later.
+        """
+        def ours(event: Mapping[str, Any]) -> bool:
+            return bool(event.get("data", {}).get("device") == device_id)
+
+        listener = EventListener("DEVICE_DELETED", ours)
+        with self._client.listen(listener):
+            try:
+                await self.execute("device_del", {"id": device_id})
+            except QmpCommandError as err:
+                if err.error_class == "DeviceNotFound":
+                    return False
+                raise
+            try:
+                await asyncio.wait_for(listener.get(), timeout)
+            except TimeoutError as err:
+                raise UnplugTimeoutError(device_id, timeout) from err
+        self.log.debug("<-- DEVICE_DELETED %s", device_id)
+        return True
+
+    async def query_pci(self) -> list[dict[str, Any]]:
+        reply = await self.execute("query-pci")
+        return list(reply)
+
+    async def qom_list(self, path: str) -> list[dict[str, Any]]:
+        return list(await self.execute("qom-list", {"path": path}))
+
+    async def qom_get(self, path: str, prop: str) -> Any:
+        return await self.execute("qom-get", {"path": path, "property": prop})
+
+    async def netdevs(self) -> dict[str, str]:
+        """Netdev id -> its ``info network`` description (QEMU 7.2 has no query-netdev)."""
+        text = await self.execute("human-monitor-command", {"command-line": "info network"})
+        out: dict[str, str] = {}
+        for line in str(text).splitlines():
+            match = re.match(r"^[ \\_]*([^:\s]+): index=\d+,type=([^,]+),?(.*)$", line.strip())
+            if match and match.group(2) == "tap":
+                out[match.group(1)] = match.group(3)
+        return out
+
+    async def virtio_status(self, device_id: str) -> int:
+        reply = await self.execute(
+            "x-query-virtio-status", {"path": f"/machine/peripheral/{device_id}/virtio-backend"})
+        status = reply.get("status", {})
+        # 7.2 answers with decoded status bits.
+        if isinstance(status, dict):
+            names = status.get("statuses", [])
+            return VIRTIO_CONFIG_S_DRIVER_OK if any("DRIVER_OK" in n for n in names) else 0
+        return int(status)
+
+    async def wait_driver_ok(self, device_id: str, timeout: float) -> None:
+        """Poll virtio status until the guest driver has set DRIVER_OK."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.005
+        while not await self.virtio_status(device_id) & VIRTIO_CONFIG_S_DRIVER_OK:
+            if loop.time() > deadline:
+                raise QmpTimeoutError(f"wait for guest driver of {device_id}", timeout)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
+async def _quiet_disconnect(client: QMPClient) -> None:
+    with contextlib.suppress(Exception):
+        await client.disconnect()

@@ -1,0 +1,219 @@
+"""One VM's saved state and journal: files in a 0700 directory, written atomically, locked.
+
+``state.json`` lists the VM's endpoints with their status; ``journal.json`` holds the intent of
+each operation in flight (written durably before each step), so a later process can finish or
+roll back what a crashed one left. Writes go to a temp file, are fsynced, renamed over the old
+file, and the directory is fsynced. A file lock (``flock``) serializes processes on one VM;
+it is polled with a deadline so no thread ever blocks on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import fcntl
+import json
+import os
+import stat
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from qmpnet.codec import UnknownEntry, dump_endpoint, load_endpoint
+from qmpnet.endpoints import Endpoint
+from qmpnet.errors import StateError
+
+STATE_VERSION = 1
+
+
+class Status(enum.StrEnum):
+    PLUGGED = "plugged"
+    #: device_del was sent but the guest has not released the device yet.
+    UNPLUG_PENDING = "unplug-pending"
+
+
+@attrs.frozen
+class Entry:
+    endpoint: Endpoint
+    status: Status = Status.PLUGGED
+
+
+@attrs.frozen
+class JournalRecord:
+    """An operation in flight: what it was doing to which endpoint, and the last step begun."""
+
+    operation: str
+    step: str
+    endpoint: Endpoint | UnknownEntry
+    started: float
+
+
+@attrs.frozen
+class Snapshot:
+    entries: tuple[Entry, ...] = ()
+    unknown: tuple[UnknownEntry, ...] = ()
+
+
+class Store:
+    """The files of one VM's state directory."""
+
+    def __init__(self, directory: str | Path, lock_timeout: float = 30.0) -> None:
+        self.dir = Path(directory)
+        self.lock_timeout = lock_timeout
+        self._local = asyncio.Lock()
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.dir / "journal.json"
+
+    def _ensure_dir(self) -> None:
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = os.lstat(self.dir)
+        except OSError as err:
+            raise StateError(str(self.dir), f"cannot create: {err.strerror}") from err
+        if not stat.S_ISDIR(info.st_mode):
+            raise StateError(str(self.dir), "not a directory")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.chmod(self.dir, 0o700)
+
+    # --- locking ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[None]:
+        """Hold the VM's lock: one operation at a time across tasks and processes."""
+        async with self._local:
+            self._ensure_dir()
+            fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                deadline = time.monotonic() + self.lock_timeout
+                delay = 0.002
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except OSError as err:
+                        if err.errno not in (errno.EAGAIN, errno.EACCES):
+                            raise StateError(str(self.dir), f"lock: {err.strerror}") from err
+                    if time.monotonic() > deadline:
+                        raise StateError(str(self.dir), "another process holds the VM's lock "
+                                         f"for more than {self.lock_timeout:g} s")
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+
+    # --- files -----------------------------------------------------------------------------
+
+    def _write(self, path: Path, data: Any) -> None:
+        self._ensure_dir()
+        text = json.dumps(data, indent=1, sort_keys=True)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StateError(str(path), f"write: {err.strerror}") from err
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _read(self, path: Path) -> Any:
+        try:
+            with open(path) as fh:
+                return json.load(fh)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise StateError(str(path), f"read: {err.strerror}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StateError(str(path), f"not valid JSON: {err}") from err
+
+    def load(self) -> Snapshot:
+        data = self._read(self.state_path)
+        if data is None:
+            return Snapshot()
+        if not isinstance(data, dict) or not isinstance(data.get("endpoints"), list):
+            raise StateError(str(self.state_path), "not a qmpnet state file")
+        if data.get("version") != STATE_VERSION:
+            raise StateError(str(self.state_path),
+                             f"state version {data.get('version')!r} is not {STATE_VERSION}")
+        entries: list[Entry] = []
+        unknown: list[UnknownEntry] = []
+        for item in data["endpoints"]:
+            status_text = item.get("status") if isinstance(item, dict) else None
+            loaded = load_endpoint(item.get("endpoint") if isinstance(item, dict) else item)
+            if isinstance(loaded, UnknownEntry) or status_text not in Status._value2member_map_:
+                reason = loaded.reason if isinstance(loaded, UnknownEntry) else \
+                    f"unknown status {status_text!r}"
+                unknown.append(UnknownEntry(item if isinstance(item, dict) else {"value": item},
+                                            reason))
+            else:
+                entries.append(Entry(loaded, Status(str(status_text))))
+        return Snapshot(tuple(entries), tuple(unknown))
+
+    def save(self, snapshot: Snapshot) -> None:
+        items: list[Any] = [{"status": e.status.value, "endpoint": dump_endpoint(e.endpoint)}
+                            for e in snapshot.entries]
+        items.extend(u.raw for u in snapshot.unknown)
+        self._write(self.state_path, {"version": STATE_VERSION, "endpoints": items})
+
+    # --- journal ---------------------------------------------------------------------------
+
+    def journal(self) -> dict[str, JournalRecord]:
+        data = self._read(self.journal_path)
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise StateError(str(self.journal_path), "not a qmpnet journal")
+        out = {}
+        for key, rec in data.items():
+            if not isinstance(rec, dict):
+                continue
+            out[key] = JournalRecord(str(rec.get("operation")), str(rec.get("step")),
+                                     load_endpoint(rec.get("endpoint")),
+                                     float(rec.get("started", 0)))
+        return out
+
+    def journal_begin(self, key: str, operation: str, step: str, endpoint: Endpoint,
+                      started: float) -> None:
+        data = self._read(self.journal_path) or {}
+        data[key] = {"operation": operation, "step": step, "endpoint": dump_endpoint(endpoint),
+                     "started": started}
+        self._write(self.journal_path, data)
+
+    def journal_end(self, key: str) -> None:
+        data = self._read(self.journal_path) or {}
+        if data.pop(key, None) is not None:
+            if data:
+                self._write(self.journal_path, data)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.journal_path)
+
+    def remove_all(self) -> None:
+        """Delete the state directory's files (after the VM is gone and reconciled)."""
+        for name in ("state.json", "journal.json", "lock"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.dir / name)
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
