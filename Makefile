@@ -1,0 +1,52 @@
+# qmpnet: `make demo` runs the main job, `make test` every test tier. Both set up first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod ethtool iperf3 busybox-static \
+	containernetworking-plugins
+BENCH_APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+PYTEST_ARGS ?=
+
+.PHONY: setup apt venv test test-unit test-kernel test-integration lint demo bench soak clean
+
+setup: apt venv
+
+# Install only what is missing: apt-get update costs time and needs the network.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES) $(EXTRA_APT); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt: installing $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $$missing; \
+	fi
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+venv: $(BIN)/python
+	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/pytest tests -m "not kernel and not qemu" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy qmpnet
+
+demo: setup
+	$(BIN)/qmpnet demo
+
+bench: EXTRA_APT = $(BENCH_APT_PACKAGES)
+bench: setup
+	$(BIN)/python -m bench
+
+soak: setup
+	QMPNET_SOAK_CYCLES=500 $(BIN)/pytest integration/test_soak.py $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,105 @@
+#!/bin/sh
+# /init of qmpnet's test guest (busybox sh). It reports on the serial console what a
+# host-side test must see, one "QMPNET <EVENT> key=value ..." line per event:
+#   QMPNET READY                      modules loaded, lo up; the NIC watcher starts now
+#   QMPNET IPERF ready                iperf3 -s listens on port 5201
+#   QMPNET NIC-ADD name= mac= rxq= txq= msix=
+#   QMPNET NIC-ADDR name= addr=       169.254.B.2/24 set and link up (B = last MAC byte)
+#   QMPNET PING name= peer= result=ok|fail    peer 169.254.B.1, the host end
+#   QMPNET NIC-DEL name= mac=
+# MACs are printed as the kernel does, in lower case. There is no udev: NICs are found by
+# polling /sys/class/net.
+
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/null >/dev/console 2>&1
+
+say() { echo "QMPNET $*"; }
+
+# count GLOB-EXPANSION: how many paths the glob matched (an unmatched glob stays literal).
+count() { if [ -e "$1" ]; then echo $#; else echo 0; fi; }
+
+# The queue directories are rebuilt right after the netdev registers: wait until both
+# counts are non-zero and the same in three reads ~10 ms apart (at most ~5 s).
+settled_queues() {
+    local now last="" same=0 tries=0
+    while [ $tries -lt 500 ]; do
+        now="$(count /sys/class/net/$1/queues/rx-*) $(count /sys/class/net/$1/queues/tx-*)"
+        case "$now" in
+            0\ * | *\ 0) same=0 ;;
+            "$last") same=$((same + 1)); [ $same -ge 2 ] && break ;;
+            *) same=0 ;;
+        esac
+        last=$now tries=$((tries + 1))
+        usleep 10000
+    done
+    echo "$now"
+}
+
+ping_peer() {
+    local i=0 result=fail
+    while [ $i -lt 20 ]; do
+        if ping -c 1 -W 1 "$2" >/dev/null 2>&1; then result=ok; break; fi
+        i=$((i + 1))
+        usleep 500000
+    done
+    say "PING name=$1 peer=$2 result=$result"
+}
+
+nic_added() {
+    local n=$1 mac queues msix b
+    mac=$(cat /sys/class/net/$n/address)
+    echo "$mac" >/run/nic/$n
+    queues=$(settled_queues $n)
+    # device is the virtio device; its parent is the PCI function that owns the vectors.
+    msix=$(count /sys/class/net/$n/device/../msi_irqs/*)
+    say "NIC-ADD name=$n mac=$mac rxq=${queues% *} txq=${queues#* } msix=$msix"
+    b=$((0x${mac##*:}))
+    if ip addr add 169.254.$b.2/24 dev $n && ip link set $n up; then
+        say "NIC-ADDR name=$n addr=169.254.$b.2"
+        ping_peer $n 169.254.$b.1 &
+    else
+        say "ERROR addr name=$n"
+    fi
+}
+
+# guest.py numbers the modules in dependency order, so the glob's order is the right one.
+for m in /lib/modules/*.ko; do
+    insmod "$m" || say "ERROR insmod $m"
+done
+ip link set lo up
+mkdir -p /run/nic
+say READY
+
+if [ -x /usr/bin/iperf3 ]; then
+    if iperf3 -s -D; then
+        # -D returns before the server listens: wait for port 5201 (0x1451) in LISTEN (0A).
+        i=0
+        until grep -q ':1451 [0-9A-F]*:0000 0A ' /proc/net/tcp6 /proc/net/tcp; do
+            i=$((i + 1))
+            [ $i -gt 200 ] && break
+            usleep 50000
+        done
+        if [ $i -gt 200 ]; then say "IPERF fail"; else say "IPERF ready"; fi
+    else
+        say "IPERF fail"
+    fi
+fi
+
+while :; do
+    for d in /sys/class/net/*; do
+        n=${d##*/}
+        [ "$n" = lo ] || [ -e /run/nic/$n ] || nic_added "$n"
+    done
+    for f in /run/nic/*; do
+        n=${f##*/}
+        if [ -e "$f" ] && [ ! -e /sys/class/net/$n ]; then
+            say "NIC-DEL name=$n mac=$(cat $f)"
+            rm -f "$f"
+        fi
+    done
+    usleep 50000
+done
