@@ -112,12 +112,21 @@ def open_macvtap_queues(name: str, queues: int) -> list[int]:
     return fds
 
 
+_warned_vhost = False
+
+
 def vhost_available(disabled: bool) -> bool:
-    """Whether to use vhost-net: asked for and the host has the device node."""
+    """Whether to use vhost-net: asked for and the host has the device node.
+
+    A missing node is said once per process, not once per NIC.
+    """
+    global _warned_vhost
     if disabled:
         return False
     if not os.path.exists(VHOST_NET_PATH):
-        log.warning("%s is missing: using userspace virtio-net (slower)", VHOST_NET_PATH)
+        if not _warned_vhost:
+            log.warning("%s is missing: using userspace virtio-net (slower)", VHOST_NET_PATH)
+            _warned_vhost = True
         return False
     return True
 
