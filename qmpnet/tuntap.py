@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 import tempfile
+from collections.abc import Iterable
 
 import attrs
 
@@ -45,6 +46,11 @@ class QueueFds:
             os.close(self.tap.pop())
         while self.vhost:
             os.close(self.vhost.pop())
+
+
+def close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def tap_flags(queues: int) -> int:

@@ -23,7 +23,8 @@ async def open_tap(ctx: PlugContext, netns: str, name: str, queues: int,
                    fds: tuntap.QueueFds) -> None:
     """Create tap ``name`` with its queues in ``netns``; undo closes them (the tap goes too)."""
     async def action() -> None:
-        fds.tap.extend(await run_in_netns(netns, lambda: tuntap.open_tap_queues(name, queues)))
+        fds.tap.extend(await run_in_netns(netns, lambda: tuntap.open_tap_queues(name, queues),
+                                          on_abandon=tuntap.close_all))
 
     async def undo(_: None) -> None:
         fds.close()
@@ -35,7 +36,7 @@ async def open_macvtap(ctx: PlugContext, netns: str, name: str, queues: int,
                        fds: tuntap.QueueFds) -> None:
     async def action() -> None:
         fds.tap.extend(await run_in_netns(
-            netns, lambda: tuntap.open_macvtap_queues(name, queues)))
+            netns, lambda: tuntap.open_macvtap_queues(name, queues), on_abandon=tuntap.close_all))
 
     async def undo(_: None) -> None:
         fds.close()
