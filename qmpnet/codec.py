@@ -15,19 +15,35 @@ from cattrs.gen import make_dict_unstructure_fn, override
 
 from qmpnet.endpoints import REGISTRY, Endpoint
 from qmpnet.errors import InvalidInputError, QmpnetError
-from qmpnet.model import EndpointType, TapInterface
+from qmpnet.model import EndpointType, InterworkingModel, TapInterface
 
 
 @attrs.frozen
 class UnknownEntry:
     """A saved endpoint this version cannot read; written back exactly as it was."""
 
-    raw: dict[str, Any]
+    #: the JSON value exactly as it was read (usually an object, but kept whatever it is)
+    raw: Any
     reason: str
+
+
+def _exact(kind: type) -> Any:
+    """A structure hook that refuses coercion: saved state with a wrong type is not ours."""
+    def structure(value: Any, _: Any) -> Any:
+        if type(value) is not kind:
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+        return value
+    return structure
 
 
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=False)
+    # cattrs would turn [1] into "[1]" and 2.7 into 2; a damaged entry must stay unknown.
+    conv.register_structure_hook(str, _exact(str))
+    conv.register_structure_hook(int, _exact(int))
+    # The str hook would also catch this str enum: parse it as the vocabulary says.
+    conv.register_structure_hook(InterworkingModel,
+                                 lambda value, _: InterworkingModel.parse(value))
     conv.register_unstructure_hook(TapInterface, make_dict_unstructure_fn(
         TapInterface, conv, vm_fds=override(omit=True), vhost_fds=override(omit=True)))
     return conv
@@ -45,7 +61,7 @@ def dump_endpoint(endpoint: Endpoint) -> dict[str, Any]:
 def load_endpoint(data: object) -> Endpoint | UnknownEntry:
     """Parse one saved endpoint; anything unreadable comes back as UnknownEntry."""
     if not isinstance(data, dict):
-        return UnknownEntry({"value": data}, "not a JSON object")
+        return UnknownEntry(data, "not a JSON object")
     try:
         kind = EndpointType.parse(data.get("type"))
     except InvalidInputError as err:
@@ -53,7 +69,7 @@ def load_endpoint(data: object) -> Endpoint | UnknownEntry:
     body = {k: v for k, v in data.items() if k != "type"}
     try:
         endpoint: Endpoint = _converter.structure(body, REGISTRY[kind])
-    except (QmpnetError, cattrs.BaseValidationError, ValueError, TypeError, KeyError,
-            AttributeError) as err:
+    except (QmpnetError, cattrs.BaseValidationError, cattrs.errors.CattrsError, ValueError,
+            TypeError, KeyError, AttributeError) as err:
         return UnknownEntry(data, f"{kind.value} endpoint: {type(err).__name__}: {err}")
     return endpoint

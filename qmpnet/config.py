@@ -48,7 +48,14 @@ class Config:
     def _check_tap_name(self, _attr: object, value: str) -> None:
         if not isinstance(value, str) or "{idx}" not in value:
             raise InvalidInputError("tap_name", value, "must be a template containing {idx}")
-        check_ifname("tap_name", value.format(idx=999))
+        try:
+            names = [value.format(idx=i) for i in (0, 1, 999)]
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
+            raise InvalidInputError("tap_name", value, f"not a valid template: {err}") from err
+        if names[0] == names[1]:
+            # a name that ignores the index would make the free-index search loop forever
+            raise InvalidInputError("tap_name", value, "must vary with {idx}")
+        check_ifname("tap_name", names[2])
 
     @property
     def model(self) -> InterworkingModel:
@@ -76,7 +83,7 @@ class Config:
             kwargs["disable_vhost_net"] = value
         if "queues" in table:
             value = table["queues"]
-            if value != 0:
+            if value != 0 or not isinstance(value, int) or isinstance(value, bool):
                 check_queues("queues", value)
             kwargs["queues"] = value
         if "tap_name" in table:

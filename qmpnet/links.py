@@ -12,6 +12,7 @@ and the other destructive calls refuse a link without that mark.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -33,6 +34,11 @@ MARK_PREFIX = "qmpnet:"
 ETH_P_ALL = 0x0003
 INGRESS = 0xFFFF0000
 NETLINK_ROUTE = 0
+#: rtnetlink multicast group of link announcements, and the two message types it carries.
+RTMGRP_LINK = 0x1
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+EVENTS_RCVBUF = 1 << 20
 
 
 @attrs.frozen(kw_only=True)
@@ -52,6 +58,14 @@ class LinkInfo:
     def owner(self) -> str | None:
         """The owner id from qmpnet's mark, or None for a link qmpnet did not make."""
         return self.alias[len(MARK_PREFIX):] if self.alias.startswith(MARK_PREFIX) else None
+
+
+@attrs.frozen(kw_only=True)
+class LinkEvent:
+    """A link appeared or changed (``present``) or went away, as netlink announced it."""
+
+    present: bool
+    link: LinkInfo
 
 
 def mark(owner: str) -> str:
@@ -74,9 +88,18 @@ class Links:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, netns: str = "") -> AsyncIterator[Links]:
-        sock = await run_in_netns(
-            netns, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE))
+    async def open(cls, netns: str = "", *, link_events: bool = False,
+                   ) -> AsyncIterator[Links]:
+        """Links of ``netns``; ``link_events`` also subscribes to :meth:`events`."""
+        def make() -> socket.socket:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
+            if link_events:
+                # A burst (a pod with many links) must not overrun the default buffer.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENTS_RCVBUF)
+                sock.bind((0, RTMGRP_LINK))  # port 0: the kernel picks a free one
+            return sock
+
+        sock = await run_in_netns(netns, make)
         try:
             async with AsyncIPRoute(use_socket=sock) as ipr:
                 yield cls(ipr, netns)
@@ -96,13 +119,14 @@ class Links:
 
     async def lookup(self, name: str) -> LinkInfo | None:
         try:
-            async for msg in await self._ipr.get_links(ifname=name):
-                return _info(msg)
+            # Drain the reply: leaving it half-read makes the socket's next request fail
+            # with EBUSY (pyroute2 0.9).
+            found = [_info(msg) async for msg in await self._ipr.get_links(ifname=name)]
         except NetlinkError as err:
             if err.code in (errno.ENODEV, errno.ENOENT):
                 return None
             raise HostError("look up link", self._where(name), err.code) from err
-        return None
+        return found[0] if found else None
 
     async def get(self, name: str) -> LinkInfo:
         info = await self.lookup(name)
@@ -112,6 +136,23 @@ class Links:
 
     async def list(self) -> list[LinkInfo]:
         return [_info(msg) async for msg in await self._ipr.get_links()]
+
+    async def events(self) -> AsyncIterator[LinkEvent]:
+        """Link announcements as the kernel sends them; needs ``open(link_events=True)``.
+
+        Endless. An overrun socket buffer (events lost) or a broken socket raises
+        :class:`HostError`: reopen and re-read the links, the stream cannot resume.
+        """
+        while True:
+            try:
+                async for msg in self._ipr.get():
+                    kind = msg["header"]["type"]
+                    if kind in (RTM_NEWLINK, RTM_DELLINK):
+                        yield LinkEvent(present=kind == RTM_NEWLINK, link=_info(msg))
+            except (NetlinkError, OSError) as err:
+                code = err.code if isinstance(err, NetlinkError) else err.errno
+                raise HostError("read link events of", self.netns or "the host netns",
+                                code) from err
 
     async def wait_for(self, name: str, present: bool = True, timeout: float = 5.0) -> None:
         """Poll until the link is (or is no longer) visible; a netlink change may lag a syscall."""
@@ -173,20 +214,33 @@ class Links:
         parent_index = (await self.get(parent)).index
         await self._call("create macvtap", name, self._ipr.link(
             "add", ifname=name, kind="macvtap", link=parent_index, macvtap_mode="bridge",
-            address=mac, ifalias=mark(owner)))
-        return await self.get(name)
+            address=mac))
+        return await self._mark_new(name, owner)
 
     async def add_bridge(self, name: str, owner: str, mtu: int | None = None) -> LinkInfo:
         await self._refuse_existing(name)
         extra: dict[str, Any] = {"mtu": mtu} if mtu else {}
         await self._call("create bridge", name, self._ipr.link(
-            "add", ifname=name, kind="bridge", ifalias=mark(owner), **extra))
-        return await self.get(name)
+            "add", ifname=name, kind="bridge", **extra))
+        return await self._mark_new(name, owner)
 
     async def add_veth(self, name: str, peer: str, owner: str) -> LinkInfo:
         await self._refuse_existing(name)
         await self._call("create veth", name, self._ipr.link(
-            "add", ifname=name, kind="veth", peer={"ifname": peer}, ifalias=mark(owner)))
+            "add", ifname=name, kind="veth", peer={"ifname": peer}))
+        return await self._mark_new(name, owner)
+
+    async def _mark_new(self, name: str, owner: str) -> LinkInfo:
+        """Mark a link just created. The kernel ignores an alias in the create request itself,
+        so it is set after; a link that cannot be marked is deleted again, never left."""
+        try:
+            await self.mark_ours(name, owner)
+        except HostError:
+            info = await self.lookup(name)
+            if info is not None:
+                with contextlib.suppress(NetlinkError):
+                    await self._ipr.link("del", index=info.index)
+            raise
         return await self.get(name)
 
     async def delete(self, name: str, owner: str | None = None) -> bool:
@@ -209,14 +263,23 @@ class Links:
     async def add_tc_mirror(self, a: str, b: str) -> None:
         """Redirect everything arriving on ``a`` out of ``b`` and the reverse."""
         ia, ib = (await self.get(a)).index, (await self.get(b)).index
-        for src, dst, name in ((ia, ib, a), (ib, ia, b)):
-            await self._call("add ingress qdisc on", name,
-                             self._ipr.tc("add", "ingress", src, INGRESS))
-            await self._call("add mirred filter on", name, self._ipr.tc(
-                "add-filter", "u32", src, ":1", parent=INGRESS, protocol=ETH_P_ALL,
-                target=0x10000, keys=["0x0/0x0+0"],
-                action={"kind": "mirred", "direction": "egress", "action": "redirect",
-                        "ifindex": dst}))
+        added: list[int] = []
+        try:
+            for src, dst, name in ((ia, ib, a), (ib, ia, b)):
+                await self._call("add ingress qdisc on", name,
+                                 self._ipr.tc("add", "ingress", src, INGRESS))
+                added.append(src)
+                await self._call("add mirred filter on", name, self._ipr.tc(
+                    "add-filter", "u32", src, ":1", parent=INGRESS, protocol=ETH_P_ALL,
+                    target=0x10000, keys=["0x0/0x0+0"],
+                    action={"kind": "mirred", "direction": "egress", "action": "redirect",
+                            "ifindex": dst}))
+        except HostError:
+            # Half a mirror is worse than none: take back the qdiscs made here (and only them).
+            for index in added:
+                with contextlib.suppress(NetlinkError):
+                    await self._ipr.tc("del", "ingress", index, INGRESS)
+            raise
 
     async def del_tc_ingress(self, name: str) -> None:
         """Remove the ingress qdisc (and with it our filters); absent link or qdisc is fine."""

@@ -90,7 +90,10 @@ def check_ifname(field: str, value: object) -> str:
     """A Linux interface name, as the kernel's dev_valid_name() accepts it."""
     if not isinstance(value, str):
         raise InvalidInputError(field, value, "must be a string")
-    raw = value.encode("utf-8", "surrogateescape")
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as err:
+        raise InvalidInputError(field, value, "must be encodable as bytes") from err
     if not 1 <= len(raw) <= IFNAME_MAX:
         raise InvalidInputError(field, value, f"must be 1 to {IFNAME_MAX} bytes (IFNAMSIZ)")
     if value in (".", "..") or any(c in value for c in "/:\0") or any(c.isspace() for c in value):
@@ -104,7 +107,7 @@ _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 def check_mac(field: str, value: object) -> str:
     """A unicast, non-zero Ethernet address, normalised to lower case."""
-    if not isinstance(value, str) or not _MAC_RE.match(value.lower()):
+    if not isinstance(value, str) or not _MAC_RE.fullmatch(value.lower()):
         raise InvalidInputError(field, value, "must be six hex bytes like 52:54:00:12:34:56")
     mac = value.lower()
     if mac == "00:00:00:00:00:00":
@@ -133,7 +136,7 @@ def check_pci_path(field: str, value: object) -> str:
     """A guest PCI path: slot numbers from the root bus down, like ``02/00`` (may be empty)."""
     if value == "":
         return ""
-    if not isinstance(value, str) or not _PCI_PATH_RE.match(value.lower()) or any(
+    if not isinstance(value, str) or not _PCI_PATH_RE.fullmatch(value.lower()) or any(
             int(s, 16) > 0x1F for s in value.split("/")):
         raise InvalidInputError(field, value, "must be slots 00..1f joined by '/', like 02/00")
     return value.lower()
@@ -179,7 +182,7 @@ class IPAddress:
             raise InvalidInputError("address", self.address,
                                     f"is not an IPv{self.family} address")
         limit = 32 if self.family == 4 else 128
-        if not (isinstance(self.mask, str) and self.mask.isdigit() and
+        if not (isinstance(self.mask, str) and self.mask.isascii() and self.mask.isdigit() and
                 0 <= int(self.mask) <= limit):
             raise InvalidInputError("mask", self.mask, f"must be a prefix length 0..{limit}")
 
@@ -328,7 +331,8 @@ def _parse_addresses(value: object) -> tuple[IPAddress, ...]:
             raise InvalidInputError("IPAddresses", item, "each entry must be an object")
         family = item.get("family", 4)
         # The agent's protobuf spells families as 0/1 (v4/v6) in some versions: accept both.
-        family = {0: 4, 1: 6}.get(family, family) if isinstance(family, int) else family
+        if isinstance(family, int) and not isinstance(family, bool):
+            family = {0: 4, 1: 6}.get(family, family)
         if not isinstance(family, int) or isinstance(family, bool):
             raise InvalidInputError("family", family, "must be 4 or 6")
         address, mask = item.get("address"), item.get("mask")

@@ -162,11 +162,11 @@ class Store:
         for item in data["endpoints"]:
             status_text = item.get("status") if isinstance(item, dict) else None
             loaded = load_endpoint(item.get("endpoint") if isinstance(item, dict) else item)
-            if isinstance(loaded, UnknownEntry) or status_text not in Status._value2member_map_:
+            if isinstance(loaded, UnknownEntry) or not isinstance(status_text, str) or \
+                    status_text not in Status._value2member_map_:
                 reason = loaded.reason if isinstance(loaded, UnknownEntry) else \
                     f"unknown status {status_text!r}"
-                unknown.append(UnknownEntry(item if isinstance(item, dict) else {"value": item},
-                                            reason))
+                unknown.append(UnknownEntry(item, reason))
             else:
                 entries.append(Entry(loaded, Status(str(status_text))))
         return Snapshot(tuple(entries), tuple(unknown))

@@ -8,6 +8,7 @@ closed exactly once here, after QEMU holds its copies or when the plug is undone
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
@@ -31,6 +32,13 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
 IFF_VNET_HDR = 0x4000
+
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @attrs.define(eq=False)
@@ -98,8 +106,8 @@ def open_macvtap_queues(name: str, queues: int) -> list[int]:
     check_queues("queues", queues)
     index = socket.if_nametoindex(name)
     try:
-        with open(f"/sys/class/net/{name}/macvtap/tap{index}/dev") as fh:
-            major, minor = (int(x) for x in fh.read().split(":"))
+        major, minor = (int(x) for x in _read_sysfs_net(f"{name}/macvtap/tap{index}/dev")
+                        .split(":"))
     except OSError as err:
         raise HostError("find macvtap device", name, err.errno) from err
     fds: list[int] = []
@@ -116,6 +124,33 @@ def open_macvtap_queues(name: str, queues: int) -> list[int]:
                 os.close(fd)
             raise HostError("open macvtap queue", name, err.errno) from err
     return fds
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _read_sysfs_net(rel: str) -> str:
+    """Read ``/sys/class/net/<rel>`` as the calling thread's netns sees it.
+
+    sysfs shows the links of the netns it was mounted in, not the reader's. A thread that
+    entered another netns (a :func:`qmpnet.netns.run_in_netns` worker, which ends after the
+    call) mounts a sysfs of its own in a private mount namespace of that thread only.
+    """
+    if os.stat("/proc/thread-self/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
+        with open(f"/sys/class/net/{rel}") as fh:
+            return fh.read()
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+    with tempfile.TemporaryDirectory(prefix="qmpnet-sys-") as tmp:
+        _check(_libc.mount(b"sysfs", tmp.encode(), b"sysfs", 0, None), "mount sysfs")
+        try:
+            with open(f"{tmp}/class/net/{rel}") as fh:
+                return fh.read()
+        finally:
+            _libc.umount2(tmp.encode(), MNT_DETACH)
 
 
 _warned_vhost = False

@@ -15,6 +15,7 @@ and gets its own back on unplug.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import ClassVar, Self
 
@@ -23,7 +24,7 @@ import attrs
 from qmpnet import tuntap
 from qmpnet.endpoints import plumbing
 from qmpnet.endpoints.base import PlugContext, new_id, random_mac, register, unsupported
-from qmpnet.errors import InvalidInputError, UnsupportedError
+from qmpnet.errors import InvalidInputError, NotOursError, UnsupportedError
 from qmpnet.lifecycle import Step
 from qmpnet.links import Links
 from qmpnet.model import (
@@ -35,6 +36,8 @@ from qmpnet.model import (
     TapInterface,
     check_ifname,
 )
+
+log = logging.getLogger(__name__)
 
 
 @attrs.frozen
@@ -70,10 +73,22 @@ async def _tc_connect(ep: NetPairEndpoint, ctx: PlugContext, queues: int,
     await ctx.op.step(Step.PREPARE_LINKS, join, undo)
 
 
+async def _delete_ours(links: Links, name: str, owner: str) -> None:
+    """Delete our link ``name``; a link of that name qmpnet did not make is left untouched.
+
+    Not an error here: undoing a plug that found the name taken must go on and give the
+    sandbox link its own MAC back.
+    """
+    try:
+        await links.delete(name, owner=owner)
+    except NotOursError as err:
+        log.warning("%s", err)
+
+
 async def _tc_disconnect(ep: NetPairEndpoint) -> None:
     async with Links.open(ep.netns_path) as links:
         await links.del_tc_ingress(ep.virt_name)
-        await links.delete(ep.tap_name, owner=ep.id)
+        await _delete_ours(links, ep.tap_name, ep.id)
 
 
 # --- macvtap ---------------------------------------------------------------------------------
@@ -96,7 +111,7 @@ async def _macvtap_connect(ep: NetPairEndpoint, ctx: PlugContext, queues: int,
 
 async def _macvtap_disconnect(ep: NetPairEndpoint) -> None:
     async with Links.open(ep.netns_path) as links:
-        await links.delete(ep.tap_name, owner=ep.id)
+        await _delete_ours(links, ep.tap_name, ep.id)
         await _restore_mac(links, ep)
 
 
@@ -133,8 +148,8 @@ async def _bridge_disconnect(ep: NetPairEndpoint) -> None:
         virt = await links.lookup(ep.virt_name)
         if virt is not None and virt.master:
             await links.set_master(ep.virt_name, None)
-        await links.delete(bridge_name(ep.net_pair), owner=ep.id)
-        await links.delete(ep.tap_name, owner=ep.id)
+        await _delete_ours(links, bridge_name(ep.net_pair), ep.id)
+        await _delete_ours(links, ep.tap_name, ep.id)
         await _restore_mac(links, ep)
 
 
@@ -238,6 +253,9 @@ class NetPairEndpoint:
     async def hot_attach(self, ctx: PlugContext) -> Self:
         model = pair_model(self.net_pair.model)
         ep = await ctx.op.step(Step.VALIDATE, self._settle_mac)
+        # The journal saves the subject before each later step: with the settled MAC, a
+        # recovery after a crash can give the sandbox link its own MAC back.
+        ctx.op.subject = ep
         queues = await ctx.queues(self.queues)
         fds = tuntap.QueueFds()
         try:

@@ -1,0 +1,216 @@
+"""NetPair plumbing of each interworking model, in real namespaces, without QEMU.
+
+A CNI-like veth is made in a fresh sandbox netns (its far end in another netns); the model's
+connect runs as a hot-plug would run it (steps of an Operation), then its detach. What the
+host looks like is read with ``ip -d -j``/``tc -j``. Failures must undo what was done and
+leave a link that is not ours untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+import attrs
+import pytest
+
+from qmpnet import tuntap
+from qmpnet.config import Config
+from qmpnet.endpoints import PlugContext, create_endpoint, net_info_from_interface
+from qmpnet.endpoints.netpair import MODELS, NetPairEndpoint, bridge_name
+from qmpnet.errors import LinkExistsError, PlugError
+from qmpnet.lifecycle import Operation, Phase, Step
+from qmpnet.model import InterfaceDescription, InterworkingModel
+from qmpnet.testing.fixtures import unique
+
+pytestmark = [pytest.mark.kernel]
+
+B, D, F, U = Phase.BEGIN, Phase.DONE, Phase.FAILED, Phase.UNDO
+
+
+def _endpoint(veth: Any, model: InterworkingModel, tap: str | None = None,
+              virt: str | None = None) -> NetPairEndpoint:
+    desc = InterfaceDescription(name=virt or veth.inner, hw_addr=veth.mac)
+    endpoint = create_endpoint(net_info_from_interface(desc, model), 0, model,
+                               netns_path=veth.sandbox, tap_name=tap or unique("t"))
+    assert isinstance(endpoint, NetPairEndpoint)
+    return endpoint
+
+
+def _ctx(op: Operation) -> PlugContext:
+    # The host side only: no step here reaches the hypervisor.
+    return PlugContext(None, Config(), op)  # type: ignore[arg-type]
+
+
+async def _connect(ep: NetPairEndpoint, queues: int) -> tuple[tuntap.QueueFds, Operation]:
+    fds = tuntap.QueueFds()
+    async with Operation("hot-plug", ep.name) as op:
+        await MODELS[ep.network_pair.model].connect(ep, _ctx(op), queues, fds)
+        op.commit()
+    return fds, op
+
+
+async def _detach(ep: NetPairEndpoint) -> Operation:
+    async with Operation("unplug", ep.name) as op:
+        await ep.detach(_ctx(op), netns_created=True)
+        op.commit()
+    return op
+
+
+def _ingress(host: Any, netns: str, dev: str) -> bool:
+    return "ingress" in [q["kind"] for q in host.qdiscs(netns, dev)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("queues", [1, 4])
+async def test_tcfilter_connect_and_detach(cni_veth: Any, host: Any, queues: int) -> None:
+    veth = cni_veth(mac="52:54:00:00:00:41")
+    host.sh("ip", "-n", host.ns_name(veth.sandbox), "link", "set", veth.inner, "mtu",
+                    "1420")
+    ep = _endpoint(veth, InterworkingModel.TCFILTER)
+    fds, op = await _connect(ep, queues)
+    try:
+        assert op.history == [(Step.OPEN_QUEUES, B), (Step.OPEN_QUEUES, D),
+                              (Step.PREPARE_LINKS, B), (Step.PREPARE_LINKS, D)]
+        assert len(fds.tap) == queues
+        assert fds.vhost == []
+        seen = host.links(veth.sandbox)
+        tap = seen[ep.tap_name]
+        assert tap["linkinfo"]["info_data"]["type"] == "tap"
+        assert tap["ifalias"] == f"qmpnet:{ep.id}"
+        assert tap["mtu"] == 1420  # follows the veth
+        assert "UP" in tap["flags"]
+        assert "UP" in seen[veth.inner]["flags"]
+        assert seen[veth.inner]["address"] == veth.mac  # the veth keeps its MAC
+        assert _ingress(host, veth.sandbox, veth.inner)
+        assert _ingress(host, veth.sandbox,
+                                                                     ep.tap_name)
+    finally:
+        fds.close()  # QEMU would hold them from here on; the tap lives while someone does
+    op = await _detach(ep)
+    assert op.history == [(Step.REMOVE_LINKS, B), (Step.REMOVE_LINKS, D)]
+    assert not _ingress(host, veth.sandbox, veth.inner)
+    assert sorted(host.links(veth.sandbox)) == sorted(["lo", veth.inner])
+
+
+@pytest.mark.asyncio
+async def test_tcfilter_detach_removes_a_tap_that_is_still_held(cni_veth: Any, host: Any) -> None:
+    veth = cni_veth(mac="52:54:00:00:00:42")
+    ep = _endpoint(veth, InterworkingModel.TCFILTER)
+    fds, _ = await _connect(ep, 2)
+    try:
+        await _detach(ep)
+        assert ep.tap_name not in host.links(veth.sandbox)
+        assert not _ingress(host, veth.sandbox, veth.inner)
+    finally:
+        fds.close()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_join_undoes_the_queues(cni_veth: Any, host: Any) -> None:
+    veth = cni_veth(mac="52:54:00:00:00:43")
+    ep = _endpoint(veth, InterworkingModel.TCFILTER, virt=unique("x"))  # no such veth
+    fds = tuntap.QueueFds()
+    with pytest.raises(PlugError) as caught:
+        async with Operation("hot-plug", ep.name) as op:
+            await MODELS[InterworkingModel.TCFILTER].connect(ep, _ctx(op), 2, fds)
+    assert caught.value.step == "prepare-links"
+    assert getattr(caught.value.cause, "errno", None) == errno.ENODEV
+    assert op.history == [(Step.OPEN_QUEUES, B), (Step.OPEN_QUEUES, D), (Step.PREPARE_LINKS, B),
+                          (Step.PREPARE_LINKS, F), (Step.OPEN_QUEUES, U)]
+    assert fds.tap == []
+    host.wait_until(lambda: ep.tap_name not in host.links(veth.sandbox), what="tap gone")
+    assert sorted(host.links(veth.sandbox)) == sorted(["lo", veth.inner])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("model", [InterworkingModel.TCFILTER, InterworkingModel.BRIDGED,
+                                   InterworkingModel.MACVTAP])
+async def test_an_existing_tap_name_is_refused_and_survives(cni_veth: Any, host: Any,
+                                                            model: InterworkingModel) -> None:
+    veth = cni_veth(mac="52:54:00:00:00:44")
+    taken = unique("t")
+    host.sh("ip", "-n", host.ns_name(veth.sandbox), "tuntap", "add", "dev", taken,
+                    "mode", "tap")
+    before = {name: host.stable(link) for name, link in host.links(veth.sandbox).items()}
+    ep = _endpoint(veth, model, tap=taken)
+    fds = tuntap.QueueFds()
+    with pytest.raises(PlugError) as caught:
+        async with Operation("hot-plug", ep.name) as op:
+            await MODELS[model].connect(ep, _ctx(op), 2, fds)
+    assert isinstance(caught.value.cause, LinkExistsError)
+    assert fds.tap == []
+    after = {name: host.stable(link) for name, link in host.links(veth.sandbox).items()}
+    assert after == before  # the other tap and the veth (MAC included) are as they were
+    assert not _ingress(host, veth.sandbox, veth.inner)
+
+
+@pytest.mark.asyncio
+async def test_macvtap_model(cni_veth: Any, host: Any) -> None:
+    veth = cni_veth(mac="52:54:00:00:00:45")
+    ep = _endpoint(veth, InterworkingModel.MACVTAP)
+    fds, op = await _connect(ep, 2)
+    try:
+        assert op.history == [(Step.PREPARE_LINKS, B), (Step.PREPARE_LINKS, D),
+                              (Step.OPEN_QUEUES, B), (Step.OPEN_QUEUES, D)]
+        assert len(fds.tap) == 2
+        seen = host.links(veth.sandbox)
+        mvt = seen[ep.tap_name]
+        assert mvt["linkinfo"]["info_kind"] == "macvtap"
+        assert mvt["linkinfo"]["info_data"]["mode"] == "bridge"
+        assert mvt["link"] == veth.inner
+        assert mvt["address"] == veth.mac  # the guest's MAC is the pod's MAC
+        assert mvt["ifalias"] == f"qmpnet:{ep.id}"
+        assert "UP" in mvt["flags"]
+        assert seen[veth.inner]["address"] != veth.mac  # moved aside so frames reach the tap
+        for fd in fds.tap:
+            assert os.readlink(f"/proc/self/fd/{fd}").startswith("/tmp/qmpnet-mvt-")
+    finally:
+        fds.close()
+    await _detach(ep)
+    seen = host.links(veth.sandbox)
+    assert sorted(seen) == sorted(["lo", veth.inner])
+    assert seen[veth.inner]["address"] == veth.mac  # given back
+
+
+@pytest.mark.asyncio
+async def test_bridged_model(cni_veth: Any, host: Any) -> None:
+    veth = cni_veth(mac="52:54:00:00:00:46")
+    ep = _endpoint(veth, InterworkingModel.BRIDGED)
+    bridge = bridge_name(ep.network_pair)
+    fds, op = await _connect(ep, 1)
+    try:
+        assert op.history == [(Step.OPEN_QUEUES, B), (Step.OPEN_QUEUES, D),
+                              (Step.PREPARE_LINKS, B), (Step.PREPARE_LINKS, D)]
+        seen = host.links(veth.sandbox)
+        assert seen[bridge]["linkinfo"]["info_kind"] == "bridge"
+        assert seen[bridge]["ifalias"] == f"qmpnet:{ep.id}"
+        assert seen[ep.tap_name]["master"] == bridge
+        assert seen[veth.inner]["master"] == bridge
+        assert seen[ep.tap_name]["ifalias"] == f"qmpnet:{ep.id}"
+        assert all("UP" in seen[n]["flags"] for n in (bridge, ep.tap_name, veth.inner))
+        assert seen[veth.inner]["address"] != veth.mac
+    finally:
+        fds.close()
+    await _detach(ep)
+    seen = host.links(veth.sandbox)
+    assert sorted(seen) == sorted(["lo", veth.inner])
+    assert seen[veth.inner]["address"] == veth.mac
+    assert "master" not in seen[veth.inner]
+
+
+@pytest.mark.asyncio
+async def test_mac_settles_on_the_links_own(cni_veth: Any) -> None:
+    veth = cni_veth(mac="52:54:00:00:00:47")
+    ep = _endpoint(veth, InterworkingModel.TCFILTER)
+    blank = attrs.evolve(ep, net_pair=attrs.evolve(
+        ep.net_pair, virt_iface=attrs.evolve(ep.net_pair.virt_iface, hard_addr="")))
+    settled = await blank._settle_mac()
+    assert settled.hardware_addr == veth.mac
+    wrong = attrs.evolve(ep, net_pair=attrs.evolve(
+        ep.net_pair, virt_iface=attrs.evolve(ep.net_pair.virt_iface,
+                                             hard_addr="52:54:00:00:00:99")))
+    from qmpnet.errors import InvalidInputError
+    with pytest.raises(InvalidInputError, match="the guest must use the link's own MAC"):
+        await wrong._settle_mac()

@@ -1,0 +1,178 @@
+"""The hypervisor adapter's pure parts: which tap an endpoint plugs, QEMU ids and strings,
+MSI-X vectors, and the free-slot choice."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qmpnet.endpoints import create_endpoint, create_tap_endpoint, net_info_from_interface
+from qmpnet.errors import UnsupportedError
+from qmpnet.hypervisor import (
+    TAP_OF,
+    Bridge,
+    Slot,
+    device_id,
+    fd_name,
+    free_slots,
+    netdev_id,
+    pci_device_ids,
+    plugged_tap,
+    vectors_for,
+)
+from qmpnet.model import EndpointType, InterfaceDescription, InterworkingModel, TapInterface
+from qmpnet.qmp import QmpSession
+
+
+def _endpoint(link_type: str) -> Any:
+    model = InterworkingModel.NONE if link_type == "tap" else InterworkingModel.TCFILTER
+    desc = InterfaceDescription(name="eth0", hw_addr="52:54:00:00:00:05", link_type=link_type)
+    return create_endpoint(net_info_from_interface(desc, model), 0, model)
+
+
+def test_dispatch_table_covers_exactly_the_pluggable_types() -> None:
+    assert set(TAP_OF) == {EndpointType.VETH, EndpointType.MACVLAN, EndpointType.TUNTAP,
+                           EndpointType.TAP}
+
+
+@pytest.mark.parametrize("link_type", ["veth", "macvlan", "tuntap"])
+def test_netpair_types_plug_their_pairs_tap(link_type: str) -> None:
+    endpoint = _endpoint(link_type)
+    assert plugged_tap(endpoint) is endpoint.network_pair.tap_interface
+
+
+def test_tap_plugs_its_own_tap() -> None:
+    endpoint = _endpoint("tap")
+    assert plugged_tap(endpoint) is endpoint.tap_interface
+
+
+@pytest.mark.parametrize("link_type", ["physical", "vhost-user", "macvtap", "ipvlan"])
+def test_other_types_are_not_supported(link_type: str) -> None:
+    endpoint = _endpoint(link_type)
+    with pytest.raises(UnsupportedError, match="this endpoint is not supported") as caught:
+        plugged_tap(endpoint)
+    assert caught.value.operation == "hot-plug"
+    assert str(endpoint.type) in caught.value.what
+
+
+@pytest.mark.parametrize(("queues", "vectors"), [(1, 4), (2, 6), (4, 10), (8, 18), (256, 514)])
+def test_vectors_are_two_per_queue_pair_plus_two(queues: int, vectors: int) -> None:
+    assert vectors_for(queues) == vectors
+
+
+def test_qemu_names_derive_from_the_endpoint_id() -> None:
+    tap = create_tap_endpoint(0).tap_interface
+    tap = attrs.evolve(tap, id="qn0123456789")
+    assert netdev_id(tap) == "qn0123456789-net"
+    assert device_id(tap) == "qn0123456789-dev"
+    assert [fd_name(tap, "fd", i) for i in range(2)] == ["qn0123456789-fd0", "qn0123456789-fd1"]
+    assert fd_name(tap, "vhost", 3) == "qn0123456789-vhost3"
+
+
+class RecordingSession(QmpSession):
+    """Records what would be sent. Used only for ``vhostfds``: this host has no
+    /dev/vhost-net, and QEMU aborts on a tap netdev whose vhost setup fails, so real QEMU
+    cannot show these arguments here. The plain ``fds`` are checked against real QEMU in
+    test_qemu_plug.py."""
+
+    def __init__(self) -> None:
+        super().__init__(None, "recording", 1.0, logging.getLogger("test"))  # type: ignore[arg-type]
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
+                      timeout: float | None = None) -> Any:
+        self.sent.append((command, dict(arguments or {})))
+        return {}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("queues", "vhost", "expected"), [
+    (1, 0, {"fd": "n-fd0"}),
+    (4, 0, {"fds": "n-fd0:n-fd1:n-fd2:n-fd3"}),
+    (1, 1, {"fd": "n-fd0", "vhost": True, "vhostfd": "n-vhost0"}),
+    (2, 2, {"fds": "n-fd0:n-fd1", "vhost": True, "vhostfds": "n-vhost0:n-vhost1"}),
+])
+async def test_netdev_add_arguments(queues: int, vhost: int, expected: dict[str, Any]) -> None:
+    session = RecordingSession()
+    fds = [f"n-fd{i}" for i in range(queues)]
+    vhosts = [f"n-vhost{i}" for i in range(vhost)]
+    await session.netdev_add_tap("n-net", fds, vhosts)
+    assert session.sent == [("netdev_add", {"type": "tap", "id": "n-net", **expected})]
+    # never vhost settings without vhost fds: QEMU aborts when /dev/vhost-net is missing
+    if not vhost:
+        assert not any(k.startswith("vhost") for k in session.sent[0][1])
+
+
+# --- slots ---------------------------------------------------------------------------------
+
+def test_empty_root_ports_first_in_slot_order() -> None:
+    bridges = [Bridge("rp2", "pcie-root-port", 3, frozenset()),
+               Bridge("rp0", "pcie-root-port", 1, frozenset({0})),
+               Bridge("rp1", "pcie-root-port", 2, frozenset())]
+    assert free_slots(bridges, {0, 1, 2, 3, 31}, root_hotplug=False) == [
+        Slot("rp1", 0, "02/00"), Slot("rp2", 0, "03/00")]
+
+
+def test_q35_without_free_ports_has_no_slot() -> None:
+    bridges = [Bridge("rp0", "pcie-root-port", 1, frozenset({0}))]
+    assert free_slots(bridges, {0, 1, 31}, root_hotplug=False) == []
+    assert free_slots([], {0, 31}, root_hotplug=False) == []
+
+
+def test_pc_uses_pci0_from_slot_2_then_bridge_slots() -> None:
+    used = {0, 1, 2, 3}
+    bridges = [Bridge("br0", "pci-bridge", 5, frozenset({1, 2}))]
+    slots = free_slots(bridges, used | {5}, root_hotplug=True)
+    root = [s for s in slots if s.bus == "pci.0"]
+    behind = [s for s in slots if s.bus == "br0"]
+    assert slots == root + behind
+    assert [s.addr for s in root] == [4, *range(6, 32)]
+    assert root[0] == Slot("pci.0", 4, "04")
+    assert [s.addr for s in behind] == list(range(3, 32))
+    assert behind[0] == Slot("br0", 3, "05/03")
+
+
+@given(st.lists(st.tuples(st.integers(1, 31), st.sampled_from(["pcie-root-port", "pci-bridge"]),
+                          st.frozensets(st.integers(0, 31), max_size=4)), max_size=6,
+                unique_by=lambda t: t[0]),
+       st.sets(st.integers(0, 31)), st.booleans())
+def test_free_slots_are_free_unique_and_well_formed(spec: list[Any], root_used: set[int],
+                                                     root_hotplug: bool) -> None:
+    bridges = [Bridge(f"b{slot}", kind, slot, used) for slot, kind, used in spec]
+    slots = free_slots(bridges, root_used | {s for s, _, _ in spec}, root_hotplug)
+    assert len(set(slots)) == len(slots)
+    by_id = {b.qdev_id: b for b in bridges}
+    for slot in slots:
+        if slot.bus == "pci.0":
+            assert root_hotplug
+            assert 2 <= slot.addr < 32
+            assert slot.addr not in root_used
+            assert slot.pci_path == f"{slot.addr:02x}"
+        else:
+            bridge = by_id[slot.bus]
+            assert slot.addr not in bridge.used
+            assert slot.pci_path == f"{bridge.slot:02x}/{slot.addr:02x}"
+            if bridge.kind == "pcie-root-port":
+                assert slot.addr == 0
+                assert not bridge.used
+
+
+def test_pci_device_ids_walks_bridges() -> None:
+    pci = [{"bus": 0, "devices": [
+        {"qdev_id": "", "slot": 0},
+        {"qdev_id": "rp0", "slot": 1, "pci_bridge": {"devices": [
+            {"qdev_id": "qn1-dev", "slot": 0}]}},
+        {"qdev_id": "rp1", "slot": 2, "pci_bridge": {"bus": {}}}]}]
+    assert pci_device_ids(pci) == {"rp0", "rp1", "qn1-dev"}
+
+
+def test_tap_interface_fds_are_not_part_of_identity() -> None:
+    tap = create_tap_endpoint(0).tap_interface
+    assert attrs.evolve(tap, vm_fds=(3, 4)) == tap
+    assert isinstance(tap, TapInterface)

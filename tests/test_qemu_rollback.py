@@ -1,0 +1,272 @@
+"""All or nothing against a real, paused QEMU (TCG): deadlines and forced failures.
+
+A paused guest never runs code, so it never releases a device: the unplug deadline must
+fire with a typed error and leave the entry ``unplug-pending``. A failure at ``device_add``
+or ``netdev_add`` must leave no netdev, no fd in QEMU, no tap and no state entry; a
+conflicting object made by someone else (here: through the VM manager's own monitor) must
+survive. QEMU refuses on its own; nothing is faked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpnet.config import Config, Timeouts
+from qmpnet.errors import (
+    PlugError,
+    QmpCommandError,
+    QmpConnectError,
+    UnplugTimeoutError,
+    UnsupportedError,
+)
+from qmpnet.lifecycle import Operation, Phase, Step
+from qmpnet.model import InterfaceDescription, InterworkingModel
+from qmpnet.network import NetworkState
+from qmpnet.qmp import QmpSession
+from qmpnet.store import Status
+from qmpnet.testing import GuestImage, GuestVM
+from qmpnet.testing.fixtures import RUN
+
+pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
+
+B, D, F, U = Phase.BEGIN, Phase.DONE, Phase.FAILED, Phase.UNDO
+
+
+class Watch:
+    """Records the steps of each operation and the id of the endpoint being plugged."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.history: list[tuple[Step, Phase]] = []
+        self.began: dict[Step, float] = {}
+        self.took: dict[str, float] = {}
+
+    def __call__(self, op: Operation, step: Step, phase: Phase) -> None:
+        if op.subject is not None and op.subject.id not in self.ids:
+            self.ids.append(op.subject.id)
+        self.history.append((step, phase))
+        now = time.monotonic()
+        if phase is B:
+            self.began[step] = now
+        elif phase in (D, F):
+            self.took[step.value] = (now - self.began[step]) * 1000
+
+    def report(self, label: str) -> None:
+        print(f"\n[qmp timings] {label}: "
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in self.took.items()))
+
+
+async def _snapshot(vm: GuestVM, host: Any) -> dict[str, Any]:
+    async with await QmpSession.connect(str(vm.mgmt_qmp_path)) as qmp:
+        peripherals = sorted(c["name"] for c in await qmp.qom_list("/machine/peripheral")
+                             if c["type"].startswith("child<"))
+        network = str(await qmp.execute("human-monitor-command",
+                                         {"command-line": "info network"}))
+    return {"peripherals": peripherals, "network": network, "tun": len(host.tun_fds(vm.pid)),
+            "links": sorted(host.links())}
+
+
+async def _fd_names_held(vm: GuestVM, endpoint_id: str, queues: int) -> list[str]:
+    """Which of the endpoint's fd names QEMU still holds (closefd answers "not found")."""
+    held = []
+    async with await QmpSession.connect(str(vm.mgmt_qmp_path)) as qmp:
+        for name in [f"{endpoint_id}-fd{i}" for i in range(queues)] + [f"{endpoint_id}-vhost0"]:
+            if await qmp.close_fd(name):
+                held.append(name)
+    return held
+
+
+def _plug_args(tap: str, mac: str, queues: int = 2) -> dict[str, Any]:
+    return {"desc": InterfaceDescription(name="eth0", hw_addr=mac),
+            "model": InterworkingModel.NONE, "queues": queues, "tap_name": tap}
+
+
+async def _add(state: NetworkState, args: dict[str, Any]) -> Any:
+    return await state.add_interface(args["desc"], model=args["model"],
+                                     queues=args["queues"], tap_name=args["tap_name"])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("queues", [1, 4])
+async def test_paused_plug_and_the_unplug_deadline(paused_vm: GuestVM, host: Any, state_dir: Path,
+                                                   queues: int) -> None:
+    vm = paused_vm
+    # the tap name comes from the configured template; QEMU holds the tap until it is
+    # killed at teardown, which removes the (non-persistent) tap
+    tap = f"{RUN}p0"
+    mac = "52:54:00:00:00:71"
+    watch = Watch()
+    state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path),
+                              Config(tap_name=f"{RUN}p{{idx}}", timeouts=Timeouts(unplug=1.0)))
+    state.observers.append(watch)
+    before = await _snapshot(vm, host)
+
+    endpoint = await state.add_interface(InterfaceDescription(name="eth0", hw_addr=mac),
+                                         model=InterworkingModel.NONE, queues=queues)
+    assert getattr(endpoint, "host_link", None) == tap
+    watch.report(f"tap plug, {queues} queue(s), paused q35")
+    after = await _snapshot(vm, host)
+    assert f"{endpoint.id}-dev" in after["peripherals"]
+    # the fds string QEMU parsed: one tap client per queue, each a tun fd of QEMU
+    fds = [int(m) for m in re.findall(
+        rf"{endpoint.id}-net: index=\d+,type=tap,fd=(\d+)", after["network"])]
+    assert len(fds) == queues
+    assert all(os.readlink(f"/proc/{vm.pid}/fd/{fd}") == "/dev/net/tun" for fd in fds)
+    assert "vhost" not in after["network"].split(f"{endpoint.id}-net")[1].split("\n")[0]
+    assert after["tun"] == before["tun"] + queues
+    assert tap in after["links"]
+
+    watch.history.clear()
+    watch.took.clear()
+    started = time.monotonic()
+    with pytest.raises(PlugError) as caught:
+        await state.remove_interface(mac)
+    print(f"[qmp timings] unplug deadline (1 s) fired after "
+          f"{(time.monotonic() - started) * 1000:.0f} ms")
+    err = caught.value
+    assert err.step == "device-del"
+    assert isinstance(err.cause, UnplugTimeoutError)
+    assert err.__cause__ is err.cause
+    assert err.cause.device_id == f"{endpoint.id}-dev"
+    assert watch.history == [(Step.DEVICE_DEL, B), (Step.DEVICE_DEL, F)]
+    [entry] = await state.list_interfaces()
+    assert entry.status is Status.UNPLUG_PENDING
+    assert entry.endpoint == endpoint
+    # nothing was taken away behind the guest's back: QEMU still has it all
+    still = await _snapshot(vm, host)
+    assert f"{endpoint.id}-dev" in still["peripherals"]
+    assert f"{endpoint.id}-net" in still["network"]
+    assert still["tun"] == after["tun"]
+
+
+@pytest.mark.asyncio
+async def test_device_add_failure_no_free_slot(guest_image: GuestImage, tmp_path: Path, host: Any,
+                                               host_link_names: Any, state_dir: Path) -> None:
+    """One root port: the second NIC has no slot. Its netdev and fds must be undone."""
+    async with await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=1,
+                                   name=f"{RUN}-rp1") as vm:
+        watch = Watch()
+        state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path), Config())
+        state.observers.append(watch)
+        first_tap, second_tap = host_link_names("t"), host_link_names("t")
+        first = await _add(state, _plug_args(first_tap, "52:54:00:00:00:72"))
+        assert first.pci_path == "01/00"
+        before = await _snapshot(vm, host)
+        watch.history.clear()
+        watch.took.clear()
+
+        with pytest.raises(PlugError) as caught:
+            await _add(state, _plug_args(second_tap, "52:54:00:00:00:73"))
+        watch.report("failed plug (no free slot), paused q35")
+        assert caught.value.step == "device-add"
+        assert isinstance(caught.value.cause, UnsupportedError)
+        assert "no free hot-pluggable PCI slot" in str(caught.value)
+        second_id = watch.ids[-1]
+        assert second_id != first.id
+        assert watch.history[-4:] == [(Step.DEVICE_ADD, F), (Step.NETDEV_ADD, U),
+                                      (Step.PASS_FDS, U), (Step.OPEN_QUEUES, U)]
+
+        await _nothing_left(vm, host, state, before, second_id, second_tap, [first])
+
+
+@pytest.mark.asyncio
+async def test_device_add_refused_by_qemu(paused_vm: GuestVM, host: Any, host_link_names: Any,
+                                          state_dir: Path) -> None:
+    """QEMU itself refuses device_add (the id is taken by the VM manager's device): the
+    rollback leaves nothing of ours, and the manager's device is left alone."""
+    vm = paused_vm
+    watch = Watch()
+    tap = host_link_names("t")
+
+    async with await QmpSession.connect(str(vm.qmp_path)) as manager:
+        async def take_the_id(op: Operation, step: Step, phase: Phase) -> None:
+            if (step, phase) == (Step.DEVICE_ADD, B):
+                await manager.device_add({"driver": "virtio-net-pci", "bus": "rp3",
+                                          "id": f"{op.subject.id}-dev"})
+
+        state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path), Config())
+        state.observers += [watch, take_the_id]
+        before = await _snapshot(vm, host)
+        with pytest.raises(PlugError) as caught:
+            await _add(state, _plug_args(tap, "52:54:00:00:00:74", queues=4))
+    watch.report("failed plug (device_add refused), paused q35")
+    err = caught.value
+    assert err.step == "device-add"
+    assert isinstance(err.cause, QmpCommandError)
+    assert err.cause.command == "device_add"
+    assert "Duplicate" in err.cause.desc  # QEMU's own words
+    endpoint_id = watch.ids[-1]
+    assert watch.history[-4:] == [(Step.DEVICE_ADD, F), (Step.NETDEV_ADD, U),
+                                  (Step.PASS_FDS, U), (Step.OPEN_QUEUES, U)]
+    before["peripherals"] = sorted([*before["peripherals"], f"{endpoint_id}-dev"])
+    await _nothing_left(vm, host, state, before, endpoint_id, tap, [], queues=4)
+
+
+@pytest.mark.asyncio
+async def test_netdev_add_refused_by_qemu(paused_vm: GuestVM, host: Any, host_link_names: Any,
+                                          state_dir: Path) -> None:
+    """The netdev id is taken (by the VM manager): netdev_add fails; the fds QEMU was given
+    are released, the tap goes, and the manager's netdev survives."""
+    vm = paused_vm
+    watch = Watch()
+    tap = host_link_names("t")
+    async with await QmpSession.connect(str(vm.qmp_path)) as manager:
+        async def take_the_id(op: Operation, step: Step, phase: Phase) -> None:
+            if (step, phase) == (Step.NETDEV_ADD, B):
+                await manager.execute("netdev_add", {"type": "hubport", "hubid": 0,
+                                                     "id": f"{op.subject.id}-net"})
+
+        state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path), Config())
+        state.observers += [watch, take_the_id]
+        before = await _snapshot(vm, host)
+        with pytest.raises(PlugError) as caught:
+            await _add(state, _plug_args(tap, "52:54:00:00:00:75", queues=2))
+    watch.report("failed plug (netdev_add refused), paused q35")
+    err = caught.value
+    assert err.step == "netdev-add"
+    assert isinstance(err.cause, QmpCommandError)
+    assert err.cause.command == "netdev_add"
+    endpoint_id = watch.ids[-1]
+    assert watch.history[-3:] == [(Step.NETDEV_ADD, F), (Step.PASS_FDS, U),
+                                  (Step.OPEN_QUEUES, U)]
+    snap = await _snapshot(vm, host)
+    # theirs survives (a hub port: listed under its hub), and no tap client of that name
+    assert re.search(rf"^hub 0\s+\\ {endpoint_id}-net\s*$", snap["network"], re.M)
+    assert f"{endpoint_id}-net: index" not in snap["network"]
+    assert snap["tun"] == before["tun"]
+    assert await _fd_names_held(vm, endpoint_id, 2) == []
+    host.wait_until(lambda: tap not in host.links(), what="tap gone")
+    assert await state.list_interfaces() == []
+    assert not state.store.journal_path.exists()
+
+
+async def _nothing_left(vm: GuestVM, host: Any, state: NetworkState, before: dict[str, Any],
+                        endpoint_id: str, tap: str, entries: list[Any], queues: int = 2) -> None:
+    after = await _snapshot(vm, host)
+    assert f"{endpoint_id}-net" not in after["network"]
+    assert after["peripherals"] == before["peripherals"]
+    assert after["tun"] == before["tun"]
+    assert await _fd_names_held(vm, endpoint_id, queues) == []
+    host.wait_until(lambda: tap not in host.links(), what="tap gone")
+    assert [e.endpoint for e in await state.list_interfaces()] == entries
+    assert not state.store.journal_path.exists()
+    assert host.tun_fds(os.getpid()) == []
+
+
+@pytest.mark.asyncio
+async def test_a_busy_monitor_is_a_typed_error_and_nothing_is_made(
+        paused_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path) -> None:
+    tap = host_link_names("t")
+    async with await QmpSession.connect(str(paused_vm.mgmt_qmp_path)):  # someone holds it
+        state = NetworkState.open(state_dir, str(paused_vm.mgmt_qmp_path),
+                                  Config(timeouts=Timeouts(connect=1.0)))
+        with pytest.raises(QmpConnectError, match="busy"):
+            await _add(state, _plug_args(tap, "52:54:00:00:00:76"))
+    assert tap not in host.links()
+    assert await state.list_interfaces() == []
