@@ -1,0 +1,613 @@
+"""qmpnet-cni driven exactly as a container runtime drives a CNI plugin, against a real VM.
+
+Every call execs the installed ``qmpnet-cni`` console script, found by its ``type`` in
+``CNI_PATH`` next to Debian's ``bridge`` and ``host-local`` (as libcni finds plugins), with
+the ``CNI_*`` variables and the network configuration on stdin; chained calls get the
+previous plugin's result as ``prevResult``, DEL runs the list in reverse. What happened is
+checked with independent tools: the guest's serial markers, ``ip``/``tc`` in the pod netns,
+QEMU's other monitor (the one a VM manager holds, never the one qmpnet uses), ``ping``, and
+host-local's reservation files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_asyncio
+from qemu.qmp import QMPClient
+
+from qmpnet.testing.cni import Pod, pod_network
+from qmpnet.testing.fixtures import RUN, ip_json, run, unique
+from qmpnet.testing.guest import GuestImage, guest_ip_for_mac, host_ip_for_mac
+from qmpnet.testing.vm import GuestVM
+
+pytestmark = [pytest.mark.qemu, pytest.mark.kernel]
+
+PLUGIN = Path(sys.executable).with_name("qmpnet-cni")
+DEBIAN_CNI = Path("/usr/lib/cni")
+VERSION = "1.0.0"  # what Debian's bridge and host-local speak; the list's version
+GUEST = 90.0  # generous: TCG guests on a shared 2-core machine
+#: busybox (a declared dependency) has ping; the host may have no iputils.
+PING = ("busybox", "ping", "-c", "1", "-W", "1")
+
+
+# --- what a runtime does ------------------------------------------------------------------
+
+@attrs.frozen
+class Reply:
+    status: int
+    out: str
+    err: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+    def error(self, debug: bool = False) -> dict[str, Any]:
+        """The spec's error object; a failure must print exactly that on stdout.
+
+        A traceback may reach stderr only in debug mode, never stdout.
+        """
+        assert self.status != 0, self
+        reply = self.json
+        assert set(reply) <= {"cniVersion", "code", "msg", "details"}, reply
+        assert isinstance(reply["code"], int)
+        assert reply["msg"]
+        assert "Traceback" not in self.out + ("" if debug else self.err)
+        return dict(reply)
+
+
+@attrs.frozen
+class Runtime:
+    """The parts of libcni a test needs: find the plugin in CNI_PATH, set env, pipe JSON."""
+
+    cni_path: Path
+
+    async def call(self, command: str, conf: dict[str, Any], *, container: str = "",
+                   netns: str = "", ifname: str = "", args: str = "",
+                   extra_env: dict[str, str] | None = None) -> Reply:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "QMPNET_"))}
+        env.update({"CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": netns,
+                    "CNI_IFNAME": ifname, "CNI_ARGS": args, "CNI_PATH": str(self.cni_path)})
+        env.update(extra_env or {})
+        proc = await asyncio.create_subprocess_exec(
+            str(self.cni_path / conf.get("type", "qmpnet-cni")), env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(json.dumps(conf).encode()), 300)
+        return Reply(proc.returncode or 0, out.decode(), err.decode())
+
+    async def ok(self, command: str, conf: dict[str, Any], **kw: Any) -> Any:
+        """A call that must succeed: ADD prints a result, the others print nothing."""
+        reply = await self.call(command, conf, **kw)
+        assert reply.status == 0, reply
+        assert reply.err == "", reply  # no logs on stderr unless asked for
+        if command == "ADD":
+            return reply.json
+        assert reply.out == "", reply
+        return None
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Runtime:
+    """A CNI_PATH with the Debian plugins and the installed console script, as on a node."""
+    assert PLUGIN.exists(), f"{PLUGIN} missing: pip install -e ."
+    bin_dir = tmp_path / "cni-bin"
+    bin_dir.mkdir()
+    for name in ("bridge", "host-local"):
+        (bin_dir / name).symlink_to(DEBIAN_CNI / name)
+    (bin_dir / "qmpnet-cni").symlink_to(PLUGIN)
+    return Runtime(bin_dir)
+
+
+def chained(pod: Pod, **fields: Any) -> dict[str, Any]:
+    """qmpnet-cni's entry of the pod's list, as the runtime passes it after ``bridge``."""
+    conf: dict[str, Any] = {"cniVersion": pod.config["cniVersion"], "name": pod.config["name"],
+                            "type": "qmpnet-cni", "prevResult": pod.result.raw}
+    conf.update(fields)
+    return conf
+
+
+# --- independent views ----------------------------------------------------------------------
+
+async def qemu_view(vm: GuestVM) -> tuple[set[str], str]:
+    """Device ids under /machine/peripheral and ``info network``, from the manager's monitor."""
+    client = QMPClient("manager")
+    await client.connect(str(vm.qmp_path))
+    try:
+        children = await client.execute("qom-list", {"path": "/machine/peripheral"})
+        network = await client.execute("human-monitor-command",
+                                       {"command-line": "info network"})
+    finally:
+        await client.disconnect()
+    return {c["name"] for c in children if c["type"].startswith("child<")}, str(network)
+
+
+async def manager_device_del(vm: GuestVM, device: str) -> None:
+    """Unplug a device behind qmpnet's back, as a VM manager could."""
+    client = QMPClient("manager")
+    await client.connect(str(vm.qmp_path))
+    try:
+        await client.execute("device_del", {"id": device})
+        async with asyncio.timeout(GUEST):
+            async for event in client.events:
+                if event["event"] == "DEVICE_DELETED" and \
+                        event.get("data", {}).get("device") == device:
+                    break
+    finally:
+        await client.disconnect()
+
+
+def ns(path: str) -> str:
+    return Path(path).name
+
+
+def owned_links(netns: str) -> dict[str, str]:
+    """Links in the netns carrying qmpnet's mark: name -> owner id."""
+    return {link["ifname"]: link["ifalias"].removeprefix("qmpnet:")
+            for link in ip_json("link", "show", netns=ns(netns))
+            if link.get("ifalias", "").startswith("qmpnet:")}
+
+
+def qdisc_kinds(netns: str, dev: str) -> set[str]:
+    return {q["kind"] for q in ip_tc("qdisc", "show", "dev", dev, netns=netns)}
+
+
+def ip_tc(*args: str, netns: str) -> list[dict[str, Any]]:
+    import subprocess
+
+    out = subprocess.run(["tc", "-j", "-n", ns(netns), *args], capture_output=True, text=True,
+                         check=False)
+    return list(json.loads(out.stdout or "[]")) if out.returncode == 0 else []
+
+
+async def sh(*cmd: str) -> int:
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    return await proc.wait()
+
+
+async def ping_until(cmd: list[str]) -> None:
+    """``ping -c 1`` until it answers, within a generous deadline."""
+    async with asyncio.timeout(GUEST):
+        while True:
+            if await sh(*cmd) == 0:
+                return
+            await asyncio.sleep(0.5)
+
+
+def free_link_local_byte() -> int:
+    """A B for 169.254.B.0/24 that no address or route on the host uses now."""
+    used = {int(a["local"].split(".")[2]) for link in ip_json("-4", "addr", "show")
+            for a in link.get("addr_info", []) if a.get("local", "").startswith("169.254.")}
+    for route in ip_json("-4", "route", "show"):
+        match = re.match(r"169\.254\.(\d+)\.", route.get("dst", ""))
+        if match:
+            used.add(int(match.group(1)))
+    return random.choice([b for b in range(16, 250) if b not in used])
+
+
+def mac_ending(last: int) -> str:
+    return f"52:54:00:{random.randrange(256):02x}:{random.randrange(256):02x}:{last:02x}"
+
+
+def ipam_files(data_dir: Path, network: str) -> set[str]:
+    """The addresses host-local has reserved for ``network`` (one file per address)."""
+    where = data_dir / network
+    return {p.name for p in where.iterdir() if p.name[0].isdigit()} if where.exists() else set()
+
+
+# --- the pod's VM -----------------------------------------------------------------------------
+
+@attrs.frozen
+class PodVM:
+    """One booted guest, reachable as a runtime would find it: by container id."""
+
+    vm: GuestVM
+    #: the VM's directory name, used as the CNI container id: the template finds the socket.
+    container: str
+    qmp_template: str
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def pod_vm(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory,
+                 ) -> AsyncIterator[PodVM]:
+    vm = await GuestVM.start(guest_image, tmp_path_factory.mktemp("vms"), root_ports=8,
+                             name=f"{RUN}pod")
+    try:
+        yield PodVM(vm, vm.workdir.name, f"{vm.workdir.parent}/{{containerId}}/qmp2.sock")
+    finally:
+        await vm.stop()
+
+
+@pytest.fixture
+def state_template(tmp_path: Path) -> str:
+    return f"{tmp_path}/state/{{containerId}}"
+
+
+def socket_template(pod_vm: PodVM, container: str, tmp_path: Path) -> str:
+    """Where a VM manager put the pod's monitor, by container id: a link to the VM's socket.
+
+    Chained tests reuse the booted VM for pods whose container id the bridge plugin already
+    knows; a runtime uses one container id for the whole list.
+    """
+    where = tmp_path / "vms" / container
+    where.mkdir(parents=True)
+    (where / "qmp2.sock").symlink_to(pod_vm.vm.mgmt_qmp_path)
+    return f"{tmp_path}/vms/{{containerId}}/qmp2.sock"
+
+
+def state_of(template: str, container: str) -> Path:
+    return Path(template.replace("{containerId}", container))
+
+
+@pytest.fixture
+def pod_prefix() -> str:
+    return unique("p")
+
+
+# --- VERSION and errors (no VM) -----------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_version_answers_with_the_supported_versions(runtime: Runtime) -> None:
+    reply = await runtime.call("VERSION", {"cniVersion": "1.1.0"})
+    assert reply.status == 0
+    assert reply.json["cniVersion"] == "1.1.0"
+    assert {"1.0.0", "1.1.0"} <= set(reply.json["supportedVersions"])
+
+
+BASE = {"cniVersion": VERSION, "name": "errnet", "type": "qmpnet-cni",
+        "qmpSocket": "/nonexistent/{containerId}/qmp2.sock",
+        "prevResult": {"cniVersion": VERSION, "interfaces": []}}
+
+
+@pytest.fixture
+def lonely_netns(make_netns: Callable[[], str]) -> str:
+    """A netns with a veth ``eth0``, as if a main plugin ran; no VM behind it."""
+    path = make_netns()
+    run("ip", "-n", ns(path), "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+    return path
+
+
+@pytest.mark.parametrize(("conf", "env", "code", "words"), [
+    ("{not json", {}, 6, "JSON"),
+    ({**BASE, "cniVersion": "0.1.0"}, {}, 1, "version"),
+    ({**BASE, "name": None}, {}, 7, "name"),
+    ({**BASE, "model": "ovs"}, {}, 7, "ovs"),
+    ({**BASE, "queues": -1}, {}, 7, "queues"),
+    ({k: v for k, v in BASE.items() if k != "prevResult"}, {}, 7, "prevResult"),
+    (BASE, {"CNI_NETNS": ""}, 4, "CNI_NETNS"),
+    (BASE, {"CNI_IFNAME": "much-too-long-name"}, 4, "CNI_IFNAME"),
+    (BASE, {"CNI_COMMAND": "ATTACH"}, 4, "CNI_COMMAND"),
+    (BASE, {"CNI_NETNS": "/run/netns/no-such-netns"}, 3, "no-such-netns"),
+    (BASE, {}, 100, "/nonexistent/"),
+    (BASE, {"CNI_IFNAME": "eth7"}, 105, "eth7"),
+])
+@pytest.mark.asyncio
+async def test_bad_input_gets_the_specs_error_json(runtime: Runtime, lonely_netns: str,
+                                                   state_template: str, conf: Any,
+                                                   env: dict[str, str], code: int,
+                                                   words: str) -> None:
+    stdin = conf if isinstance(conf, str) else {
+        "stateDir": state_template, **{k: v for k, v in conf.items() if v is not None}}
+    defaults = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": f"{RUN}c", "CNI_NETNS": lonely_netns,
+                "CNI_IFNAME": "eth0"}
+    full = {**defaults, **env}
+    if isinstance(stdin, str):
+        reply = await _call_raw(runtime, stdin, full)
+    else:
+        reply = await runtime.call(full.pop("CNI_COMMAND"), stdin, extra_env=full)
+    error = reply.error()
+    assert error["code"] == code, error
+    assert words in error["msg"], error
+    assert reply.err == ""
+    assert not state_of(state_template, f"{RUN}c").exists()
+
+
+async def _call_raw(runtime: Runtime, stdin: str, env: dict[str, str]) -> Reply:
+    proc = await asyncio.create_subprocess_exec(
+        str(runtime.cni_path / "qmpnet-cni"), env={**os.environ, **env,
+                                                   "CNI_PATH": str(runtime.cni_path)},
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate(stdin.encode())
+    return Reply(proc.returncode or 0, out.decode(), err.decode())
+
+
+@pytest.mark.asyncio
+async def test_debug_logs_go_to_stderr_and_a_log_file_never_stdout(
+        runtime: Runtime, tmp_path: Path, lonely_netns: str, state_template: str) -> None:
+    log_file = tmp_path / "cni.log"
+    conf = {**BASE, "logFile": str(log_file), "stateDir": state_template}
+    reply = await runtime.call("ADD", conf, container=f"{RUN}c", netns=lonely_netns,
+                               ifname="eth0", extra_env={"QMPNET_CNI_DEBUG": "1"})
+    assert reply.error(debug=True)["code"] == 100
+    assert "ADD failed: code 100" in reply.err
+    assert "ADD failed: code 100" in log_file.read_text()
+
+
+@pytest.mark.asyncio
+async def test_status_reports_readiness(runtime: Runtime, tmp_path: Path) -> None:
+    main = {"cniVersion": "1.1.0", "name": "stnet", "type": "qmpnet-cni", "model": "none",
+            "ipam": {"type": "host-local", "subnet": "169.254.3.0/24",
+                     "dataDir": str(tmp_path / "ipam")}}
+    await runtime.ok("STATUS", {**main, "model": "tcfilter", "ipam": None})
+    await runtime.ok("STATUS", main)  # host-local has no STATUS (1.0 plugin): not asked
+    missing = await runtime.call("STATUS", {**main, "ipam": {"type": "no-such-ipam"}})
+    error = missing.error()
+    assert error["code"] == 50
+    assert "no-such-ipam" in error["msg"]
+    old = (await runtime.call("STATUS", {**main, "cniVersion": "1.0.0"})).error()
+    assert old["code"] == 1
+
+
+# --- chained after bridge + host-local --------------------------------------------------------
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_chained_add_plugs_the_pods_veth_and_traffic_flows_then_del_leaves_nothing(
+        pod_vm: PodVM, runtime: Runtime, state_template: str, pod_prefix: str,
+        tmp_path: Path) -> None:
+    vm = pod_vm.vm
+    b = free_link_local_byte()
+    mac = mac_ending(b)
+    async with pod_network(pod_prefix, f"169.254.{b}.0/24", mac=mac,
+                           range_start=f"169.254.{b}.100",
+                           bridge_address=f"{host_ip_for_mac(mac)}/24") as pod:
+        netns = f"/run/netns/{pod.netns}"
+        conf = chained(pod, stateDir=state_template,
+                       qmpSocket=socket_template(pod_vm, pod.container_id, tmp_path))
+        call = {"container": pod.container_id, "netns": netns, "ifname": pod.ifname,
+                "args": f"IgnoreUnknown=1;K8S_POD_NAME={pod_prefix}"}
+        cursor = vm.console_cursor()
+        result = await runtime.ok("ADD", conf, **call)
+        try:
+            # The result is bridge's, passed on: same interfaces (the veth is listed with its
+            # sandbox and MAC already) and the address host-local chose.
+            assert result == {**pod.result.raw, "cniVersion": VERSION}
+            assert any(i.get("sandbox") == netns and i["mac"] == mac and i["name"] == "eth0"
+                       for i in result["interfaces"])
+            added = await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={mac}\b", GUEST,
+                                      since=cursor)
+            guest_nic = added.group(0).split("name=")[1].split()[0]
+            await vm.wait_for(rf"QMPNET NIC-ADDR name={guest_nic} ", GUEST, since=cursor)
+            # Traffic from the bridge, through the veth, tc, the tap, into the guest; and the
+            # guest's own ping of the bridge's address.
+            await ping_until([*PING, "-I", pod.bridge, guest_ip_for_mac(mac)])
+            await vm.wait_for(rf"QMPNET PING name={guest_nic} peer={host_ip_for_mac(mac)} "
+                              "result=ok", GUEST, since=cursor)
+            ours = owned_links(netns)
+            assert len(ours) == 1
+            ((tap, owner),) = ours.items()
+            assert "ingress" in qdisc_kinds(netns, "eth0")
+            devices, network = await qemu_view(vm)
+            assert f"{owner}-dev" in devices
+            assert f"{owner}-net" in network
+            state = state_of(state_template, pod.container_id)
+            assert (state / "state.json").exists()
+            # CHECK through the whole list, as the runtime does it.
+            await runtime.ok("CHECK", {**pod.config, "prevResult": result}, **call)
+            await runtime.ok("CHECK", {**conf, "prevResult": result}, **call)
+        finally:
+            cursor = vm.console_cursor()
+            await runtime.ok("DEL", {**conf, "prevResult": result}, **call)
+        await vm.wait_for(rf"QMPNET NIC-DEL name={guest_nic} mac={mac}", GUEST, since=cursor)
+        devices, network = await qemu_view(vm)
+        assert f"{owner}-dev" not in devices
+        assert f"{owner}-net" not in network
+        assert tap not in {link["ifname"] for link in ip_json("link", "show", netns=pod.netns)}
+        assert "ingress" not in qdisc_kinds(netns, "eth0")
+        assert not state.exists()
+        # The spec: DEL of what is gone succeeds, also without prevResult.
+        await runtime.ok("DEL", {k: v for k, v in conf.items() if k != "prevResult"}, **call)
+        assert not state.exists()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_check_fails_when_qemu_lost_the_device_and_del_still_cleans_up(
+        pod_vm: PodVM, runtime: Runtime, state_template: str, pod_prefix: str,
+        tmp_path: Path) -> None:
+    vm = pod_vm.vm
+    mac = mac_ending(random.randrange(16, 250))
+    async with pod_network(pod_prefix, "169.254.250.0/24", mac=mac) as pod:
+        netns = f"/run/netns/{pod.netns}"
+        conf = chained(pod, stateDir=state_template, model="bridged",
+                       qmpSocket=socket_template(pod_vm, pod.container_id, tmp_path))
+        call = {"container": pod.container_id, "netns": netns, "ifname": pod.ifname}
+        result = await runtime.ok("ADD", conf, **call)
+        (owner,) = set(owned_links(netns).values())  # the tap and the bridge
+        await runtime.ok("CHECK", {**conf, "prevResult": result}, **call)
+        await manager_device_del(vm, f"{owner}-dev")
+        error = (await runtime.call("CHECK", {**conf, "prevResult": result}, **call)).error()
+        assert error["code"] == 104
+        assert f"{owner}-dev" in error["msg"]
+        other = (await runtime.call("CHECK", {**conf, "prevResult": result},
+                                    **{**call, "ifname": "eth9"})).error()
+        assert other["code"] == 104
+        await runtime.ok("DEL", {**conf, "prevResult": result}, **call)
+        assert owned_links(netns) == {}
+        assert not state_of(state_template, pod.container_id).exists()
+        # bridged swapped the veth's MAC for the guest's sake; DEL gave it back.
+        veth = ip_json("link", "show", "eth0", netns=pod.netns)[0]
+        assert veth["address"] == mac
+        assert veth.get("master") is None
+
+
+@pytest.mark.asyncio
+async def test_del_succeeds_and_cleans_the_netns_when_the_vm_is_gone(
+        paused_vm: GuestVM, runtime: Runtime, state_template: str, pod_prefix: str) -> None:
+    mac = mac_ending(random.randrange(16, 250))
+    async with pod_network(pod_prefix, "169.254.251.0/24", mac=mac) as pod:
+        netns = f"/run/netns/{pod.netns}"
+        # The socket comes from runtimeConfig, as a runtime passes a capability.
+        conf = chained(pod, stateDir=state_template, capabilities={"qmpSocket": True},
+                       runtimeConfig={"qmpSocket": str(paused_vm.mgmt_qmp_path)})
+        call = {"container": pod.container_id, "netns": netns, "ifname": pod.ifname}
+        await runtime.ok("ADD", conf, **call)
+        assert "ingress" in qdisc_kinds(netns, "eth0")
+        await paused_vm.stop()
+        await runtime.ok("DEL", conf, **call)
+        assert "ingress" not in qdisc_kinds(netns, "eth0")
+        assert owned_links(netns) == {}
+        assert not state_of(state_template, pod.container_id).exists()
+        await runtime.ok("DEL", conf, **call)
+
+
+# --- main mode: qmpnet-cni makes the tap, host-local the address ------------------------------
+
+def main_conf(pod_vm: PodVM, name: str, state_template: str, data_dir: Path, subnet: str,
+              **fields: Any) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "cniVersion": VERSION, "name": name, "type": "qmpnet-cni", "model": "none",
+        "qmpSocket": pod_vm.qmp_template, "stateDir": state_template,
+        "ipam": {"type": "host-local", "dataDir": str(data_dir),
+                 "ranges": [[{"subnet": subnet}]]},
+    }
+    conf.update(fields)
+    return conf
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_main_mode_makes_a_tap_in_the_netns_with_an_address_from_host_local(
+        pod_vm: PodVM, runtime: Runtime, state_template: str, tmp_path: Path,
+        make_netns: Callable[[], str]) -> None:
+    vm = pod_vm.vm
+    netns = make_netns()
+    mac = mac_ending(random.randrange(16, 250))
+    network = f"{RUN}main"
+    data_dir = tmp_path / "ipam"
+    conf = main_conf(pod_vm, network, state_template, data_dir, "169.254.252.0/24")
+    call = {"container": pod_vm.container, "netns": netns, "ifname": "net1",
+            "args": f"IgnoreUnknown=1;MAC={mac}"}
+    cursor = vm.console_cursor()
+    result = await runtime.ok("ADD", conf, **call)
+    try:
+        assert result["interfaces"] == [{"name": "net1", "mac": mac, "sandbox": netns}]
+        (ip,) = result["ips"]
+        assert ip["interface"] == 0
+        address = ip["address"].split("/")[0]
+        assert address.startswith("169.254.252.")
+        assert ipam_files(data_dir, network) == {address}
+        added = await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={mac}\b", GUEST, since=cursor)
+        guest_nic = added.group(0).split("name=")[1].split()[0]
+        (tap,) = ip_json("link", "show", "net1", netns=ns(netns))
+        assert tap["linkinfo"]["info_kind"] == "tun"
+        assert tap["linkinfo"]["info_data"]["type"] == "tap"
+        assert tap["ifalias"].startswith("qmpnet:")
+        owner = tap["ifalias"].removeprefix("qmpnet:")
+        assert f"{owner}-dev" in (await qemu_view(vm))[0]
+        # The tap is the pod end of the guest's link: traffic from inside the netns.
+        assert await sh("ip", "-n", ns(netns), "addr", "add", f"{host_ip_for_mac(mac)}/24",
+                        "dev", "net1") == 0
+        await vm.wait_for(rf"QMPNET NIC-ADDR name={guest_nic} ", GUEST, since=cursor)
+        await ping_until(["ip", "netns", "exec", ns(netns), *PING, guest_ip_for_mac(mac)])
+        await runtime.ok("CHECK", conf, **call)  # host-local's CHECK is asked too
+    finally:
+        cursor = vm.console_cursor()
+        await runtime.ok("DEL", conf, **call)
+    await vm.wait_for(rf"QMPNET NIC-DEL name={guest_nic} mac={mac}", GUEST, since=cursor)
+    assert ip_json("link", "show", "net1", netns=ns(netns)) == []
+    assert ipam_files(data_dir, network) == set()
+    devices, network_info = await qemu_view(vm)
+    assert f"{owner}-dev" not in devices
+    assert f"{owner}-net" not in network_info
+    assert not state_of(state_template, pod_vm.container).exists()
+    await runtime.ok("DEL", conf, **call)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_del_after_the_netns_is_gone_still_unplugs_and_releases(
+        pod_vm: PodVM, runtime: Runtime, state_template: str, tmp_path: Path,
+        make_netns: Callable[[], str]) -> None:
+    vm = pod_vm.vm
+    netns = make_netns()
+    network = f"{RUN}gone"
+    conf = main_conf(pod_vm, network, state_template, tmp_path / "ipam", "169.254.249.0/24")
+    call = {"container": pod_vm.container, "ifname": "net1"}
+    cursor = vm.console_cursor()
+    result = await runtime.ok("ADD", conf, netns=netns, **call)
+    mac = result["interfaces"][0]["mac"]
+    await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={mac}\b", GUEST, since=cursor)
+    # The pod died: its netns (and the tap in it) went first; the runtime sends DEL with no
+    # CNI_NETNS, as the spec allows.
+    assert await sh("ip", "netns", "del", ns(netns)) == 0
+    cursor = vm.console_cursor()
+    await runtime.ok("DEL", conf, netns="", **call)
+    await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={mac}", GUEST, since=cursor)
+    assert ipam_files(tmp_path / "ipam", network) == set()
+    assert not state_of(state_template, pod_vm.container).exists()
+    await runtime.ok("DEL", conf, netns="", **call)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_second_add_of_the_same_attachment_is_refused(
+        pod_vm: PodVM, runtime: Runtime, state_template: str, tmp_path: Path,
+        make_netns: Callable[[], str]) -> None:
+    netns = make_netns()
+    conf = main_conf(pod_vm, f"{RUN}dup", state_template, tmp_path / "ipam", "169.254.253.0/24")
+    call = {"container": pod_vm.container, "netns": netns, "ifname": "net1"}
+    await runtime.ok("ADD", conf, **call)
+    try:
+        error = (await runtime.call("ADD", conf, **call)).error()
+        assert error["code"] == 106
+        # Nothing leaked by the refused ADD: one reservation, one tap.
+        assert len(ipam_files(tmp_path / "ipam", f"{RUN}dup")) == 1
+        assert list(owned_links(netns)) == ["net1"]
+    finally:
+        await runtime.ok("DEL", conf, **call)
+    assert ipam_files(tmp_path / "ipam", f"{RUN}dup") == set()
+
+
+# --- GC (1.1) ---------------------------------------------------------------------------------
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_gc_removes_only_this_networks_attachments_missing_from_the_valid_list(
+        pod_vm: PodVM, runtime: Runtime, state_template: str, tmp_path: Path,
+        make_netns: Callable[[], str]) -> None:
+    vm = pod_vm.vm
+    netns = make_netns()
+    data_dir = tmp_path / "ipam"
+    net_a, net_b = f"{RUN}gca", f"{RUN}gcb"
+    conf_a = main_conf(pod_vm, net_a, state_template, data_dir, "169.254.254.0/25")
+    conf_b = main_conf(pod_vm, net_b, state_template, data_dir, "169.254.254.128/25")
+    call = {"container": pod_vm.container, "netns": netns}
+    macs = {}
+    for conf, ifname in ((conf_a, "a1"), (conf_a, "a2"), (conf_b, "b1")):
+        result = await runtime.ok("ADD", conf, ifname=ifname, **call)
+        macs[ifname] = result["interfaces"][0]["mac"]
+    owners = owned_links(netns)
+    try:
+        assert sorted(owners) == ["a1", "a2", "b1"]
+        assert len(ipam_files(data_dir, net_a)) == 2
+        gc = {**conf_a, "cniVersion": "1.1.0",
+              "cni.dev/valid-attachments": [{"containerID": pod_vm.container, "ifname": "a1"}]}
+        cursor = vm.console_cursor()
+        await runtime.ok("GC", gc)
+        await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={macs['a2']}", GUEST, since=cursor)
+        assert sorted(owned_links(netns)) == ["a1", "b1"]
+        assert len(ipam_files(data_dir, net_a)) == 1
+        assert len(ipam_files(data_dir, net_b)) == 1
+        devices, _ = await qemu_view(vm)
+        assert {f"{owners[n]}-dev" for n in ("a1", "b1")} <= devices
+        assert f"{owners['a2']}-dev" not in devices
+        # CHECK still passes for what GC kept.
+        await runtime.ok("CHECK", conf_a, ifname="a1", **call)
+        await runtime.ok("CHECK", conf_b, ifname="b1", **call)
+        # An empty list for network A leaves network B's attachment alone.
+        await runtime.ok("GC", {**gc, "cni.dev/valid-attachments": []})
+        assert sorted(owned_links(netns)) == ["b1"]
+    finally:
+        for conf, ifname in ((conf_a, "a1"), (conf_a, "a2"), (conf_b, "b1")):
+            await runtime.ok("DEL", conf, ifname=ifname, **call)
+    assert owned_links(netns) == {}
+    assert ipam_files(data_dir, net_a) == ipam_files(data_dir, net_b) == set()
+    assert not state_of(state_template, pod_vm.container).exists()
