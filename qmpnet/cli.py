@@ -6,7 +6,7 @@ lazily, so ``qmpnet --help`` and ``list-ifaces`` start fast.
 
 Exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 QEMU/QMP failure, 5 host
 (netlink/syscall) failure, 6 timeout (an unplug left pending included), 7 unsupported
-request, 8 saved state unreadable or unwritable.
+request, 8 saved state unreadable or unwritable, 9 reconcile could not finish every cleanup.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ EXIT_HOST = 5
 EXIT_TIMEOUT = 6
 EXIT_UNSUPPORTED = 7
 EXIT_STATE = 8
+EXIT_INCOMPLETE = 9
 
 STATE_ROOT = "/run/qmpnet"
 
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qmpnet", description="Hot-plug network interfaces into running QEMU VMs.",
         epilog="exit codes: 0 ok, 1 internal, 2 usage, 3 bad input, 4 QEMU/QMP, 5 host, "
-               "6 timeout (unplug pending), 7 unsupported, 8 state")
+               "6 timeout (unplug pending), 7 unsupported, 8 state, 9 reconcile incomplete")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v info, -vv debug with QMP traffic)")
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
@@ -307,7 +308,7 @@ async def cmd_reconcile(args: argparse.Namespace) -> int:
     else:
         for line in report.lines():
             print(line)
-    return EXIT_OK
+    return EXIT_OK if report.ok else EXIT_INCOMPLETE
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
