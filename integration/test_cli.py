@@ -204,7 +204,8 @@ async def test_socket_errors_exit_4(tmp_path: Path, state_dir: Path,
     path, _, tap = iface
     regular = tmp_path / "not-a-socket"
     regular.write_text("")
-    for target, needle in ((regular, "not a unix socket"), (tmp_path / "missing", "no such socket")):
+    cases = ((regular, "not a unix socket"), (tmp_path / "missing", "no such socket"))
+    for target, needle in cases:
         proc = await qmpnet("add-iface", "--qmp", str(target), "--state", str(state_dir),
                             "--model", "none", "--tap-name", tap, str(path))
         assert proc.returncode == 4

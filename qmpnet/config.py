@@ -108,6 +108,6 @@ class Config:
                 data = tomllib.load(fh)
         except OSError as err:
             raise InvalidInputError("config file", str(path), err.strerror or str(err)) from err
-        except tomllib.TOMLDecodeError as err:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise InvalidInputError("config file", str(path), f"not valid TOML: {err}") from err
         return cls.from_mapping(data)

@@ -161,8 +161,9 @@ class QemuHypervisor:
             for kind, fds in (("fd", tap.vm_fds), ("vhost", tap.vhost_fds)):
                 for i, fd in enumerate(fds):
                     name = fd_name(tap, kind, i)
-                    await self.qmp.pass_fd(fd, name)
+                    # Listed before the getfd: one that times out may still run in QEMU.
                     names.append(name)
+                    await self.qmp.pass_fd(fd, name)
             return names
 
         async def close_fds(passed: list[str]) -> None:

@@ -21,10 +21,17 @@ import attrs
 
 from qmpnet.config import Config
 from qmpnet.endpoints import Endpoint, PlugContext, create_endpoint, net_info_from_interface
-from qmpnet.errors import InvalidInputError, PlugError
+from qmpnet.errors import InvalidInputError, PlugError, StateError
 from qmpnet.hypervisor import QemuHypervisor
 from qmpnet.lifecycle import Observer, Operation, Phase, Step
-from qmpnet.model import InterfaceDescription, InterworkingModel, check_ifname, check_mac
+from qmpnet.model import (
+    InterfaceDescription,
+    InterworkingModel,
+    check_ifname,
+    check_mac,
+    check_queues,
+)
+from qmpnet.netns import check_netns
 from qmpnet.qmp import QmpSession
 from qmpnet.store import Entry, Snapshot, Status, Store
 
@@ -109,6 +116,13 @@ class NetworkState:
         return Operation(kind, endpoint.name, subject=endpoint,
                          observers=[self._journal(time.time()), *self.observers])
 
+    async def _recover(self) -> None:
+        """Finish or roll back what an interrupted operation left (caller holds the lock)."""
+        if self.store.journal():
+            from qmpnet.reconcile import recover_journal
+
+            await recover_journal(self)
+
     # --- operations ------------------------------------------------------------------------
 
     async def list_interfaces(self) -> list[Entry]:
@@ -120,7 +134,12 @@ class NetworkState:
                             wait_guest: bool = False) -> Endpoint:
         """Hot-plug the described interface; returns the plugged endpoint. All or nothing."""
         model = model or self.config.internetworking_model
+        if queues:
+            check_queues("queues", queues)
+        if netns_path:
+            check_netns(netns_path)
         async with self.store.locked():
+            await self._recover()
             snap = self.store.load()
             if desc.hw_addr and any(e.endpoint.hardware_addr == desc.hw_addr
                                     for e in snap.entries):
@@ -142,7 +161,10 @@ class NetworkState:
                             attrs.evolve(snap, entries=(*snap.entries, entry))))
                         op.commit()
                 finally:
-                    self.store.journal_end(endpoint.id)
+                    # An undo that failed (QEMU gone, guest not releasing the device) keeps
+                    # the journal entry: the next operation or a reconcile finishes it.
+                    if not op.undo_errors:
+                        self.store.journal_end(endpoint.id)
             return plugged
 
     async def _save(self, snap: Snapshot) -> None:
@@ -157,6 +179,7 @@ class NetworkState:
         """
         mac = check_mac("hwAddr", hw_addr)
         async with self.store.locked():
+            await self._recover()
             snap = self.store.load()
             match = [e for e in snap.entries if e.endpoint.hardware_addr == mac]
             if not match:
@@ -165,6 +188,7 @@ class NetworkState:
             rest = tuple(e for e in snap.entries if e is not entry)
             async with self.hypervisor() as hv:
                 op = self._operation("unplug", entry.endpoint)
+                recorded = True
                 try:
                     async with op:
                         ctx = PlugContext(hv, self.config, op)
@@ -177,10 +201,15 @@ class NetworkState:
                     if reached and entry.status is Status.PLUGGED:
                         # device_del may be under way in the guest: never report it plugged.
                         pending = Entry(entry.endpoint, Status.UNPLUG_PENDING)
-                        self.store.save(attrs.evolve(snap, entries=(*rest, pending)))
+                        try:
+                            self.store.save(attrs.evolve(snap, entries=(*rest, pending)))
+                        except StateError:
+                            # The journal keeps the unplug, so a reconcile rolls it forward.
+                            recorded = False
                     raise
                 finally:
-                    self.store.journal_end(entry.endpoint.id)
+                    if recorded:
+                        self.store.journal_end(entry.endpoint.id)
             return entry.endpoint
 
 

@@ -21,7 +21,8 @@ from typing import Any
 from qemu.qmp import EventListener, ExecInterruptedError, QMPClient
 from qemu.qmp import ExecuteError as _ExecuteError
 from qemu.qmp.error import QMPError as _QMPError
-from qemu.qmp.protocol import Runstate, StateError
+from qemu.qmp.protocol import ConnectError, Runstate, StateError
+from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 from qmpnet.errors import (
     QmpCommandError,
@@ -41,6 +42,9 @@ def check_socket_path(path: str) -> None:
     """Refuse anything that is not a unix socket before connecting (clear error, no hang)."""
     try:
         mode = os.stat(path).st_mode
+    except FileNotFoundError as err:
+        raise QmpConnectError(path, "no such socket: QEMU is not running, or the path is "
+                              "wrong") from err
     except OSError as err:
         raise QmpConnectError(path, f"cannot stat: {err.strerror}") from err
     if not stat.S_ISSOCK(mode):
@@ -66,7 +70,7 @@ class QmpSession:
         label = name or path.rstrip("/").rsplit("/", 2)[-2 if path.count("/") > 1 else -1]
         client = QMPClient(label)
         try:
-            await asyncio.wait_for(client.connect(path), connect_timeout)
+            await asyncio.wait_for(_connect_clean(client, path), connect_timeout)
         except TimeoutError as err:
             await _quiet_disconnect(client)
             raise QmpConnectError(path, f"no QMP greeting within {connect_timeout:g} s: the "
@@ -76,6 +80,14 @@ class QmpSession:
             raise QmpConnectError(path, "connection refused: QEMU is not running") from err
         except (OSError, _QMPError) as err:
             await _quiet_disconnect(client)
+            # qemu.qmp wraps the socket error in ConnectError(.exc): a refusal means QEMU is gone.
+            inner = getattr(err, "exc", None)
+            if isinstance(inner, ConnectionRefusedError):
+                raise QmpConnectError(path, "connection refused: QEMU is not running") from inner
+            if isinstance(inner, ConnectionResetError | EOFError):
+                # a QEMU being killed can still accept, then drops the connection
+                raise QmpConnectError(path, "connection closed before the QMP greeting: QEMU "
+                                      "is exiting or gone") from inner
             raise QmpConnectError(path, f"cannot connect: {err}") from err
         return cls(client, path, command_timeout, log.getChild(label))
 
@@ -180,13 +192,38 @@ class QmpSession:
             except QmpCommandError as err:
                 if err.error_class == "DeviceNotFound":
                     return False
-                raise
-            try:
-                await asyncio.wait_for(listener.get(), timeout)
-            except TimeoutError as err:
-                raise UnplugTimeoutError(device_id, timeout) from err
-        self.log.debug("<-- DEVICE_DELETED %s", device_id)
+                if "already in the process of unplug" not in err.desc:
+                    raise
+                # QEMU 7.2 refuses a repeated request while an earlier one is pending (a
+                # later call completing a pending unplug): wait for that one instead.
+                self.log.debug("%s: an unplug is already pending; waiting for it", device_id)
+            await self._wait_deleted(listener, device_id, timeout)
         return True
+
+    async def _wait_deleted(self, listener: EventListener, device_id: str,
+                            timeout: float) -> None:
+        """Wait for DEVICE_DELETED, or for the device to be gone from QOM.
+
+        An event QEMU sent while no client listened (a crashed driver, an earlier session)
+        is lost, so the object tree is checked between waits.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.05
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(listener.get(), min(delay, remaining))
+            except TimeoutError:
+                pass
+            else:
+                self.log.debug("<-- DEVICE_DELETED %s", device_id)
+                return
+            peripherals = await self.qom_list("/machine/peripheral")
+            if not any(child["name"] == device_id for child in peripherals):
+                self.log.debug("%s is gone from /machine/peripheral", device_id)
+                return
+            delay = min(delay * 2, 0.5)
+        raise UnplugTimeoutError(device_id, timeout)
 
     async def query_pci(self) -> list[dict[str, Any]]:
         reply = await self.execute("query-pci")
@@ -228,6 +265,29 @@ class QmpSession:
                 raise QmpTimeoutError(f"wait for guest driver of {device_id}", timeout)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+
+#: Handshakes tried before an event-broken handshake is reported (the race is rare).
+_HANDSHAKE_ATTEMPTS = 5
+
+
+async def _connect_clean(client: QMPClient, path: str) -> None:
+    """Connect, trying again when a QMP event broke the handshake.
+
+    QEMU 7.2 can deliver an event (NIC_RX_FILTER_CHANGED as a guest brings a NIC up,
+    DEVICE_DELETED) before the greeting or between ``qmp_capabilities`` and its reply;
+    qemu.qmp then fails the handshake. The failed attempt is back in IDLE and a new
+    connection starts clean.
+    """
+    for attempt in range(1, _HANDSHAKE_ATTEMPTS + 1):
+        try:
+            await client.connect(path)
+            return
+        except ConnectError as err:
+            if attempt == _HANDSHAKE_ATTEMPTS or not isinstance(
+                    err.exc, GreetingError | NegotiationError):
+                raise
+            log.debug("QMP handshake on %s broken by an event, retrying: %s", path, err)
 
 
 async def _quiet_disconnect(client: QMPClient) -> None:

@@ -145,7 +145,7 @@ class Store:
             return None
         except OSError as err:
             raise StateError(str(path), f"read: {err.strerror}") from err
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise StateError(str(path), f"not valid JSON: {err}") from err
 
     def load(self) -> Snapshot:
@@ -188,10 +188,12 @@ class Store:
         out = {}
         for key, rec in data.items():
             if not isinstance(rec, dict):
+                # kept and reported (a reconcile says it cannot read it), never dropped
+                out[key] = JournalRecord("", "", UnknownEntry(rec, "not a JSON object"), 0.0)
                 continue
             out[key] = JournalRecord(str(rec.get("operation")), str(rec.get("step")),
                                      load_endpoint(rec.get("endpoint")),
-                                     float(rec.get("started", 0)))
+                                     _seconds(rec.get("started")))
         return out
 
     def journal_begin(self, key: str, operation: str, step: str, endpoint: Endpoint,
@@ -217,3 +219,13 @@ class Store:
                 os.unlink(self.dir / name)
         with contextlib.suppress(OSError):
             self.dir.rmdir()
+
+
+def _seconds(value: object) -> float:
+    """A journal timestamp; anything else (a damaged file) reads as 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    try:
+        return float(value)
+    except OverflowError:
+        return 0.0

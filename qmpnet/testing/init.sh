@@ -51,7 +51,11 @@ ping_peer() {
 
 nic_added() {
     local n=$1 mac queues msix b
-    mac=$(cat /sys/class/net/$n/address)
+    mac=$(cat /sys/class/net/$n/address 2>/dev/null)
+    case "$mac" in
+        ??:??:??:??:??:??) ;;
+        *) return ;;  # gone again before it could be read: init must not die on it
+    esac
     echo "$mac" >/run/nic/$n
     queues=$(settled_queues $n)
     # device is the virtio device; its parent is the PCI function that owns the vectors.

@@ -1,0 +1,954 @@
+"""Fault injection at every step of a hot-plug and an unplug: nothing half-made remains.
+
+Each test makes one named step fail with a realistic fault, injected through a lifecycle
+observer (``NetworkState.observers``, public API) at that step:
+
+- netlink / host: a veth or netns deleted mid-way, a link or qdisc already holding the name,
+  the state file's directory entry taken by a directory;
+- QEMU's own error reply (real QEMU): a duplicate netdev or device id (made on the VM
+  manager's monitor at the step), a root port launched with hot-plug off, no free slot;
+- QEMU killed with SIGKILL at the step (the QMP connection drops);
+- a timeout: a stopped guest never releases a device nor sets DRIVER_OK.
+
+A fake QMP peer (:class:`FakeQemu`) stands in for QEMU only where QEMU cannot be made to fail
+that way for a correct client: an error reply to ``getfd`` (QEMU only refuses a ``getfd`` that
+came without an fd), to ``x-query-virtio-status`` of a device that exists, and to
+``device_del``/``netdev_del`` of a NIC that is plugged. Everything on the host stays real.
+
+Afterwards the independent views must show the state from before: ``ip -j link`` in the
+sandbox netns and on the host, ``ip netns``, ``tc -j qdisc``, QOM ``/machine/peripheral``,
+``query-pci``, ``info network``, ``closefd`` of the NIC's fd names, QEMU's tun fds in
+``/proc/<pid>/fd``, the state file and journal, and this process's ``/proc/self/fd``. The
+error is a PlugError naming the step, chained to the typed cause carrying QEMU's or the
+kernel's message. The module prints the step x fault matrix at its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_asyncio
+from crash_driver import (
+    fd_targets,
+    has_ingress,
+    held_fd_names,
+    hmp,
+    ip_links,
+    journal_file,
+    link_fingerprint,
+    make_sandbox,
+    marked_links,
+    netns_names,
+    ns_name,
+    qemu_view,
+    saved_ids,
+    state_file,
+    tun_count,
+)
+
+from qmpnet.config import Config, Timeouts
+from qmpnet.endpoints import Endpoint
+from qmpnet.errors import (
+    HostError,
+    LinkExistsError,
+    NetnsError,
+    PlugError,
+    QmpCommandError,
+    QmpDisconnectedError,
+    QmpTimeoutError,
+    StateError,
+    UnplugTimeoutError,
+    UnsupportedError,
+)
+from qmpnet.lifecycle import Operation, Phase, Step
+from qmpnet.model import InterfaceDescription, InterworkingModel
+from qmpnet.network import NetworkState
+from qmpnet.qmp import QmpSession
+from qmpnet.reconcile import Outcome, reconcile
+from qmpnet.testing.fixtures import RUN
+from qmpnet.testing.guest import GuestImage
+from qmpnet.testing.vm import GuestVM
+
+pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]
+
+QUEUES = 2
+MAC = "52:54:00:00:02:21"
+#: the state file once a plugged NIC was removed again
+EMPTY = {"version": 1, "endpoints": []}
+VIRT = "eth1"
+
+# --- the matrix --------------------------------------------------------------------------------
+
+COLUMNS = ("netlink / host", "QEMU error reply", "QEMU killed (SIGKILL)", "timeout",
+           "fake QMP peer")
+ROWS = [s.value for s in Step]
+MATRIX: dict[tuple[str, str], list[str]] = {}
+HOST_STEPS = ("validate", "prepare-links", "open-queues", "persist", "remove-links", "forget")
+NOT_APPLICABLE = {
+    **{(row, c): "— (no QMP call in this step)" for row in HOST_STEPS for c in COLUMNS[1:]
+       if c != COLUMNS[2]},
+    **{(row, COLUMNS[0]): "— (no netlink call in this step)" for row in
+       ("pass-fds", "netdev-add", "device-add", "wait-guest", "device-del", "netdev-del")},
+    **{(row, COLUMNS[2]): "— (no QMP call after this step: the unplug completes)"
+       for row in ("remove-links", "forget")},
+    **{("open-vhost", c): "n/a: no /dev/vhost-net on this host, the step never runs"
+       for c in COLUMNS},
+}
+
+
+def record(step: Step, column: str, text: str) -> None:
+    assert column in COLUMNS
+    MATRIX.setdefault((step.value, column), []).append(text)
+
+
+def render_matrix() -> list[str]:
+    lines = ["| step | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for row in ROWS:
+        cells = []
+        for col in COLUMNS:
+            found = MATRIX.get((row, col))
+            cells.append("<br>".join(found) if found else NOT_APPLICABLE.get((row, col), "—"))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_matrix(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    lines = ["", "fault matrix (step x fault -> result; 'clean' = every view as before):",
+             *render_matrix()]
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if capture is None or reporter is None:
+        return
+    with capture.global_and_fixture_disabled():
+        for line in lines:
+            reporter.write_line(line)
+
+
+# --- a QMP peer for the faults QEMU cannot produce -------------------------------------------
+
+class FakeQemu:
+    """A minimal QMP peer on a unix socket, serving one client at a time like QEMU.
+
+    Only for faults real QEMU cannot be made to produce against a correct client (an error
+    reply to ``getfd``, ``x-query-virtio-status``, ``device_del`` or ``netdev_del`` of a NIC
+    that exists). It keeps the fds it is given, as QEMU does, so a leak shows in
+    ``/proc/self/fd``. ``fail[command] = desc`` makes the next such command fail once.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fail: dict[str, str] = {}
+        self.fds: dict[str, int] = {}
+        self.netdevs: dict[str, list[int]] = {}
+        self.devices: set[str] = set()
+        self.commands: list[str] = []
+        self.busy = threading.Event()
+        self._stop = threading.Event()
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(str(path))
+        self._server.listen(1)
+        self._server.settimeout(0.1)
+        self._thread = threading.Thread(target=self._serve, name="fake-qemu", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._server.close()
+        for fd in self.fds.values():
+            os.close(fd)
+        for fds in self.netdevs.values():
+            for fd in fds:
+                os.close(fd)
+        self.fds.clear()
+        self.netdevs.clear()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            self.busy.set()
+            with conn:
+                conn.settimeout(0.1)
+                self._session(conn)
+            self.busy.clear()
+
+    async def settled(self) -> None:
+        """Wait until the client left and the fake closed its end (its fds count too)."""
+        for _ in range(600):
+            if not self.busy.is_set():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the fake QMP peer still has a client")
+
+    def _session(self, conn: socket.socket) -> None:
+        self._send(conn, {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0},
+                                              "package": "fake"}, "capabilities": []}})
+        buf, pending = "", []
+        decoder = json.JSONDecoder()
+        while not self._stop.is_set():
+            try:
+                data, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    count = len(payload) // 4
+                    pending.extend(int.from_bytes(payload[i * 4:i * 4 + 4], "little")
+                                   for i in range(count))
+            if not data:
+                for fd in pending:
+                    os.close(fd)
+                return
+            buf += data.decode()
+            while buf.strip():
+                try:
+                    msg, end = decoder.raw_decode(buf.lstrip())
+                except json.JSONDecodeError:
+                    break
+                buf = buf.lstrip()[end:]
+                self._handle(conn, msg, pending)
+
+    @staticmethod
+    def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
+        conn.sendall(json.dumps(obj).encode() + b"\r\n")
+
+    def _handle(self, conn: socket.socket, msg: dict[str, Any], pending: list[int]) -> None:
+        cmd, args, mid = msg["execute"], msg.get("arguments", {}), msg.get("id")
+        self.commands.append(cmd)
+
+        def ok(value: Any = None) -> None:
+            self._send(conn, {"return": {} if value is None else value, "id": mid})
+
+        def error(desc: str, cls: str = "GenericError") -> None:
+            self._send(conn, {"error": {"class": cls, "desc": desc}, "id": mid})
+
+        if cmd in self.fail:
+            if cmd == "getfd":
+                os.close(pending.pop(0))
+            error(self.fail.pop(cmd))
+            return
+        if cmd == "getfd":
+            old = self.fds.pop(args["fdname"], None)
+            if old is not None:
+                os.close(old)
+            self.fds[args["fdname"]] = pending.pop(0)
+            ok()
+        elif cmd == "closefd":
+            fd = self.fds.pop(args["fdname"], None)
+            if fd is None:
+                error(f"File descriptor named '{args['fdname']}' not found")
+            else:
+                os.close(fd)
+                ok()
+        elif cmd == "netdev_add":
+            names = args["fds"].split(":") if "fds" in args else [args["fd"]]
+            self.netdevs[args["id"]] = [self.fds.pop(n) for n in names]
+            ok()
+        elif cmd == "netdev_del":
+            fds = self.netdevs.pop(args["id"], None)
+            if fds is None:
+                error(f"Device '{args['id']}' not found", "DeviceNotFound")
+            else:
+                for fd in fds:
+                    os.close(fd)
+                ok()
+        elif cmd == "device_add":
+            self.devices.add(args["id"])
+            ok()
+        elif cmd == "device_del":
+            if args["id"] not in self.devices:
+                error(f"Device '{args['id']}' not found", "DeviceNotFound")
+                return
+            self.devices.discard(args["id"])
+            ok()
+            self._send(conn, {"event": "DEVICE_DELETED", "data": {"device": args["id"]},
+                              "timestamp": {"seconds": 0, "microseconds": 0}})
+        elif cmd == "qom-list":
+            ok(self._qom_list(args["path"]))
+        elif cmd == "qom-get":
+            ok(8 if args["path"] == "/machine/peripheral/rp0" else 0)
+        elif cmd == "query-pci":
+            ok([{"bus": 0, "devices": [
+                {"slot": 0, "function": 0, "qdev_id": "", "id": {"device": 0x29C0}},
+                {"slot": 1, "function": 0, "qdev_id": "rp0", "id": {"device": 12},
+                 "pci_bridge": {"devices": [{"qdev_id": d} for d in sorted(self.devices)]}},
+            ]}])
+        elif cmd == "x-query-virtio-status":
+            ok({"status": {"statuses": ["VIRTIO_CONFIG_S_DRIVER_OK: Driver setup"]}})
+        elif cmd == "human-monitor-command":
+            ok("".join(f"{n}: index=0,type=tap,fd={fds[0]}\r\n"
+                       for n, fds in self.netdevs.items()))
+        elif cmd == "query-cpus-fast":
+            ok([{"cpu-index": 0}, {"cpu-index": 1}])
+        else:
+            ok()
+
+    def _qom_list(self, path: str) -> list[dict[str, str]]:
+        if path == "/machine/peripheral":
+            return [{"name": "type", "type": "string"},
+                    {"name": "rp0", "type": "child<pcie-root-port>"},
+                    *({"name": d, "type": "child<virtio-net-pci>"} for d in self.devices)]
+        if path == "/machine/peripheral/rp0/rp0":
+            return [{"name": f"child[{i}]", "type": "child<virtio-net-pci>"}
+                    for i, _ in enumerate(self.devices)]
+        return []
+
+
+# --- fixtures and the views --------------------------------------------------------------------
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def booted(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory,
+                 ) -> AsyncIterator[GuestVM]:
+    """One running guest for the faults that leave QEMU alive."""
+    vm = await GuestVM.start(guest_image, tmp_path_factory.mktemp("faults"), root_ports=4,
+                             name=f"{RUN}-flt")
+    try:
+        yield vm
+    finally:
+        await vm.stop()
+
+
+@contextlib.asynccontextmanager
+async def fresh_vm(image: GuestImage, workdir: Path, *, paused: bool = True,
+                   **kwargs: Any) -> AsyncIterator[GuestVM]:
+    vm = await GuestVM.start(image, workdir, paused=paused, name=f"{RUN}-fv", **kwargs)
+    try:
+        yield vm
+    finally:
+        await vm.stop()
+
+
+def config(**timeouts: float) -> Config:
+    values = {"unplug": 10.0, "guest_ready": 30.0, "connect": 30.0, **timeouts}
+    return Config(tap_name=f"{RUN}f{{idx}}", queues=QUEUES, timeouts=Timeouts(**values))
+
+
+@attrs.define
+class Views:
+    """Everything the independent tools say, before a fault; compared after it."""
+
+    netns: str
+    sandbox: dict[str, Any]
+    ingress: bool
+    host_ours: set[str]
+    netns_list: set[str]
+    qemu: Any
+    tun: int
+    qemu_fds: int
+    state: Any
+    driver_fds: int
+    #: our ends of the pipes to QEMU's console: they close when QEMU dies, not a driver matter
+    console_pipes: frozenset[str] = frozenset()
+
+
+def driver_fds(excluded: frozenset[str]) -> int:
+    return sum(1 for t in fd_targets() if t not in excluded)
+
+
+async def views(vm_qmp: str | None, pid: int | None, netns: str, state_dir: Path,
+                excluded: frozenset[str] = frozenset()) -> Views:
+    qemu = await qemu_view(vm_qmp) if vm_qmp else None
+    if pid:
+        # QEMU's stdout and stderr are pipes whose other ends this process reads
+        excluded = frozenset(os.readlink(f"/proc/{pid}/fd/{i}") for i in (1, 2))
+    return Views(
+        netns=netns,
+        sandbox={n: link_fingerprint(v) for n, v in ip_links(netns).items()} if netns else {},
+        ingress=has_ingress(netns, VIRT) if netns else False,
+        host_ours={n for n in ip_links() if n.startswith(RUN)},
+        netns_list={n for n in netns_names() if n.startswith(RUN)},
+        qemu=qemu, tun=tun_count(pid) if pid else 0,
+        qemu_fds=len(os.listdir(f"/proc/{pid}/fd")) if pid else 0,
+        state=state_file(state_dir), driver_fds=driver_fds(excluded), console_pipes=excluded)
+
+
+@attrs.define
+class Recorder:
+    """Observer that notes the endpoint id and the steps seen."""
+
+    endpoint_id: str = ""
+    seen: list[tuple[Step, Phase]] = attrs.field(factory=list)
+
+    def __call__(self, op: Operation, step: Step, phase: Phase) -> None:
+        if op.subject is not None:
+            self.endpoint_id = op.subject.id
+        self.seen.append((step, phase))
+
+
+def at(step: Step, phase: Phase, action: Callable[[Operation], Any]) -> Callable[..., Any]:
+    """An observer that runs ``action`` once, when the operation reaches (step, phase)."""
+    done = False
+
+    async def observe(op: Operation, s: Step, p: Phase) -> None:
+        nonlocal done
+        if not done and s is step and p is phase:
+            done = True
+            result = action(op)
+            if inspect.isawaitable(result):
+                await result
+    return observe
+
+
+def kill(vm: GuestVM) -> Callable[[Operation], None]:
+    def action(_: Operation) -> None:
+        os.kill(vm.pid, signal.SIGKILL)
+    return action
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+async def assert_clean(before: Views, endpoint_id: str, vm_qmp: str | None, pid: int | None,
+                       state_dir: Path, *, sandbox_change: Callable[[dict[str, Any]], None]
+                       | None = None, netns_gone: bool = False) -> None:
+    """Every view as before the operation, and nothing of ``endpoint_id`` anywhere."""
+    assert endpoint_id, "the operation never got an endpoint"
+    after = await views(vm_qmp, pid, "" if netns_gone else before.netns, state_dir,
+                        before.console_pipes)
+    if netns_gone:
+        assert ns_name(before.netns) not in netns_names()
+    elif before.netns:
+        expected = dict(before.sandbox)
+        if sandbox_change:
+            sandbox_change(expected)
+        assert after.sandbox == expected, "the sandbox netns links changed"
+        assert after.ingress == before.ingress, "tc ingress on the sandbox link changed"
+        assert not marked_links(before.netns)
+    gone_ns = {ns_name(before.netns)} if netns_gone else set()
+    assert after.netns_list == before.netns_list - gone_ns
+    assert after.host_ours == before.host_ours, "host links with the run prefix changed"
+    assert not [a for a in marked_links().values() if a == f"qmpnet:{endpoint_id}"]
+    if vm_qmp:
+        assert after.qemu == before.qemu, "QOM / query-pci / info network changed"
+        assert not after.qemu.has_any_of(endpoint_id)
+        assert await held_fd_names(vm_qmp, endpoint_id) == []
+        assert after.tun == before.tun, "QEMU holds a different number of tap queues"
+    assert after.state == before.state, "the state file changed"
+    assert journal_file(state_dir) is None, "the journal must be empty"
+    assert after.driver_fds == before.driver_fds, "the driver leaked fds"
+
+
+def expect(err: PlugError, step: Step, cause: type[BaseException], text: str) -> str:
+    assert err.step == step.value, f"failed at {err.step}, expected {step.value}: {err}"
+    assert isinstance(err.cause, cause), repr(err.cause)
+    assert err.__cause__ is err.cause
+    assert text in str(err.cause), f"{text!r} not in {err.cause}"
+    return f"PlugError({err.step}) ← {type(err.cause).__name__} “{text}”"
+
+
+@attrs.define
+class Scene:
+    """One sandbox (netns + veth) and a state dir, for one fault."""
+
+    netns: str
+    state_dir: Path
+    recorder: Recorder = attrs.field(factory=Recorder)
+
+    def state(self, qmp: str | Path, cfg: Config | None = None,
+              *inject: Callable[..., Any]) -> NetworkState:
+        st = NetworkState.open(self.state_dir, str(qmp), cfg or config())
+        st.observers.extend([self.recorder, *inject])
+        return st
+
+    async def plug(self, state: NetworkState, *, model: InterworkingModel =
+                   InterworkingModel.TCFILTER, tap_name: str | None = None,
+                   wait_guest: bool = True) -> Endpoint:
+        return await state.add_interface(InterfaceDescription(name=VIRT, hw_addr=MAC),
+                                         model=model, netns_path=self.netns,
+                                         tap_name=tap_name, wait_guest=wait_guest)
+
+    async def plug_fails(self, state: NetworkState, **kw: Any) -> PlugError:
+        with pytest.raises(PlugError) as info:
+            await self.plug(state, **kw)
+        return info.value
+
+    async def unplug_fails(self, state: NetworkState) -> PlugError:
+        with pytest.raises(PlugError) as info:
+            await state.remove_interface(MAC)
+        return info.value
+
+
+@pytest.fixture
+def scene(make_netns: Callable[[], str], tmp_path: Path) -> Scene:
+    netns = make_netns()
+    make_sandbox(netns, VIRT, MAC)
+    return Scene(netns, tmp_path / "state")
+
+
+def drop(*names: str) -> Callable[[dict[str, Any]], None]:
+    def change(links: dict[str, Any]) -> None:
+        for name in names:
+            links.pop(name, None)
+    return change
+
+
+# --- hot-plug: netlink / host faults ------------------------------------------------------------
+
+async def test_validate_sandbox_link_missing(booted: GuestVM, make_netns: Callable[[], str],
+                                             tmp_path: Path) -> None:
+    sc = Scene(make_netns(), tmp_path / "state")  # no veth in it
+    before = await views(booted.qmp_path, booted.pid, sc.netns, sc.state_dir)
+    err = await sc.plug_fails(sc.state(booted.mgmt_qmp_path))
+    text = expect(err, Step.VALIDATE, HostError, "No such device")
+    await assert_clean(before, sc.recorder.endpoint_id, booted.qmp_path, booted.pid,
+                       sc.state_dir)
+    record(Step.VALIDATE, "netlink / host", f"veth missing: {text}; clean")
+
+
+async def test_validate_netns_deleted(booted: GuestVM, scene: Scene) -> None:
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    state = scene.state(booted.mgmt_qmp_path, None, at(
+        Step.VALIDATE, Phase.BEGIN, lambda _: sh("ip", "netns", "del", ns_name(scene.netns))))
+    err = await scene.plug_fails(state)
+    text = expect(err, Step.VALIDATE, NetnsError, "No such file or directory")
+    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
+                       scene.state_dir, netns_gone=True)
+    record(Step.VALIDATE, "netlink / host", f"netns deleted: {text}; clean")
+
+
+async def test_open_queues_name_clash(booted: GuestVM, scene: Scene) -> None:
+    sh("ip", "-n", ns_name(scene.netns), "link", "add", "clash0", "type", "veth", "peer", "name",
+       "clash0p")
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    err = await scene.plug_fails(scene.state(booted.mgmt_qmp_path), tap_name="clash0")
+    text = expect(err, Step.OPEN_QUEUES, LinkExistsError, "already exists")
+    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
+                       scene.state_dir)  # the dummy is in `before`: untouched
+    record(Step.OPEN_QUEUES, "netlink / host", f"tap name taken: {text}; other link "
+           "untouched; clean")
+
+
+async def test_open_queues_netns_deleted(booted: GuestVM, scene: Scene) -> None:
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    state = scene.state(booted.mgmt_qmp_path, None, at(
+        Step.VALIDATE, Phase.DONE, lambda _: sh("ip", "netns", "del", ns_name(scene.netns))))
+    err = await scene.plug_fails(state)
+    text = expect(err, Step.OPEN_QUEUES, NetnsError, "No such file or directory")
+    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
+                       scene.state_dir, netns_gone=True)
+    record(Step.OPEN_QUEUES, "netlink / host", f"netns deleted: {text}; clean")
+
+
+async def test_prepare_links_veth_deleted(booted: GuestVM, scene: Scene) -> None:
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    state = scene.state(booted.mgmt_qmp_path, None, at(
+        Step.OPEN_QUEUES, Phase.DONE,
+        lambda _: sh("ip", "-n", ns_name(scene.netns), "link", "del", VIRT)))
+    err = await scene.plug_fails(state)
+    text = expect(err, Step.PREPARE_LINKS, HostError, "No such device")
+    before.ingress = False
+    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
+                       scene.state_dir, sandbox_change=drop(VIRT, VIRT + "p"))
+    record(Step.PREPARE_LINKS, "netlink / host", f"veth deleted mid-way: {text}; clean")
+
+
+async def test_prepare_links_foreign_ingress_qdisc(booted: GuestVM, scene: Scene) -> None:
+    sh("tc", "-n", ns_name(scene.netns), "qdisc", "add", "dev", VIRT, "ingress")
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    assert before.ingress
+    err = await scene.plug_fails(scene.state(booted.mgmt_qmp_path))
+    text = expect(err, Step.PREPARE_LINKS, HostError, "File exists")
+    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
+                       scene.state_dir)  # the foreign qdisc is still there
+    record(Step.PREPARE_LINKS, "netlink / host", f"ingress qdisc already there: {text}; "
+           "foreign qdisc kept; clean")
+
+
+async def test_prepare_links_macvtap_name_clash(booted: GuestVM, scene: Scene) -> None:
+    """The macvtap model changes the sandbox link's MAC first: the undo must give it back."""
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    state = scene.state(booted.mgmt_qmp_path, None, at(
+        Step.VALIDATE, Phase.DONE,
+        lambda _: sh("ip", "-n", ns_name(scene.netns), "link", "add", "clash1", "type",
+                     "veth", "peer", "name", "clash1p")))
+    err = await scene.plug_fails(state, model=InterworkingModel.MACVTAP, tap_name="clash1")
+    text = expect(err, Step.PREPARE_LINKS, LinkExistsError, "already exists")
+    after = ip_links(scene.netns)
+    assert after[VIRT]["address"] == MAC, "the sandbox link has its own MAC back"
+    assert "ifalias" not in after["clash1"]
+
+    def added(links: dict[str, Any]) -> None:
+        for name in ("clash1", "clash1p"):
+            links[name] = link_fingerprint(after[name])
+    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
+                       scene.state_dir, sandbox_change=added)
+    record(Step.PREPARE_LINKS, "netlink / host", f"macvtap name taken mid-way: {text}; MAC "
+           "restored; clean")
+
+
+# --- hot-plug: QEMU error replies (real QEMU) ---------------------------------------------------
+
+async def test_netdev_add_duplicate_id(booted: GuestVM, scene: Scene) -> None:
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    injected: list[str] = []
+
+    async def clash(op: Operation) -> None:
+        injected.append(f"{op.subject.id}-net")
+        await hmp(booted.qmp_path, "netdev_add", {"type": "hubport", "id": injected[0],
+                                                  "hubid": 7})
+    err = await scene.plug_fails(scene.state(booted.mgmt_qmp_path, None,
+                                             at(Step.PASS_FDS, Phase.DONE, clash)))
+    text = expect(err, Step.NETDEV_ADD, QmpCommandError, f"Duplicate ID '{injected[0]}'")
+    info = await hmp(booted.qmp_path, "human-monitor-command",
+                     {"command-line": "info network"})
+    assert injected[0] in info, "the netdev qmpnet did not make is left alone"
+    await hmp(booted.qmp_path, "netdev_del", {"id": injected[0]})
+    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
+                       scene.state_dir)
+    record(Step.NETDEV_ADD, "QEMU error reply", f"duplicate netdev id: {text}; fds "
+           "closed; clean")
+
+
+async def test_device_add_duplicate_id(booted: GuestVM, scene: Scene) -> None:
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    injected: list[str] = []
+
+    async def clash(op: Operation) -> None:
+        injected.append(f"{op.subject.id}-dev")
+        await hmp(booted.qmp_path, "device_add", {"driver": "virtio-net-pci",
+                                                  "id": injected[0], "bus": "rp3"})
+    err = await scene.plug_fails(scene.state(booted.mgmt_qmp_path, None,
+                                             at(Step.NETDEV_ADD, Phase.DONE, clash)))
+    text = expect(err, Step.DEVICE_ADD, QmpCommandError, "Duplicate")
+    assert injected[0] in (await qemu_view(booted.qmp_path)).devices, "left alone"
+    async with await _manager(booted) as s:
+        await s.device_del(injected[0], 60)
+    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
+                       scene.state_dir)
+    record(Step.DEVICE_ADD, "QEMU error reply", f"duplicate device id: {text}; netdev "
+           "deleted; clean")
+
+
+async def _manager(vm: GuestVM) -> QmpSession:
+    return await QmpSession.connect(str(vm.qmp_path), connect_timeout=30)
+
+
+async def test_device_add_bus_without_hotplug(guest_image: GuestImage, scene: Scene,
+                                              tmp_path: Path) -> None:
+    port = "pcie-root-port,id=rpoff,bus=pcie.0,chassis=9,slot=9,hotplug=off"
+    async with fresh_vm(guest_image, tmp_path, root_ports=0,
+                        extra_args=["-device", port]) as vm:
+        before = await views(vm.qmp_path, vm.pid, scene.netns, scene.state_dir)
+        err = await scene.plug_fails(scene.state(vm.mgmt_qmp_path), wait_guest=False)
+        text = expect(err, Step.DEVICE_ADD, QmpCommandError, "does not support hotplugging")
+        await assert_clean(before, scene.recorder.endpoint_id, vm.qmp_path, vm.pid,
+                           scene.state_dir)
+    record(Step.DEVICE_ADD, "QEMU error reply", f"bad bus: {text}; clean")
+
+
+async def test_device_add_no_free_slot(guest_image: GuestImage, scene: Scene,
+                                       tmp_path: Path) -> None:
+    async with fresh_vm(guest_image, tmp_path, root_ports=0) as vm:
+        before = await views(vm.qmp_path, vm.pid, scene.netns, scene.state_dir)
+        err = await scene.plug_fails(scene.state(vm.mgmt_qmp_path), wait_guest=False)
+        text = expect(err, Step.DEVICE_ADD, UnsupportedError, "no free hot-pluggable PCI slot")
+        await assert_clean(before, scene.recorder.endpoint_id, vm.qmp_path, vm.pid,
+                           scene.state_dir)
+    record(Step.DEVICE_ADD, "QEMU error reply", f"no free slot: {text}; clean")
+
+
+# --- hot-plug: QEMU killed at the step -----------------------------------------------------------
+
+PLUG_KILLS = [Step.VALIDATE, Step.OPEN_QUEUES, Step.PREPARE_LINKS, Step.PASS_FDS,
+              Step.NETDEV_ADD, Step.DEVICE_ADD, Step.WAIT_GUEST]
+
+
+@pytest.mark.parametrize("step", PLUG_KILLS, ids=[s.value for s in PLUG_KILLS])
+async def test_plug_qemu_killed(guest_image: GuestImage, scene: Scene, tmp_path: Path,
+                                step: Step) -> None:
+    async with fresh_vm(guest_image, tmp_path, root_ports=4) as vm:
+        before = await views(vm.qmp_path, vm.pid, scene.netns, scene.state_dir)
+        state = scene.state(vm.mgmt_qmp_path, None, at(step, Phase.BEGIN, kill(vm)))
+        err = await scene.plug_fails(state)
+        # A host step has no QMP call of its own: the first QMP step after it fails.
+        failed = step if step in (Step.PASS_FDS, Step.NETDEV_ADD, Step.DEVICE_ADD,
+                                  Step.WAIT_GUEST) else Step.PASS_FDS
+        text = expect(err, failed, QmpDisconnectedError, "connection to QEMU lost")
+        note = ""
+        if journal_file(scene.state_dir) is not None:
+            # an undo needed QEMU: the journal keeps the hot-plug until a reconcile
+            report = await reconcile(scene.state(vm.mgmt_qmp_path))
+            assert [a.outcome for a in report.actions] == [Outcome.DROPPED_QEMU_GONE]
+            note = "journal kept → reconcile: dropped (QEMU gone); "
+        await assert_clean(before, scene.recorder.endpoint_id, None, None, scene.state_dir)
+    where = "" if failed is step else f"fails at {failed.value}: "
+    record(step, "QEMU killed (SIGKILL)", f"{where}{text}; {note}host clean")
+
+
+async def test_persist_qemu_killed(guest_image: GuestImage, scene: Scene,
+                                   tmp_path: Path) -> None:
+    async with fresh_vm(guest_image, tmp_path, root_ports=4) as vm:
+        before = await views(vm.qmp_path, vm.pid, scene.netns, scene.state_dir)
+        state = scene.state(vm.mgmt_qmp_path, None, at(Step.PERSIST, Phase.BEGIN, kill(vm)))
+        ep = await scene.plug(state, wait_guest=False)
+        assert saved_ids(scene.state_dir) == {ep.id: "plugged"}
+        report = await reconcile(state)
+        assert [a.outcome for a in report.actions] == [Outcome.DROPPED_QEMU_GONE]
+        before.state = EMPTY
+        await assert_clean(before, ep.id, None, None, scene.state_dir)
+    record(Step.PERSIST, "QEMU killed (SIGKILL)", "no QMP in this step: the plug returns; "
+           "reconcile drops it (QEMU gone); host clean")
+
+
+# --- hot-plug: timeouts --------------------------------------------------------------------------
+
+async def test_wait_guest_timeout_stopped_guest(booted: GuestVM, scene: Scene) -> None:
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+
+    async def stop(_: Operation) -> None:
+        await hmp(booted.qmp_path, "stop")
+    cfg = config(guest_ready=3.0, unplug=2.0)
+    state = scene.state(booted.mgmt_qmp_path, cfg, at(Step.DEVICE_ADD, Phase.BEGIN, stop))
+    try:
+        err = await scene.plug_fails(state)
+        text = expect(err, Step.WAIT_GUEST, QmpTimeoutError, "within 3 s")
+        # The undo's device_del cannot complete while the guest is stopped: the device is
+        # still in QEMU and the journal keeps the hot-plug.
+        assert f"{scene.recorder.endpoint_id}-dev" in (await qemu_view(booted.qmp_path)).devices
+        assert journal_file(scene.state_dir) is not None
+        assert saved_ids(scene.state_dir) == {}
+    finally:
+        await hmp(booted.qmp_path, "cont")
+    report = await reconcile(scene.state(booted.mgmt_qmp_path, config()))
+    assert [a.outcome for a in report.actions] == [Outcome.ROLLED_BACK], report.lines()
+    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
+                       scene.state_dir)
+    record(Step.WAIT_GUEST, "timeout", f"guest stopped: {text}; undo device_del pending → "
+           "journal kept; after cont, reconcile rolled back; clean")
+
+
+HUNG_PLUG = [Step.PASS_FDS, Step.NETDEV_ADD, Step.DEVICE_ADD]
+
+
+@pytest.mark.parametrize("step", HUNG_PLUG, ids=[s.value for s in HUNG_PLUG])
+async def test_plug_qemu_hung(booted: GuestVM, scene: Scene, step: Step) -> None:
+    """QEMU stopped (SIGSTOP) at the step: its command hits the deadline, so do the undo's.
+
+    The journal keeps the hot-plug; once QEMU runs again it executes what was queued, and
+    a reconcile rolls back whatever is left.
+    """
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    state = scene.state(booted.mgmt_qmp_path, config(command=1.0), at(
+        step, Phase.BEGIN, lambda _: os.kill(booted.pid, signal.SIGSTOP)))
+    try:
+        err = await scene.plug_fails(state)
+    finally:
+        os.kill(booted.pid, signal.SIGCONT)
+    text = expect(err, step, QmpTimeoutError, "no answer from QEMU within 1 s")
+    assert journal_file(scene.state_dir) is not None, "the undo could not reach QEMU"
+    report = await reconcile(scene.state(booted.mgmt_qmp_path))
+    assert [a.outcome for a in report.actions] == [Outcome.ROLLED_BACK], report.lines()
+    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
+                       scene.state_dir)
+    record(step, "timeout", f"QEMU hung (SIGSTOP): {text}; undo timed out → journal kept; "
+           "after SIGCONT, reconcile rolled back; clean")
+
+
+# --- persist: the state file cannot be written ---------------------------------------------------
+
+def _state_path_taken(state_dir: Path) -> Callable[[Operation], None]:
+    """Make ``state.json`` a directory, so the rename over it fails (EISDIR)."""
+    def action(_: Operation) -> None:
+        path = state_dir / "state.json"
+        if path.exists():
+            path.rename(state_dir / "state.json.aside")
+        path.mkdir()
+    return action
+
+
+def _state_path_back(state_dir: Path) -> None:
+    (state_dir / "state.json").rmdir()
+    if (state_dir / "state.json.aside").exists():
+        (state_dir / "state.json.aside").rename(state_dir / "state.json")
+
+
+async def test_persist_state_unwritable(booted: GuestVM, scene: Scene) -> None:
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    state = scene.state(booted.mgmt_qmp_path, None, at(
+        Step.PERSIST, Phase.BEGIN, _state_path_taken(scene.state_dir)))
+    err = await scene.plug_fails(state)
+    text = expect(err, Step.PERSIST, StateError, "Is a directory")
+    _state_path_back(scene.state_dir)
+    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
+                       scene.state_dir)
+    record(Step.PERSIST, "netlink / host", f"state file unwritable: {text}; device, netdev, "
+           "tap removed; clean")
+
+
+# --- hot-plug: the fake peer ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("step", "command", "desc"), [
+    (Step.PASS_FDS, "getfd", "No file descriptor supplied via SCM_RIGHTS"),
+    (Step.WAIT_GUEST, "x-query-virtio-status",
+     "Path /machine/peripheral/x/virtio-backend is not a VirtIODevice"),
+], ids=["getfd", "virtio-status"])
+async def test_plug_error_reply_fake_peer(scene: Scene, tmp_path: Path, step: Step,
+                                          command: str, desc: str) -> None:
+    fake = FakeQemu(tmp_path / "fake.sock")
+    try:
+        before = await views(None, None, scene.netns, scene.state_dir)
+        fake.fail[command] = desc
+        err = await scene.plug_fails(scene.state(tmp_path / "fake.sock"))
+        text = expect(err, step, QmpCommandError, desc)
+        await fake.settled()
+        assert not fake.fds
+        assert not fake.netdevs
+        assert not fake.devices
+        await assert_clean(before, scene.recorder.endpoint_id, None, None, scene.state_dir)
+    finally:
+        fake.close()
+    record(step, "fake QMP peer", f"{command} error: {text}; clean")
+
+
+# --- unplug --------------------------------------------------------------------------------------
+
+async def _plugged(scene: Scene, vm_mgmt: str | Path, cfg: Config | None = None,
+                   *inject: Callable[..., Any]) -> tuple[NetworkState, Endpoint]:
+    state = scene.state(vm_mgmt, cfg, *inject)
+    ep = await scene.plug(state)
+    return state, ep
+
+
+async def test_device_del_timeout_stopped_guest(booted: GuestVM, scene: Scene) -> None:
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+
+    async def stop(_: Operation) -> None:
+        await hmp(booted.qmp_path, "stop")
+    state, ep = await _plugged(scene, booted.mgmt_qmp_path, config(unplug=2.0),
+                               at(Step.DEVICE_DEL, Phase.BEGIN, stop))
+    try:
+        err = await scene.unplug_fails(state)
+        text = expect(err, Step.DEVICE_DEL, UnplugTimeoutError, "no DEVICE_DELETED within 2 s")
+        assert saved_ids(scene.state_dir) == {ep.id: "unplug-pending"}
+        assert journal_file(scene.state_dir) is None
+        assert f"{ep.id}-dev" in (await qemu_view(booted.qmp_path)).devices
+    finally:
+        await hmp(booted.qmp_path, "cont")
+    report = await reconcile(state)
+    assert [a.outcome for a in report.actions] == [Outcome.PENDING_COMPLETED], report.lines()
+    before.state = EMPTY
+    await assert_clean(before, ep.id, booted.qmp_path, booted.pid, scene.state_dir)
+    record(Step.DEVICE_DEL, "timeout", f"guest stopped: {text}; entry unplug-pending; after "
+           "cont, reconcile completed it; clean")
+
+
+@pytest.mark.parametrize("step", [Step.DEVICE_DEL, Step.NETDEV_DEL],
+                         ids=["device-del", "netdev-del"])
+async def test_unplug_qemu_killed(guest_image: GuestImage, scene: Scene, tmp_path: Path,
+                                  step: Step) -> None:
+    # netdev-del comes after the guest released the device: that needs a running guest.
+    async with fresh_vm(guest_image, tmp_path, root_ports=4,
+                        paused=step is Step.DEVICE_DEL) as vm:
+        before = await views(vm.qmp_path, vm.pid, scene.netns, scene.state_dir)
+        state = scene.state(vm.mgmt_qmp_path, None, at(step, Phase.BEGIN, kill(vm)))
+        ep = await scene.plug(state, wait_guest=step is not Step.DEVICE_DEL)
+        err = await scene.unplug_fails(state)
+        text = expect(err, step, QmpDisconnectedError, "connection to QEMU lost")
+        assert saved_ids(scene.state_dir) == {ep.id: "unplug-pending"}
+        report = await reconcile(state)
+        assert [a.outcome for a in report.actions] == [Outcome.DROPPED_QEMU_GONE]
+        before.state = EMPTY
+        await assert_clean(before, ep.id, None, None, scene.state_dir)
+    record(step, "QEMU killed (SIGKILL)", f"{text}; entry unplug-pending → reconcile: "
+           "dropped (QEMU gone); host clean")
+
+
+@pytest.mark.parametrize(("step", "command", "desc"), [
+    (Step.DEVICE_DEL, "device_del", "Bus 'rp0' does not support hotplugging"),
+    (Step.NETDEV_DEL, "netdev_del", "Device 'x-net' is in use"),
+], ids=["device_del", "netdev_del"])
+async def test_unplug_error_reply_fake_peer(scene: Scene, tmp_path: Path, step: Step,
+                                            command: str, desc: str) -> None:
+    fake = FakeQemu(tmp_path / "fake.sock")
+    try:
+        before = await views(None, None, scene.netns, scene.state_dir)
+        state, ep = await _plugged(scene, tmp_path / "fake.sock")
+        fake.fail[command] = desc
+        err = await scene.unplug_fails(state)
+        text = expect(err, step, QmpCommandError, desc)
+        assert saved_ids(scene.state_dir) == {ep.id: "unplug-pending"}
+        # nothing was torn down past the failed step: the tap still carries the NIC
+        assert getattr(ep, "tap_name", "") in ip_links(scene.netns)
+        report = await reconcile(state)
+        assert [a.outcome for a in report.actions] == [Outcome.PENDING_COMPLETED]
+        await fake.settled()
+        assert not fake.fds
+        assert not fake.netdevs
+        assert not fake.devices
+        before.state = EMPTY
+        await assert_clean(before, ep.id, None, None, scene.state_dir)
+    finally:
+        fake.close()
+    record(step, "fake QMP peer", f"{command} error: {text}; entry unplug-pending → "
+           "reconcile completed it; clean")
+
+
+async def test_netdev_del_qemu_hung(booted: GuestVM, scene: Scene) -> None:
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    state, ep = await _plugged(scene, booted.mgmt_qmp_path, config(command=1.0), at(
+        Step.NETDEV_DEL, Phase.BEGIN, lambda _: os.kill(booted.pid, signal.SIGSTOP)))
+    try:
+        err = await scene.unplug_fails(state)
+    finally:
+        os.kill(booted.pid, signal.SIGCONT)
+    text = expect(err, Step.NETDEV_DEL, QmpTimeoutError, "no answer from QEMU within 1 s")
+    assert saved_ids(scene.state_dir) == {ep.id: "unplug-pending"}
+    report = await reconcile(scene.state(booted.mgmt_qmp_path))
+    assert [a.outcome for a in report.actions] == [Outcome.PENDING_COMPLETED], report.lines()
+    before.state = EMPTY
+    await assert_clean(before, ep.id, booted.qmp_path, booted.pid, scene.state_dir)
+    record(Step.NETDEV_DEL, "timeout", f"QEMU hung (SIGSTOP): {text}; entry unplug-pending; "
+           "after SIGCONT, reconcile completed it; clean")
+
+
+async def test_remove_links_netns_deleted(booted: GuestVM, scene: Scene) -> None:
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    state, ep = await _plugged(scene, booted.mgmt_qmp_path, None, at(
+        Step.NETDEV_DEL, Phase.DONE, lambda _: sh("ip", "netns", "del", ns_name(scene.netns))))
+    await state.remove_interface(MAC)  # a cleanup that finds nothing is not an error
+    before.state = EMPTY
+    await assert_clean(before, ep.id, booted.qmp_path, booted.pid, scene.state_dir,
+                       netns_gone=True)
+    record(Step.REMOVE_LINKS, "netlink / host", "netns deleted mid-way: best effort, warning "
+           "logged, unplug completes; clean")
+
+
+async def test_forget_state_unwritable(booted: GuestVM, scene: Scene) -> None:
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    state, ep = await _plugged(scene, booted.mgmt_qmp_path, None, at(
+        Step.FORGET, Phase.BEGIN, _state_path_taken(scene.state_dir)))
+    err = await scene.unplug_fails(state)
+    text = expect(err, Step.FORGET, StateError, "Is a directory")
+    _state_path_back(scene.state_dir)
+    # QEMU and the host are done; the file could not say so, the journal still does.
+    assert not (await qemu_view(booted.qmp_path)).has_any_of(ep.id)
+    assert saved_ids(scene.state_dir) == {ep.id: "plugged"}
+    assert journal_file(scene.state_dir) is not None
+    report = await reconcile(state)
+    assert [a.outcome for a in report.actions] == [Outcome.COMPLETED]
+    before.state = EMPTY
+    await assert_clean(before, ep.id, booted.qmp_path, booted.pid, scene.state_dir)
+    record(Step.FORGET, "netlink / host", f"state file unwritable: {text}; journal kept → "
+           "reconcile completed the unplug; clean")
+

@@ -1,0 +1,189 @@
+"""The saved state and the journal: round trips, damaged files, atomic writes, the lock.
+
+No VM and no kernel objects: files in a temp directory, and one helper process holding the
+lock (``flock`` is per open file, so a second process is the honest way to contend for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from qmpnet.codec import UnknownEntry
+from qmpnet.endpoints import create_endpoint, create_tap_endpoint, net_info_from_interface
+from qmpnet.errors import StateError
+from qmpnet.model import InterfaceDescription, InterworkingModel
+from qmpnet.store import Entry, Snapshot, Status, Store
+
+
+def _veth() -> object:
+    desc = InterfaceDescription(name="eth1", hw_addr="52:54:00:00:05:01")
+    return create_endpoint(net_info_from_interface(desc, InterworkingModel.MACVTAP), 1,
+                           InterworkingModel.MACVTAP, netns_path="/run/netns/x")
+
+
+def test_round_trip_keeps_every_field_and_status(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    tap = create_tap_endpoint(0, "eth0", tap_name="tap0_kata", mac="52:54:00:00:05:02")
+    snap = Snapshot((Entry(tap), Entry(_veth(), Status.UNPLUG_PENDING)))  # type: ignore[arg-type]
+    store.save(snap)
+    assert store.load() == snap
+    data = json.loads(store.state_path.read_text())
+    assert data["version"] == 1
+    assert [e["status"] for e in data["endpoints"]] == ["plugged", "unplug-pending"]
+    assert "vm_fds" not in store.state_path.read_text()
+
+
+def test_unknown_entries_are_kept_verbatim(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.dir.mkdir()
+    alien = {"status": "plugged", "endpoint": {"type": "wireguard", "peer": "x"}}
+    odd_status = {"status": "half", "endpoint": {"type": "tap"}}
+    store.state_path.write_text(json.dumps({"version": 1, "endpoints": [alien, odd_status, 7]}))
+    snap = store.load()
+    assert snap.entries == ()
+    assert [u.raw for u in snap.unknown] == [alien, odd_status, 7]
+    assert all(isinstance(u, UnknownEntry) and u.reason for u in snap.unknown)
+    tap = create_tap_endpoint(0, "eth0", tap_name="t0")
+    store.save(Snapshot((Entry(tap),), snap.unknown))
+    written = json.loads(store.state_path.read_text())["endpoints"]
+    assert written[1:] == [alien, odd_status, 7]
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (b"{", "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"),
+    (b"[" * 100_000, "not valid JSON"),
+    (b"[]", "not a qmpnet state file"),
+    (b'{"version": 1}', "not a qmpnet state file"),
+    (b'{"version": 2, "endpoints": []}', "state version 2 is not 1"),
+])
+def test_damaged_state_file_is_a_state_error(tmp_path: Path, content: bytes,
+                                             reason: str) -> None:
+    store = Store(tmp_path)
+    store.state_path.write_bytes(content)
+    with pytest.raises(StateError) as info:
+        store.load()
+    assert info.value.path == str(store.state_path)
+    assert reason in info.value.reason
+
+
+def test_write_is_atomic_and_private(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.save(Snapshot())
+    first = store.state_path.stat().st_ino
+    store.save(Snapshot((Entry(create_tap_endpoint(0, "eth0", tap_name="t0")),)))
+    assert store.state_path.stat().st_ino != first, "replaced by rename, not rewritten"
+    assert sorted(p.name for p in store.dir.iterdir()) == ["state.json"], "no temp file left"
+    assert stat.S_IMODE(store.dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.state_path.stat().st_mode) == 0o600
+
+
+def test_loose_directory_is_tightened(tmp_path: Path) -> None:
+    loose = tmp_path / "s"
+    loose.mkdir()
+    os.chmod(loose, 0o755)
+    Store(loose).save(Snapshot())
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o700
+
+
+def test_state_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("")
+    with pytest.raises(StateError):
+        Store(tmp_path / "f").save(Snapshot())
+
+
+def test_journal_records_and_ends(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    a = create_tap_endpoint(0, "eth0", tap_name="t0")
+    b = create_tap_endpoint(1, "eth1", tap_name="t1")
+    assert store.journal() == {}
+    store.journal_begin(a.id, "hot-plug", "validate", a, 10.0)
+    store.journal_begin(a.id, "hot-plug", "device-add", a, 10.0)
+    store.journal_begin(b.id, "unplug", "device-del", b, 11.0)
+    records = store.journal()
+    assert set(records) == {a.id, b.id}
+    assert records[a.id].step == "device-add"
+    assert records[a.id].endpoint == a
+    assert records[b.id].operation == "unplug"
+    assert stat.S_IMODE(store.journal_path.stat().st_mode) == 0o600
+    store.journal_end(a.id)
+    assert set(store.journal()) == {b.id}
+    store.journal_end(b.id)
+    assert not store.journal_path.exists(), "an empty journal is no file at all"
+    store.journal_end("never-there")
+
+
+def test_damaged_journal_records_are_kept_not_fatal(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.journal_path.write_text(json.dumps({
+        "a": {"operation": "hot-plug", "step": "x", "endpoint": {"type": "nope"},
+              "started": "yesterday"},
+        "b": [1, 2],
+        "c": {"started": 1e400},
+    }))
+    records = store.journal()
+    assert set(records) == {"a", "b", "c"}
+    assert isinstance(records["a"].endpoint, UnknownEntry)
+    assert records["a"].started == 0.0
+    assert isinstance(records["b"].endpoint, UnknownEntry)
+    store.journal_path.write_text("[1]")
+    with pytest.raises(StateError, match="not a qmpnet journal"):
+        store.journal()
+
+
+@pytest.mark.asyncio
+async def test_lock_serializes_tasks(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    order: list[str] = []
+
+    async def hold(name: str) -> None:
+        async with store.locked():
+            order.append(f"{name}+")
+            await asyncio.sleep(0.05)
+            order.append(f"{name}-")
+
+    await asyncio.gather(hold("a"), hold("b"))
+    assert order in (["a+", "a-", "b+", "b-"], ["b+", "b-", "a+", "a-"])
+
+
+@pytest.mark.asyncio
+async def test_lock_held_by_another_process_times_out_with_a_clear_error(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "s", lock_timeout=0.3)
+    store.save(Snapshot())
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(store.dir / 'lock')!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    try:
+        assert await holder.stdout.readline() == b"held\n"
+        with pytest.raises(StateError, match="another process holds the VM's lock"):
+            async with store.locked():
+                pass
+    finally:
+        holder.stdin.close()
+        await holder.wait()
+    async with store.locked():  # released with the process
+        pass
+
+
+def test_remove_all(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.save(Snapshot())
+    store.journal_begin("k", "hot-plug", "validate",
+                        create_tap_endpoint(0, "eth0", tap_name="t0"), 0.0)
+    store.remove_all()
+    assert not store.dir.exists()
