@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod ethtool iperf3 busybox-static \
 	containernetworking-plugins
-BENCH_APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+BENCH_APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients time
 PYTEST_ARGS ?=
 
 .PHONY: setup apt venv test test-unit test-kernel test-integration lint demo bench soak clean
@@ -36,7 +36,7 @@ test-unit: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy qmpnet
+	$(BIN)/mypy qmpnet bench
 
 demo: setup
 	$(BIN)/qmpnet demo

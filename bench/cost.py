@@ -1,0 +1,113 @@
+"""Driver cost: import time, and the CLI's process wall time and peak RSS.
+
+Every figure comes from fresh processes. The interpreter's own start-up is measured in
+the same loop (``python -c pass``, alternated with the imports) so it can be told apart.
+Peak RSS comes from GNU time, which forks the command itself (see :data:`bench.harness.GNU_TIME`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+from pathlib import Path
+
+from bench.harness import (
+    GUEST_TIMEOUT,
+    Context,
+    Proc,
+    give_peer,
+    mac,
+    ms,
+    name,
+    nic_add_re,
+    nic_del_re,
+    spawn,
+)
+from bench.stats import Report
+
+#: -X importtime's line: "import time:  self [us] | cumulative | name"
+_IMPORTTIME = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\|\s+(\S.*)$")
+
+
+def _cumulative_us(stderr: str, module: str) -> int:
+    for line in stderr.splitlines():
+        match = _IMPORTTIME.match(line)
+        if match and match.group(3).strip() == module:
+            return int(match.group(2))
+    raise LookupError(f"-X importtime printed no line for {module}")
+
+
+def _mib(p: Proc) -> float:
+    assert p.maxrss_kib is not None
+    return p.maxrss_kib / 1024
+
+
+async def run(ctx: Context, report: Report) -> None:
+    await _imports(ctx, report)
+    await _cli(ctx, report)
+
+
+async def _imports(ctx: Context, report: Report) -> None:
+    py = sys.executable
+    runs = ctx.pick(15, 4)
+    table = report.table("import cost (a fresh interpreter per sample)", [
+        "process wall: spawn → exit of `python -c ...`; `pass` is the bare interpreter",
+        "peak RSS: the process's own, from GNU time in a separate run",
+        "-X importtime: the cumulative time Python itself reports for the module;"
+        " `import qmpnet` loads its public names lazily, on first use",
+        "qmpnet.cli is what the `qmpnet` command imports before parsing its arguments;"
+        " qmpnet.network (pyroute2, qemu.qmp, attrs, cattrs) is loaded by add/del-iface"])
+    programs = {"pass": "pass", "import qmpnet": "import qmpnet",
+                "import qmpnet.cli": "import qmpnet.cli",
+                "import qmpnet.network": "import qmpnet.network"}
+    for _ in range(runs):
+        for label, code in programs.items():
+            p = (await spawn([py, "-c", code])).check()
+            table.row(f"process wall: {label}").add(ms(p.wall))
+            p = (await spawn([py, "-c", code], rss=True)).check()
+            table.row(f"peak RSS: {label}", "MiB").add(_mib(p))
+        for module in ("qmpnet", "qmpnet.cli", "qmpnet.network"):
+            p = (await spawn([py, "-X", "importtime", "-c", f"import {module}"])).check()
+            table.row(f"-X importtime cumulative: {module}").add(
+                _cumulative_us(p.stderr, module) / 1000)
+
+
+async def _cli(ctx: Context, report: Report) -> None:
+    cycles = ctx.pick(15, 3)
+    table = report.table("qmpnet CLI processes against a running q35 guest (1 queue)", [
+        "wall: spawn → exit, including interpreter start-up, imports, QMP connect, the"
+        " plug or unplug and the JSON it prints; add-iface does not wait for the guest",
+        "peak RSS: the process's own, from GNU time, in separate plug/unplug cycles"])
+    qmpnet_bin = str(Path(sys.executable).with_name("qmpnet"))
+    async with contextlib.AsyncExitStack() as stack:
+        vm = await ctx.boot(stack, machine="q35", root_ports=4)
+        vm_args = ["--qmp", str(vm.mgmt_qmp_path), "--state", str(ctx.scratch("state"))]
+        for _ in range(cycles):
+            for rss in (False, True):
+                p = (await spawn([qmpnet_bin, "--help"], rss=rss)).check()
+                if rss:
+                    table.row("peak RSS: qmpnet --help", "MiB").add(_mib(p))
+                else:
+                    table.row("wall: qmpnet --help").add(ms(p.wall))
+                hw, tap = mac(50), name("x")
+                cursor = vm.console_cursor()
+                p = (await spawn([qmpnet_bin, "add-iface", *vm_args, "--model", "none",
+                                  "--queues", "1", "--tap-name", tap, "--no-vhost",
+                                  "-"], stdin=json.dumps({"name": "eth1", "hwAddr": hw}),
+                                 rss=rss)).check()
+                if rss:
+                    table.row("peak RSS: qmpnet add-iface", "MiB").add(_mib(p))
+                else:
+                    table.row("wall: qmpnet add-iface").add(ms(p.wall))
+                await give_peer(tap, hw)
+                await vm.wait_for(nic_add_re(hw), GUEST_TIMEOUT, since=cursor)
+                cursor = vm.console_cursor()
+                p = (await spawn([qmpnet_bin, "del-iface", *vm_args, "--mac", hw],
+                                 rss=rss)).check()
+                if rss:
+                    table.row("peak RSS: qmpnet del-iface", "MiB").add(_mib(p))
+                else:
+                    table.row("wall: qmpnet del-iface").add(ms(p.wall))
+                await vm.wait_for(nic_del_re(hw), GUEST_TIMEOUT, since=cursor)
