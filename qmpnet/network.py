@@ -157,9 +157,13 @@ class NetworkState:
                         plugged = await endpoint.hot_attach(ctx)
                         op.subject = plugged
                         entry = Entry(plugged)
-                        await op.step(Step.PERSIST, lambda: self._save(
-                            attrs.evolve(snap, entries=(*snap.entries, entry))))
-                        op.commit()
+
+                        async def persist() -> None:
+                            await self._save(attrs.evolve(snap, entries=(*snap.entries, entry)))
+                            # The state file is the commit point: a cancellation or a failing
+                            # observer after the save must not undo a NIC the state records.
+                            op.commit()
+                        await op.step(Step.PERSIST, persist)
                 finally:
                     # An undo that failed (QEMU gone, guest not releasing the device) keeps
                     # the journal entry: the next operation or a reconcile finishes it.

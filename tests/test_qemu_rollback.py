@@ -9,6 +9,7 @@ survive. QEMU refuses on its own; nothing is faked.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -270,3 +271,43 @@ async def test_a_busy_monitor_is_a_typed_error_and_nothing_is_made(
             await _add(state, _plug_args(tap, "52:54:00:00:00:76"))
     assert tap not in host.links()
     assert await state.list_interfaces() == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("where", [Step.NETDEV_ADD, Step.PERSIST])
+async def test_a_cancelled_plug_is_undone_before_the_save_and_kept_after(
+        paused_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path,
+        where: Step) -> None:
+    """The state file is the commit point. A caller cancelling while an (async) observer
+    sees ``where`` done: before the save everything is undone; once the state records the
+    NIC, QEMU keeps it too, so the three views agree either way. (The guest is paused, so a
+    device once added could not be taken back: the undone case stops at the netdev.)"""
+    tap = host_link_names("t")
+    reached = asyncio.Event()
+
+    async def suspend_at(op: Operation, step: Step, phase: Phase) -> None:
+        if (step, phase) == (where, D):
+            reached.set()
+            await asyncio.sleep(3600)  # cancelled here
+
+    state = NetworkState.open(state_dir, str(paused_vm.mgmt_qmp_path), Config())
+    state.observers.append(suspend_at)
+    before = await _snapshot(paused_vm, host)
+    task = asyncio.create_task(_add(state, _plug_args(tap, "52:54:00:00:00:7a")))
+    await asyncio.wait_for(reached.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    entries = await state.list_interfaces()
+    now = await _snapshot(paused_vm, host)
+    if where is Step.NETDEV_ADD:
+        assert entries == []
+        assert now == before
+        assert tap not in host.links()
+    else:
+        [entry] = entries
+        assert entry.status is Status.PLUGGED
+        assert f"{entry.endpoint.id}-dev" in now["peripherals"]
+        assert f"{entry.endpoint.id}-net" in now["network"]
+        assert tap in now["links"]
+    assert state.store.journal() == {}
