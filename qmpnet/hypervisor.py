@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -235,25 +235,31 @@ class QemuHypervisor:
         """Free slots as QEMU's object tree shows them.
 
         QOM, not query-pci, for what sits behind bridges: query-pci cannot see below a bridge
-        until the guest firmware has numbered the buses (a paused VM never has).
+        until the guest firmware has numbered the buses (a paused VM never has). The reads
+        are pipelined, and a root port's child is not read at all (one slot: any child takes
+        it), so the search costs about one round trip per bridge however many NICs are in.
         """
-        bridges = []
-        for child in await self.qmp.qom_list("/machine/peripheral"):
-            kind = child["type"].removeprefix("child<").removesuffix(">")
-            if kind not in BRIDGE_TYPES:
-                continue
-            path = f"/machine/peripheral/{child['name']}"
-            used = set()
-            for link in await self.qmp.qom_list(f"{path}/{child['name']}"):
-                if link["name"].startswith("child["):
-                    target = f"{path}/{child['name']}/{link['name']}"
-                    used.add(int(await self.qmp.qom_get(target, "addr")) >> 3)
-            slot = int(await self.qmp.qom_get(path, "addr")) >> 3
-            bridges.append(Bridge(child["name"], kind, slot, frozenset(used)))
-        pci = await self.qmp.query_pci()
+        peripherals, pci = await _all(self.qmp.qom_list("/machine/peripheral"),
+                                      self.qmp.query_pci())
+        bridges = await _all(*(self._bridge(c["name"], kind) for c in peripherals
+                               if (kind := c["type"].removeprefix("child<").removesuffix(">"))
+                               in BRIDGE_TYPES))
         root = [d for bus in pci if bus.get("bus") == 0 for d in bus.get("devices", [])]
         q35 = any(d["id"]["device"] == Q35_HOST_BRIDGE for d in root)
         return free_slots(bridges, {d["slot"] for d in root}, root_hotplug=not q35)
+
+    async def _bridge(self, name: str, kind: str) -> Bridge:
+        path = f"/machine/peripheral/{name}"
+        addr, links = await _all(self.qmp.qom_get(path, "addr"),
+                                 self.qmp.qom_list(f"{path}/{name}"))
+        children = [f"{path}/{name}/{link['name']}" for link in links
+                    if link["name"].startswith("child[")]
+        if kind == "pcie-root-port":
+            used = frozenset({0}) if children else frozenset()
+        else:
+            used = frozenset(int(a) >> 3 for a in await _all(
+                *(self.qmp.qom_get(c, "addr") for c in children)))
+        return Bridge(name, kind, int(addr) >> 3, used)
 
     async def device_present(self, endpoint: Endpoint) -> bool:
         """Whether QEMU still has the endpoint's device (its QOM node exists)."""
@@ -264,6 +270,22 @@ class QemuHypervisor:
         return {c["name"] for c in await self.qmp.qom_list("/machine/peripheral")
                 if c["type"].startswith("child<")}
 
+
+
+async def _all(*calls: Awaitable[Any]) -> list[Any]:
+    """Run QMP reads concurrently (QEMU answers in turn, the round trips overlap).
+
+    Unlike a TaskGroup the first error is raised as itself, typed; the other reads are
+    cancelled and awaited so none is left running.
+    """
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 def pci_device_ids(pci: list[dict[str, Any]]) -> set[str]:
     found: set[str] = set()
