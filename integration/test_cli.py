@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 from qemu.qmp import QMPClient
 
-from qmpnet.testing.fixtures import RUN, links, unique
+from qmpnet.testing.fixtures import RUN, links, module_vm, unique
 from qmpnet.testing.guest import GuestImage
 from qmpnet.testing.vm import GuestVM, marker_fields
 
@@ -74,15 +74,7 @@ class Monitor:
         return any("DRIVER_OK" in s for s in reply["status"].get("statuses", []))
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def vm(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory,
-             ) -> AsyncIterator[GuestVM]:
-    machine = await GuestVM.start(guest_image, tmp_path_factory.mktemp("cli"), root_ports=4,
-                                  name=f"{RUN}-cli")
-    try:
-        yield machine
-    finally:
-        await machine.stop()
+vm = module_vm("cli")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

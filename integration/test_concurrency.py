@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from crash_driver import command, has_ingress, ip_links, make_sandbox, qemu_view, saved_ids
 
-from qmpnet.testing.fixtures import RUN
-from qmpnet.testing.guest import GuestImage
+from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.vm import GuestVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]
@@ -28,15 +26,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_sco
 MACS = ("52:54:00:00:06:61", "52:54:00:00:06:62")
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def vm(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory,
-             ) -> AsyncIterator[GuestVM]:
-    guest = await GuestVM.start(guest_image, tmp_path_factory.mktemp("conc"), root_ports=4,
-                                name=f"{RUN}-cc")
-    try:
-        yield guest
-    finally:
-        await guest.stop()
+vm = module_vm("cc")
 
 
 async def _both(go: Path, runs: list[list[str]]) -> list[dict[str, Any]]:

@@ -17,11 +17,10 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from crash_driver import (
     command,
     has_ingress,
@@ -41,7 +40,7 @@ from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
 from qmpnet.reconcile import OUR_QEMU_ID, Outcome, reconcile
-from qmpnet.testing.fixtures import RUN
+from qmpnet.testing.fixtures import RUN, module_vm
 from qmpnet.testing.guest import GuestImage
 from qmpnet.testing.vm import GuestVM
 
@@ -64,15 +63,7 @@ CASES = (
 )
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def vm(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory,
-             ) -> AsyncIterator[GuestVM]:
-    guest = await GuestVM.start(guest_image, tmp_path_factory.mktemp("crash"), root_ports=4,
-                                name=f"{RUN}-crash")
-    try:
-        yield guest
-    finally:
-        await guest.stop()
+vm = module_vm("crash")
 
 
 def _config() -> Config:

@@ -40,7 +40,6 @@ from typing import Any
 
 import attrs
 import pytest
-import pytest_asyncio
 from crash_driver import (
     fd_targets,
     has_ingress,
@@ -78,7 +77,7 @@ from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
 from qmpnet.reconcile import Outcome, reconcile
-from qmpnet.testing.fixtures import RUN
+from qmpnet.testing.fixtures import RUN, module_vm
 from qmpnet.testing.guest import GuestImage
 from qmpnet.testing.vm import GuestVM
 
@@ -316,16 +315,8 @@ class FakeQemu:
 
 # --- fixtures and the views --------------------------------------------------------------------
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def booted(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory,
-                 ) -> AsyncIterator[GuestVM]:
-    """One running guest for the faults that leave QEMU alive."""
-    vm = await GuestVM.start(guest_image, tmp_path_factory.mktemp("faults"), root_ports=4,
-                             name=f"{RUN}-flt")
-    try:
-        yield vm
-    finally:
-        await vm.stop()
+#: one running guest for the faults that leave QEMU alive
+booted = module_vm("flt")
 
 
 @contextlib.asynccontextmanager

@@ -12,11 +12,10 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from crash_driver import (
     fd_count,
     fd_targets,
@@ -35,8 +34,7 @@ from qmpnet.config import Config, Timeouts
 from qmpnet.errors import PlugError, UnplugTimeoutError
 from qmpnet.model import InterfaceDescription
 from qmpnet.network import NetworkState
-from qmpnet.testing.fixtures import RUN
-from qmpnet.testing.guest import GuestImage
+from qmpnet.testing.fixtures import RUN, module_vm
 from qmpnet.testing.vm import GuestVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]
@@ -48,15 +46,7 @@ MAC = "52:54:00:00:07:71"
 RSS_SLACK_KIB = 2048 + 4 * CYCLES
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def vm(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory,
-             ) -> AsyncIterator[GuestVM]:
-    guest = await GuestVM.start(guest_image, tmp_path_factory.mktemp("soak"), root_ports=2,
-                                name=f"{RUN}-sk")
-    try:
-        yield guest
-    finally:
-        await guest.stop()
+vm = module_vm("sk", root_ports=2)
 
 
 async def _remove(state: NetworkState) -> PlugError | None:

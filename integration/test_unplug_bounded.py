@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from crash_driver import hmp, ip_links, journal_file, make_sandbox, qemu_view, saved_ids, tun_count
 
 from qmpnet.config import Config, Timeouts
@@ -24,7 +23,7 @@ from qmpnet.model import InterfaceDescription
 from qmpnet.network import NetworkState
 from qmpnet.reconcile import Outcome, reconcile
 from qmpnet.store import Status
-from qmpnet.testing.fixtures import RUN
+from qmpnet.testing.fixtures import RUN, module_vm
 from qmpnet.testing.guest import GuestImage
 from qmpnet.testing.vm import GuestVM
 
@@ -39,15 +38,7 @@ def config() -> Config:
                   timeouts=Timeouts(unplug=DEADLINE, connect=30.0))
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def booted(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory,
-                 ) -> AsyncIterator[GuestVM]:
-    vm = await GuestVM.start(guest_image, tmp_path_factory.mktemp("unplug"), root_ports=4,
-                             name=f"{RUN}-ub")
-    try:
-        yield vm
-    finally:
-        await vm.stop()
+booted = module_vm("ub")
 
 
 async def test_default_deadline_is_bounded() -> None:

@@ -134,6 +134,20 @@ async def paused_vm(guest_image: GuestImage, tmp_path: Path) -> AsyncIterator[Gu
         await vm.stop()
 
 
+def module_vm(tag: str, *, root_ports: int = 4) -> Any:
+    """A fixture: one booted q35 guest shared by a test module, stopped and reaped at its end.
+
+    Use as ``vm = module_vm("crash")``; the tests that take it run on the module's loop.
+    """
+    @pytest_asyncio.fixture(scope="module", loop_scope="module")
+    async def fixture(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory,
+                      ) -> AsyncIterator[GuestVM]:
+        async with await GuestVM.start(guest_image, tmp_path_factory.mktemp(tag),
+                                       root_ports=root_ports, name=f"{RUN}-{tag}") as vm:
+            yield vm
+    return fixture
+
+
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
