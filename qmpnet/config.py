@@ -65,6 +65,12 @@ class Config:
     def from_mapping(cls, data: dict[str, Any]) -> Self:
         """Build from parsed TOML (top level or a ``[network]`` table); unknown keys are errors."""
         table = data.get("network", data)
+        if table is not data:
+            # keys beside [network] would be silently ignored: refuse them instead
+            for key in data:
+                if key != "network":
+                    raise InvalidInputError("config key", key, "outside the [network] table; "
+                                            "move it into [network]")
         if not isinstance(table, dict):
             raise InvalidInputError("network", table, "must be a table")
         known = {"internetworking_model", "disable_vhost_net", "queues", "tap_name", "timeouts"}

@@ -174,10 +174,16 @@ class IPAddress:
     def __attrs_post_init__(self) -> None:
         if self.family not in (4, 6):
             raise InvalidInputError("family", self.family, "must be 4 or 6")
+        if not isinstance(self.address, str):
+            # ipaddress would read an integer as an address (5 -> 0.0.0.5)
+            raise InvalidInputError("address", self.address, "must be a string")
         try:
             addr = ipaddress.ip_address(self.address)
         except ValueError as err:
             raise InvalidInputError("address", self.address, "not an IP address") from err
+        if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
+            raise InvalidInputError("address", self.address,
+                                    "a zone index (%...) cannot be set on an interface")
         if addr.version != self.family:
             raise InvalidInputError("address", self.address,
                                     f"is not an IPv{self.family} address")

@@ -65,6 +65,7 @@ def test_load_reports_missing_and_broken_files(tmp_path: Path) -> None:
     ({"timeouts": {"connect": 3601}}, "timeouts.connect"),
     ({"timeouts": {"later": 1}}, "timeouts key"), ({"timeouts": 5}, "timeouts"),
     ({"vhost": True}, "config key"), ({"network": 1}, "network"),
+    ({"queues": 4, "network": {"tap_name": "t{idx}"}}, "config key"),
 ])
 def test_each_key_is_checked(table: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidInputError) as caught:

@@ -192,8 +192,9 @@ def test_pci_path(path: str, ok: bool) -> None:
     (4, "169.254.1.2", "-1", "mask"), (4, "169.254.1.2", "²", "mask"),
     (4, "169.254.1.2", "", "mask"), (4, "fd00::1", "64", "address"),
     (6, "169.254.1.2", "24", "address"), (4, "169.254.1.256", "24", "address"),
-    (4, "not-an-ip", "24", "address"), (5, "169.254.1.2", "24", "family")])
-def test_ip_address_refuses(family: int, address: str, mask: str, field: str) -> None:
+    (4, "not-an-ip", "24", "address"), (5, "169.254.1.2", "24", "family"),
+    (6, "fe80::1%eth0", "64", "address"), (4, 5, "24", "address")])
+def test_ip_address_refuses(family: int, address: object, mask: str, field: str) -> None:
     with pytest.raises(InvalidInputError) as caught:
         IPAddress(family=family, address=address, mask=mask)
     assert caught.value.field == field
