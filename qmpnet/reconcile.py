@@ -34,6 +34,7 @@ from qemu.qmp import QMPClient
 
 from qmpnet.codec import UnknownEntry
 from qmpnet.endpoints import Endpoint, PlugContext
+from qmpnet.endpoints.netpair import parked_mac
 from qmpnet.errors import (
     NetnsError,
     PlugError,
@@ -383,10 +384,9 @@ async def host_residue(ep: Endpoint) -> list[str]:
             if pair.model is InterworkingModel.TCFILTER and \
                     await links.has_tc_ingress(virt.name):
                 problems.append(f"{virt.name} still has an ingress qdisc")
-            if ep.hardware_addr and virt.mac != ep.hardware_addr and \
-                    pair.model in _MAC_CHANGING:
-                problems.append(f"{virt.name} has MAC {virt.mac}, not its own "
-                                f"{ep.hardware_addr}")
+            if pair.model in _MAC_CHANGING and virt.mac == parked_mac(ep.id):
+                problems.append(f"{virt.name} still has the MAC {virt.mac} qmpnet set, not "
+                                f"its own {ep.hardware_addr}")
     except NetnsError as err:
         if err.errno not in (errno.ENOENT, errno.ENOTDIR):
             raise

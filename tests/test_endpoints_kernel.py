@@ -18,8 +18,8 @@ import pytest
 from qmpnet import tuntap
 from qmpnet.config import Config
 from qmpnet.endpoints import PlugContext, create_endpoint, net_info_from_interface
-from qmpnet.endpoints.netpair import MODELS, NetPairEndpoint, bridge_name
-from qmpnet.errors import LinkExistsError, PlugError
+from qmpnet.endpoints.netpair import MODELS, NetPairEndpoint, bridge_name, parked_mac
+from qmpnet.errors import InvalidInputError, LinkExistsError, PlugError
 from qmpnet.lifecycle import Operation, Phase, Step
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.testing.fixtures import unique
@@ -214,3 +214,41 @@ async def test_mac_settles_on_the_links_own(cni_veth: Any) -> None:
     from qmpnet.errors import InvalidInputError
     with pytest.raises(InvalidInputError, match="the guest must use the link's own MAC"):
         await wrong._settle_mac()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("model", [InterworkingModel.MACVTAP, InterworkingModel.BRIDGED])
+async def test_a_link_that_replaced_the_sandbox_veth_keeps_its_mac(
+        cni_veth: Any, host: Any, model: InterworkingModel) -> None:
+    """While plugged the veth wears the MAC qmpnet parked it on. If it is deleted and a new
+    link takes its name, the unplug must not give the new link the old veth's MAC."""
+    veth = cni_veth(mac="52:54:00:00:00:48")
+    ep = _endpoint(veth, model)
+    fds, _ = await _connect(ep, 1)
+    fds.close()
+    assert host.links(veth.sandbox)[veth.inner]["address"] == parked_mac(ep.id)
+    ns = host.ns_name(veth.sandbox)
+    host.sh("ip", "-n", ns, "link", "del", veth.inner)
+    peer = unique("w")
+    host.sh("ip", "-n", ns, "link", "add", veth.inner, "type", "veth", "peer", "name", peer)
+    newcomer = host.links(veth.sandbox)[veth.inner]["address"]
+    await _detach(ep)
+    seen = host.links(veth.sandbox)
+    assert seen[veth.inner]["address"] == newcomer
+    assert sorted(seen) == sorted(["lo", veth.inner, peer])
+
+
+@pytest.mark.asyncio
+async def test_a_bridge_name_too_long_fails_before_anything_is_made(cni_veth: Any,
+                                                                      host: Any) -> None:
+    veth = cni_veth(mac="52:54:00:00:00:49")
+    ep = _endpoint(veth, InterworkingModel.BRIDGED, tap=unique("x") + "a" * 8)  # 15 bytes
+    fds = tuntap.QueueFds()
+    before = sorted(host.links(veth.sandbox))
+    with pytest.raises(InvalidInputError) as caught:
+        async with Operation("hot-plug", ep.name) as op:
+            await MODELS[InterworkingModel.BRIDGED].connect(ep, _ctx(op), 1, fds)
+    assert caught.value.field == "bridge name"
+    assert op.history == []
+    assert fds.tap == []
+    assert sorted(host.links(veth.sandbox)) == before

@@ -15,6 +15,7 @@ and gets its own back on unplug.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import ClassVar, Self
@@ -23,7 +24,7 @@ import attrs
 
 from qmpnet import tuntap
 from qmpnet.endpoints import plumbing
-from qmpnet.endpoints.base import PlugContext, new_id, random_mac, register, unsupported
+from qmpnet.endpoints.base import PlugContext, new_id, register, unsupported
 from qmpnet.errors import InvalidInputError, NotOursError, UnsupportedError
 from qmpnet.lifecycle import Step
 from qmpnet.links import Links
@@ -46,6 +47,16 @@ class PairModel:
 
     connect: Callable[[NetPairEndpoint, PlugContext, int, tuntap.QueueFds], Awaitable[None]]
     disconnect: Callable[[NetPairEndpoint], Awaitable[None]]
+
+
+def parked_mac(endpoint_id: str) -> str:
+    """The MAC the sandbox link wears while the guest uses its own (locally administered).
+
+    Derived from the endpoint's id, so an undo or a later process can tell the link it
+    changed from a link that replaced it, and only ever gives back what it took.
+    """
+    digest = hashlib.sha256(endpoint_id.encode()).digest()
+    return "0a:" + ":".join(f"{b:02x}" for b in digest[:5])
 
 
 def bridge_name(pair: NetworkInterfacePair) -> str:
@@ -98,7 +109,7 @@ async def _macvtap_connect(ep: NetPairEndpoint, ctx: PlugContext, queues: int,
     async def create() -> None:
         async with Links.open(ep.netns_path) as links:
             virt = await links.get(ep.virt_name)
-            await links.set_mac(ep.virt_name, random_mac())
+            await links.set_mac(ep.virt_name, parked_mac(ep.id))
             await links.add_macvtap(ep.tap_name, ep.virt_name, ep.hardware_addr, ep.id)
             await links.configure(ep.tap_name, mtu=virt.mtu, up=True)
             await links.set_up(ep.virt_name)
@@ -116,24 +127,30 @@ async def _macvtap_disconnect(ep: NetPairEndpoint) -> None:
 
 
 async def _restore_mac(links: Links, ep: NetPairEndpoint) -> None:
+    """Give the sandbox link its MAC back, if it is still the link qmpnet parked."""
     virt = await links.lookup(ep.virt_name)
-    if virt is not None and virt.mac != ep.hardware_addr:
-        await links.set_mac(ep.virt_name, ep.hardware_addr)
+    if virt is None or virt.mac == ep.hardware_addr:
+        return
+    if virt.mac != parked_mac(ep.id):
+        log.warning("%s has MAC %s, not the one qmpnet set: a new link took its name, "
+                    "left alone", ep.virt_name, virt.mac)
+        return
+    await links.set_mac(ep.virt_name, ep.hardware_addr)
 
 
 # --- bridged ---------------------------------------------------------------------------------
 
 async def _bridge_connect(ep: NetPairEndpoint, ctx: PlugContext, queues: int,
                           fds: tuntap.QueueFds) -> None:
+    bridge = bridge_name(ep.net_pair)  # a name too long fails before anything is made
     await plumbing.open_tap(ctx, ep.netns_path, ep.tap_name, queues, fds)
-    bridge = bridge_name(ep.net_pair)
 
     async def join() -> None:
         async with Links.open(ep.netns_path) as links:
             virt = await links.get(ep.virt_name)
             await links.configure(ep.tap_name, mtu=virt.mtu, owner=ep.id)
             await links.add_bridge(bridge, ep.id, mtu=virt.mtu)
-            await links.set_mac(ep.virt_name, random_mac())
+            await links.set_mac(ep.virt_name, parked_mac(ep.id))
             await links.set_master(ep.virt_name, bridge)
             await links.set_master(ep.tap_name, bridge)
             for name in (bridge, ep.tap_name, ep.virt_name):
