@@ -567,26 +567,36 @@ class Book:
 
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[None]:
-        """One CNI invocation per VM at a time (another runtime thread may be on it)."""
-        try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as err:
-            raise StateError(str(self.dir), f"cannot create: {err.strerror}") from err
-        try:
-            deadline = time.monotonic() + LOCK_TIMEOUT
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise CniError(Code.TRY_AGAIN, f"another qmpnet-cni holds {self.dir} "
-                                       f"for more than {LOCK_TIMEOUT:g} s") from None
-                    await asyncio.sleep(0.02)
-            yield
-        finally:
-            os.close(fd)
+        """One CNI invocation per VM at a time (another runtime thread may be on it).
+
+        The last DEL removes the directory, lock file included, while holding the lock; a
+        waiter that then gets the lock of the removed file starts over on a fresh one, so
+        two invocations never both hold "the" lock.
+        """
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        lock = self.dir / LOCK_FILE
+        while True:
+            try:
+                self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as err:
+                raise StateError(str(self.dir), f"cannot create: {err.strerror}") from err
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise CniError(Code.TRY_AGAIN, f"another qmpnet-cni holds "
+                                           f"{self.dir} for more than {LOCK_TIMEOUT:g} s"
+                                           ) from None
+                        await asyncio.sleep(0.02)
+                if _same_file(fd, lock):
+                    yield
+                    return
+            finally:
+                os.close(fd)
 
     def load(self) -> Records:
         try:
@@ -637,6 +647,16 @@ class Book:
         with contextlib.suppress(FileNotFoundError):
             (self.dir / LOCK_FILE).unlink()
         state.store.remove_all()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (not one removed meanwhile)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 # --- delegated IPAM ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ bytes and variables a runtime passes, and check the JSON that would go to stdout
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -343,3 +344,41 @@ def test_attachment_records_round_trip_and_keep_what_they_cannot_read(tmp_path: 
     assert book.load().find(("n", "c", "eth0")) == one
     book.save(cni.Records())
     assert not book.path.exists()
+
+
+@pytest.mark.asyncio
+async def test_a_waiter_on_a_removed_lock_file_starts_over_on_the_new_one(tmp_path: Path) -> None:
+    """The last DEL removes the lock file while holding it. The invocation that was waiting
+    then gets the lock of a file no longer there; one that came later holds the new file.
+    The waiter must not think it holds the lock too."""
+    vm_dir = tmp_path / "vm"
+    inside: list[str] = []
+    release_a, release_c = asyncio.Event(), asyncio.Event()
+
+    async def hold(name: str, release: asyncio.Event, entered: asyncio.Event) -> None:
+        async with cni.Book(vm_dir).locked():
+            inside.append(name)
+            entered.set()
+            await release.wait()
+            inside.remove(name)
+
+    a_in, b_in, c_in = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    a = asyncio.create_task(hold("a", release_a, a_in))
+    await a_in.wait()
+    b = asyncio.create_task(hold("b", asyncio.Event(), b_in))  # waits for a
+    await asyncio.sleep(0.1)
+    (vm_dir / cni.LOCK_FILE).unlink()  # what a's last DEL does before it lets go
+    c = asyncio.create_task(hold("c", release_c, c_in))  # a fresh lock file: c gets it
+    await c_in.wait()
+    release_a.set()
+    await a
+    await asyncio.sleep(0.2)  # b got the old file's lock by now and must have let it go
+    assert inside == ["c"]
+    assert not b_in.is_set()
+    release_c.set()
+    await c
+    await asyncio.wait_for(b_in.wait(), 5)
+    assert inside == ["b"]
+    b.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await b
