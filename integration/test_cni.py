@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -425,6 +426,13 @@ async def test_check_fails_when_qemu_lost_the_device_and_del_still_cleans_up(
         call = {"container": pod.container_id, "netns": netns, "ifname": pod.ifname}
         result = await runtime.ok("ADD", conf, **call)
         (owner,) = set(owned_links(netns).values())  # the tap and the bridge
+        # bridged parks the veth on another MAC (the guest has the pod's): the result says
+        # so, and so the main plugin's CHECK, run on the same result, agrees.
+        veth = ip_json("link", "show", "eth0", netns=pod.netns)[0]
+        assert veth["address"] != mac
+        (entry,) = [i for i in result["interfaces"] if i.get("sandbox") == netns]
+        assert entry["mac"] == veth["address"]
+        await runtime.ok("CHECK", {**pod.config, "prevResult": result}, **call)
         await runtime.ok("CHECK", {**conf, "prevResult": result}, **call)
         await manager_device_del(vm, f"{owner}-dev")
         error = (await runtime.call("CHECK", {**conf, "prevResult": result}, **call)).error()
@@ -590,8 +598,15 @@ async def test_gc_removes_only_this_networks_attachments_missing_from_the_valid_
         assert len(ipam_files(data_dir, net_a)) == 2
         gc = {**conf_a, "cniVersion": "1.1.0",
               "cni.dev/valid-attachments": [{"containerID": pod_vm.container, "ifname": "a1"}]}
+        # A state directory GC cannot read (sorted first) is reported, and GC goes on.
+        broken = state_of(state_template, "0broken")
+        broken.mkdir(parents=True)
+        (broken / "cni-attachments.json").write_text("garbage")
         cursor = vm.console_cursor()
-        await runtime.ok("GC", gc)
+        error = (await runtime.call("GC", gc)).error()
+        assert error["code"] == 5
+        assert "0broken" in error["msg"] + error.get("details", "")
+        shutil.rmtree(broken)
         await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={macs['a2']}", GUEST, since=cursor)
         assert sorted(owned_links(netns)) == ["a1", "b1"]
         assert len(ipam_files(data_dir, net_a)) == 1
@@ -611,3 +626,82 @@ async def test_gc_removes_only_this_networks_attachments_missing_from_the_valid_
     assert owned_links(netns) == {}
     assert ipam_files(data_dir, net_a) == ipam_files(data_dir, net_b) == set()
     assert not state_of(state_template, pod_vm.container).exists()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_main_mode_in_1_1_with_a_1_0_ipam_plugin_and_check_reads_prev_result(
+        pod_vm: PodVM, runtime: Runtime, state_template: str, tmp_path: Path,
+        make_netns: Callable[[], str]) -> None:
+    """Debian's host-local speaks CNI 1.0 only: a 1.1 configuration is passed to it as 1.0,
+    so STATUS is truthful, ADD and DEL work. CHECK compares prevResult with the attachment."""
+    netns = make_netns()
+    network = f"{RUN}v11"
+    data_dir = tmp_path / "ipam"
+    conf = main_conf(pod_vm, network, state_template, data_dir, "169.254.248.0/24",
+                     cniVersion="1.1.0")
+    call = {"container": pod_vm.container, "netns": netns, "ifname": "net1"}
+    await runtime.ok("STATUS", conf)
+    result = await runtime.ok("ADD", conf, **call)
+    try:
+        assert result["cniVersion"] == "1.1.0"
+        (ip,) = result["ips"]
+        assert ipam_files(data_dir, network) == {ip["address"].split("/")[0]}
+        await runtime.ok("CHECK", {**conf, "prevResult": result}, **call)
+        for field, value in (("mac", "52:54:00:00:00:01"), ("address", "169.254.248.77/24")):
+            wrong = json.loads(json.dumps(result))
+            if field == "mac":
+                wrong["interfaces"][0]["mac"] = value
+            else:
+                wrong["ips"][0]["address"] = value
+            error = (await runtime.call("CHECK", {**conf, "prevResult": wrong}, **call)).error()
+            assert error["code"] == 104, error
+            assert value.split("/")[0] in error["msg"], error
+    finally:
+        await runtime.ok("DEL", conf, **call)
+    assert ipam_files(data_dir, network) == set()
+    assert owned_links(netns) == {}
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_an_add_that_cannot_undo_itself_is_settled_by_the_runtimes_del(
+        pod_vm: PodVM, runtime: Runtime, state_template: str, pod_prefix: str,
+        tmp_path: Path) -> None:
+    """The guest stops mid-ADD: the driver never sees DRIVER_OK, and the undo's device_del
+    is never acknowledged. The attachment record stays, so the runtime's DEL (after the
+    guest runs again) finishes the rollback instead of answering "nothing to do"."""
+    vm = pod_vm.vm
+    mac = mac_ending(random.randrange(16, 250))
+    async with pod_network(pod_prefix, "169.254.247.0/24", mac=mac) as pod:
+        netns = f"/run/netns/{pod.netns}"
+        conf = chained(pod, stateDir=state_template, waitGuest=True,
+                       timeouts={"guestReady": 3, "unplug": 2},
+                       qmpSocket=socket_template(pod_vm, pod.container_id, tmp_path))
+        call = {"container": pod.container_id, "netns": netns, "ifname": pod.ifname}
+        before = (await qemu_view(vm))[0]
+        await hmp(vm, "stop")
+        try:
+            error = (await runtime.call("ADD", conf, **call)).error()
+            assert "wait-guest" in error["msg"], error
+            # the undo could not finish: QEMU still has the device
+            (left,) = (await qemu_view(vm))[0] - before
+            assert left.endswith("-dev")
+            assert state_of(state_template, pod.container_id).exists()
+        finally:
+            await hmp(vm, "cont")
+        await runtime.ok("DEL", conf, **call)
+        devices, network = await qemu_view(vm)
+        assert left not in devices
+        assert left.removesuffix("-dev") + "-net" not in network
+        assert owned_links(netns) == {}
+        assert "ingress" not in qdisc_kinds(netns, "eth0")
+        assert not state_of(state_template, pod.container_id).exists()
+
+
+async def hmp(vm: GuestVM, command: str) -> None:
+    """Stop or continue the guest from the manager's monitor."""
+    client = QMPClient("manager")
+    await client.connect(str(vm.qmp_path))
+    try:
+        await client.execute("human-monitor-command", {"command-line": command})
+    finally:
+        await client.disconnect()

@@ -73,6 +73,7 @@ from qemu.qmp import QMPClient
 from qmpnet.config import Config, Timeouts
 from qmpnet.endpoints import Endpoint, PlugContext
 from qmpnet.endpoints.base import random_mac
+from qmpnet.endpoints.netpair import parked_mac
 from qmpnet.errors import (
     HostError,
     InvalidInputError,
@@ -100,6 +101,7 @@ from qmpnet.model import (
 from qmpnet.netns import check_netns, netns_exists
 from qmpnet.network import NetworkState, NoSuchInterfaceError, host_link
 from qmpnet.qmp import QmpSession
+from qmpnet.reconcile import recover_journal
 from qmpnet.store import Entry, Status
 
 log = logging.getLogger("qmpnet.cni")
@@ -715,7 +717,29 @@ async def exec_plugin(binary: str, command: str, stdin: bytes, environ: Mapping[
 async def ipam(req: Request, command: str, overrides: Mapping[str, str] | None = None,
                ) -> dict[str, Any] | None:
     binary = find_plugin(req.conf.ipam_type, req.env.path)
-    return await exec_plugin(binary, command, req.conf.raw, req.env.environ, overrides)
+    stdin = await ipam_config(req)
+    return await exec_plugin(binary, command, stdin, req.env.environ, overrides)
+
+
+async def ipam_config(req: Request) -> bytes:
+    """The configuration for the IPAM plugin, in a version it speaks.
+
+    A 1.1 configuration reaches IPAM plugins that speak only 1.0 (Debian's host-local):
+    ADD, DEL and CHECK mean the same in both and their results have the same shape, so the
+    plugin is asked in the newest 1.x version both sides speak. Versions before 1.0 differ
+    in their result, so they are never substituted.
+    """
+    versions = await ipam_versions(req)
+    if req.conf.cni_version in versions:
+        return req.conf.raw
+    common = [v for v in SUPPORTED_VERSIONS if v in versions and version_key(v) >= (1, 0, 0)
+              and version_key(v) <= version_key(req.conf.cni_version)]
+    if not common:
+        raise CniError(Code.INCOMPATIBLE_VERSION, f"IPAM plugin {req.conf.ipam_type} does not "
+                       f"speak CNI {req.conf.cni_version}",
+                       "it speaks " + (", ".join(versions) or "nothing it would say"))
+    data = {k: v for k, v in decode(req.conf.raw).items() if k not in GC_KEYS}
+    return json.dumps({**data, "cniVersion": common[-1]}).encode()
 
 
 async def ipam_versions(req: Request) -> list[str]:
@@ -736,21 +760,9 @@ async def ipam_speaks(req: Request, version: str) -> bool:
 async def ipam_release(req: Request, found: Attachment) -> None:
     """GC's release of one stale attachment's address: the DEL that attachment would have had.
 
-    GC comes with a 1.1 configuration, but the attachment may date from when the IPAM plugin
-    spoke only 1.0 (Debian's host-local does): DEL means the same in both, so the plugin is
-    asked in the newest version both sides speak.
+    GC comes with a 1.1 configuration; :func:`ipam_config` asks a 1.0 IPAM plugin in 1.0.
     """
-    stdin = req.conf.raw
-    versions = await ipam_versions(req)
-    if req.conf.cni_version not in versions:
-        common = [v for v in SUPPORTED_VERSIONS if v in versions]
-        if not common:
-            raise CniError(Code.INCOMPATIBLE_VERSION, f"IPAM plugin {req.conf.ipam_type} "
-                           "speaks no version qmpnet-cni does", ", ".join(versions))
-        data = {k: v for k, v in decode(stdin).items() if k not in GC_KEYS}
-        stdin = json.dumps({**data, "cniVersion": common[-1]}).encode()
-    binary = find_plugin(req.conf.ipam_type, req.env.path)
-    await exec_plugin(binary, "DEL", stdin, req.env.environ, _attachment_env(found))
+    await ipam(req, "DEL", _attachment_env(found))
 
 
 def ips_of(result: Mapping[str, Any], interface: int | None) -> tuple[IPAddress, ...]:
@@ -783,15 +795,29 @@ def interface_entry(version: str, name: str, mac: str, sandbox: str, mtu: int) -
     return entry
 
 
+def sandbox_mac(endpoint: Endpoint) -> str:
+    """The MAC ``CNI_IFNAME`` wears while plugged: macvtap and bridged park the pod's link on
+    another one (the VM's NIC has the pod's), tcfilter leaves it as it was."""
+    pair = endpoint.network_pair
+    if pair is not None and pair.model in (InterworkingModel.MACVTAP,
+                                           InterworkingModel.BRIDGED):
+        return parked_mac(endpoint.id)
+    return endpoint.hardware_addr
+
+
 def chained_result(conf: NetConf, env: Env, mac: str, mtu: int) -> dict[str, Any]:
-    """prevResult passed on, in the configuration's version, with our interface listed."""
+    """prevResult passed on, in the configuration's version, with our interface as it now is
+    (``mac``: what the link in the netns wears, so a later plugin's CHECK agrees)."""
     result = copy.deepcopy(dict(conf.prev_result or {}))
     result["cniVersion"] = conf.cni_version
     interfaces = result.setdefault("interfaces", [])
     if not isinstance(interfaces, list):
         raise CniError(Code.DECODE, "prevResult interfaces must be a list")
-    if not any(isinstance(i, dict) and i.get("name") == env.ifname
-               and i.get("sandbox") == env.netns for i in interfaces):
+    ours = [i for i in interfaces if isinstance(i, dict) and i.get("name") == env.ifname
+            and i.get("sandbox") == env.netns]
+    for entry in ours:
+        entry["mac"] = mac
+    if not ours:
         interfaces.append(interface_entry(conf.cni_version, env.ifname, mac, env.netns, mtu))
     return result
 
@@ -862,6 +888,14 @@ async def unplug(attachment: Attachment, state_dir: Path, config: Config) -> Non
     state = NetworkState.open(state_dir, attachment.qmp_socket, config)
     entry = _entry_for(state, attachment.mac)
     if entry is None:
+        if state.store.journal():
+            # an ADD that failed and could not undo itself: finish its rollback now
+            async with state.store.locked():
+                report = await recover_journal(state)
+            if not report.ok:
+                raise CniError(Code.TRY_AGAIN, f"{attachment.ifname}: the rollback of its "
+                               "failed ADD is not finished", "; ".join(report.errors))
+            return
         log.info("%s has no state entry: nothing to unplug", attachment.ifname)
         return
     try:
@@ -926,12 +960,12 @@ async def _add_chained(req: Request, book: Book, records: Records,
     # The record goes first: a crash after the plug leaves something DEL can find.
     book.save(Records((*records.known, record), records.unknown))
     try:
-        await state.add_interface(desc, model=conf.model, netns_path=env.netns,
-                                  queues=conf.queues, wait_guest=conf.wait_guest)
+        plugged = await state.add_interface(desc, model=conf.model, netns_path=env.netns,
+                                            queues=conf.queues, wait_guest=conf.wait_guest)
     except BaseException:
-        book.save(records)  # the plug undid itself
+        _forget_failed_add(book, records, state)
         raise
-    return chained_result(conf, env, mac, mtu)
+    return chained_result(conf, env, sandbox_mac(plugged), mtu)
 
 
 async def _add_main(req: Request, book: Book, records: Records,
@@ -951,7 +985,7 @@ async def _add_main(req: Request, book: Book, records: Records,
                                   tap_name=env.ifname, queues=conf.queues,
                                   wait_guest=conf.wait_guest)
     except BaseException:
-        book.save(records)
+        _forget_failed_add(book, records, state)
         if conf.ipam:
             try:
                 await ipam(req, "DEL")
@@ -959,6 +993,13 @@ async def _add_main(req: Request, book: Book, records: Records,
                 log.error("releasing the address of %s after a failed ADD: %s", env.ifname, err)
         raise
     return main_result(conf, env, mac, got)
+
+
+def _forget_failed_add(book: Book, records: Records, state: NetworkState) -> None:
+    """Drop the record of an ADD that undid itself; keep it when its undo could not finish
+    (the journal still holds the plug), so the runtime's DEL finds the VM and settles it."""
+    if not state.store.journal():
+        book.save(records)
 
 
 async def cmd_del(req: Request) -> None:
@@ -999,13 +1040,29 @@ async def cmd_check(req: Request) -> None:
                            f"{found.mac} for {env.ifname}")
         await _check_qemu(state, entry.endpoint, found.mac)
         await _check_host(entry.endpoint, found, conf.main)
-    if not conf.main:
-        _, prev = prev_interface(conf, env)
-        if prev is not None and str(prev.get("mac", found.mac)).lower() != found.mac:
-            raise CniError(Code.CHECK_FAILED, f"prevResult gives {env.ifname} MAC "
-                           f"{prev.get('mac')}, the VM's NIC has {found.mac}")
-    elif conf.ipam:
+    _check_prev_result(conf, env, entry.endpoint, found)
+    if conf.main and conf.ipam:
         await ipam(req, "CHECK")
+
+
+def _check_prev_result(conf: NetConf, env: Env, endpoint: Endpoint, found: Attachment) -> None:
+    """prevResult (what ADD returned) must still describe the attachment: its MAC, and in
+    main mode the addresses the VM's NIC was given."""
+    index, prev = prev_interface(conf, env)
+    if prev is None:
+        return
+    # main mode reports the VM NIC's MAC (the tap is only its wire); chained the link's
+    expected = found.mac if conf.main else sandbox_mac(endpoint)
+    if str(prev.get("mac", expected)).lower() != expected:
+        raise CniError(Code.CHECK_FAILED, f"prevResult gives {env.ifname} MAC "
+                       f"{prev.get('mac')}, it has {expected}")
+    if conf.main:
+        given = {a.cidr for a in ips_of(conf.prev_result or {}, index)}
+        info = endpoint.properties
+        have = {a.cidr for a in info.addrs} if info is not None else set()
+        if given != have:
+            raise CniError(Code.CHECK_FAILED, f"prevResult gives {env.ifname} the addresses "
+                           f"{sorted(given)}, the VM's NIC was given {sorted(have)}")
 
 
 async def _check_qemu(state: NetworkState, endpoint: Endpoint, mac: str) -> None:
@@ -1040,6 +1097,11 @@ async def cmd_status(req: Request) -> None:
         except CniError as err:
             raise CniError(Code.NOT_AVAILABLE, f"plugin not available: {err.msg}",
                            err.details) from err
+        try:
+            await ipam_config(req)
+        except CniError as err:
+            raise CniError(Code.NOT_AVAILABLE, f"plugin not available: {err.msg}",
+                           err.details) from err
         if await ipam_speaks(req, LATEST):
             await ipam(req, "STATUS")
 
@@ -1061,28 +1123,37 @@ async def cmd_gc(req: Request) -> None:
     valid = set(conf.valid_attachments)
     failures: list[CniError] = []
     for directory, _ in state_dirs(conf.state_dir):
-        book = Book(directory)
-        async with book.locked():
-            records = book.load()
-            for found in records.known:
-                if found.network != conf.name or (found.container_id, found.ifname) in valid:
-                    continue
-                try:
-                    await unplug(found, directory, conf.config())
-                    if found.ipam and conf.main and conf.ipam:
-                        await ipam_release(req, found)
-                except QmpnetError as err:
-                    failures.append(to_cni_error(err))
-                    continue
-                records = records.without(found)
-                book.save(records)
-                log.info("GC removed %s of container %s", found.ifname, found.container_id)
-            book.remove_if_unused(NetworkState.open(directory, "", conf.config()))
+        try:
+            await _gc_directory(req, directory, valid, failures)
+        except QmpnetError as err:  # one broken directory must not stop the others
+            failures.append(to_cni_error(err))
     if conf.main and conf.ipam and await ipam_speaks(req, LATEST):
         await ipam(req, "GC")
     if failures:
         raise CniError(failures[0].code, f"GC could not remove {len(failures)} attachment(s): "
                        + failures[0].msg, "; ".join(f.msg for f in failures))
+
+
+async def _gc_directory(req: Request, directory: Path, valid: set[tuple[str, str]],
+                        failures: list[CniError]) -> None:
+    conf = req.conf
+    book = Book(directory)
+    async with book.locked():
+        records = book.load()
+        for found in records.known:
+            if found.network != conf.name or (found.container_id, found.ifname) in valid:
+                continue
+            try:
+                await unplug(found, directory, conf.config())
+                if found.ipam and conf.main and conf.ipam:
+                    await ipam_release(req, found)
+            except QmpnetError as err:
+                failures.append(to_cni_error(err))
+                continue
+            records = records.without(found)
+            book.save(records)
+            log.info("GC removed %s of container %s", found.ifname, found.container_id)
+        book.remove_if_unused(NetworkState.open(directory, "", conf.config()))
 
 
 def _attachment_env(found: Attachment) -> dict[str, str]:
@@ -1156,8 +1227,8 @@ class _Logs:
 def _error_version(raw: bytes) -> str:
     with contextlib.suppress(Exception):
         version = json.loads(raw).get("cniVersion")
-        if isinstance(version, str) and version:
-            return version
+        if isinstance(version, str) and version in SUPPORTED_VERSIONS:
+            return version  # answer in the caller's version, if it is one we speak
     return LATEST
 
 
