@@ -1,0 +1,334 @@
+"""ADD, DEL, CHECK, STATUS, GC and VERSION: what each does to the VM, the host and the records."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from qemu.qmp import QMPClient
+
+from qmpnet.cni.delegate import find_plugin, ipam, ipam_config, ipam_release, ipam_speaks
+from qmpnet.cni.records import Attachment, Book, Records
+from qmpnet.cni.request import Env, NetConf, Request, bad_config
+from qmpnet.cni.results import chained_result, ips_of, main_result, prev_interface, sandbox_mac
+from qmpnet.cni.spec import (
+    CONTAINER_ID,
+    GC_KEYS,
+    LATEST,
+    NAME_RE,
+    SUPPORTED_VERSIONS,
+    TUN_PATH,
+    CniError,
+    Code,
+    decode,
+    to_cni_error,
+)
+from qmpnet.config import Config
+from qmpnet.endpoints import Endpoint, PlugContext
+from qmpnet.endpoints.base import random_mac
+from qmpnet.errors import (
+    InvalidInputError,
+    QmpConnectError,
+    QmpnetError,
+)
+from qmpnet.hypervisor import QemuHypervisor, device_id, plugged_tap
+from qmpnet.lifecycle import Operation
+from qmpnet.links import Links
+from qmpnet.model import (
+    InterfaceDescription,
+    InterworkingModel,
+    check_mac,
+)
+from qmpnet.netns import check_netns
+from qmpnet.network import NetworkState, NoSuchInterfaceError, host_link
+from qmpnet.qmp import QmpSession
+from qmpnet.reconcile import recover_journal
+from qmpnet.store import Entry, Status
+
+log = logging.getLogger("qmpnet.cni")
+
+
+def vm_gone(err: QmpConnectError) -> bool:
+    """The monitor's socket is missing or refuses: QEMU is not running (any more)."""
+    return isinstance(err.__cause__, FileNotFoundError | ConnectionRefusedError)
+def _entry_for(state: NetworkState, mac: str) -> Entry | None:
+    return next((e for e in state.store.load().entries if e.endpoint.hardware_addr == mac), None)
+async def _forget(state: NetworkState, entry: Entry) -> None:
+    """The VM is gone with its device: undo the host side and drop the state entry.
+
+    The endpoint's ``detach`` only touches host links; it is given a session that was never
+    connected, so nothing can reach for the QEMU that is not there.
+    """
+    session = QmpSession(QMPClient("gone"), state.qmp_path, 1.0, log.getChild("gone"))
+    hypervisor = QemuHypervisor(session)
+    op = Operation("forget", entry.endpoint.name, subject=entry.endpoint)
+    async with op:
+        await entry.endpoint.detach(PlugContext(hypervisor, state.config, op),
+                                    netns_created=True)
+        op.commit()
+    async with state.store.locked():
+        snap = state.store.load()
+        state.store.save(attrs.evolve(snap, entries=tuple(
+            e for e in snap.entries if e.endpoint.id != entry.endpoint.id)))
+async def unplug(attachment: Attachment, state_dir: Path, config: Config) -> None:
+    """Unplug one attachment; success when the VM, the device or the state is already gone."""
+    state = NetworkState.open(state_dir, attachment.qmp_socket, config)
+    entry = _entry_for(state, attachment.mac)
+    if entry is None:
+        if state.store.journal():
+            # an ADD that failed and could not undo itself: finish its rollback now
+            async with state.store.locked():
+                report = await recover_journal(state)
+            if not report.ok:
+                raise CniError(Code.TRY_AGAIN, f"{attachment.ifname}: the rollback of its "
+                               "failed ADD is not finished", "; ".join(report.errors))
+            return
+        log.info("%s has no state entry: nothing to unplug", attachment.ifname)
+        return
+    try:
+        await state.remove_interface(attachment.mac)
+    except NoSuchInterfaceError:
+        log.info("%s was unplugged meanwhile", attachment.ifname)
+    except QmpConnectError as err:
+        if not vm_gone(err):
+            raise
+        log.info("the VM is gone (%s): removing the host side of %s only", err,
+                 attachment.ifname)
+        await _forget(state, entry)
+async def sandbox_link(netns: str, ifname: str) -> tuple[str, int, str]:
+    """MAC, MTU and kind of the link the main plugin made, as the kernel reports them."""
+    async with Links.open(netns) as links:
+        info = await links.lookup(ifname)
+    if info is None:
+        raise CniError(Code.NO_INTERFACE, f"no interface {ifname} in {netns}",
+                       "the main plugin of the chain must create CNI_IFNAME in CNI_NETNS")
+    try:
+        mac = check_mac(f"MAC of {ifname}", info.mac)
+    except InvalidInputError as err:
+        raise CniError(Code.UNSUPPORTED, str(err)) from err
+    # No kind: a plain device (moved in by host-device, say), refused with the reason.
+    return mac, info.mtu, info.kind or "device"
+async def cmd_add(req: Request) -> dict[str, Any]:
+    env, conf = req.env, req.conf
+    check_netns(env.netns)
+    qmp = req.qmp_socket()
+    book = Book(req.state_dir)
+    async with book.locked():
+        records = book.load()
+        if records.find(req.key) is not None:
+            raise CniError(Code.ATTACHMENT_EXISTS, f"{env.ifname} of container "
+                           f"{env.container_id} is already attached to network {conf.name}",
+                           "DEL it first")
+        state = NetworkState.open(req.state_dir, qmp, conf.config())
+        try:
+            if conf.main:
+                return await _add_main(req, book, records, state)
+            return await _add_chained(req, book, records, state)
+        finally:
+            book.remove_if_unused(state)
+async def _add_chained(req: Request, book: Book, records: Records,
+                       state: NetworkState) -> dict[str, Any]:
+    env, conf = req.env, req.conf
+    mac, mtu, kind = await sandbox_link(env.netns, env.ifname)
+    index, _ = prev_interface(conf, env)
+    addrs = ips_of(conf.prev_result or {}, index) if index is not None else ()
+    desc = InterfaceDescription(device=env.ifname, name=env.ifname, hw_addr=mac, mtu=mtu,
+                                ip_addresses=addrs, link_type=kind)
+    record = Attachment(network=conf.name, container_id=env.container_id, ifname=env.ifname,
+                        netns=env.netns, mac=mac, qmp_socket=state.qmp_path)
+    # The record goes first: a crash after the plug leaves something DEL can find.
+    book.save(Records((*records.known, record), records.unknown))
+    try:
+        plugged = await state.add_interface(desc, model=conf.model, netns_path=env.netns,
+                                            queues=conf.queues, wait_guest=conf.wait_guest)
+    except BaseException:
+        _forget_failed_add(book, records, state)
+        raise
+    return chained_result(conf, env, sandbox_mac(plugged), mtu)
+async def _add_main(req: Request, book: Book, records: Records,
+                    state: NetworkState) -> dict[str, Any]:
+    env, conf = req.env, req.conf
+    mac = req.mac() or random_mac()
+    got = await ipam(req, "ADD") if conf.ipam else None
+    record = Attachment(network=conf.name, container_id=env.container_id, ifname=env.ifname,
+                        netns=env.netns, mac=mac, qmp_socket=state.qmp_path,
+                        ipam=conf.ipam is not None)
+    try:
+        addrs = ips_of(got, None) if got else ()
+        desc = InterfaceDescription(device=env.ifname, name=env.ifname, hw_addr=mac,
+                                    mtu=conf.mtu, ip_addresses=addrs, link_type="tap")
+        book.save(Records((*records.known, record), records.unknown))
+        await state.add_interface(desc, model=InterworkingModel.NONE, netns_path=env.netns,
+                                  tap_name=env.ifname, queues=conf.queues,
+                                  wait_guest=conf.wait_guest)
+    except BaseException:
+        _forget_failed_add(book, records, state)
+        if conf.ipam:
+            try:
+                await ipam(req, "DEL")
+            except CniError as err:
+                log.error("releasing the address of %s after a failed ADD: %s", env.ifname, err)
+        raise
+    return main_result(conf, env, mac, got)
+def _forget_failed_add(book: Book, records: Records, state: NetworkState) -> None:
+    """Drop the record of an ADD that undid itself; keep it when its undo could not finish
+    (the journal still holds the plug), so the runtime's DEL finds the VM and settles it."""
+    if not state.store.journal():
+        book.save(records)
+async def cmd_del(req: Request) -> None:
+    """Unplug and forget; every "already gone" is success, as the spec demands."""
+    conf = req.conf
+    if req.state_dir.is_dir():
+        book = Book(req.state_dir)
+        async with book.locked():
+            records = book.load()
+            found = records.find(req.key)
+            qmp = found.qmp_socket if found else ""
+            state = NetworkState.open(req.state_dir, qmp, conf.config())
+            if found is not None:
+                await unplug(found, req.state_dir, conf.config())
+                book.save(records.without(found))
+            book.remove_if_unused(state)
+    if conf.main and conf.ipam:
+        await ipam(req, "DEL")
+async def cmd_check(req: Request) -> None:
+    """The attachment is recorded, in qmpnet's state, in QEMU with its MAC, and on the host."""
+    env, conf = req.env, req.conf
+    check_netns(env.netns)
+    book = Book(req.state_dir)
+    if not book.path.exists():
+        raise CniError(Code.CHECK_FAILED, f"no attachment of {env.ifname} is recorded in "
+                       f"{req.state_dir}")
+    async with book.locked():
+        found = book.load().find(req.key)
+        if found is None:
+            raise CniError(Code.CHECK_FAILED, f"no attachment of {env.ifname} to network "
+                           f"{conf.name} is recorded")
+        state = NetworkState.open(req.state_dir, found.qmp_socket, conf.config())
+        entry = _entry_for(state, found.mac)
+        if entry is None or entry.status is not Status.PLUGGED:
+            raise CniError(Code.CHECK_FAILED, f"qmpnet's state has no plugged NIC with MAC "
+                           f"{found.mac} for {env.ifname}")
+        await _check_qemu(state, entry.endpoint, found.mac)
+        await _check_host(entry.endpoint, found, conf.main)
+    _check_prev_result(conf, env, entry.endpoint, found)
+    if conf.main and conf.ipam:
+        await ipam(req, "CHECK")
+def _check_prev_result(conf: NetConf, env: Env, endpoint: Endpoint, found: Attachment) -> None:
+    """prevResult (what ADD returned) must still describe the attachment: its MAC, and in
+    main mode the addresses the VM's NIC was given."""
+    index, prev = prev_interface(conf, env)
+    if prev is None:
+        return
+    # main mode reports the VM NIC's MAC (the tap is only its wire); chained the link's
+    expected = found.mac if conf.main else sandbox_mac(endpoint)
+    if str(prev.get("mac", expected)).lower() != expected:
+        raise CniError(Code.CHECK_FAILED, f"prevResult gives {env.ifname} MAC "
+                       f"{prev.get('mac')}, it has {expected}")
+    if conf.main:
+        given = {a.cidr for a in ips_of(conf.prev_result or {}, index)}
+        info = endpoint.properties
+        have = {a.cidr for a in info.addrs} if info is not None else set()
+        if given != have:
+            raise CniError(Code.CHECK_FAILED, f"prevResult gives {env.ifname} the addresses "
+                           f"{sorted(given)}, the VM's NIC was given {sorted(have)}")
+async def _check_qemu(state: NetworkState, endpoint: Endpoint, mac: str) -> None:
+    async with state.hypervisor() as hv:
+        dev = device_id(plugged_tap(endpoint))
+        if dev not in await hv.peripheral_ids():
+            raise CniError(Code.CHECK_FAILED, f"QEMU has no device {dev} for {endpoint.name}")
+        got = str(await hv.qmp.qom_get(f"/machine/peripheral/{dev}", "mac")).lower()
+    if got != mac:
+        raise CniError(Code.CHECK_FAILED, f"QEMU's device {dev} has MAC {got}, not {mac}")
+async def _check_host(endpoint: Endpoint, found: Attachment, main: bool) -> None:
+    names = [host_link(endpoint)] if main else [found.ifname, host_link(endpoint)]
+    async with Links.open(found.netns) as links:
+        for name in filter(None, names):
+            if await links.lookup(name) is None:
+                raise CniError(Code.CHECK_FAILED, f"{name} is missing from {found.netns}")
+async def cmd_status(req: Request) -> None:
+    """Ready when taps can be made and, in main mode, the IPAM plugin is there and ready."""
+    try:
+        fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        raise CniError(Code.NOT_AVAILABLE, f"plugin not available: {TUN_PATH}: "
+                       f"{err.strerror}", "qmpnet needs the tun driver to make taps") from err
+    os.close(fd)
+    if req.conf.main and req.conf.ipam:
+        try:
+            find_plugin(req.conf.ipam_type, req.env.path)
+        except CniError as err:
+            raise CniError(Code.NOT_AVAILABLE, f"plugin not available: {err.msg}",
+                           err.details) from err
+        try:
+            await ipam_config(req)
+        except CniError as err:
+            raise CniError(Code.NOT_AVAILABLE, f"plugin not available: {err.msg}",
+                           err.details) from err
+        if await ipam_speaks(req, LATEST):
+            await ipam(req, "STATUS")
+def state_dirs(template: str) -> Iterator[tuple[Path, str]]:
+    """Every existing state directory the template names, with its container id."""
+    prefix, _, suffix = template.partition(CONTAINER_ID)
+    for found in sorted(glob.glob(glob.escape(prefix) + "*" + glob.escape(suffix))):
+        container = found[len(prefix):len(found) - len(suffix)]
+        if NAME_RE.match(container) and os.path.isdir(found):
+            yield Path(found), container
+async def cmd_gc(req: Request) -> None:
+    """Unplug this network's attachments that are not in the valid list; the rest stays."""
+    conf = req.conf
+    if conf.valid_attachments is None:
+        raise bad_config(GC_KEYS[0], None, "GC needs the list of valid attachments")
+    valid = set(conf.valid_attachments)
+    failures: list[CniError] = []
+    for directory, _ in state_dirs(conf.state_dir):
+        try:
+            await _gc_directory(req, directory, valid, failures)
+        except QmpnetError as err:  # one broken directory must not stop the others
+            failures.append(to_cni_error(err))
+    if conf.main and conf.ipam and await ipam_speaks(req, LATEST):
+        await ipam(req, "GC")
+    if failures:
+        raise CniError(failures[0].code, f"GC could not remove {len(failures)} attachment(s): "
+                       + failures[0].msg, "; ".join(f.msg for f in failures))
+async def _gc_directory(req: Request, directory: Path, valid: set[tuple[str, str]],
+                        failures: list[CniError]) -> None:
+    conf = req.conf
+    book = Book(directory)
+    async with book.locked():
+        records = book.load()
+        for found in records.known:
+            if found.network != conf.name or (found.container_id, found.ifname) in valid:
+                continue
+            try:
+                await unplug(found, directory, conf.config())
+                if found.ipam and conf.main and conf.ipam:
+                    await ipam_release(req, found)
+            except QmpnetError as err:
+                failures.append(to_cni_error(err))
+                continue
+            records = records.without(found)
+            book.save(records)
+            log.info("GC removed %s of container %s", found.ifname, found.container_id)
+        book.remove_if_unused(NetworkState.open(directory, "", conf.config()))
+def cmd_version(raw: bytes) -> dict[str, Any]:
+    asked: object = None
+    if raw.strip():
+        with contextlib.suppress(CniError):
+            asked = decode(raw).get("cniVersion")
+    version = asked if isinstance(asked, str) and asked in SUPPORTED_VERSIONS else LATEST
+    return {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+#: CNI_COMMAND -> its handler; VERSION needs no configuration and is answered before.
+COMMANDS: Mapping[str, Callable[[Request], Coroutine[Any, Any, dict[str, Any] | None]]] = {
+    "ADD": cmd_add,
+    "DEL": cmd_del,
+    "CHECK": cmd_check,
+    "STATUS": cmd_status,
+    "GC": cmd_gc,
+}

@@ -1,0 +1,277 @@
+"""One invocation's input, checked: the ``CNI_*`` environment and the network configuration."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from qmpnet.cni.spec import (
+    ARG_MAC,
+    ARG_QMP,
+    CONTAINER_ID,
+    DEFAULT_STATE_DIR,
+    GC_KEYS,
+    NAME_RE,
+    CniError,
+    Code,
+    check_version,
+    decode,
+)
+from qmpnet.config import Config, Timeouts
+from qmpnet.errors import (
+    InvalidInputError,
+)
+from qmpnet.model import (
+    InterworkingModel,
+    check_ifname,
+    check_mac,
+    check_mtu,
+    check_queues,
+)
+
+#: CNI_COMMAND -> the variables the spec makes mandatory for it.
+REQUIRED_ENV: Mapping[str, tuple[str, ...]] = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "VERSION": (),
+    "STATUS": (),
+    "GC": (),
+}
+def parse_cni_args(text: str) -> dict[str, str]:
+    """``K=V;K=V`` as runtimes pass CNI_ARGS; keys qmpnet does not know are ignored."""
+    out: dict[str, str] = {}
+    for pair in text.split(";"):
+        if not pair:
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CniError(Code.INVALID_ENV, f"CNI_ARGS: {pair!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+@attrs.frozen(kw_only=True)
+class Env:
+    """The ``CNI_*`` variables of one invocation, checked."""
+
+    command: str
+    container_id: str = ""
+    netns: str = ""
+    ifname: str = ""
+    args: Mapping[str, str] = attrs.field(factory=dict, hash=False)
+    path: tuple[str, ...] = ()
+    #: the whole environment, handed on unchanged to a delegated IPAM plugin.
+    environ: Mapping[str, str] = attrs.field(factory=dict, hash=False, repr=False)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Env:
+        command = environ.get("CNI_COMMAND", "")
+        if command not in REQUIRED_ENV:
+            raise CniError(Code.INVALID_ENV, f"CNI_COMMAND {command!r} is not one of "
+                           + ", ".join(REQUIRED_ENV))
+        for var in REQUIRED_ENV[command]:
+            if not environ.get(var):
+                raise CniError(Code.INVALID_ENV, f"{var} is required for {command}")
+        container_id = environ.get("CNI_CONTAINERID", "")
+        if container_id and not NAME_RE.match(container_id):
+            raise CniError(Code.INVALID_ENV, f"CNI_CONTAINERID {container_id!r}: must be "
+                           "letters, digits, '_', '.' or '-', starting with a letter or digit")
+        netns = environ.get("CNI_NETNS", "")
+        if netns and not os.path.isabs(netns):
+            raise CniError(Code.INVALID_ENV, f"CNI_NETNS {netns!r}: must be an absolute path")
+        ifname = environ.get("CNI_IFNAME", "")
+        if ifname:
+            try:
+                check_ifname("CNI_IFNAME", ifname)
+            except InvalidInputError as err:
+                raise CniError(Code.INVALID_ENV, str(err)) from err
+        path = tuple(p for p in environ.get("CNI_PATH", "").split(os.pathsep) if p)
+        return cls(command=command, container_id=container_id, netns=netns, ifname=ifname,
+                   args=parse_cni_args(environ.get("CNI_ARGS", "")), path=path,
+                   environ=dict(environ))
+def bad_config(key: str, value: object, why: str) -> CniError:
+    return CniError(Code.INVALID_CONFIG, f"invalid network configuration: {key} {value!r}: {why}")
+def _field(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any,
+           what: str) -> Any:
+    """``data[key]`` if it is of ``kind`` (bool is never an int here), else error 7."""
+    if key not in data or data[key] is None:
+        return default
+    value = data[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise bad_config(key, value, f"must be {what}")
+    return value
+def _template(key: str, value: str, need_id: bool) -> str:
+    if not os.path.isabs(value):
+        raise bad_config(key, value, "must be an absolute path")
+    if need_id and value.count(CONTAINER_ID) != 1:
+        raise bad_config(key, value, f"must contain {CONTAINER_ID} exactly once (one VM per pod)")
+    return value
+_TIMEOUT_KEYS = {"connect": "connect", "command": "command", "unplug": "unplug",
+                 "guestReady": "guest_ready"}
+def _timeouts(data: Mapping[str, Any]) -> Timeouts:
+    table = _field(data, "timeouts", dict, {}, "an object")
+    kwargs: dict[str, float] = {}
+    for key, value in table.items():
+        if key not in _TIMEOUT_KEYS:
+            raise bad_config("timeouts", key,
+                             "unknown key; known keys are " + ", ".join(_TIMEOUT_KEYS))
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+            raise bad_config(f"timeouts.{key}", value, "must be seconds in (0, 3600]")
+        kwargs[_TIMEOUT_KEYS[key]] = float(value)
+    return Timeouts(**kwargs)
+_CNI_MODELS = ("tcfilter", "macvtap", "bridged", "none", "default")
+def _valid_attachments(data: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
+    key = next((k for k in GC_KEYS if k in data), None)
+    if key is None:
+        return None
+    items = data[key]
+    if not isinstance(items, list):
+        raise bad_config(key, items, "must be a list")
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("containerID"), str) \
+                or not isinstance(item.get("ifname"), str):
+            raise bad_config(key, item, 'each entry must be {"containerID": ..., "ifname": ...}')
+        out.append((item["containerID"], item["ifname"]))
+    return tuple(out)
+@attrs.frozen(kw_only=True)
+class NetConf:
+    """The network configuration, checked once; ``raw`` is exactly what came on stdin."""
+
+    cni_version: str
+    name: str
+    qmp_socket: str = ""
+    state_dir: str = DEFAULT_STATE_DIR
+    model: InterworkingModel = InterworkingModel.TCFILTER
+    queues: int = 0
+    disable_vhost: bool = False
+    wait_guest: bool = False
+    timeouts: Timeouts = attrs.field(factory=Timeouts)
+    mac: str = ""
+    mtu: int = 1500
+    log_file: str = ""
+    ipam: Mapping[str, Any] | None = attrs.field(default=None, hash=False)
+    dns: Mapping[str, Any] | None = attrs.field(default=None, hash=False)
+    prev_result: Mapping[str, Any] | None = attrs.field(default=None, hash=False)
+    runtime_config: Mapping[str, Any] = attrs.field(factory=dict, hash=False)
+    valid_attachments: tuple[tuple[str, str], ...] | None = None
+    raw: bytes = attrs.field(default=b"", repr=False)
+
+    @property
+    def main(self) -> bool:
+        """Main mode (the plugin makes the tap and runs IPAM) rather than chained."""
+        return self.model is InterworkingModel.NONE
+
+    @property
+    def ipam_type(self) -> str:
+        return str(self.ipam["type"]) if self.ipam else ""
+
+    def config(self) -> Config:
+        return Config(internetworking_model=self.model, disable_vhost_net=self.disable_vhost,
+                      queues=self.queues, timeouts=self.timeouts)
+
+    @classmethod
+    def parse(cls, raw: bytes, command: str) -> NetConf:
+        data = decode(raw)
+        version = check_version(data.get("cniVersion"), command)
+        name = _field(data, "name", str, "", "a string")
+        if not NAME_RE.match(name):
+            raise bad_config("name", name, "must be letters, digits, '_', '.' or '-', "
+                             "starting with a letter or digit")
+        if not isinstance(data.get("type"), str) or not data["type"]:
+            raise bad_config("type", data.get("type"), "must be the plugin's name")
+        model_text = _field(data, "model", str, "tcfilter", "a string")
+        if model_text not in _CNI_MODELS:
+            raise bad_config("model", model_text, "valid values are " + ", ".join(_CNI_MODELS[:4]))
+        model = InterworkingModel.parse(model_text).resolved()
+        queues = _field(data, "queues", int, 0, "an integer")
+        mtu = _field(data, "mtu", int, 1500, "an integer")
+        mac = _field(data, "mac", str, "", "a MAC address")
+        try:
+            if queues:
+                check_queues("queues", queues)
+            check_mtu("mtu", mtu)
+            if mac:
+                mac = check_mac("mac", mac)
+        except InvalidInputError as err:
+            raise CniError(Code.INVALID_CONFIG, f"invalid network configuration: {err}") from err
+        ipam = _field(data, "ipam", dict, None, "an object")
+        prev = _field(data, "prevResult", dict, None, "an object")
+        if model is InterworkingModel.NONE:
+            if prev is not None and command == "ADD":
+                raise CniError(Code.INVALID_CONFIG, "invalid network configuration: model "
+                               "none makes its own tap: it must be the first plugin of the "
+                               "list, not chained after another (prevResult is set)")
+            if ipam is not None and (not isinstance(ipam.get("type"), str)
+                                     or not NAME_RE.match(ipam["type"])):
+                raise bad_config("ipam.type", ipam.get("type"), "must name an IPAM plugin binary")
+        elif ipam is not None:
+            raise CniError(Code.INVALID_CONFIG, "invalid network configuration: ipam is set "
+                           f"but model {model} chains after a main plugin, which does the "
+                           "IPAM; only model none delegates IPAM itself")
+        elif prev is None and command in ("ADD", "CHECK"):
+            raise CniError(Code.INVALID_CONFIG, f"invalid network configuration: model {model} "
+                           "plugs the veth a main plugin made, but there is no prevResult: "
+                           "chain it after one (or use model none)")
+        runtime = _field(data, "runtimeConfig", dict, {}, "an object")
+        qmp = _field(data, "qmpSocket", str, "", "a path")
+        if qmp:
+            _template("qmpSocket", qmp, need_id=False)
+        return cls(
+            cni_version=version, name=name, qmp_socket=qmp,
+            state_dir=_template("stateDir", _field(data, "stateDir", str, DEFAULT_STATE_DIR,
+                                                   "a path"), need_id=True),
+            model=model, queues=queues,
+            disable_vhost=_field(data, "disableVhost", bool, False, "true or false"),
+            wait_guest=_field(data, "waitGuest", bool, False, "true or false"),
+            timeouts=_timeouts(data), mac=mac, mtu=mtu,
+            log_file=_field(data, "logFile", str, "", "a path"),
+            ipam=ipam, dns=_field(data, "dns", dict, None, "an object"), prev_result=prev,
+            runtime_config=runtime, valid_attachments=_valid_attachments(data), raw=raw)
+@attrs.frozen
+class Request:
+    """One invocation: its environment and configuration, and what follows from both."""
+
+    env: Env
+    conf: NetConf
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.conf.name, self.env.container_id, self.env.ifname
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.conf.state_dir.replace(CONTAINER_ID, self.env.container_id))
+
+    def qmp_socket(self) -> str:
+        """The VM's monitor: runtimeConfig, then CNI_ARGS, then the configured template."""
+        runtime = self.conf.runtime_config.get("qmpSocket")
+        if runtime is not None and not isinstance(runtime, str):
+            raise bad_config("runtimeConfig.qmpSocket", runtime, "must be a path")
+        for source, value in (("runtimeConfig.qmpSocket", runtime),
+                              (f"CNI_ARGS {ARG_QMP}", self.env.args.get(ARG_QMP)),
+                              ("qmpSocket", self.conf.qmp_socket)):
+            if value:
+                path = value.replace(CONTAINER_ID, self.env.container_id)
+                if not os.path.isabs(path):
+                    raise bad_config(source, value, "must be an absolute path")
+                return path
+        raise CniError(Code.INVALID_CONFIG, "no QMP socket for the VM: set qmpSocket (a path, "
+                       f"{CONTAINER_ID} is replaced), runtimeConfig.qmpSocket or CNI_ARGS "
+                       f"{ARG_QMP}=PATH")
+
+    def mac(self) -> str:
+        """Main mode's MAC: runtimeConfig.mac, CNI_ARGS MAC, the configuration, or none."""
+        for source, value in (("runtimeConfig.mac", self.conf.runtime_config.get("mac")),
+                              (f"CNI_ARGS {ARG_MAC}", self.env.args.get(ARG_MAC)),
+                              ("mac", self.conf.mac)):
+            if value:
+                try:
+                    return check_mac(source, value)
+                except InvalidInputError as err:
+                    raise CniError(Code.INVALID_CONFIG, str(err)) from err
+        return ""
