@@ -756,6 +756,35 @@ async def test_plug_qemu_hung(booted: GuestVM, scene: Scene, step: Step) -> None
            "after SIGCONT, reconcile rolled back; clean")
 
 
+STALLED_PLUG = [Step.NETDEV_ADD, Step.DEVICE_ADD]
+
+
+@pytest.mark.parametrize("step", STALLED_PLUG, ids=[s.value for s in STALLED_PLUG])
+async def test_plug_qemu_stalls_past_the_deadline_then_runs_the_command(
+        booted: GuestVM, scene: Scene, step: Step) -> None:
+    """QEMU stops answering for 1.5 s, past the 1 s command deadline, then runs what was
+    queued: the command that timed out still happens. Its undo must be there for it, so
+    the plug's own rollback leaves nothing, with no reconcile needed."""
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    loop = asyncio.get_running_loop()
+
+    def stall(_: Operation) -> None:
+        os.kill(booted.pid, signal.SIGSTOP)
+        loop.call_later(1.5, os.kill, booted.pid, signal.SIGCONT)
+
+    state = scene.state(booted.mgmt_qmp_path, config(command=1.0), at(step, Phase.BEGIN, stall))
+    try:
+        err = await scene.plug_fails(state)
+    finally:
+        await asyncio.sleep(1.6)
+        os.kill(booted.pid, signal.SIGCONT)
+    text = expect(err, step, QmpTimeoutError, "no answer from QEMU within 1 s")
+    assert journal_file(scene.state_dir) is None
+    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
+                       scene.state_dir)
+    record(step, "timeout", f"QEMU stalled 1.5 s, then ran it: {text}; undone; clean")
+
+
 # --- persist: the state file cannot be written ---------------------------------------------------
 
 def _state_path_taken(state_dir: Path) -> Callable[[Operation], None]:

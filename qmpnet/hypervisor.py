@@ -16,11 +16,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from qmpnet.errors import QmpnetError, UnsupportedError
+from qmpnet.errors import (
+    PlugError,
+    QmpDisconnectedError,
+    QmpnetError,
+    QmpTimeoutError,
+    UnsupportedError,
+)
 from qmpnet.lifecycle import Operation, Step
 from qmpnet.model import EndpointType, TapInterface
 from qmpnet.qmp import QmpSession
@@ -181,10 +187,10 @@ class QemuHypervisor:
         async def netdev_add() -> None:
             await self.qmp.netdev_add_tap(netdev_id(tap), fd_names, vhost_names)
 
-        async def netdev_del(_: None) -> None:
+        async def netdev_del() -> None:
             await self.qmp.netdev_del(netdev_id(tap))
 
-        await op.step(Step.NETDEV_ADD, netdev_add, netdev_del)
+        await _qemu_step(op, Step.NETDEV_ADD, netdev_add, netdev_del)
 
         async def device_add() -> Slot:
             # Choosing a slot and taking it must not interleave with another plug.
@@ -203,10 +209,10 @@ class QemuHypervisor:
                 await self.qmp.device_add(args)
                 return slot
 
-        async def device_del(_: Slot) -> None:
+        async def device_del() -> None:
             await self.qmp.device_del(device_id(tap), self.unplug_timeout)
 
-        slot = await op.step(Step.DEVICE_ADD, device_add, device_del)
+        slot = await _qemu_step(op, Step.DEVICE_ADD, device_add, device_del)
         if wait_guest:
             await op.step(Step.WAIT_GUEST, lambda: self.qmp.wait_driver_ok(
                 device_id(tap), self.guest_timeout))
@@ -270,6 +276,31 @@ class QemuHypervisor:
         return {c["name"] for c in await self.qmp.qom_list("/machine/peripheral")
                 if c["type"].startswith("child<")}
 
+
+
+T = TypeVar("T")
+
+
+async def _qemu_step(op: Operation, step: Step, action: Callable[[], Awaitable[T]],
+                     undo: Callable[[], Awaitable[None]]) -> T:
+    """Run a QEMU command that creates something, and undo it also when its outcome is unknown.
+
+    A command that timed out or lost its connection may still run in QEMU: its undo is
+    registered then too (deleting what is not there is harmless). One QEMU refused did
+    nothing, and the id it names may be someone else's: nothing to undo.
+    """
+    async def undo_result(_: T) -> None:
+        await undo()
+
+    try:
+        return await op.step(step, action, undo_result)
+    except PlugError as err:
+        if isinstance(err.cause, QmpTimeoutError | QmpDisconnectedError):
+            op.on_undo(step, undo)
+        raise
+    except asyncio.CancelledError:
+        op.on_undo(step, undo)  # cancelled while QEMU had the command
+        raise
 
 
 async def _all(*calls: Awaitable[Any]) -> list[Any]:

@@ -91,6 +91,10 @@ class Operation:
         """The operation is complete: its undo stack is dropped."""
         self._committed = True
 
+    @property
+    def committed(self) -> bool:
+        return self._committed
+
     async def _notify(self, step: Step, phase: Phase) -> None:
         self.history.append((step, phase))
         for observer in self.observers:
@@ -130,4 +134,12 @@ class Operation:
             log.debug("undo traceback", exc_info=True)
             await self._notify(step, Phase.UNDO_FAILED)
             return
+        except BaseException as err:
+            # Cancelled again while undoing: this undo did not finish. Recorded, so the
+            # journal is kept for the next operation; the later undos still run (the exit
+            # stack goes on) and the cancellation propagates.
+            self.undo_errors.append(err)
+            log.error("%s of %s: undo of %s interrupted: %r", self.kind, self.endpoint, step,
+                      err)
+            raise
         await self._notify(step, Phase.UNDO)

@@ -21,7 +21,7 @@ import attrs
 
 from qmpnet.config import Config
 from qmpnet.endpoints import Endpoint, PlugContext, create_endpoint, net_info_from_interface
-from qmpnet.errors import InvalidInputError, PlugError, StateError
+from qmpnet.errors import InvalidInputError, StateError
 from qmpnet.hypervisor import QemuHypervisor
 from qmpnet.lifecycle import Observer, Operation, Phase, Step
 from qmpnet.model import (
@@ -197,12 +197,15 @@ class NetworkState:
                     async with op:
                         ctx = PlugContext(hv, self.config, op)
                         await entry.endpoint.hot_detach(ctx, netns_created=True)
-                        await op.step(Step.FORGET, lambda: self._save(
-                            attrs.evolve(snap, entries=rest)))
-                        op.commit()
-                except PlugError:
+
+                        async def forget() -> None:
+                            await self._save(attrs.evolve(snap, entries=rest))
+                            op.commit()  # saved: the unplug is done, whatever comes next
+                        await op.step(Step.FORGET, forget)
+                except BaseException:
+                    # Also on cancellation: the device_del may be under way in the guest.
                     reached = (Step.DEVICE_DEL, Phase.BEGIN) in op.history
-                    if reached and entry.status is Status.PLUGGED:
+                    if reached and not op.committed and entry.status is Status.PLUGGED:
                         # device_del may be under way in the guest: never report it plugged.
                         pending = Entry(entry.endpoint, Status.UNPLUG_PENDING)
                         try:

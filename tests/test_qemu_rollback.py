@@ -311,3 +311,67 @@ async def test_a_cancelled_plug_is_undone_before_the_save_and_kept_after(
         assert f"{entry.endpoint.id}-net" in now["network"]
         assert tap in now["links"]
     assert state.store.journal() == {}
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_unplug_is_pending_not_plugged(
+        paused_vm: GuestVM, host_link_names: Any, state_dir: Path) -> None:
+    """Cancelled while waiting for DEVICE_DELETED: QEMU is unplugging the NIC, so the state
+    must say unplug-pending (a later call completes it), never plugged."""
+    tap = host_link_names("t")
+    reached = asyncio.Event()
+
+    def watch(op: Operation, step: Step, phase: Phase) -> None:
+        if (step, phase) == (Step.DEVICE_DEL, B):
+            reached.set()
+
+    state = NetworkState.open(state_dir, str(paused_vm.mgmt_qmp_path),
+                              Config(timeouts=Timeouts(unplug=30.0)))
+    await _add(state, _plug_args(tap, "52:54:00:00:00:7b"))
+    state.observers.append(watch)
+    task = asyncio.create_task(state.remove_interface("52:54:00:00:00:7b"))
+    await asyncio.wait_for(reached.wait(), 30)
+    await asyncio.sleep(0.3)  # device_del sent, its wait under way
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [entry] = await state.list_interfaces()
+    assert entry.status is Status.UNPLUG_PENDING
+    assert state.store.journal() == {}
+
+
+@pytest.mark.asyncio
+async def test_a_second_cancel_during_the_undo_keeps_the_journal(
+        paused_vm: GuestVM, host_link_names: Any, state_dir: Path) -> None:
+    """Cancelled at wait-guest, the undo's device_del waits for a guest that never answers;
+    cancelled again there, the undo is unfinished, so the journal must keep the plug for
+    the next operation or a reconcile (QEMU still has the device)."""
+    tap = host_link_names("t")
+    phases: list[tuple[Step, Phase]] = []
+    waiting = asyncio.Event()
+
+    def watch(op: Operation, step: Step, phase: Phase) -> None:
+        phases.append((step, phase))
+        if (step, phase) == (Step.WAIT_GUEST, B):
+            waiting.set()
+
+    state = NetworkState.open(state_dir, str(paused_vm.mgmt_qmp_path),
+                              Config(timeouts=Timeouts(unplug=30.0, guest_ready=60.0)))
+    state.observers.append(watch)
+    args = _plug_args(tap, "52:54:00:00:00:7c")
+    task = asyncio.create_task(state.add_interface(
+        args["desc"], model=args["model"], queues=args["queues"], tap_name=tap,
+        wait_guest=True))
+    await asyncio.wait_for(waiting.wait(), 30)
+    task.cancel()
+    await asyncio.sleep(0.5)  # the undo's device_del is waiting for the guest
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await state.list_interfaces() == []
+    journal = state.store.journal()
+    assert len(journal) == 1, phases
+    (endpoint_id,) = journal
+    async with await QmpSession.connect(str(paused_vm.qmp_path)) as qmp:
+        assert f"{endpoint_id}-dev" in {c["name"] for c in
+                                        await qmp.qom_list("/machine/peripheral")}
