@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 MARK_PREFIX = "qmpnet:"
 ETH_P_ALL = 0x0003
 INGRESS = 0xFFFF0000
+#: The preference of qmpnet's mirred filters: how an ingress qdisc is told to be its own.
+MIRROR_PRIO = 0x7171
 NETLINK_ROUTE = 0
 #: rtnetlink multicast group of link announcements, and the two message types it carries.
 RTMGRP_LINK = 0x1
@@ -271,7 +273,7 @@ class Links:
                 added.append(src)
                 await self._call("add mirred filter on", name, self._ipr.tc(
                     "add-filter", "u32", src, ":1", parent=INGRESS, protocol=ETH_P_ALL,
-                    target=0x10000, keys=["0x0/0x0+0"],
+                    prio=MIRROR_PRIO, target=0x10000, keys=["0x0/0x0+0"],
                     action={"kind": "mirred", "direction": "egress", "action": "redirect",
                             "ifindex": dst}))
         except HostError:
@@ -282,15 +284,33 @@ class Links:
             raise
 
     async def del_tc_ingress(self, name: str) -> None:
-        """Remove the ingress qdisc (and with it our filters); absent link or qdisc is fine."""
+        """Remove our ingress qdisc (and with it our filters); absent link or qdisc is fine.
+
+        An ingress qdisc with a filter qmpnet did not make, or none at all, is someone
+        else's: it is left as it is.
+        """
         info = await self.lookup(name)
-        if info is None:
+        if info is None or not await self.has_tc_ingress(name):
+            return
+        if not await self.tc_ingress_ours(name):
+            log.warning("%s: the ingress qdisc holds filters qmpnet did not make; left as is",
+                        self._where(name))
             return
         try:
             await self._ipr.tc("del", "ingress", info.index, INGRESS)
         except NetlinkError as err:
             if err.code not in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
                 raise HostError("delete ingress qdisc on", self._where(name), err.code) from err
+
+    async def tc_ingress_ours(self, name: str) -> bool:
+        """Whether the ingress qdisc of ``name`` holds qmpnet's mirred filter and only that."""
+        info = await self.get(name)
+        try:
+            filters = [f async for f in await self._ipr.get_filters(index=info.index,
+                                                                     parent=INGRESS)]
+        except NetlinkError as err:
+            raise HostError("list filters of", self._where(name), err.code) from err
+        return bool(filters) and all(f["info"] >> 16 == MIRROR_PRIO for f in filters)
 
     async def has_tc_ingress(self, name: str) -> bool:
         info = await self.get(name)

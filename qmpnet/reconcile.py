@@ -382,8 +382,9 @@ async def host_residue(ep: Endpoint) -> list[str]:
             if virt is None:
                 return problems
             if pair.model is InterworkingModel.TCFILTER and \
-                    await links.has_tc_ingress(virt.name):
-                problems.append(f"{virt.name} still has an ingress qdisc")
+                    await links.has_tc_ingress(virt.name) and \
+                    await links.tc_ingress_ours(virt.name):
+                problems.append(f"{virt.name} still has qmpnet's ingress qdisc")
             if pair.model in _MAC_CHANGING and virt.mac == parked_mac(ep.id):
                 problems.append(f"{virt.name} still has the MAC {virt.mac} qmpnet set, not "
                                 f"its own {ep.hardware_addr}")

@@ -205,7 +205,7 @@ Attached = Callable[[Links, NetworkInterfacePair, LinkInfo, Mapping[int, LinkInf
 async def _tc_attached(links: Links, pair: NetworkInterfacePair, link: LinkInfo,
                        by_index: Mapping[int, LinkInfo]) -> bool:
     # A new link of the same name has no ingress qdisc: the mirror went with the old one.
-    return await links.has_tc_ingress(link.name)
+    return await links.has_tc_ingress(link.name) and await links.tc_ingress_ours(link.name)
 
 
 async def _macvtap_attached(links: Links, pair: NetworkInterfacePair, link: LinkInfo,

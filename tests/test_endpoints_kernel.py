@@ -9,6 +9,7 @@ leave a link that is not ours untouched.
 from __future__ import annotations
 
 import errno
+import json
 import os
 from typing import Any
 
@@ -252,3 +253,45 @@ async def test_a_bridge_name_too_long_fails_before_anything_is_made(cni_veth: An
     assert op.history == []
     assert fds.tap == []
     assert sorted(host.links(veth.sandbox)) == before
+
+
+@pytest.mark.asyncio
+async def test_a_foreign_ingress_qdisc_survives_a_tcfilter_detach(cni_veth: Any,
+                                                                   host: Any) -> None:
+    """What a reconcile does for a plug that crashed before it joined the links: detach.
+    The ingress qdisc on the veth belongs to another tool (its filter is not qmpnet's)."""
+    veth = cni_veth(mac="52:54:00:00:00:4a")
+    ns = host.ns_name(veth.sandbox)
+    host.sh("tc", "-n", ns, "qdisc", "add", "dev", veth.inner, "ingress")
+    other = unique("w")  # another tool's mirror (the kernel here has mirred, not gact)
+    host.sh("ip", "-n", ns, "link", "add", other, "type", "veth", "peer", "name", unique("w"))
+    host.sh("tc", "-n", ns, "filter", "add", "dev", veth.inner, "parent", "ffff:", "prio",
+            "5", "protocol", "all", "u32", "match", "u32", "0", "0", "action", "mirred",
+            "egress", "redirect", "dev", other)
+    ep = _endpoint(veth, InterworkingModel.TCFILTER)
+    await _detach(ep)
+    assert _ingress(host, veth.sandbox, veth.inner)
+    filters = json.loads(host.sh("tc", "-j", "-n", ns, "filter", "show", "dev", veth.inner,
+                                 "ingress").stdout)
+    assert {f.get("pref") for f in filters} == {5}
+
+
+@pytest.mark.asyncio
+async def test_a_refused_bridged_plug_leaves_the_veth_in_its_own_bridge(cni_veth: Any,
+                                                                         host: Any) -> None:
+    veth = cni_veth(mac="52:54:00:00:00:4b")
+    ns = host.ns_name(veth.sandbox)
+    theirs = unique("b")
+    host.sh("ip", "-n", ns, "link", "add", theirs, "type", "bridge")
+    host.sh("ip", "-n", ns, "link", "set", veth.inner, "master", theirs)
+    ep = _endpoint(veth, InterworkingModel.BRIDGED)
+    host.sh("ip", "-n", ns, "link", "add", bridge_name(ep.network_pair), "type", "bridge")
+    fds = tuntap.QueueFds()
+    with pytest.raises(PlugError) as caught:
+        async with Operation("hot-plug", ep.name) as op:
+            await MODELS[InterworkingModel.BRIDGED].connect(ep, _ctx(op), 1, fds)
+    assert isinstance(caught.value.cause, LinkExistsError)
+    seen = host.links(veth.sandbox)
+    assert seen[veth.inner]["master"] == theirs
+    assert seen[veth.inner]["address"] == veth.mac
+    assert bridge_name(ep.network_pair) in seen  # not ours: left alone

@@ -164,7 +164,11 @@ async def _bridge_disconnect(ep: NetPairEndpoint) -> None:
     async with Links.open(ep.netns_path) as links:
         virt = await links.lookup(ep.virt_name)
         if virt is not None and virt.master:
-            await links.set_master(ep.virt_name, None)
+            # only out of qmpnet's own bridge: the sandbox link may be in someone else's
+            master = next((link for link in await links.list() if link.index == virt.master),
+                          None)
+            if master is not None and master.owner == ep.id:
+                await links.set_master(ep.virt_name, None)
         await _delete_ours(links, bridge_name(ep.net_pair), ep.id)
         await _delete_ours(links, ep.tap_name, ep.id)
         await _restore_mac(links, ep)
