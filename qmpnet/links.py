@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -80,6 +81,11 @@ def _info(msg: Any) -> LinkInfo:
         mtu=msg.get("mtu") or 0, up=bool(msg["flags"] & 1), alias=msg.get("ifalias") or "",
         kind=msg.get(("linkinfo", "kind")) or "", master=msg.get("master") or 0)
 
+
+
+def staging_name(owner: str) -> str | None:
+    """The name a link of ``owner`` carries until it is marked (None: no such name)."""
+    return owner if re.fullmatch(r"qn[0-9a-f]{10}", owner) else None
 
 class Links:
     """Typed netlink operations in one network namespace; use :meth:`open`."""
@@ -212,29 +218,56 @@ class Links:
 
     async def add_macvtap(self, name: str, parent: str, mac: str, owner: str) -> LinkInfo:
         """A bridge-mode macvtap on ``parent`` carrying ``mac``, marked as ours."""
-        await self._refuse_existing(name)
         parent_index = (await self.get(parent)).index
-        await self._call("create macvtap", name, self._ipr.link(
-            "add", ifname=name, kind="macvtap", link=parent_index, macvtap_mode="bridge",
-            address=mac))
-        return await self._mark_new(name, owner)
+        return await self._create("macvtap", name, owner, kind="macvtap", link=parent_index,
+                                  macvtap_mode="bridge", address=mac)
 
     async def add_bridge(self, name: str, owner: str, mtu: int | None = None) -> LinkInfo:
-        await self._refuse_existing(name)
         extra: dict[str, Any] = {"mtu": mtu} if mtu else {}
-        await self._call("create bridge", name, self._ipr.link(
-            "add", ifname=name, kind="bridge", **extra))
-        return await self._mark_new(name, owner)
+        return await self._create("bridge", name, owner, kind="bridge", **extra)
 
     async def add_veth(self, name: str, peer: str, owner: str) -> LinkInfo:
+        return await self._create("veth", name, owner, kind="veth", peer={"ifname": peer})
+
+    async def _create(self, what: str, name: str, owner: str, **spec: Any) -> LinkInfo:
+        """Create a link that outlives this process, never unmarked under its own name.
+
+        The kernel ignores an alias in the create request, so marking takes a second call;
+        a crash between the two would leave an unmarked link nobody may delete. The link is
+        therefore made under a staging name (the owner's id when it is a valid link name:
+        ``qn`` + 10 hex digits, which no one else uses), marked, then renamed while down.
+        A reconcile deletes a link that still carries the staging name.
+        """
         await self._refuse_existing(name)
-        await self._call("create veth", name, self._ipr.link(
-            "add", ifname=name, kind="veth", peer={"ifname": peer}))
-        return await self._mark_new(name, owner)
+        staging = staging_name(owner) or name
+        await self._call(f"create {what}", name, self._ipr.link("add", ifname=staging, **spec))
+        info = await self._mark_new(staging, owner)
+        if staging != name:
+            try:
+                await self._call(f"rename {what}", name,
+                                 self._ipr.link("set", index=info.index, ifname=name))
+            except HostError:
+                with contextlib.suppress(NetlinkError):
+                    await self._ipr.link("del", index=info.index)
+                raise
+        return await self.get(name)
+
+    async def delete_staged(self, owner: str) -> bool:
+        """Delete ``owner``'s link left under its staging name (a crash before the mark)."""
+        name = staging_name(owner)
+        info = await self.lookup(name) if name else None
+        if info is None:
+            return False
+        try:
+            await self._ipr.link("del", index=info.index)
+        except NetlinkError as err:
+            if err.code == errno.ENODEV:
+                return False
+            raise HostError("delete link", self._where(info.name), err.code) from err
+        return True
 
     async def _mark_new(self, name: str, owner: str) -> LinkInfo:
-        """Mark a link just created. The kernel ignores an alias in the create request itself,
-        so it is set after; a link that cannot be marked is deleted again, never left."""
+        """Mark a link just created; a link that cannot be marked is deleted again."""
         try:
             await self.mark_ours(name, owner)
         except HostError:

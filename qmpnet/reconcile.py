@@ -36,6 +36,7 @@ from qmpnet.codec import UnknownEntry
 from qmpnet.endpoints import Endpoint, PlugContext
 from qmpnet.endpoints.netpair import parked_mac
 from qmpnet.errors import (
+    HostError,
     NetnsError,
     PlugError,
     QmpConnectError,
@@ -335,31 +336,34 @@ class _Reconciler:
                                            detail=ep.reason))
                 continue
             saved = self._saved(ep.id)
-            await self._drop_host_side(saved.endpoint if saved else ep, rec, reason)
-            self.state.store.journal_end(key)
+            if await self._drop_host_side(saved.endpoint if saved else ep, rec, reason):
+                self.state.store.journal_end(key)
         if not journal_only:
             for entry in self._snapshot().entries:
                 await self._drop_host_side(entry.endpoint, None, reason)
 
     async def _drop_host_side(self, ep: Endpoint, rec: JournalRecord | None,
-                              reason: str) -> None:
+                              reason: str) -> bool:
         try:
             await self._clean_host(ep)
         except QmpnetError as err:
             self.errors.append(f"{ep.id}: {err}")
-            return
+            return False
         self._put(ep.id, None)
         self._act(Outcome.DROPPED_QEMU_GONE, ep, rec, reason)
+        return True
 
     # --- the host side ---------------------------------------------------------------------
 
     async def _clean_host(self, ep: Endpoint) -> None:
-        """The endpoint's own detach, then a check; whatever is left is an error."""
+        """The endpoint's own detach, then a check; whatever is left is an error, and the
+        record (journal or entry) stays, so the next reconcile tries again."""
         async with Operation("reconcile", ep.name) as op:
             await ep.detach(PlugContext(self.hv, self.state.config, op), netns_created=True)
             op.commit()
-        for problem in await host_residue(ep):
-            self.errors.append(f"{ep.id}: {problem}")
+        left = await host_residue(ep)
+        if left:
+            raise HostError("clean up after", ep.name, None, "; ".join(left))
 
 
 async def host_residue(ep: Endpoint) -> list[str]:
@@ -371,6 +375,8 @@ async def host_residue(ep: Endpoint) -> list[str]:
     problems: list[str] = []
     try:
         async with Links.open(ep.netns_path) as links:
+            if await links.delete_staged(ep.id):
+                log.warning("deleted %s's link left under its staging name", ep.id)
             for link in await links.list():
                 if link.owner == ep.id:
                     await links.delete(link.name, owner=ep.id)

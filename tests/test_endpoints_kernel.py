@@ -23,6 +23,7 @@ from qmpnet.endpoints.netpair import MODELS, NetPairEndpoint, bridge_name, parke
 from qmpnet.errors import InvalidInputError, LinkExistsError, PlugError
 from qmpnet.lifecycle import Operation, Phase, Step
 from qmpnet.model import InterfaceDescription, InterworkingModel
+from qmpnet.reconcile import host_residue
 from qmpnet.testing.fixtures import unique
 
 pytestmark = [pytest.mark.kernel]
@@ -295,3 +296,26 @@ async def test_a_refused_bridged_plug_leaves_the_veth_in_its_own_bridge(cni_veth
     assert seen[veth.inner]["master"] == theirs
     assert seen[veth.inner]["address"] == veth.mac
     assert bridge_name(ep.network_pair) in seen  # not ours: left alone
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("model", [InterworkingModel.MACVTAP, InterworkingModel.BRIDGED])
+async def test_links_are_made_under_a_staging_name_that_reconcile_removes(
+        cni_veth: Any, host: Any, model: InterworkingModel) -> None:
+    """A persistent link is created as ``<endpoint id>``, marked, then renamed: a crash
+    between create and mark leaves a link named after the endpoint, which reconcile's host
+    check deletes (nobody else names a link ``qn`` + 10 hex digits)."""
+    veth = cni_veth(mac="52:54:00:00:00:4c")
+    ep = _endpoint(veth, model)
+    fds, _ = await _connect(ep, 1)
+    fds.close()
+    seen = host.links(veth.sandbox)
+    assert ep.id not in seen
+    made = ep.tap_name if model is InterworkingModel.MACVTAP else bridge_name(ep.network_pair)
+    assert seen[made]["ifalias"] == f"qmpnet:{ep.id}"
+    await _detach(ep)
+    # the crash: a link under the staging name, not marked yet
+    ns = host.ns_name(veth.sandbox)
+    host.sh("ip", "-n", ns, "link", "add", ep.id, "type", "bridge")
+    assert await host_residue(ep) == []
+    assert sorted(host.links(veth.sandbox)) == sorted(["lo", veth.inner])
