@@ -321,3 +321,71 @@ async def test_pending_unplug_exit_6_then_reconcile(paused: GuestVM, state_dir: 
                          str(path))
     assert again.returncode == 4  # fails fast, and says why
     one_line_error(again, "no such socket", "QEMU is not running")
+
+
+def _state_root() -> set[str]:
+    """What the default state root holds now (no state dir given: one per socket)."""
+    root = "/run/qmpnet"
+    return set(os.listdir(root)) if os.path.isdir(root) else set()
+
+
+async def test_a_mistyped_socket_leaves_no_state_directory(tmp_path: Path) -> None:
+    """Without --state the directory is derived from the socket: a typo must fail with
+    exit 4 (not 3, not an empty list) and create nothing under the state root."""
+    typo = tmp_path / "no-such-vm.sock"
+    before = _state_root()
+    for args in (("del-iface", "--qmp", str(typo), "--mac", "52:54:00:12:34:56"),
+                 ("list-ifaces", "--qmp", str(typo)), ("reconcile", "--qmp", str(typo))):
+        proc = await qmpnet(*args)
+        assert proc.returncode == 4, (args, proc.stderr)
+        one_line_error(proc, "no such socket")
+    assert _state_root() == before
+    watch = await qmpnet("watch", "--qmp", str(typo), "--state", str(tmp_path / "st"),
+                         "--netns", "/run/netns/none")
+    assert watch.returncode == 4
+    one_line_error(watch, "no such socket")
+
+
+async def test_no_vm_given_is_usage_and_json_errors_are_json(tmp_path: Path,
+                                                             state_dir: Path) -> None:
+    proc = await qmpnet("list-ifaces", env={"QMPNET_STATE_DIR": ""})
+    assert proc.returncode == 2
+    assert "give --state DIR or --qmp SOCKET" in proc.stderr
+    bad = await qmpnet("--log-format", "json", "add-iface", "--qmp", str(tmp_path / "x.sock"),
+                       "--state", str(state_dir), "-", stdin='{"name": "eth0", "mtu": 1}')
+    assert bad.returncode == 3
+    (line,) = bad.stderr.splitlines()
+    doc = json.loads(line)
+    assert (doc["level"], doc["exit"]) == ("error", 3)
+    assert "mtu" in doc["msg"]
+
+
+async def test_queues_out_of_range_fail_before_anything_is_made(
+        vm: GuestVM, state_dir: Path, iface: tuple[Path, str, str]) -> None:
+    path, _, tap = iface
+    proc = await qmpnet("add-iface", "--qmp", str(vm.mgmt_qmp_path), "--state",
+                        str(state_dir), "--model", "none", "--tap-name", tap, "--queues", "300",
+                        str(path))
+    assert proc.returncode == 3
+    one_line_error(proc, "queues", "300")
+    assert "step" not in proc.stderr  # refused before the hot-plug started
+    assert tap not in links()
+
+
+async def test_reconcile_of_a_vm_that_is_gone_removes_its_state_directory(
+        guest_image: GuestImage, tmp_path: Path, iface: tuple[Path, str, str]) -> None:
+    path, _, tap = iface
+    state = tmp_path / "state"
+    gone = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=2,
+                               name=f"{RUN}-gone")
+    try:
+        added = await qmpnet("add-iface", "--qmp", str(gone.mgmt_qmp_path), "--state",
+                             str(state), "--model", "none", "--tap-name", tap, str(path))
+        assert added.returncode == 0, added.stderr
+    finally:
+        await gone.stop()
+    proc = await qmpnet("reconcile", "--qmp", str(gone.mgmt_qmp_path), "--state", str(state))
+    assert proc.returncode == 0, proc.stderr
+    assert "gone" in proc.stdout
+    assert not state.exists()
+    assert tap not in links()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -48,6 +49,9 @@ def exit_code_for(err: BaseException) -> int:
 
     if isinstance(err, errors.PlugError):
         return exit_code_for(err.cause)
+    if isinstance(err, errors.NetnsError) and err.errno in (None, errno.ENOENT, errno.ENOTDIR,
+                                                            errno.EINVAL):
+        return EXIT_INPUT  # a netns path that does not exist or is not a netns: bad input
     table: list[tuple[type[BaseException], int]] = [
         (errors.QmpTimeoutError, EXIT_TIMEOUT),
         (errors.InvalidInputError, EXIT_INPUT),
@@ -69,7 +73,8 @@ def default_state_dir(qmp: str | None) -> str:
     if env:
         return env
     if not qmp:
-        raise SystemExit("qmpnet: error: give --state DIR or --qmp SOCKET")
+        print("qmpnet: error: give --state DIR or --qmp SOCKET", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
     digest = hashlib.sha256(os.path.realpath(qmp).encode()).hexdigest()[:16]
     return os.path.join(STATE_ROOT, f"vm-{digest}")
 
@@ -98,8 +103,12 @@ def setup_logging(verbose: int, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     if verbose < 3:
-        # qemu.qmp is chatty at debug; our own --> / <-- lines carry the traffic.
-        logging.getLogger("qemu.qmp").setLevel(max(level, logging.INFO))
+        # Our own --> / <-- lines carry the QMP traffic, and every failure is reported once,
+        # as qmpnet's one-line error: qemu.qmp's own error logs would repeat it, pyroute2's
+        # debug dumps every link. -vvv shows them all.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+        logging.getLogger("pyroute2").setLevel(max(level, logging.INFO))
+        logging.getLogger("asyncio").setLevel(max(level, logging.INFO))
 
 
 # --- argument parsing ------------------------------------------------------------------------
@@ -153,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 internal, 2 usage, 3 bad input, 4 QEMU/QMP, 5 host, "
                "6 timeout (unplug pending), 7 unsupported, 8 state, 9 reconcile incomplete")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-v info, -vv debug with QMP traffic)")
+                        help="more logging (-v info, -vv debug with QMP traffic, -vvv "
+                        "everything); give it before the command")
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -221,9 +231,13 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _state(args: argparse.Namespace) -> NetworkState:
     from qmpnet.network import NetworkState
+    from qmpnet.qmp import check_socket_path
 
-    return NetworkState.open(args.state or default_state_dir(args.qmp), args.qmp or "",
-                             _config(args))
+    directory = args.state or default_state_dir(args.qmp)
+    if args.qmp and not os.path.isdir(directory):
+        # No state for this socket yet: a mistyped path must not leave a directory behind.
+        check_socket_path(args.qmp)
+    return NetworkState.open(directory, args.qmp or "", _config(args))
 
 
 def _read_json(path: str) -> Any:
@@ -302,7 +316,12 @@ async def cmd_list(args: argparse.Namespace) -> int:
 async def cmd_reconcile(args: argparse.Namespace) -> int:
     from qmpnet.reconcile import reconcile
 
-    report = await reconcile(_state(args))
+    state = _state(args)
+    report = await reconcile(state)
+    if report.ok and not report.qemu_running:
+        snap = state.store.load()
+        if not (snap.entries or snap.unknown or state.store.journal()):
+            state.store.remove_all()  # the VM is gone and nothing of it is left
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:
@@ -321,6 +340,9 @@ async def cmd_watch(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from qmpnet.qmp import check_socket_path
+
+    check_socket_path(args.qmp)  # fail fast (exit 4) rather than retry a typo forever
     state = _state(args)
     model = InterworkingModel.parse(args.model) if args.model else None
     await watch(state, args.netns, model=model, debounce=args.debounce, stop=stop,
@@ -358,7 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             traceback.print_exc()
         kind = "internal error" if code == EXIT_INTERNAL else "error"
-        print(f"qmpnet: {kind}: {err}", file=sys.stderr)
+        if args.log_format == "json":
+            print(json.dumps({"level": "error", "error": type(err).__name__, "msg": str(err),
+                              "exit": code}), file=sys.stderr)
+        else:
+            print(f"qmpnet: {kind}: {err}", file=sys.stderr)
         return code
 
 

@@ -39,10 +39,15 @@ class Config:
 
     internetworking_model: InterworkingModel = InterworkingModel.DEFAULT
     disable_vhost_net: bool = False
-    queues: int = 0
+    queues: int = attrs.field(default=0)
     #: host tap name for the endpoint with index ``idx``; must stay within 15 bytes.
     tap_name: str = attrs.field(default="tap{idx}_kata")
     timeouts: Timeouts = Timeouts()
+
+    @queues.validator
+    def _check_queues(self, _attr: object, value: int) -> None:
+        if value != 0 or isinstance(value, bool) or not isinstance(value, int):
+            check_queues("queues", value)
 
     @tap_name.validator
     def _check_tap_name(self, _attr: object, value: str) -> None:

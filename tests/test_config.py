@@ -121,3 +121,11 @@ def test_any_table_gives_a_valid_config_or_a_named_error(table: dict[str, object
                   cfg.timeouts.guest_ready):
         assert type(value) is float
         assert 0 < value <= 3600
+
+
+@pytest.mark.parametrize("queues", [-1, 300, True])
+def test_a_config_made_in_code_checks_queues_too(queues: object) -> None:
+    """The CLI builds its Config from options: a bad count fails before anything is made."""
+    with pytest.raises(InvalidInputError) as caught:
+        Config(queues=queues)  # type: ignore[arg-type]
+    assert caught.value.field == "queues"
