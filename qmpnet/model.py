@@ -335,6 +335,13 @@ def _parse_addresses(value: object) -> tuple[IPAddress, ...]:
     for item in value:
         if not isinstance(item, Mapping):
             raise InvalidInputError("IPAddresses", item, "each entry must be an object")
+        extra = sorted(str(k) for k in item if k not in ("family", "address", "mask"))
+        if extra:
+            raise InvalidInputError("IPAddresses key", extra[0],
+                                    "unknown; known keys are address, family, mask")
+        for key in ("address", "mask"):
+            if key not in item:
+                raise InvalidInputError(key, None, "missing from an IPAddresses entry")
         family = item.get("family", 4)
         # The agent's protobuf spells families as 0/1 (v4/v6) in some versions: accept both.
         if isinstance(family, int) and not isinstance(family, bool):
