@@ -237,6 +237,12 @@ class _Reconciler:
             except QmpnetError as err:
                 self.errors.append(f"{entry.endpoint.id}: {err}")
         await self._find_orphans()
+        self._report_unreadable()
+
+    def _report_unreadable(self) -> None:
+        """A state entry this version cannot read may stand for a plugged NIC: an error."""
+        for entry in self._snapshot().unknown:
+            self.errors.append(f"unreadable state entry kept as is: {entry.reason}")
 
     async def _settle_record(self, key: str, rec: JournalRecord) -> None:
         ep = rec.endpoint
@@ -341,6 +347,7 @@ class _Reconciler:
         if not journal_only:
             for entry in self._snapshot().entries:
                 await self._drop_host_side(entry.endpoint, None, reason)
+            self._report_unreadable()
 
     async def _drop_host_side(self, ep: Endpoint, rec: JournalRecord | None,
                               reason: str) -> bool:

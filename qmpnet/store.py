@@ -93,26 +93,32 @@ class Store:
     async def locked(self) -> AsyncIterator[None]:
         """Hold the VM's lock: one operation at a time across tasks and processes."""
         async with self._local:
-            self._ensure_dir()
-            fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                deadline = time.monotonic() + self.lock_timeout
-                delay = 0.002
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except OSError as err:
-                        if err.errno not in (errno.EAGAIN, errno.EACCES):
-                            raise StateError(str(self.dir), f"lock: {err.strerror}") from err
-                    if time.monotonic() > deadline:
-                        raise StateError(str(self.dir), "another process holds the VM's lock "
-                                         f"for more than {self.lock_timeout:g} s")
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.05)
-                yield
-            finally:
-                os.close(fd)  # releases the flock
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                self._ensure_dir()
+                fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    delay = 0.002
+                    while True:
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            break
+                        except OSError as err:
+                            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                                raise StateError(str(self.dir),
+                                                 f"lock: {err.strerror}") from err
+                        if time.monotonic() > deadline:
+                            raise StateError(str(self.dir), "another process holds the VM's "
+                                             f"lock for more than {self.lock_timeout:g} s")
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 0.05)
+                    # remove_all() may have taken the lock file away while we waited on it:
+                    # then the lock is a new file's, taken again from the top.
+                    if _same_file(fd, self.dir / "lock"):
+                        yield
+                        return
+                finally:
+                    os.close(fd)  # releases the flock
 
     # --- files -----------------------------------------------------------------------------
 
@@ -229,3 +235,12 @@ def _seconds(value: object) -> float:
         return float(value)
     except OverflowError:
         return 0.0
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)

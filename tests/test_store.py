@@ -187,3 +187,22 @@ def test_remove_all(tmp_path: Path) -> None:
                         create_tap_endpoint(0, "eth0", tap_name="t0"), 0.0)
     store.remove_all()
     assert not store.dir.exists()
+
+
+@pytest.mark.asyncio
+async def test_reconcile_reports_an_unreadable_entry_and_keeps_it(tmp_path: Path) -> None:
+    """An entry this version cannot read may stand for a plugged NIC: reconcile must not
+    call the VM consistent (here QEMU is gone: its socket does not exist)."""
+    from qmpnet.config import Config
+    from qmpnet.network import NetworkState
+    from qmpnet.reconcile import reconcile
+
+    store = Store(tmp_path / "s")
+    store.dir.mkdir()
+    alien = {"status": "plugged", "endpoint": {"type": "wireguard", "peer": "x"}}
+    store.state_path.write_text(json.dumps({"version": 1, "endpoints": [alien]}))
+    state = NetworkState.open(store.dir, str(tmp_path / "gone.sock"), Config())
+    report = await reconcile(state)
+    assert not report.ok
+    assert any("unreadable state entry" in e for e in report.errors)
+    assert [u.raw for u in store.load().unknown] == [alien]
