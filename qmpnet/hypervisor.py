@@ -272,6 +272,13 @@ class QemuHypervisor:
         wanted = device_id(plugged_tap(endpoint))
         return wanted in await self.peripheral_ids()
 
+    async def nic_with_mac(self, mac: str) -> str | None:
+        """The NIC of this VM that has ``mac`` (QEMU's rx-filter view), if any."""
+        for nic in await self.qmp.execute("query-rx-filter"):
+            if str(nic.get("main-mac", "")).lower() == mac.lower():
+                return str(nic.get("name", "?"))
+        return None
+
     async def peripheral_ids(self) -> set[str]:
         return {c["name"] for c in await self.qmp.qom_list("/machine/peripheral")
                 if c["type"].startswith("child<")}

@@ -150,6 +150,12 @@ class NetworkState:
             endpoint = create_endpoint(net_info_from_interface(desc, model), idx, model,
                                        netns_path=netns_path, tap_name=name, queues=queues)
             async with self.hypervisor() as hv:
+                if endpoint.hardware_addr:
+                    # another state directory (or someone else) may have plugged it already
+                    holder = await hv.nic_with_mac(endpoint.hardware_addr)
+                    if holder:
+                        raise InvalidInputError("hwAddr", endpoint.hardware_addr,
+                                                f"QEMU already has NIC {holder} with this MAC")
                 op = self._operation("hot-plug", endpoint)
                 try:
                     async with op:

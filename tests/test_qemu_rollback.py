@@ -20,6 +20,7 @@ import pytest
 
 from qmpnet.config import Config, Timeouts
 from qmpnet.errors import (
+    InvalidInputError,
     PlugError,
     QmpCommandError,
     QmpConnectError,
@@ -375,3 +376,23 @@ async def test_a_second_cancel_during_the_undo_keeps_the_journal(
     async with await QmpSession.connect(str(paused_vm.qmp_path)) as qmp:
         assert f"{endpoint_id}-dev" in {c["name"] for c in
                                         await qmp.qom_list("/machine/peripheral")}
+
+
+@pytest.mark.asyncio
+async def test_a_mac_the_vm_already_has_is_refused_across_state_directories(
+        paused_vm: GuestVM, host: Any, host_link_names: Any, tmp_path: Path) -> None:
+    """Two state directories (the CLI's and a CNI plugin's, say) for one VM: the second plug
+    of one MAC is refused from QEMU's own view, before anything is made."""
+    first, second = host_link_names("t"), host_link_names("t")
+    mac = "52:54:00:00:00:7d"
+    one = NetworkState.open(tmp_path / "one", str(paused_vm.mgmt_qmp_path), Config())
+    two = NetworkState.open(tmp_path / "two", str(paused_vm.mgmt_qmp_path), Config())
+    await _add(one, _plug_args(first, mac))
+    before = await _snapshot(paused_vm, host)
+    with pytest.raises(InvalidInputError) as caught:
+        await _add(two, _plug_args(second, mac))
+    assert caught.value.field == "hwAddr"
+    assert "QEMU already has NIC" in str(caught.value)
+    assert await _snapshot(paused_vm, host) == before
+    assert second not in host.links()
+    assert await two.list_interfaces() == []
