@@ -325,6 +325,17 @@ def test_main_result_reports_the_ipam_addresses_on_the_nic() -> None:
     }
 
 
+@pytest.mark.parametrize(("version", "family"), [("0.3.1", "4"), ("0.4.0", "4"),
+                                                   ("1.0.0", None)])
+def test_main_result_addresses_say_their_family_before_1_0(version: str,
+                                                           family: str | None) -> None:
+    parsed = NetConf.parse(raw(conf(cniVersion=version, model="none", prevResult=None,
+                                    ipam={"type": "host-local"})), "ADD")
+    got = {"cniVersion": "1.0.0", "ips": [{"address": "169.254.9.4/24"}]}
+    result = cni.main_result(parsed, Env.from_environ(environ()), "52:54:00:00:00:09", got)
+    assert result["ips"][0].get("version") == family
+
+
 def test_prev_result_addresses_of_the_nic_become_its_description() -> None:
     addrs = cni.ips_of(PREV, 2)
     assert [(a.family, a.address, a.mask) for a in addrs] == [(4, "169.254.5.100", "24")]

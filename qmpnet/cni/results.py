@@ -82,6 +82,13 @@ def main_result(conf: NetConf, env: Env, mac: str, ipam_result: Mapping[str, Any
     }
     got = ipam_result or {}
     ips = [{**ip, "interface": 0} for ip in got.get("ips") or [] if isinstance(ip, dict)]
+    if version_key(conf.cni_version) < (1, 0, 0):
+        # before 1.0 each address says its family; the IPAM plugin may have answered in 1.0
+        for ip in ips:
+            ip.setdefault("version", str(ipaddress.ip_interface(str(ip.get("address"))).version))
+    else:
+        for ip in ips:
+            ip.pop("version", None)
     if ips:
         result["ips"] = ips
     if got.get("routes"):
