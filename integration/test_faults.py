@@ -507,15 +507,20 @@ async def test_validate_sandbox_link_missing(booted: GuestVM, make_netns: Callab
     record(Step.VALIDATE, "netlink / host", f"veth missing: {text}; clean")
 
 
-async def test_validate_netns_deleted(booted: GuestVM, scene: Scene) -> None:
+@pytest.mark.parametrize(("phase", "fails_at"), [(Phase.BEGIN, Step.VALIDATE),
+                                                (Phase.DONE, Step.OPEN_QUEUES)],
+                         ids=["validate", "open-queues"])
+async def test_netns_deleted(booted: GuestVM, scene: Scene, phase: Phase,
+                             fails_at: Step) -> None:
+    """The sandbox netns goes as validate begins (validate fails) or ends (open-queues)."""
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
     state = scene.state(booted.mgmt_qmp_path, None, at(
-        Step.VALIDATE, Phase.BEGIN, lambda _: sh("ip", "netns", "del", ns_name(scene.netns))))
+        Step.VALIDATE, phase, lambda _: sh("ip", "netns", "del", ns_name(scene.netns))))
     err = await scene.plug_fails(state)
-    text = expect(err, Step.VALIDATE, NetnsError, "No such file or directory")
+    text = expect(err, fails_at, NetnsError, "No such file or directory")
     await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
                        scene.state_dir, netns_gone=True)
-    record(Step.VALIDATE, "netlink / host", f"netns deleted: {text}; clean")
+    record(fails_at, "netlink / host", f"netns deleted: {text}; clean")
 
 
 async def test_open_queues_name_clash(booted: GuestVM, scene: Scene) -> None:
@@ -528,17 +533,6 @@ async def test_open_queues_name_clash(booted: GuestVM, scene: Scene) -> None:
                        scene.state_dir)  # the dummy is in `before`: untouched
     record(Step.OPEN_QUEUES, "netlink / host", f"tap name taken: {text}; other link "
            "untouched; clean")
-
-
-async def test_open_queues_netns_deleted(booted: GuestVM, scene: Scene) -> None:
-    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
-    state = scene.state(booted.mgmt_qmp_path, None, at(
-        Step.VALIDATE, Phase.DONE, lambda _: sh("ip", "netns", "del", ns_name(scene.netns))))
-    err = await scene.plug_fails(state)
-    text = expect(err, Step.OPEN_QUEUES, NetnsError, "No such file or directory")
-    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
-                       scene.state_dir, netns_gone=True)
-    record(Step.OPEN_QUEUES, "netlink / host", f"netns deleted: {text}; clean")
 
 
 async def test_prepare_links_veth_deleted(booted: GuestVM, scene: Scene) -> None:

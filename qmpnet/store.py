@@ -114,7 +114,7 @@ class Store:
                         delay = min(delay * 2, 0.05)
                     # remove_all() may have taken the lock file away while we waited on it:
                     # then the lock is a new file's, taken again from the top.
-                    if _same_file(fd, self.dir / "lock"):
+                    if same_file(fd, self.dir / "lock"):
                         yield
                         return
                 finally:
@@ -237,7 +237,8 @@ def _seconds(value: object) -> float:
         return 0.0
 
 
-def _same_file(fd: int, path: Path) -> bool:
+def same_file(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (not one removed or replaced meanwhile)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:

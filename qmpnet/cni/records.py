@@ -24,6 +24,7 @@ from qmpnet.errors import (
     StateError,
 )
 from qmpnet.network import NetworkState
+from qmpnet.store import same_file
 
 
 @attrs.frozen(kw_only=True)
@@ -103,7 +104,7 @@ class Book:
                                            f"{self.dir} for more than {LOCK_TIMEOUT:g} s"
                                            ) from None
                         await asyncio.sleep(0.02)
-                if _same_file(fd, lock):
+                if same_file(fd, lock):
                     yield
                     return
             finally:
@@ -158,11 +159,3 @@ class Book:
         with contextlib.suppress(FileNotFoundError):
             (self.dir / LOCK_FILE).unlink()
         state.store.remove_all()
-def _same_file(fd: int, path: Path) -> bool:
-    """Whether ``fd`` is still the file at ``path`` (not one removed meanwhile)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
