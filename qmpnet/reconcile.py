@@ -34,7 +34,7 @@ from qemu.qmp import QMPClient
 
 from qmpnet.codec import UnknownEntry
 from qmpnet.endpoints import Endpoint, PlugContext
-from qmpnet.endpoints.netpair import parked_mac
+from qmpnet.endpoints.netpair import MAC_PARKING, parked_mac
 from qmpnet.errors import (
     HostError,
     NetnsError,
@@ -398,17 +398,13 @@ async def host_residue(ep: Endpoint) -> list[str]:
                     await links.has_tc_ingress(virt.name) and \
                     await links.tc_ingress_ours(virt.name):
                 problems.append(f"{virt.name} still has qmpnet's ingress qdisc")
-            if pair.model in _MAC_CHANGING and virt.mac == parked_mac(ep.id):
+            if pair.model in MAC_PARKING and virt.mac == parked_mac(ep.id):
                 problems.append(f"{virt.name} still has the MAC {virt.mac} qmpnet set, not "
                                 f"its own {ep.hardware_addr}")
     except NetnsError as err:
         if err.errno not in (errno.ENOENT, errno.ENOTDIR):
             raise
     return problems
-
-
-#: Models that give the sandbox link a new MAC while plugged (and its own back on unplug).
-_MAC_CHANGING = (InterworkingModel.MACVTAP, InterworkingModel.BRIDGED)
 
 
 __all__ = ["OUR_QEMU_ID", "Action", "Outcome", "ReconcileReport", "host_residue", "qemu_gone",

@@ -10,9 +10,8 @@ from typing import Any
 from qmpnet.cni.request import Env, NetConf
 from qmpnet.cni.spec import CniError, Code, version_key
 from qmpnet.endpoints import Endpoint
-from qmpnet.endpoints.netpair import parked_mac
+from qmpnet.endpoints.netpair import MAC_PARKING, parked_mac
 from qmpnet.model import (
-    InterworkingModel,
     IPAddress,
 )
 
@@ -45,8 +44,7 @@ def sandbox_mac(endpoint: Endpoint) -> str:
     """The MAC ``CNI_IFNAME`` wears while plugged: macvtap and bridged park the pod's link on
     another one (the VM's NIC has the pod's), tcfilter leaves it as it was."""
     pair = endpoint.network_pair
-    if pair is not None and pair.model in (InterworkingModel.MACVTAP,
-                                           InterworkingModel.BRIDGED):
+    if pair is not None and pair.model in MAC_PARKING:
         return parked_mac(endpoint.id)
     return endpoint.hardware_addr
 def chained_result(conf: NetConf, env: Env, mac: str, mtu: int) -> dict[str, Any]:

@@ -49,6 +49,10 @@ class PairModel:
     disconnect: Callable[[NetPairEndpoint], Awaitable[None]]
 
 
+#: Models that park the sandbox link on another MAC while the guest's NIC uses its own.
+MAC_PARKING = frozenset({InterworkingModel.MACVTAP, InterworkingModel.BRIDGED})
+
+
 def parked_mac(endpoint_id: str) -> str:
     """The MAC the sandbox link wears while the guest uses its own (locally administered).
 
