@@ -337,8 +337,8 @@ def _parse_addresses(value: object) -> tuple[IPAddress, ...]:
             raise InvalidInputError("IPAddresses", item, "each entry must be an object")
         extra = sorted(str(k) for k in item if k not in ("family", "address", "mask"))
         if extra:
-            raise InvalidInputError("IPAddresses key", extra[0],
-                                    "unknown; known keys are address, family, mask")
+            raise InvalidInputError("IPAddresses", extra[0], "unknown key in an entry; "
+                                    "known keys are address, family, mask")
         for key in ("address", "mask"):
             if key not in item:
                 raise InvalidInputError(key, None, "missing from an IPAddresses entry")

@@ -256,7 +256,7 @@ def test_from_json_accepts_protobuf_families_and_integer_masks() -> None:
     ({"IPAddresses": [{"family": True, "address": "fd00::1", "mask": "64"}]}, "family", True),
     ({"IPAddresses": [{"family": 4, "address": "169.254.1.2", "mask": "40"}]}, "mask", "40"),
     ({"IPAddresses": [{"family": 4, "address": "169.254.1.2", "mask": "24", "extra": 1}]},
-     "IPAddresses key", "extra"),
+     "IPAddresses", "extra"),
     ({"IPAddresses": [{"family": 4, "address": "169.254.1.2"}]}, "mask", None),
 ])
 def test_from_json_names_the_field_and_value(patch: dict[str, Any], field: str,
