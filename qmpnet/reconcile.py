@@ -244,12 +244,18 @@ class _Reconciler:
         for entry in self._snapshot().unknown:
             self.errors.append(f"unreadable state entry kept as is: {entry.reason}")
 
+    def _readable(self, key: str, rec: JournalRecord) -> Endpoint | None:
+        """The record's endpoint; one this version cannot read is reported, kept, and None."""
+        if not isinstance(rec.endpoint, UnknownEntry):
+            return rec.endpoint
+        self.actions.append(Action(outcome=Outcome.UNREADABLE, endpoint_id=key,
+                                   operation=rec.operation, step=rec.step,
+                                   detail=rec.endpoint.reason))
+        return None
+
     async def _settle_record(self, key: str, rec: JournalRecord) -> None:
-        ep = rec.endpoint
-        if isinstance(ep, UnknownEntry):
-            self.actions.append(Action(outcome=Outcome.UNREADABLE, endpoint_id=key,
-                                       operation=rec.operation, step=rec.step,
-                                       detail=ep.reason))
+        ep = self._readable(key, rec)
+        if ep is None:
             return
         saved = self._saved(ep.id)
         if rec.operation == "hot-plug":
@@ -335,11 +341,8 @@ class _Reconciler:
 
     async def run_without_qemu(self, journal_only: bool, reason: str) -> None:
         for key, rec in self.state.store.journal().items():
-            ep = rec.endpoint
-            if isinstance(ep, UnknownEntry):
-                self.actions.append(Action(outcome=Outcome.UNREADABLE, endpoint_id=key,
-                                           operation=rec.operation, step=rec.step,
-                                           detail=ep.reason))
+            ep = self._readable(key, rec)
+            if ep is None:
                 continue
             saved = self._saved(ep.id)
             if await self._drop_host_side(saved.endpoint if saved else ep, rec, reason):

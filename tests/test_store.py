@@ -206,3 +206,23 @@ async def test_reconcile_reports_an_unreadable_entry_and_keeps_it(tmp_path: Path
     assert not report.ok
     assert any("unreadable state entry" in e for e in report.errors)
     assert [u.raw for u in store.load().unknown] == [alien]
+
+
+@pytest.mark.asyncio
+async def test_reconcile_reports_an_unreadable_journal_record_and_keeps_it(
+        tmp_path: Path) -> None:
+    from qmpnet.config import Config
+    from qmpnet.network import NetworkState
+    from qmpnet.reconcile import Outcome, reconcile
+
+    store = Store(tmp_path / "s")
+    store.dir.mkdir()
+    record = {"operation": "hot-plug", "step": "device-add", "started": 1.0,
+              "endpoint": {"type": "wireguard", "peer": "x"}}
+    (store.dir / "journal.json").write_text(json.dumps({"qn0123456789": record}))
+    state = NetworkState.open(store.dir, str(tmp_path / "gone.sock"), Config())
+    report = await reconcile(state)
+    [action] = report.actions
+    assert (action.outcome, action.endpoint_id, action.step) == (
+        Outcome.UNREADABLE, "qn0123456789", "device-add")
+    assert list(store.journal()) == ["qn0123456789"]
