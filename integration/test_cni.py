@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 import pytest
 import pytest_asyncio
+from crash_driver import hmp
 from qemu.qmp import QMPClient
 
 from qmpnet.testing.cni import Pod, pod_network
@@ -678,7 +679,7 @@ async def test_an_add_that_cannot_undo_itself_is_settled_by_the_runtimes_del(
                        qmpSocket=socket_template(pod_vm, pod.container_id, tmp_path))
         call = {"container": pod.container_id, "netns": netns, "ifname": pod.ifname}
         before = (await qemu_view(vm))[0]
-        await hmp(vm, "stop")
+        await hmp(vm.qmp_path, "stop")
         try:
             error = (await runtime.call("ADD", conf, **call)).error()
             assert "wait-guest" in error["msg"], error
@@ -687,7 +688,7 @@ async def test_an_add_that_cannot_undo_itself_is_settled_by_the_runtimes_del(
             assert left.endswith("-dev")
             assert state_of(state_template, pod.container_id).exists()
         finally:
-            await hmp(vm, "cont")
+            await hmp(vm.qmp_path, "cont")
         await runtime.ok("DEL", conf, **call)
         devices, network = await qemu_view(vm)
         assert left not in devices
@@ -695,13 +696,3 @@ async def test_an_add_that_cannot_undo_itself_is_settled_by_the_runtimes_del(
         assert owned_links(netns) == {}
         assert "ingress" not in qdisc_kinds(netns, "eth0")
         assert not state_of(state_template, pod.container_id).exists()
-
-
-async def hmp(vm: GuestVM, command: str) -> None:
-    """Stop or continue the guest from the manager's monitor."""
-    client = QMPClient("manager")
-    await client.connect(str(vm.qmp_path))
-    try:
-        await client.execute("human-monitor-command", {"command-line": command})
-    finally:
-        await client.disconnect()
