@@ -7,7 +7,10 @@ must leave no process and no directory behind.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import signal
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +26,7 @@ from qmpnet.testing import (
     host_ip_for_mac,
     marker_fields,
 )
+from qmpnet.testing.vm import UNEXPECTED_EXITS
 
 
 @pytest.fixture(scope="session")
@@ -131,3 +135,33 @@ async def test_paused_guest_answers_on_the_second_monitor(
         pid, workdir = vm.pid, vm.workdir
     assert not _runs(pid, workdir.name)
     assert not workdir.exists()
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_a_qemu_that_dies_by_itself_is_reported_with_its_evidence(
+    guest_image: GuestImage, tmp_path: Path
+) -> None:
+    """An abort (here SIGABRT to the QEMU this test started) is kept for the run's summary.
+
+    The tests that run after such a death fail with a lost connection; the summary line and
+    the module fixture's error carry QEMU's exit status and its last stderr lines instead.
+    """
+    vm = await GuestVM.start(guest_image, tmp_path, paused=True, accel="tcg")
+    try:
+        assert await vm.died_by_itself() is None
+        os.kill(vm.pid, signal.SIGABRT)
+        assert await asyncio.wait_for(vm.wait_exit(), 30) == -signal.SIGABRT
+        death = await vm.died_by_itself()
+        assert death is not None
+        assert death.returncode == -signal.SIGABRT
+        assert f"QEMU pid {vm.pid} ({vm.workdir.name}) exited by itself" in str(death)
+    finally:
+        before = len(UNEXPECTED_EXITS)
+        await vm.stop()
+    (entry,) = UNEXPECTED_EXITS[before:]
+    del UNEXPECTED_EXITS[before:]  # this death was the test's own, not one to report
+    assert entry.startswith(f"QEMU pid {vm.pid}")
+    assert f"status {-signal.SIGABRT}" in entry
+    assert await vm.died_by_itself() is None, "a stopped VM is not one that died"
+

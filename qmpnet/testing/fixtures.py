@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from qmpnet.testing.guest import GuestImage, build_guest
-from qmpnet.testing.vm import GuestVM
+from qmpnet.testing.vm import UNEXPECTED_EXITS, GuestVM
 
 #: Unique per test run; 4 characters, so names like ``{RUN}t12`` stay within IFNAMSIZ.
 RUN = "q" + secrets.token_hex(2)[:3]
@@ -71,6 +71,15 @@ def _sweep_at_end() -> Iterator[None]:
     if left:
         # Teardown is the first line of defence; this makes a leak visible, not silent.
         print(f"\nqmpnet tests: swept leftovers {left}")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the QEMU processes that died by themselves: the cause behind lost connections."""
+    if UNEXPECTED_EXITS:
+        terminalreporter.section("QEMU exited by itself")
+        for text in UNEXPECTED_EXITS:
+            terminalreporter.write_line(text)
+        UNEXPECTED_EXITS.clear()  # both conftests import this hook: print once
 
 
 @pytest.fixture(scope="session")
@@ -145,6 +154,8 @@ def module_vm(tag: str, *, root_ports: int = 4) -> Any:
         async with await GuestVM.start(guest_image, tmp_path_factory.mktemp(tag),
                                        root_ports=root_ports, name=f"{RUN}-{tag}") as vm:
             yield vm
+            if death := await vm.died_by_itself():
+                raise death  # the module's failures were this, not what they say
     return fixture
 
 

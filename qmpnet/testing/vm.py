@@ -38,7 +38,7 @@ import attrs
 
 from qmpnet.testing.guest import GuestImage
 
-__all__ = ["Accel", "GuestVM", "GuestVMError", "Machine", "marker_fields"]
+__all__ = ["Accel", "GuestVM", "GuestVMError", "Machine", "UNEXPECTED_EXITS", "marker_fields"]
 
 _log = logging.getLogger(__name__)
 
@@ -55,6 +55,11 @@ _LINE_LIMIT = 1 << 20  # a longer console "line" is garbage, but must not stop t
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the NUL
 _PR_SET_PDEATHSIG = 1
 _MARKER_FIELD_RE = re.compile(r"([\w-]+)=(\S*)")
+
+#: Every QEMU that exited by itself other than by SIGKILL (an abort, a fatal error), with
+#: its evidence: the test run prints them at its end, since the tests that fail after
+#: such a death only see a lost connection.
+UNEXPECTED_EXITS: list[str] = []
 
 #: What ``auto`` found, once per process: a boot probe costs seconds.
 _auto_accel: str | None = None
@@ -207,6 +212,7 @@ class GuestVM:
     _stderr: _Lines = attrs.field(repr=False)
     _readers: list[asyncio.Task[None]] = attrs.field(repr=False)
     _log: logging.Logger = attrs.field(repr=False)
+    _stopped: bool = attrs.field(default=False, repr=False)
 
     @classmethod
     async def start(
@@ -389,14 +395,41 @@ class GuestVM:
             returncode=self._proc.returncode,
         )
 
+    @property
+    def returncode(self) -> int | None:
+        """QEMU's exit status once it has exited and been reaped, else None."""
+        return self._proc.returncode
+
+    async def wait_exit(self) -> int:
+        """Wait for QEMU to exit (it is not asked to) and reap it; its exit status."""
+        return await self._proc.wait()
+
+    async def died_by_itself(self) -> GuestVMError | None:
+        """The evidence if QEMU has exited although nobody stopped it yet, else None."""
+        if self._stopped or self._proc.returncode is None:
+            return None
+        return await self._error(f"QEMU pid {self.pid} ({self.workdir.name}) exited by itself")
+
     async def stop(self) -> None:
         """Kill QEMU (SIGKILL to our pid only), reap it, stop the readers, remove workdir.
 
-        Safe to call more than once and after QEMU has died by itself.
+        Safe to call more than once and after QEMU has died by itself; a death by anything
+        but SIGKILL is logged and kept in :data:`UNEXPECTED_EXITS`.
         """
+        if self._stopped:
+            return
+        await asyncio.sleep(0)  # let the reaper record an exit that has already happened
         if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
+        elif self._proc.returncode != -signal.SIGKILL and (death := await self.died_by_itself()):
+            self._log.error("%s", death)
+            UNEXPECTED_EXITS.append("\n".join([
+                f"QEMU pid {self.pid} ({self.workdir.name}) exited by itself,"
+                f" status {death.returncode}", "  stderr:",
+                *(f"    {line}" for line in death.stderr_tail[-20:]), "  console:",
+                *(f"    {line}" for line in death.console_tail[-10:])]))
+        self._stopped = True
         await self._proc.wait()
         for task in self._readers:
             task.cancel()
