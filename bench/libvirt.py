@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -46,6 +47,22 @@ dynamic_ownership = 0
 security_driver = "none"
 stdio_handler = "file"
 namespaces = []
+"""
+#: The domain's emulator: the same QEMU, with TCG on one host thread (libvirt 9.0 passes
+#: ``-accel tcg[,tb-size=N]`` and has no setting for it), as qmpnet's test VMs run it, so
+#: both sides of the bench run alike (see qmpnet.testing.vm for why one thread).
+_TCG_ONE_THREAD = """\
+#!/bin/sh
+prev=
+for arg do
+    shift
+    if [ "$prev" = -accel ]; then
+        case "$arg" in tcg | tcg,*) arg="$arg,thread=single" ;; esac
+    fi
+    set -- "$@" "$arg"
+    prev=$arg
+done
+exec /usr/bin/qemu-system-x86_64 "$@"
 """
 #: Runs in the new mount namespace: put our config dir over /etc/libvirt, become libvirtd.
 _MOUNT_AND_EXEC = 'mount --bind "$1" /etc/libvirt && shift && exec "$@"'
@@ -224,8 +241,8 @@ class Console:
             await self._writer.wait_closed()
 
 
-def domain_xml(dom_name: str, image: GuestImage, console: Path, *, machine: Machine,
-               root_ports: int, vcpus: int, memory_mb: int) -> str:
+def domain_xml(dom_name: str, image: GuestImage, console: Path, emulator: Path, *,
+               machine: Machine, root_ports: int, vcpus: int, memory_mb: int) -> str:
     """A TCG domain booting the test guest's kernel and initrd, like GuestVM's QEMU."""
     if machine == "q35":
         controllers = "<controller type='pci' model='pcie-root'/>" + "".join(
@@ -245,7 +262,7 @@ def domain_xml(dom_name: str, image: GuestImage, console: Path, *, machine: Mach
   <features><acpi/></features>
   <on_reboot>destroy</on_reboot>
   <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <emulator>{escape(str(emulator))}</emulator>
     <controller type='usb' model='none'/>
     {controllers}
     <serial type='unix'>
@@ -286,18 +303,30 @@ class Domain:
         dom = cls(daemon, name("d"), workdir)
         sock = workdir / "console.sock"
         xml = workdir / "domain.xml"
-        xml.write_text(domain_xml(dom.name, image, sock, machine=machine,
+        emulator = workdir / "qemu-tcg-one-thread"
+        emulator.write_text(_TCG_ONE_THREAD)
+        emulator.chmod(0o755)
+        xml.write_text(domain_xml(dom.name, image, sock, emulator, machine=machine,
                                   root_ports=root_ports, vcpus=vcpus, memory_mb=memory_mb))
         # Paused first, so the console is connected before the guest prints anything.
         (await daemon.virsh("create", str(xml), "--paused")).check()
         try:
             dom.console = await Console.open(sock)
+            threads = await dom.vcpu_threads()
+            if len(threads) != 1:
+                raise RuntimeError(f"the domain's vCPUs run on threads {threads}, not one")
             (await daemon.virsh("resume", dom.name)).check()
             await dom.console.wait_for(r"^QMPNET READY\b", ready_timeout)
         except BaseException:
             await dom.destroy()
             raise
         return dom
+
+    async def vcpu_threads(self) -> set[int]:
+        """The host threads QEMU runs this domain's vCPUs on (its own query-cpus-fast)."""
+        out = (await self.daemon.virsh("qemu-monitor-command", self.name,
+                                       '{"execute": "query-cpus-fast"}')).check()
+        return {int(cpu["thread-id"]) for cpu in json.loads(out.stdout)["return"]}
 
     async def destroy(self) -> None:
         if self.console is not None:

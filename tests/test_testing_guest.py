@@ -165,3 +165,23 @@ async def test_a_qemu_that_dies_by_itself_is_reported_with_its_evidence(
     assert f"status {-signal.SIGABRT}" in entry
     assert await vm.died_by_itself() is None, "a stopped VM is not one that died"
 
+
+
+@pytest.mark.qemu
+@pytest.mark.asyncio
+async def test_tcg_runs_every_vcpu_on_one_thread(guest_image: GuestImage, tmp_path: Path) -> None:
+    """Multi-threaded TCG in QEMU 7.2 can segfault when a hot-(un)plug changes the memory map.
+
+    Another vCPU keeps using its old TLB until its own thread flushes it; with every vCPU
+    on one thread the flush happens at once. QEMU's own view: one thread id for all.
+    """
+    async with await GuestVM.start(guest_image, tmp_path, paused=True, accel="tcg") as vm:
+        qmp = QMPClient("test")
+        await qmp.connect(str(vm.mgmt_qmp_path))
+        try:
+            cpus = await qmp.execute("query-cpus-fast")
+        finally:
+            await qmp.disconnect()
+    assert isinstance(cpus, list)
+    assert len(cpus) == 2
+    assert len({cpu["thread-id"] for cpu in cpus}) == 1, cpus

@@ -45,6 +45,13 @@ _log = logging.getLogger(__name__)
 Machine = Literal["q35", "pc"]
 Accel = Literal["tcg", "kvm", "auto"]
 _ACCELS = ("tcg", "kvm", "auto")
+#: TCG runs every vCPU on one host thread. QEMU 7.2's multi-threaded TCG installs a new
+#: memory map for all vCPUs at once but flushes another vCPU's TLB only later, on that
+#: vCPU's thread; a PCI hot-(un)plug changes the map, and a vCPU that touches MMIO in that
+#: window indexes the new map with a stale entry and segfaults (seen in CI:
+#: ``memory_region_dispatch_write`` on a NULL region). With one thread the flush is
+#: immediate. KVM has no such TLB.
+_ACCEL_ARGS = {"tcg": "tcg,thread=single"}
 #: How long ``auto`` lets a KVM guest take to print READY before choosing TCG.
 KVM_PROBE_TIMEOUT = 20.0
 _MIN_MEMORY_MB = 64  # the kernel and the initramfs need about that much
@@ -169,7 +176,7 @@ def _qemu_command(
         "qemu-system-x86_64",
         "-name", run_dir.name,
         "-nodefaults", "-no-user-config", "-display", "none",
-        "-machine", f"{machine},accel={accel}",
+        "-machine", machine, "-accel", _ACCEL_ARGS.get(accel, accel),
         "-m", str(memory_mb), "-smp", str(vcpus),
         "-kernel", str(image.kernel), "-initrd", str(image.initrd),
         "-append", "console=ttyS0 quiet panic=-1",
