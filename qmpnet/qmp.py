@@ -280,14 +280,28 @@ async def _connect_clean(client: QMPClient, path: str) -> None:
     connection starts clean.
     """
     for attempt in range(1, _HANDSHAKE_ATTEMPTS + 1):
+        last = attempt == _HANDSHAKE_ATTEMPTS
+        if not last:
+            client.logger.addFilter(_demote_to_debug)
         try:
             await client.connect(path)
             return
         except ConnectError as err:
-            if attempt == _HANDSHAKE_ATTEMPTS or not isinstance(
-                    err.exc, GreetingError | NegotiationError):
+            if last or not isinstance(err.exc, GreetingError | NegotiationError):
                 raise
             log.debug("QMP handshake on %s broken by an event, retrying: %s", path, err)
+        finally:
+            client.logger.removeFilter(_demote_to_debug)
+
+
+def _demote_to_debug(record: logging.LogRecord) -> bool:
+    """qemu.qmp logs a failed handshake as ERROR; while a retry may follow it is no error.
+
+    What is not retried reaches the caller as a QmpConnectError that says why.
+    """
+    if record.levelno > logging.DEBUG:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return True
 
 
 async def _quiet_disconnect(client: QMPClient) -> None:
