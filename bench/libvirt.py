@@ -1,13 +1,13 @@
 """A private libvirtd and a transient domain of the test guest, for the side-by-side bench.
 
 The daemon is started by hand (there is no systemd here) inside its own mount namespace,
-where an empty directory of ours is bind-mounted over ``/etc/libvirt``: it reads our
-``qemu.conf`` and no persistent configuration of the host, and the host's ``/etc`` is not
-touched. ``qemu.conf`` runs QEMU as root, as the qmpnet side runs it: with the default
-``libvirt-qemu`` user, libvirt 9.0 here finds ``/dev/kvm`` unusable for that user but
-usable for its probe, judges its capability cache stale on every lookup and re-probes
-QEMU about fourteen times (~56 s) per ``virsh create``. ``stdio_handler = "file"`` avoids
-needing ``virtlogd``.
+where empty directories of ours are bind-mounted over ``/etc/libvirt`` and
+``/var/cache/libvirt``: it reads our ``qemu.conf`` and no persistent configuration of the
+host, and neither the host's ``/etc`` nor its libvirt cache is touched. ``qemu.conf`` runs
+QEMU as root, as the qmpnet side runs it: with the default ``libvirt-qemu`` user, libvirt
+9.0 here finds ``/dev/kvm`` unusable for that user but usable for its probe, judges its
+capability cache stale on every lookup and re-probes QEMU about fourteen times (~56 s) per
+``virsh create``. ``stdio_handler = "file"`` avoids needing ``virtlogd``.
 
 libvirt 9.0 refuses to start when the user ``libvirt-qemu`` does not exist (it resolves the
 built-in default before reading ``qemu.conf``); :meth:`Libvirtd.start` creates that system
@@ -64,8 +64,13 @@ for arg do
 done
 exec /usr/bin/qemu-system-x86_64 "$@"
 """
-#: Runs in the new mount namespace: put our config dir over /etc/libvirt, become libvirtd.
-_MOUNT_AND_EXEC = 'mount --bind "$1" /etc/libvirt && shift && exec "$@"'
+#: Runs in the new mount namespace: our config dir over /etc/libvirt, our cache dir over
+#: /var/cache/libvirt (or over /var/cache where libvirt has none yet, so that none is made),
+#: then become libvirtd. libvirt caches what it probed of each emulator path; our paths are
+#: new every run and the files would stay behind.
+_MOUNT_AND_EXEC = ('mount --bind "$1" /etc/libvirt && '
+                   '{ mount --bind "$2" /var/cache/libvirt 2>/dev/null || '
+                   'mount --bind "$2" /var/cache; } && shift 2 && exec "$@"')
 _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 
@@ -102,9 +107,10 @@ class Libvirtd:
             if shutil.which(tool) is None:
                 raise RuntimeError(f"{tool} not found: `make bench` installs libvirt-daemon, "
                                    "libvirt-daemon-driver-qemu and libvirt-clients")
-        etc, sock = workdir / "etc", workdir / "sock"
+        etc, sock, cache = workdir / "etc", workdir / "sock", workdir / "cache"
         etc.mkdir()
         sock.mkdir()
+        cache.mkdir()
         (etc / "qemu.conf").write_text(QEMU_CONF)
         conf = workdir / "libvirtd.conf"
         conf.write_text(f'unix_sock_dir = "{sock}"\nauth_unix_rw = "none"\n'
@@ -115,7 +121,7 @@ class Libvirtd:
             with (workdir / "libvirtd.out").open("wb") as out:
                 proc = await asyncio.create_subprocess_exec(
                     "unshare", "--mount", "--propagation", "private", "--",
-                    "sh", "-c", _MOUNT_AND_EXEC, "sh", str(etc),
+                    "sh", "-c", _MOUNT_AND_EXEC, "sh", str(etc), str(cache),
                     "libvirtd", "-f", str(conf), "-p", str(workdir / "libvirtd.pid"),
                     stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
                     preexec_fn=_die_with_parent)

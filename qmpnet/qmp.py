@@ -10,12 +10,13 @@ per-VM child logger.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from qemu.qmp import EventListener, ExecInterruptedError, QMPClient
@@ -281,26 +282,45 @@ async def _connect_clean(client: QMPClient, path: str) -> None:
     """
     for attempt in range(1, _HANDSHAKE_ATTEMPTS + 1):
         last = attempt == _HANDSHAKE_ATTEMPTS
-        if not last:
-            client.logger.addFilter(_demote_to_debug)
         try:
-            await client.connect(path)
+            with contextlib.nullcontext() if last else _demoted(client.logger):
+                await client.connect(path)
             return
         except ConnectError as err:
             if last or not isinstance(err.exc, GreetingError | NegotiationError):
                 raise
             log.debug("QMP handshake on %s broken by an event, retrying: %s", path, err)
-        finally:
-            client.logger.removeFilter(_demote_to_debug)
 
 
-def _demote_to_debug(record: logging.LogRecord) -> bool:
+#: Handshakes in flight per qemu.qmp logger (clients with one name share a logger).
+_demoting: collections.Counter[str] = collections.Counter()
+
+
+@contextlib.contextmanager
+def _demoted(logger: logging.Logger) -> Iterator[None]:
     """qemu.qmp logs a failed handshake as ERROR; while a retry may follow it is no error.
 
     What is not retried reaches the caller as a QmpConnectError that says why.
     """
-    if record.levelno > logging.DEBUG:
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    if not _demoting[logger.name]:
+        logger.addFilter(_demote_to_debug)
+    _demoting[logger.name] += 1
+    try:
+        yield
+    finally:
+        _demoting[logger.name] -= 1
+        if not _demoting[logger.name]:
+            del _demoting[logger.name]
+            logger.removeFilter(_demote_to_debug)
+
+
+def _demote_to_debug(record: logging.LogRecord) -> bool:
+    """Let a record through as DEBUG, if its logger lets DEBUG through at all."""
+    if record.levelno <= logging.DEBUG:
+        return True
+    if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+        return False
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
     return True
 
 

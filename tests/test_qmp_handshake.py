@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from qmpnet.errors import QmpConnectError
-from qmpnet.qmp import QmpSession
+from qmpnet.qmp import _HANDSHAKE_ATTEMPTS, QmpSession
 
 GREETING = {"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7},
                                 "package": ""}, "capabilities": ["oob"]}}
@@ -57,7 +57,7 @@ class BreakingPeer:
             writer.close()
 
     @staticmethod
-    async def _send(writer: asyncio.StreamWriter, message: dict[str, object]) -> None:
+    async def _send(writer: asyncio.StreamWriter, message: Mapping[str, object]) -> None:
         writer.write(json.dumps(message).encode() + b"\n")
         await writer.drain()
 
@@ -74,6 +74,17 @@ async def _messages(reader: asyncio.StreamReader) -> AsyncIterator[dict[str, Any
                 break  # the rest of it has not arrived yet
             buffer = buffer.lstrip()[end:]
             yield message
+
+
+class _Keep(logging.Handler):
+    """A handler with no level of its own that keeps what reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 async def _serving(peer: BreakingPeer, path: Path) -> asyncio.Server:
@@ -106,15 +117,44 @@ async def test_a_broken_handshake_is_retried_quietly(
 
 
 @pytest.mark.asyncio
-async def test_a_handshake_broken_every_time_is_a_connect_error(tmp_path: Path) -> None:
+async def test_a_retried_handshake_prints_nothing_where_debug_is_off(tmp_path: Path) -> None:
+    """As an application sets it up: qemu.qmp at WARNING, a handler with no level of its own."""
+    socket_path = tmp_path / "qmp.sock"
+    peer = BreakingPeer(broken=2, where="before-capabilities-reply")
+    server = await _serving(peer, socket_path)
+    handler = _Keep()
+    qmp_logger = logging.getLogger("qemu.qmp")
+    old_level = qmp_logger.level
+    qmp_logger.setLevel(logging.WARNING)
+    qmp_logger.addHandler(handler)
+    try:
+        session = await QmpSession.connect(str(socket_path), connect_timeout=10)
+        await session.close()
+    finally:
+        qmp_logger.removeHandler(handler)
+        qmp_logger.setLevel(old_level)
+        server.close()
+        await server.wait_closed()
+    assert peer.connections == 3
+    assert [f"{r.levelname} {r.getMessage()}" for r in handler.records] == []
+
+
+@pytest.mark.asyncio
+async def test_a_handshake_broken_every_time_is_a_connect_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     socket_path = tmp_path / "qmp.sock"
     peer = BreakingPeer(broken=99, where="before-capabilities-reply")
     server = await _serving(peer, socket_path)
+    caplog.set_level(logging.DEBUG)
     try:
         with pytest.raises(QmpConnectError) as caught:
             await QmpSession.connect(str(socket_path), connect_timeout=10)
     finally:
         server.close()
         await server.wait_closed()
-    assert peer.connections == 5
+    assert peer.connections == _HANDSHAKE_ATTEMPTS
     assert str(socket_path) in str(caught.value)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors, "the attempt that is not retried keeps qemu.qmp's ERROR lines"
+    assert all("Negotiation failed" in r.getMessage() or "Failed to establish" in r.getMessage()
+               for r in errors)

@@ -65,7 +65,8 @@ def sweep() -> list[str]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _sweep_at_end() -> Iterator[None]:
+def sweep_at_end() -> Iterator[None]:
+    """At the session's end, remove what carries the run prefix (public: conftests ``*`` it)."""
     yield
     left = sweep()
     if left:
@@ -73,7 +74,7 @@ def _sweep_at_end() -> Iterator[None]:
         print(f"\nqmpnet tests: swept leftovers {left}")
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Print the QEMU processes that died by themselves: the cause behind lost connections."""
     if UNEXPECTED_EXITS:
         terminalreporter.section("QEMU exited by itself")

@@ -45,12 +45,13 @@ _log = logging.getLogger(__name__)
 Machine = Literal["q35", "pc"]
 Accel = Literal["tcg", "kvm", "auto"]
 _ACCELS = ("tcg", "kvm", "auto")
-#: TCG runs every vCPU on one host thread. QEMU 7.2's multi-threaded TCG installs a new
-#: memory map for all vCPUs at once but flushes another vCPU's TLB only later, on that
-#: vCPU's thread; a PCI hot-(un)plug changes the map, and a vCPU that touches MMIO in that
-#: window indexes the new map with a stale entry and segfaults (seen in CI:
-#: ``memory_region_dispatch_write`` on a NULL region). With one thread the flush is
-#: immediate. KVM has no such TLB.
+#: TCG runs every vCPU on one host thread. A CI run lost a guest to a segfault of a vCPU
+#: thread in ``memory_region_dispatch_write`` on a NULL region (kernel log, QEMU 7.2.22).
+#: The likely cause: multi-threaded TCG installs a new memory map for all vCPUs at once but
+#: flushes another vCPU's TLB only later, on that vCPU's thread, and a PCI hot-(un)plug
+#: changes the map. With one thread, a change the guest makes (the slot power-off or eject
+#: write that completes an unplug, BAR programming) flushes every vCPU before any runs on.
+#: KVM has no such TLB.
 _ACCEL_ARGS = {"tcg": "tcg,thread=single"}
 #: How long ``auto`` lets a KVM guest take to print READY before choosing TCG.
 KVM_PROBE_TIMEOUT = 20.0
@@ -336,7 +337,7 @@ class GuestVM:
                 await vm.wait_for(r"^QMPNET READY\b", ready_timeout)
                 log.info("guest ready after %d console lines", console.total)
         except BaseException:
-            await vm.stop()
+            await vm._stop(report=False)  # the caller gets the error (or the KVM probe falls back)
             raise
         return vm
 
@@ -412,7 +413,11 @@ class GuestVM:
         return await self._proc.wait()
 
     async def died_by_itself(self) -> GuestVMError | None:
-        """The evidence if QEMU has exited although nobody stopped it yet, else None."""
+        """The evidence if QEMU has exited although nobody stopped it yet, else None.
+
+        Any exit counts, SIGKILL too: for a VM that no test kills (a module's shared guest)
+        even a SIGKILL is news, from the OOM killer say.
+        """
         if self._stopped or self._proc.returncode is None:
             return None
         return await self._error(f"QEMU pid {self.pid} ({self.workdir.name}) exited by itself")
@@ -420,29 +425,38 @@ class GuestVM:
     async def stop(self) -> None:
         """Kill QEMU (SIGKILL to our pid only), reap it, stop the readers, remove workdir.
 
-        Safe to call more than once and after QEMU has died by itself; a death by anything
-        but SIGKILL is logged and kept in :data:`UNEXPECTED_EXITS`.
+        Safe to call more than once and after QEMU has died by itself. A death by anything
+        but SIGKILL (which tests send on purpose) is logged and kept in
+        :data:`UNEXPECTED_EXITS`.
         """
-        if self._stopped:
-            return
-        await asyncio.sleep(0)  # let the reaper record an exit that has already happened
-        if self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-        elif self._proc.returncode != -signal.SIGKILL and (death := await self.died_by_itself()):
-            self._log.error("%s", death)
-            UNEXPECTED_EXITS.append("\n".join([
-                f"QEMU pid {self.pid} ({self.workdir.name}) exited by itself,"
-                f" status {death.returncode}", "  stderr:",
-                *(f"    {line}" for line in death.stderr_tail[-20:]), "  console:",
-                *(f"    {line}" for line in death.console_tail[-10:])]))
+        await self._stop(report=True)
+
+    async def _stop(self, *, report: bool) -> None:
+        first = not self._stopped
         self._stopped = True
-        await self._proc.wait()
+        if first and self._proc.returncode is None:
+            # os.kill, not Popen.kill: that one may reap the child under asyncio's watcher,
+            # which would then report 255. A SIGKILL to a dead, unreaped QEMU changes nothing.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        status = await self._proc.wait()
+        if first and report and status != -signal.SIGKILL:
+            self._report_death(await self._error(
+                f"QEMU pid {self.pid} ({self.workdir.name}) exited by itself"))
         for task in self._readers:
             task.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
-        self._log.info("stopped QEMU pid %d (status %s)", self.pid, self._proc.returncode)
+        if first:
+            self._log.info("stopped QEMU pid %d (status %s)", self.pid, status)
+
+    def _report_death(self, death: GuestVMError) -> None:
+        self._log.error("%s", death)
+        UNEXPECTED_EXITS.append("\n".join([
+            f"QEMU pid {self.pid} ({self.workdir.name}) exited by itself,"
+            f" status {death.returncode}", "  stderr:",
+            *(f"    {line}" for line in death.stderr_tail[-20:]), "  console:",
+            *(f"    {line}" for line in death.console_tail[-10:])]))
 
     async def __aenter__(self) -> Self:
         return self
