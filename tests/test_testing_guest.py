@@ -30,6 +30,16 @@ from qmpnet.testing import (
 from qmpnet.testing.vm import UNEXPECTED_EXITS
 
 
+async def _ask(vm: GuestVM, command: str) -> object:
+    """One QMP command on the VM's second monitor, on a connection of its own."""
+    qmp = QMPClient("test")
+    await qmp.connect(str(vm.mgmt_qmp_path))
+    try:
+        return await qmp.execute(command)
+    finally:
+        await qmp.disconnect()
+
+
 @pytest.fixture(scope="session")
 def guest_image() -> GuestImage:
     return build_guest()
@@ -125,12 +135,7 @@ async def test_paused_guest_answers_on_the_second_monitor(
     guest_image: GuestImage, tmp_path: Path
 ) -> None:
     async with await GuestVM.start(guest_image, tmp_path, paused=True, accel="tcg") as vm:
-        qmp = QMPClient("test")
-        await qmp.connect(str(vm.mgmt_qmp_path))
-        try:
-            status = await qmp.execute("query-status")
-        finally:
-            await qmp.disconnect()
+        status = await _ask(vm, "query-status")
         assert isinstance(status, dict)
         assert (status["status"], status["running"]) == ("prelaunch", False)
         pid, workdir = vm.pid, vm.workdir
@@ -178,12 +183,7 @@ async def test_tcg_runs_every_vcpu_on_one_thread(guest_image: GuestImage, tmp_pa
     at once. QEMU's own view must say so: one thread id for all vCPUs.
     """
     async with await GuestVM.start(guest_image, tmp_path, paused=True, accel="tcg") as vm:
-        qmp = QMPClient("test")
-        await qmp.connect(str(vm.mgmt_qmp_path))
-        try:
-            cpus = await qmp.execute("query-cpus-fast")
-        finally:
-            await qmp.disconnect()
+        cpus = await _ask(vm, "query-cpus-fast")
     assert isinstance(cpus, list)
     assert len(cpus) == 2
     assert len({cpu["thread-id"] for cpu in cpus}) == 1, cpus
