@@ -14,6 +14,7 @@ refused; and there is no shell anywhere in the package.
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import os
 import stat
@@ -297,7 +298,7 @@ def test_state_file_any_content(host_unchanged: None, tmp_path_factory: pytest.T
         return
     assert snap is not None
     # whatever could not be read is kept verbatim when the state is written back
-    store.save(snap)
+    asyncio.run(store.save(snap))
     again = store.load()
     assert again == snap
     assert [u.raw for u in again.unknown] == [u.raw for u in snap.unknown]
@@ -416,12 +417,12 @@ async def test_state_dir_0700_files_0600(tmp_path: Path) -> None:
     os.chmod(loose, 0o755)
     store = Store(loose)
     async with store.locked():
-        store.save(store.load())
+        await store.save(store.load())
         from qmpnet.endpoints import create_tap_endpoint
         ep = create_tap_endpoint(0, "eth0", tap_name="t0")
-        store.journal_begin(ep.id, "hot-plug", "validate", ep, 0.0)
+        await store.journal_begin(ep.id, "hot-plug", "validate", ep, 0.0)
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in loose.iterdir()}
-        store.journal_end(ep.id)
+        await store.journal_end(ep.id)
     assert stat.S_IMODE(loose.stat().st_mode) == 0o700
     assert modes == {"state.json": 0o600, "journal.json": 0o600, "lock": 0o600}
 

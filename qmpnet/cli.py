@@ -303,7 +303,7 @@ async def cmd_list(args: argparse.Namespace) -> int:
         pair = ep.network_pair
         rows.append((ep.name, ep.type.value, ep.hardware_addr,
                      pair.model.value if pair else "none", ep.pci_path or "-",
-                     str(getattr(ep, "queues", "") or "-"), host_link(ep) or "-",
+                     str(ep.queues or "-"), host_link(ep) or "-",
                      ep.netns_path or "(host)", e.status.value))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -321,7 +321,7 @@ async def cmd_reconcile(args: argparse.Namespace) -> int:
     if report.ok and not report.qemu_running:
         snap = state.store.load()
         if not (snap.entries or snap.unknown or state.store.journal()):
-            state.store.remove_all()  # the VM is gone and nothing of it is left
+            await state.store.remove_all()  # the VM is gone and nothing of it is left
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:

@@ -1,7 +1,7 @@
 """Endpoints to and from JSON, with a ``type`` tag, driven by the endpoint registry.
 
 Every registered type round-trips; there is no per-type marshalling block to forget. Open fds
-(``TapInterface.vm_fds``/``vhost_fds``) are never written. An entry that cannot be understood
+are not part of any endpoint, so none can be written. An entry that cannot be understood
 (unknown type, bad field) is returned as :class:`UnknownEntry` so the caller keeps it verbatim.
 """
 
@@ -11,11 +11,10 @@ from typing import Any
 
 import attrs
 import cattrs
-from cattrs.gen import make_dict_unstructure_fn, override
 
 from qmpnet.endpoints import REGISTRY, Endpoint
 from qmpnet.errors import InvalidInputError, QmpnetError
-from qmpnet.model import EndpointType, InterworkingModel, TapInterface
+from qmpnet.model import EndpointType, InterworkingModel
 
 
 @attrs.frozen
@@ -44,8 +43,6 @@ def _make_converter() -> cattrs.Converter:
     # The str hook would also catch this str enum: parse it as the vocabulary says.
     conv.register_structure_hook(InterworkingModel,
                                  lambda value, _: InterworkingModel.parse(value))
-    conv.register_unstructure_hook(TapInterface, make_dict_unstructure_fn(
-        TapInterface, conv, vm_fds=override(omit=True), vhost_fds=override(omit=True)))
     return conv
 
 

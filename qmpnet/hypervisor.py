@@ -1,22 +1,22 @@
-"""QEMU as a hypervisor that hot-plugs network devices.
+"""QEMU as a hypervisor that hot-plugs network devices: it speaks taps, not endpoints.
 
-``QemuHypervisor`` turns an endpoint into QMP steps: pass the queue fds, ``netdev_add``,
-``device_add`` on a free hot-pluggable slot; and back with ``device_del`` (bounded wait for
-DEVICE_DELETED) and ``netdev_del``. Which tap an endpoint plugs is decided by a table keyed by
-endpoint type, not by a chain of type checks: a NetPair-based endpoint plugs its pair's tap,
-a tap endpoint its own; any other type is refused with a clear error.
+``QemuHypervisor`` turns a tap (its QEMU ids and the open queue fds) into QMP steps: pass the
+queue fds, ``netdev_add``, ``device_add`` on a free hot-pluggable slot; and back with
+``device_del`` (bounded wait for DEVICE_DELETED) and ``netdev_del``. Like qemu.qmp's client,
+which knows messages and not its callers, it never looks at an endpoint: each endpoint hands it
+the tap QEMU reads (``Endpoint.tap``), so no table here can forget a type.
 
 Slots: a free ``pcie-root-port`` on q35 (QEMU's pcie.0 itself is not hot-pluggable), a free
-slot of ``pci.0`` or of a ``pci-bridge`` on pc. One VM's operations are serialized by a lock,
-so two plugs never race for a slot.
+slot of ``pci.0`` or of a ``pci-bridge`` on pc. Choosing a slot and taking it is serialized by
+a lock, so two plugs through one session never race for a slot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import attrs
 
@@ -27,12 +27,10 @@ from qmpnet.errors import (
     QmpTimeoutError,
     UnsupportedError,
 )
-from qmpnet.lifecycle import Operation, Step
-from qmpnet.model import EndpointType, TapInterface
+from qmpnet.lifecycle import Operation, OpKind, Step
+from qmpnet.model import QUEUES_MAX, TapInterface
 from qmpnet.qmp import QmpSession
-
-if TYPE_CHECKING:
-    from qmpnet.endpoints.base import Endpoint
+from qmpnet.tuntap import QueueFds
 
 log = logging.getLogger(__name__)
 
@@ -40,37 +38,6 @@ log = logging.getLogger(__name__)
 BRIDGE_TYPES = ("pcie-root-port", "pci-bridge")
 #: Device id of Q35's host bridge in query-pci: its root bus is not hot-pluggable.
 Q35_HOST_BRIDGE = 0x29C0
-
-
-def _pair_tap(endpoint: Endpoint) -> TapInterface:
-    pair = endpoint.network_pair
-    assert pair is not None
-    return pair.tap_interface
-
-
-def _own_tap(endpoint: Endpoint) -> TapInterface:
-    tap = getattr(endpoint, "tap_interface", None)
-    assert isinstance(tap, TapInterface)
-    return tap
-
-
-#: Which TapInterface an endpoint type plugs. A type missing here cannot be hot-plugged.
-TAP_OF: Mapping[EndpointType, Callable[[Endpoint], TapInterface]] = {
-    EndpointType.VETH: _pair_tap,
-    EndpointType.MACVLAN: _pair_tap,
-    EndpointType.TUNTAP: _pair_tap,
-    EndpointType.TAP: _own_tap,
-}
-
-
-def plugged_tap(endpoint: Endpoint) -> TapInterface:
-    """The tap QEMU reads for ``endpoint``; UnsupportedError for types that have none."""
-    try:
-        extract = TAP_OF[endpoint.type]
-    except KeyError:
-        raise UnsupportedError(f"{endpoint.type} endpoint {endpoint.name}", "hot-plug",
-                               "this endpoint is not supported") from None
-    return extract(endpoint)
 
 
 def netdev_id(tap: TapInterface) -> str:
@@ -140,32 +107,33 @@ class QemuHypervisor:
             self._vcpus = len(await self.qmp.execute("query-cpus-fast"))
         return self._vcpus
 
-    async def hotplug_add_device(self, endpoint: Endpoint, op: Operation | None = None, *,
-                                 wait_guest: bool = False) -> str:
-        """Plug ``endpoint``'s tap; return its guest PCI path. All or nothing.
+    async def plug_tap(self, tap: TapInterface, fds: QueueFds, mac: str,
+                       op: Operation | None = None, *, wait_guest: bool = False) -> str:
+        """Hand ``tap``'s open queue fds to QEMU and plug a NIC on them; return its PCI path.
 
-        Only the slot choice is serialized; fds and netdevs have names unique to the NIC.
-
-        With ``op``, the steps join the caller's operation (whose undo covers the host side);
-        without, a private operation is used and committed on success.
+        All or nothing. Only the slot choice is serialized; fds and netdevs have names unique
+        to the NIC. With ``op`` the steps join the caller's operation (whose undo covers the
+        host side); without, a private operation is used and committed on success. The fds
+        stay the caller's: QEMU holds its own copies once this returns.
         """
-        tap = plugged_tap(endpoint)
-        if not tap.vm_fds:
-            raise UnsupportedError(f"endpoint {endpoint.name}", "hot-plug",
+        if not fds.tap:
+            raise UnsupportedError(f"tap {tap.tap_iface.name}", "hot-plug",
                                    "no tap queue fds were opened")
         if op is not None:
-            return await self._plug(tap, endpoint.hardware_addr, op, wait_guest)
-        async with Operation("hot-plug", endpoint.name) as own:
-            path = await self._plug(tap, endpoint.hardware_addr, own, wait_guest)
+            return await self._plug(tap, fds, mac, op, wait_guest)
+        async with Operation(OpKind.HOT_PLUG, tap.name) as own:
+            path = await self._plug(tap, fds, mac, own, wait_guest)
             own.commit()
         return path
 
-    async def _plug(self, tap: TapInterface, mac: str, op: Operation, wait_guest: bool) -> str:
+    async def _plug(self, tap: TapInterface, fds: QueueFds, mac: str, op: Operation,
+                    wait_guest: bool) -> str:
         names: list[str] = []
+        tap_fds, vhost_fds = tuple(fds.tap), tuple(fds.vhost)
 
         async def pass_fds() -> list[str]:
-            for kind, fds in (("fd", tap.vm_fds), ("vhost", tap.vhost_fds)):
-                for i, fd in enumerate(fds):
+            for kind, group in (("fd", tap_fds), ("vhost", vhost_fds)):
+                for i, fd in enumerate(group):
                     name = fd_name(tap, kind, i)
                     # Listed before the getfd: one that times out may still run in QEMU.
                     names.append(name)
@@ -180,9 +148,9 @@ class QemuHypervisor:
         op.on_undo(Step.PASS_FDS, lambda: close_fds(names))
         await op.step(Step.PASS_FDS, pass_fds)
 
-        queues = len(tap.vm_fds)
+        queues = len(tap_fds)
         fd_names = [fd_name(tap, "fd", i) for i in range(queues)]
-        vhost_names = [fd_name(tap, "vhost", i) for i in range(len(tap.vhost_fds))]
+        vhost_names = [fd_name(tap, "vhost", i) for i in range(len(vhost_fds))]
 
         async def netdev_add() -> None:
             await self.qmp.netdev_add_tap(netdev_id(tap), fd_names, vhost_names)
@@ -218,14 +186,13 @@ class QemuHypervisor:
                 device_id(tap), self.guest_timeout))
         return slot.pci_path
 
-    async def hotplug_remove_device(self, endpoint: Endpoint, op: Operation | None = None) -> None:
+    async def unplug_tap(self, tap: TapInterface, op: Operation | None = None) -> None:
         """Unplug: device_del, wait for DEVICE_DELETED (bounded), then netdev_del.
 
         The order matters: QEMU lets a netdev go while the NIC still uses it.
         """
-        tap = plugged_tap(endpoint)
         if op is None:
-            async with Operation("unplug", endpoint.name) as own:
+            async with Operation(OpKind.UNPLUG, tap.name) as own:
                 await self._unplug(tap, own)
                 own.commit()
         else:
@@ -236,6 +203,16 @@ class QemuHypervisor:
         await op.step(Step.DEVICE_DEL, lambda: self.qmp.device_del(
             device_id(tap), self.unplug_timeout))
         await op.step(Step.NETDEV_DEL, lambda: self.qmp.netdev_del(netdev_id(tap)))
+
+    async def release_fds(self, tap: TapInterface) -> None:
+        """Close fds QEMU still holds for ``tap`` by name (``fd0..`` then ``vhost0..``).
+
+        A plug passes a prefix of each series, so the first name QEMU does not know ends it.
+        """
+        for kind in ("fd", "vhost"):
+            for i in range(QUEUES_MAX):
+                if not await self.qmp.close_fd(fd_name(tap, kind, i)):
+                    break
 
     async def free_slots(self) -> list[Slot]:
         """Free slots as QEMU's object tree shows them.
@@ -267,10 +244,9 @@ class QemuHypervisor:
                 *(self.qmp.qom_get(c, "addr") for c in children)))
         return Bridge(name, kind, int(addr) >> 3, used)
 
-    async def device_present(self, endpoint: Endpoint) -> bool:
-        """Whether QEMU still has the endpoint's device (its QOM node exists)."""
-        wanted = device_id(plugged_tap(endpoint))
-        return wanted in await self.peripheral_ids()
+    async def device_present(self, tap: TapInterface) -> bool:
+        """Whether QEMU still has ``tap``'s device (its QOM node exists)."""
+        return device_id(tap) in await self.peripheral_ids()
 
     async def nic_with_mac(self, mac: str) -> str | None:
         """The NIC of this VM that has ``mac`` (QEMU's rx-filter view), if any."""
@@ -282,8 +258,6 @@ class QemuHypervisor:
     async def peripheral_ids(self) -> set[str]:
         return {c["name"] for c in await self.qmp.qom_list("/machine/peripheral")
                 if c["type"].startswith("child<")}
-
-
 
 T = TypeVar("T")
 
@@ -338,5 +312,5 @@ def pci_device_ids(pci: list[dict[str, Any]]) -> set[str]:
     return found
 
 
-__all__ = ["TAP_OF", "Bridge", "QemuHypervisor", "QmpnetError", "Slot", "free_slots",
-           "plugged_tap"]
+__all__ = ["Bridge", "QemuHypervisor", "QmpnetError", "Slot", "device_id", "fd_name",
+           "free_slots", "netdev_id"]

@@ -47,6 +47,15 @@ class Step(enum.StrEnum):
     FORGET = "forget"
 
 
+class OpKind(enum.StrEnum):
+    """What an operation does; the journal records it, recovery decides by it."""
+
+    HOT_PLUG = "hot-plug"
+    UNPLUG = "unplug"
+    #: host-side cleanup of an endpoint whose QEMU part is gone or already removed
+    TEARDOWN = "teardown"
+
+
 class Phase(enum.StrEnum):
     BEGIN = "begin"
     DONE = "done"
@@ -63,7 +72,7 @@ Observer = Callable[["Operation", Step, Phase], Awaitable[None] | None]
 class Operation:
     """One plug or unplug of one endpoint; use as ``async with`` and call :meth:`commit`."""
 
-    kind: str
+    kind: OpKind = attrs.field(converter=OpKind)
     endpoint: str
     #: what the operation acts on (an endpoint); observers such as the journal save it.
     subject: Any = None

@@ -240,15 +240,13 @@ class NetworkInterface:
 class TapInterface:
     """The tap QEMU reads: ``id`` names the netdev/device pair, ``tap_iface`` the host link.
 
-    ``vm_fds``/``vhost_fds`` hold open fds only while a hot-plug is in flight; they are never
-    saved and never compared.
+    Open fds are never part of it: a hot-plug holds them in a ``tuntap.QueueFds`` of its own,
+    so what is persisted cannot carry a descriptor number.
     """
 
     id: str
     name: str = attrs.field(validator=_opt(check_ifname))
     tap_iface: NetworkInterface
-    vm_fds: tuple[int, ...] = attrs.field(default=(), eq=False, repr=False)
-    vhost_fds: tuple[int, ...] = attrs.field(default=(), eq=False, repr=False)
 
 
 def _to_model(value: object) -> InterworkingModel:

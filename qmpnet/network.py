@@ -1,9 +1,11 @@
 """The network of one VM: add, remove and list its interfaces, with state that survives.
 
 ``NetworkState`` is the library's front door. Each operation takes the VM's lock (tasks and
-processes alike), writes its intent to the journal before every step, runs the endpoint's
-hot-plug or unplug, and persists the result. A failure anywhere undoes every earlier step;
-a crash leaves a journal entry that :func:`qmpnet.reconcile.reconcile` finishes or rolls back.
+processes alike), settles what an interrupted operation left (:mod:`qmpnet.recovery`), writes
+its intent to the journal before every step, runs the endpoint's hot-plug or unplug, and
+persists the result. A failure anywhere undoes every earlier step; a crash leaves a journal
+entry that the next operation (or ``qmpnet reconcile``) finishes or rolls back. File writes
+run on a thread, never on the event loop.
 
 The QMP monitor serves one client at a time, so by default a session is opened per
 operation, under the lock, and closed after; :meth:`NetworkState.connect` keeps one open for a
@@ -23,7 +25,7 @@ from qmpnet.config import Config
 from qmpnet.endpoints import Endpoint, PlugContext, create_endpoint, net_info_from_interface
 from qmpnet.errors import InvalidInputError, StateError
 from qmpnet.hypervisor import QemuHypervisor
-from qmpnet.lifecycle import Observer, Operation, Phase, Step
+from qmpnet.lifecycle import Observer, Operation, OpKind, Phase, Step
 from qmpnet.model import (
     InterfaceDescription,
     InterworkingModel,
@@ -33,6 +35,7 @@ from qmpnet.model import (
 )
 from qmpnet.netns import check_netns
 from qmpnet.qmp import QmpSession
+from qmpnet.recovery import ReconcileReport, recover_journal
 from qmpnet.store import Entry, Snapshot, Status, Store
 
 
@@ -42,10 +45,7 @@ class NoSuchInterfaceError(InvalidInputError):
 
 def host_link(endpoint: Endpoint) -> str:
     """The host link QEMU reads for ``endpoint`` (its tap or macvtap), or ``""``."""
-    pair = endpoint.network_pair
-    if pair is not None:
-        return pair.tap_interface.tap_iface.name
-    return str(getattr(endpoint, "host_link", ""))
+    return endpoint.host_link
 
 
 def interface_of(endpoint: Endpoint) -> InterfaceDescription:
@@ -106,22 +106,32 @@ class NetworkState:
     # --- journal ---------------------------------------------------------------------------
 
     def _journal(self, started: float) -> Observer:
-        def observe(op: Operation, step: Step, phase: Phase) -> None:
+        async def observe(op: Operation, step: Step, phase: Phase) -> None:
             if phase is Phase.BEGIN and op.subject is not None:
-                self.store.journal_begin(op.subject.id, op.kind, step.value, op.subject,
-                                         started)
+                await self.store.journal_begin(op.subject.id, op.kind, step.value, op.subject,
+                                               started)
         return observe
 
-    def _operation(self, kind: str, endpoint: Endpoint) -> Operation:
+    def _operation(self, kind: OpKind, endpoint: Endpoint) -> Operation:
         return Operation(kind, endpoint.name, subject=endpoint,
                          observers=[self._journal(time.time()), *self.observers])
 
     async def _recover(self) -> None:
         """Finish or roll back what an interrupted operation left (caller holds the lock)."""
         if self.store.journal():
-            from qmpnet.reconcile import recover_journal
-
             await recover_journal(self)
+
+    async def recover(self) -> ReconcileReport | None:
+        """Take the lock and settle the journal; ``None`` when nothing was in flight.
+
+        Without a journal nothing is taken or created (not even the state directory).
+        """
+        if not self.store.journal():
+            return None
+        async with self.store.locked():
+            if not self.store.journal():
+                return None
+            return await recover_journal(self)
 
     # --- operations ------------------------------------------------------------------------
 
@@ -156,7 +166,7 @@ class NetworkState:
                     if holder:
                         raise InvalidInputError("hwAddr", endpoint.hardware_addr,
                                                 f"QEMU already has NIC {holder} with this MAC")
-                op = self._operation("hot-plug", endpoint)
+                op = self._operation(OpKind.HOT_PLUG, endpoint)
                 try:
                     async with op:
                         ctx = PlugContext(hv, self.config, op, wait_guest=wait_guest)
@@ -174,11 +184,11 @@ class NetworkState:
                     # An undo that failed (QEMU gone, guest not releasing the device) keeps
                     # the journal entry: the next operation or a reconcile finishes it.
                     if not op.undo_errors:
-                        self.store.journal_end(endpoint.id)
+                        await self.store.journal_end(endpoint.id)
             return plugged
 
     async def _save(self, snap: Snapshot) -> None:
-        self.store.save(snap)
+        await self.store.save(snap)
 
     async def remove_interface(self, hw_addr: str) -> Endpoint:
         """Unplug the interface with MAC ``hw_addr`` and forget it.
@@ -197,12 +207,12 @@ class NetworkState:
             entry = match[0]
             rest = tuple(e for e in snap.entries if e is not entry)
             async with self.hypervisor() as hv:
-                op = self._operation("unplug", entry.endpoint)
+                op = self._operation(OpKind.UNPLUG, entry.endpoint)
                 recorded = True
                 try:
                     async with op:
                         ctx = PlugContext(hv, self.config, op)
-                        await entry.endpoint.hot_detach(ctx, netns_created=True)
+                        await entry.endpoint.hot_detach(ctx)
 
                         async def forget() -> None:
                             await self._save(attrs.evolve(snap, entries=rest))
@@ -215,14 +225,14 @@ class NetworkState:
                         # device_del may be under way in the guest: never report it plugged.
                         pending = Entry(entry.endpoint, Status.UNPLUG_PENDING)
                         try:
-                            self.store.save(attrs.evolve(snap, entries=(*rest, pending)))
+                            await self._save(attrs.evolve(snap, entries=(*rest, pending)))
                         except StateError:
                             # The journal keeps the unplug, so a reconcile rolls it forward.
                             recorded = False
                     raise
                 finally:
                     if recorded:
-                        self.store.journal_end(entry.endpoint.id)
+                        await self.store.journal_end(entry.endpoint.id)
             return entry.endpoint
 
 

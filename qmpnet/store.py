@@ -3,8 +3,9 @@
 ``state.json`` lists the VM's endpoints with their status; ``journal.json`` holds the intent of
 each operation in flight (written durably before each step), so a later process can finish or
 roll back what a crashed one left. Writes go to a temp file, are fsynced, renamed over the old
-file, and the directory is fsynced. A file lock (``flock``) serializes processes on one VM;
-it is polled with a deadline so no thread ever blocks on it.
+file, and the directory is fsynced — on a worker thread, one write at a time, so the event
+loop never waits on a disk. A file lock (``flock``) serializes processes on one VM; it is
+polled with a deadline so no thread ever blocks on it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import json
 import os
 import stat
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,15 @@ class Store:
         self.dir = Path(directory)
         self.lock_timeout = lock_timeout
         self._local = asyncio.Lock()
+        #: one write at a time: a cancelled caller's write may still be running on its thread
+        self._writing = threading.Lock()
+
+    async def _off_loop(self, write: Callable[[], None]) -> None:
+        """Run a file write on a thread; writes of this store keep their order."""
+        def serial() -> None:
+            with self._writing:
+                write()
+        await asyncio.to_thread(serial)
 
     @property
     def state_path(self) -> Path:
@@ -177,11 +188,12 @@ class Store:
                 entries.append(Entry(loaded, Status(str(status_text))))
         return Snapshot(tuple(entries), tuple(unknown))
 
-    def save(self, snapshot: Snapshot) -> None:
+    async def save(self, snapshot: Snapshot) -> None:
         items: list[Any] = [{"status": e.status.value, "endpoint": dump_endpoint(e.endpoint)}
                             for e in snapshot.entries]
         items.extend(u.raw for u in snapshot.unknown)
-        self._write(self.state_path, {"version": STATE_VERSION, "endpoints": items})
+        data = {"version": STATE_VERSION, "endpoints": items}
+        await self._off_loop(lambda: self._write(self.state_path, data))
 
     # --- journal ---------------------------------------------------------------------------
 
@@ -202,29 +214,37 @@ class Store:
                                      _seconds(rec.get("started")))
         return out
 
-    def journal_begin(self, key: str, operation: str, step: str, endpoint: Endpoint,
-                      started: float) -> None:
-        data = self._read(self.journal_path) or {}
-        data[key] = {"operation": operation, "step": step, "endpoint": dump_endpoint(endpoint),
-                     "started": started}
-        self._write(self.journal_path, data)
+    async def journal_begin(self, key: str, operation: str, step: str, endpoint: Endpoint,
+                            started: float) -> None:
+        record = {"operation": str(operation), "step": step,
+                  "endpoint": dump_endpoint(endpoint), "started": started}
 
-    def journal_end(self, key: str) -> None:
-        data = self._read(self.journal_path) or {}
-        if data.pop(key, None) is not None:
-            if data:
-                self._write(self.journal_path, data)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.journal_path)
+        def write() -> None:
+            data = self._read(self.journal_path) or {}
+            data[key] = record
+            self._write(self.journal_path, data)
+        await self._off_loop(write)
 
-    def remove_all(self) -> None:
+    async def journal_end(self, key: str) -> None:
+        def write() -> None:
+            data = self._read(self.journal_path) or {}
+            if data.pop(key, None) is not None:
+                if data:
+                    self._write(self.journal_path, data)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.journal_path)
+        await self._off_loop(write)
+
+    async def remove_all(self) -> None:
         """Delete the state directory's files (after the VM is gone and reconciled)."""
-        for name in ("state.json", "journal.json", "lock"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.dir / name)
-        with contextlib.suppress(OSError):
-            self.dir.rmdir()
+        def remove() -> None:
+            for name in ("state.json", "journal.json", "lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.dir / name)
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()
+        await self._off_loop(remove)
 
 
 def _seconds(value: object) -> float:

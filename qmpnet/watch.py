@@ -32,10 +32,10 @@ from typing import Any, Generic, TypeVar
 import attrs
 
 from qmpnet.endpoints import Endpoint
-from qmpnet.endpoints.netpair import bridge_name, pair_model
+from qmpnet.endpoints.netpair import pair_model
 from qmpnet.errors import HostError, InvalidInputError, QmpnetError
 from qmpnet.links import LinkInfo, Links
-from qmpnet.model import InterfaceDescription, InterworkingModel, NetworkInterfacePair
+from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.netns import check_netns
 from qmpnet.network import NetworkState, NoSuchInterfaceError
 from qmpnet.store import Entry, Status
@@ -196,38 +196,6 @@ class WatchEvent:
 OnEvent = Callable[[WatchEvent], None]
 
 
-# --- is a saved NIC still joined to its link? ----------------------------------------------------
-
-Attached = Callable[[Links, NetworkInterfacePair, LinkInfo, Mapping[int, LinkInfo]],
-                    Awaitable[bool]]
-
-
-async def _tc_attached(links: Links, pair: NetworkInterfacePair, link: LinkInfo,
-                       by_index: Mapping[int, LinkInfo]) -> bool:
-    # A new link of the same name has no ingress qdisc: the mirror went with the old one.
-    return await links.has_tc_ingress(link.name) and await links.tc_ingress_ours(link.name)
-
-
-async def _macvtap_attached(links: Links, pair: NetworkInterfacePair, link: LinkInfo,
-                            by_index: Mapping[int, LinkInfo]) -> bool:
-    # The kernel deletes a macvtap with its parent: the tap's presence is the proof.
-    return True
-
-
-async def _bridge_attached(links: Links, pair: NetworkInterfacePair, link: LinkInfo,
-                           by_index: Mapping[int, LinkInfo]) -> bool:
-    master = by_index.get(link.master)
-    return (master is not None and master.name == bridge_name(pair)
-            and master.owner == pair.tap_interface.id)
-
-
-ATTACHED: Mapping[InterworkingModel, Attached] = {
-    InterworkingModel.TCFILTER: _tc_attached,
-    InterworkingModel.MACVTAP: _macvtap_attached,
-    InterworkingModel.BRIDGED: _bridge_attached,
-}
-
-
 def _same_netns(a: str, b: str) -> bool:
     """Whether two netns paths name one namespace (``/run/netns/x`` vs a bind mount of it)."""
     if not a or not b:
@@ -376,11 +344,8 @@ class _Watcher:
         """
         if not self.state.store.journal():
             return
-        from qmpnet.reconcile import recover_journal
-
         try:
-            async with self.state.store.locked():
-                await _finish(recover_journal(self.state))
+            await _finish(self.state.recover())
         except (QmpnetError, OSError) as err:
             log.error("watch %s: recovering interrupted operations failed: %s (the next "
                       "operation tries again)", self.netns, err)
@@ -429,8 +394,7 @@ class _Watcher:
         tap = await links.lookup(pair.tap_interface.tap_iface.name)
         if tap is None or tap.owner != pair.tap_interface.id:
             return False
-        check = ATTACHED.get(pair.model.resolved())
-        return check is not None and await check(links, pair, link, by_index)
+        return await pair_model(pair.model).attached(pair, links, link, by_index)
 
     async def _plug(self, link: LinkInfo) -> None:
         desc = InterfaceDescription(name=link.name, hw_addr=link.mac, mtu=link.mtu,

@@ -65,9 +65,7 @@ net_info = st.builds(NetworkInfo, iface=st.builds(
 iface = st.builds(NetworkInterface, name=st.just("") | ifname, hard_addr=st.just("") | mac,
                   addrs=addrs)
 ids = st.from_regex(r"qn[0-9a-f]{10}", fullmatch=True)
-tap_interface = st.builds(TapInterface, id=ids, name=st.just("") | ifname, tap_iface=iface,
-                          vm_fds=st.lists(st.integers(0, 1000), max_size=4).map(tuple),
-                          vhost_fds=st.lists(st.integers(0, 1000), max_size=4).map(tuple))
+tap_interface = st.builds(TapInterface, id=ids, name=st.just("") | ifname, tap_iface=iface)
 pair = st.builds(NetworkInterfacePair, tap_interface=tap_interface, virt_iface=iface,
                  model=st.sampled_from(list(InterworkingModel)))
 pci_path = st.just("") | st.lists(st.integers(0, 31), min_size=1, max_size=8).map(
@@ -166,7 +164,7 @@ def test_macvlan_and_macvtap_survive_save_and_load(tmp_path: Path) -> None:
     assert isinstance(macvtap, MacvtapEndpoint)
     store = Store(tmp_path / "vm")
     snap = Snapshot((Entry(macvlan), Entry(macvtap, Status.UNPLUG_PENDING)))
-    store.save(snap)
+    asyncio.run(store.save(snap))
     loaded = Store(tmp_path / "vm").load()
     assert loaded == snap
     assert loaded.unknown == ()
@@ -191,7 +189,7 @@ def test_unknown_entries_are_reported_and_written_back_unchanged(tmp_path: Path)
     assert "Unknown endpoint type vdpa" in snap.unknown[0].reason
     assert "frozen" in snap.unknown[1].reason
 
-    store.save(snap)
+    asyncio.run(store.save(snap))
     saved = json.loads(store.state_path.read_text())["endpoints"]
     assert saved[1:] == [future, bad_status, odd_status, odd, 5]
     assert store.load() == snap
@@ -203,14 +201,14 @@ def test_any_snapshot_survives_the_store(tmp_path: Path,
                                          entries: list[tuple[Endpoint, Status]]) -> None:
     store = Store(tmp_path / "prop")
     snap = Snapshot(tuple(Entry(e, s) for e, s in entries))
-    store.save(snap)
+    asyncio.run(store.save(snap))
     assert store.load() == snap
 
 
 def test_files_are_private_and_writes_leave_no_temp_files(tmp_path: Path) -> None:
     directory = tmp_path / "vm"
     store = Store(directory)
-    store.save(Snapshot((Entry(_cni_endpoint("veth", "52:54:00:00:00:34")),)))
+    asyncio.run(store.save(Snapshot((Entry(_cni_endpoint("veth", "52:54:00:00:00:34")),))))
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(store.state_path).st_mode) == 0o600
     assert sorted(p.name for p in directory.iterdir()) == ["state.json"]
@@ -235,11 +233,11 @@ def test_missing_state_is_empty(tmp_path: Path) -> None:
 def test_journal_records_the_step_and_the_endpoint(tmp_path: Path) -> None:
     store = Store(tmp_path / "vm")
     macvlan = _cni_endpoint("macvlan", "52:54:00:00:00:35")
-    store.journal_begin(macvlan.id, "hot-plug", "netdev-add", macvlan, 12.5)
+    asyncio.run(store.journal_begin(macvlan.id, "hot-plug", "netdev-add", macvlan, 12.5))
     record = store.journal()[macvlan.id]
     assert (record.operation, record.step, record.endpoint, record.started) == (
         "hot-plug", "netdev-add", macvlan, 12.5)
-    store.journal_end(macvlan.id)
+    asyncio.run(store.journal_end(macvlan.id))
     assert store.journal() == {}
     assert not store.journal_path.exists()
 

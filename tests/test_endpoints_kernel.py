@@ -17,8 +17,7 @@ import attrs
 import pytest
 
 from qmpnet import tuntap
-from qmpnet.config import Config
-from qmpnet.endpoints import PlugContext, create_endpoint, net_info_from_interface
+from qmpnet.endpoints import create_endpoint, net_info_from_interface
 from qmpnet.endpoints.netpair import MODELS, NetPairEndpoint, bridge_name, parked_mac
 from qmpnet.errors import InvalidInputError, LinkExistsError, PlugError
 from qmpnet.lifecycle import Operation, Phase, Step
@@ -40,22 +39,17 @@ def _endpoint(veth: Any, model: InterworkingModel, tap: str | None = None,
     return endpoint
 
 
-def _ctx(op: Operation) -> PlugContext:
-    # The host side only: no step here reaches the hypervisor.
-    return PlugContext(None, Config(), op)  # type: ignore[arg-type]
-
-
 async def _connect(ep: NetPairEndpoint, queues: int) -> tuple[tuntap.QueueFds, Operation]:
     fds = tuntap.QueueFds()
     async with Operation("hot-plug", ep.name) as op:
-        await MODELS[ep.network_pair.model].connect(ep, _ctx(op), queues, fds)
+        await MODELS[ep.network_pair.model].connect(ep, op, queues, fds)
         op.commit()
     return fds, op
 
 
 async def _detach(ep: NetPairEndpoint) -> Operation:
     async with Operation("unplug", ep.name) as op:
-        await ep.detach(_ctx(op), netns_created=True)
+        await ep.teardown(op)
         op.commit()
     return op
 
@@ -116,7 +110,7 @@ async def test_a_failed_join_undoes_the_queues(cni_veth: Any, host: Any) -> None
     fds = tuntap.QueueFds()
     with pytest.raises(PlugError) as caught:
         async with Operation("hot-plug", ep.name) as op:
-            await MODELS[InterworkingModel.TCFILTER].connect(ep, _ctx(op), 2, fds)
+            await MODELS[InterworkingModel.TCFILTER].connect(ep, op, 2, fds)
     assert caught.value.step == "prepare-links"
     assert getattr(caught.value.cause, "errno", None) == errno.ENODEV
     assert op.history == [(Step.OPEN_QUEUES, B), (Step.OPEN_QUEUES, D), (Step.PREPARE_LINKS, B),
@@ -140,7 +134,7 @@ async def test_an_existing_tap_name_is_refused_and_survives(cni_veth: Any, host:
     fds = tuntap.QueueFds()
     with pytest.raises(PlugError) as caught:
         async with Operation("hot-plug", ep.name) as op:
-            await MODELS[model].connect(ep, _ctx(op), 2, fds)
+            await MODELS[model].connect(ep, op, 2, fds)
     assert isinstance(caught.value.cause, LinkExistsError)
     assert fds.tap == []
     after = {name: host.stable(link) for name, link in host.links(veth.sandbox).items()}
@@ -249,7 +243,7 @@ async def test_a_bridge_name_too_long_fails_before_anything_is_made(cni_veth: An
     before = sorted(host.links(veth.sandbox))
     with pytest.raises(InvalidInputError) as caught:
         async with Operation("hot-plug", ep.name) as op:
-            await MODELS[InterworkingModel.BRIDGED].connect(ep, _ctx(op), 1, fds)
+            await MODELS[InterworkingModel.BRIDGED].connect(ep, op, 1, fds)
     assert caught.value.field == "bridge name"
     assert op.history == []
     assert fds.tap == []
@@ -290,7 +284,7 @@ async def test_a_refused_bridged_plug_leaves_the_veth_in_its_own_bridge(cni_veth
     fds = tuntap.QueueFds()
     with pytest.raises(PlugError) as caught:
         async with Operation("hot-plug", ep.name) as op:
-            await MODELS[InterworkingModel.BRIDGED].connect(ep, _ctx(op), 1, fds)
+            await MODELS[InterworkingModel.BRIDGED].connect(ep, op, 1, fds)
     assert isinstance(caught.value.cause, LinkExistsError)
     seen = host.links(veth.sandbox)
     assert seen[veth.inner]["master"] == theirs

@@ -3,8 +3,11 @@ tap endpoint names, and the refusals that need no host (cold plug, unpluggable t
 
 from __future__ import annotations
 
+import logging
+
 import attrs
 import pytest
+from qemu.qmp import QMPClient
 
 from qmpnet.config import Config
 from qmpnet.endpoints import (
@@ -23,9 +26,10 @@ from qmpnet.endpoints import (
     create_tap_endpoint,
     net_info_from_interface,
 )
-from qmpnet.endpoints.base import LINK_TYPES, new_id, random_mac
+from qmpnet.endpoints.base import LINK_TYPES, new_id, queue_pairs, random_mac
 from qmpnet.endpoints.netpair import bridge_name
 from qmpnet.errors import InvalidInputError, UnsupportedError
+from qmpnet.hypervisor import QemuHypervisor
 from qmpnet.lifecycle import Operation
 from qmpnet.model import (
     EndpointType,
@@ -34,6 +38,7 @@ from qmpnet.model import (
     IPAddress,
     check_mac,
 )
+from qmpnet.qmp import QmpSession
 
 DESC = InterfaceDescription(
     device="eth3", name="eth3", mtu=1450, hw_addr="52:54:00:00:00:09",
@@ -185,8 +190,9 @@ def test_bridge_names() -> None:
 # --- refusals that need no host ------------------------------------------------------------
 
 def _ctx() -> PlugContext:
-    # No hypervisor: these paths must refuse before they would need one.
-    return PlugContext(None, Config(), Operation("hot-plug", "x"))  # type: ignore[arg-type]
+    # A session that never connects: these paths must refuse before they would need QEMU.
+    session = QmpSession(QMPClient("unused"), "/nonexistent", 1.0, logging.getLogger("test"))
+    return PlugContext(QemuHypervisor(session), Config(), Operation("hot-plug", "x"))
 
 
 @pytest.mark.asyncio
@@ -209,31 +215,29 @@ async def test_unpluggable_types_say_why(link_type: str) -> None:
                                InterworkingModel.TCFILTER)
     reason = type(endpoint).reason  # type: ignore[attr-defined]
     for call, what in ((endpoint.hot_attach(_ctx()), "hot-plug"),
-                       (endpoint.hot_detach(_ctx(), True), "hot-unplug"),
+                       (endpoint.hot_detach(_ctx()), "hot-unplug"),
                        (endpoint.attach(_ctx()), "cold plug")):
         with pytest.raises(UnsupportedError) as caught:
             await call
         assert caught.value.operation == what
         assert caught.value.reason == reason
         assert str(endpoint.type) in str(caught.value)
-    await endpoint.detach(_ctx(), True)  # nothing to do, nothing raised
+    op = Operation("teardown", endpoint.name)
+    await endpoint.teardown(op)  # nothing to do, nothing raised
+    assert op.history == []
+    assert endpoint.tap is None
+    assert endpoint.host_link == ""
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("link_type", ["tap", "veth"])
-async def test_detach_leaves_a_netns_we_did_not_create_alone(link_type: str) -> None:
-    """With a path and netns_created=False, detach touches nothing (here: not even netlink)."""
-    model = InterworkingModel.NONE if link_type == "tap" else InterworkingModel.TCFILTER
-    endpoint = create_endpoint(net_info_from_interface(attrs.evolve(DESC, link_type=link_type),
-                                                       model), 0, model,
-                               netns_path="/run/netns/does-not-exist")
-    ctx = _ctx()
-    await endpoint.detach(ctx, False)
-    assert ctx.op.history == []
+async def test_queue_count_comes_from_request_then_config_then_vcpus() -> None:
+    asked: list[int] = []
 
+    async def vcpus() -> int:
+        asked.append(1)
+        return 5
 
-@pytest.mark.asyncio
-async def test_queue_count_comes_from_request_then_config() -> None:
-    op = Operation("hot-plug", "x")
-    assert await PlugContext(None, Config(queues=3), op).queues(2) == 2  # type: ignore[arg-type]
-    assert await PlugContext(None, Config(queues=3), op).queues(0) == 3  # type: ignore[arg-type]
+    assert await queue_pairs(2, 3, vcpus) == 2
+    assert await queue_pairs(0, 3, vcpus) == 3
+    assert asked == []  # the guest is asked only when nothing else decides
+    assert await queue_pairs(0, 0, vcpus) == 5

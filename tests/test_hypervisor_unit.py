@@ -1,4 +1,4 @@
-"""The hypervisor adapter's pure parts: which tap an endpoint plugs, QEMU ids and strings,
+"""The hypervisor adapter's pure parts: which tap an endpoint hands it, QEMU ids and strings,
 MSI-X vectors, and the free-slot choice."""
 
 from __future__ import annotations
@@ -12,22 +12,31 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qmpnet.endpoints import create_endpoint, create_tap_endpoint, net_info_from_interface
+from qmpnet.config import Config
+from qmpnet.endpoints import (
+    REGISTRY,
+    PlugContext,
+    create_endpoint,
+    create_tap_endpoint,
+    net_info_from_interface,
+)
+from qmpnet.endpoints.base import LINK_TYPES
 from qmpnet.errors import UnsupportedError
 from qmpnet.hypervisor import (
-    TAP_OF,
     Bridge,
+    QemuHypervisor,
     Slot,
     device_id,
     fd_name,
     free_slots,
     netdev_id,
     pci_device_ids,
-    plugged_tap,
     vectors_for,
 )
-from qmpnet.model import EndpointType, InterfaceDescription, InterworkingModel, TapInterface
+from qmpnet.lifecycle import Operation
+from qmpnet.model import EndpointType, InterfaceDescription, InterworkingModel
 from qmpnet.qmp import QmpSession
+from qmpnet.tuntap import QueueFds
 
 
 def _endpoint(link_type: str) -> Any:
@@ -36,29 +45,50 @@ def _endpoint(link_type: str) -> Any:
     return create_endpoint(net_info_from_interface(desc, model), 0, model)
 
 
-def test_dispatch_table_covers_exactly_the_pluggable_types() -> None:
-    assert set(TAP_OF) == {EndpointType.VETH, EndpointType.MACVLAN, EndpointType.TUNTAP,
-                           EndpointType.TAP}
+PLUGGABLE = {EndpointType.VETH, EndpointType.MACVLAN, EndpointType.TUNTAP, EndpointType.TAP}
+
+
+@pytest.mark.parametrize("kind", sorted(REGISTRY), ids=str)
+def test_every_registered_type_says_whether_it_has_a_tap(kind: EndpointType) -> None:
+    """The registry is the one table: a type either hands the hypervisor a tap or has none."""
+    link_type = next(k for k, v in sorted(LINK_TYPES.items()) if v is kind)
+    endpoint = _endpoint(link_type)
+    assert (endpoint.tap is not None) is (kind in PLUGGABLE)
+    assert endpoint.host_link == (endpoint.tap.tap_iface.name if endpoint.tap else "")
 
 
 @pytest.mark.parametrize("link_type", ["veth", "macvlan", "tuntap"])
 def test_netpair_types_plug_their_pairs_tap(link_type: str) -> None:
     endpoint = _endpoint(link_type)
-    assert plugged_tap(endpoint) is endpoint.network_pair.tap_interface
+    assert endpoint.tap is endpoint.network_pair.tap_interface
 
 
 def test_tap_plugs_its_own_tap() -> None:
     endpoint = _endpoint("tap")
-    assert plugged_tap(endpoint) is endpoint.tap_interface
+    assert endpoint.tap is endpoint.tap_interface
 
 
+@pytest.mark.asyncio
 @pytest.mark.parametrize("link_type", ["physical", "vhost-user", "macvtap", "ipvlan"])
-def test_other_types_are_not_supported(link_type: str) -> None:
+async def test_other_types_are_not_supported(link_type: str) -> None:
     endpoint = _endpoint(link_type)
-    with pytest.raises(UnsupportedError, match="this endpoint is not supported") as caught:
-        plugged_tap(endpoint)
+    assert endpoint.tap is None
+    session = RecordingSession()
+    with pytest.raises(UnsupportedError) as caught:
+        await endpoint.hot_attach(PlugContext(QemuHypervisor(session), Config(),
+                                              Operation("hot-plug", endpoint.name)))
     assert caught.value.operation == "hot-plug"
     assert str(endpoint.type) in caught.value.what
+    assert session.sent == []
+
+
+@pytest.mark.asyncio
+async def test_plug_without_queue_fds_is_refused_before_any_command() -> None:
+    session = RecordingSession()
+    tap = create_tap_endpoint(0).tap_interface
+    with pytest.raises(UnsupportedError, match="no tap queue fds"):
+        await QemuHypervisor(session).plug_tap(tap, QueueFds(), "52:54:00:00:00:01")
+    assert session.sent == []
 
 
 @pytest.mark.parametrize(("queues", "vectors"), [(1, 4), (2, 6), (4, 10), (8, 18), (256, 514)])
@@ -170,9 +200,3 @@ def test_pci_device_ids_walks_bridges() -> None:
             {"qdev_id": "qn1-dev", "slot": 0}]}},
         {"qdev_id": "rp1", "slot": 2, "pci_bridge": {"bus": {}}}]}]
     assert pci_device_ids(pci) == {"rp0", "rp1", "qn1-dev"}
-
-
-def test_tap_interface_fds_are_not_part_of_identity() -> None:
-    tap = create_tap_endpoint(0).tap_interface
-    assert attrs.evolve(tap, vm_fds=(3, 4)) == tap
-    assert isinstance(tap, TapInterface)

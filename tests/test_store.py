@@ -32,7 +32,7 @@ def test_round_trip_keeps_every_field_and_status(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
     tap = create_tap_endpoint(0, "eth0", tap_name="tap0_kata", mac="52:54:00:00:05:02")
     snap = Snapshot((Entry(tap), Entry(_veth(), Status.UNPLUG_PENDING)))  # type: ignore[arg-type]
-    store.save(snap)
+    asyncio.run(store.save(snap))
     assert store.load() == snap
     data = json.loads(store.state_path.read_text())
     assert data["version"] == 1
@@ -51,7 +51,7 @@ def test_unknown_entries_are_kept_verbatim(tmp_path: Path) -> None:
     assert [u.raw for u in snap.unknown] == [alien, odd_status, 7]
     assert all(isinstance(u, UnknownEntry) and u.reason for u in snap.unknown)
     tap = create_tap_endpoint(0, "eth0", tap_name="t0")
-    store.save(Snapshot((Entry(tap),), snap.unknown))
+    asyncio.run(store.save(Snapshot((Entry(tap),), snap.unknown)))
     written = json.loads(store.state_path.read_text())["endpoints"]
     assert written[1:] == [alien, odd_status, 7]
 
@@ -76,9 +76,9 @@ def test_damaged_state_file_is_a_state_error(tmp_path: Path, content: bytes,
 
 def test_write_is_atomic_and_private(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
-    store.save(Snapshot())
+    asyncio.run(store.save(Snapshot()))
     first = store.state_path.stat().st_ino
-    store.save(Snapshot((Entry(create_tap_endpoint(0, "eth0", tap_name="t0")),)))
+    asyncio.run(store.save(Snapshot((Entry(create_tap_endpoint(0, "eth0", tap_name="t0")),))))
     assert store.state_path.stat().st_ino != first, "replaced by rename, not rewritten"
     assert sorted(p.name for p in store.dir.iterdir()) == ["state.json"], "no temp file left"
     assert stat.S_IMODE(store.dir.stat().st_mode) == 0o700
@@ -89,14 +89,14 @@ def test_loose_directory_is_tightened(tmp_path: Path) -> None:
     loose = tmp_path / "s"
     loose.mkdir()
     os.chmod(loose, 0o755)
-    Store(loose).save(Snapshot())
+    asyncio.run(Store(loose).save(Snapshot()))
     assert stat.S_IMODE(loose.stat().st_mode) == 0o700
 
 
 def test_state_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("")
     with pytest.raises(StateError):
-        Store(tmp_path / "f").save(Snapshot())
+        asyncio.run(Store(tmp_path / "f").save(Snapshot()))
 
 
 def test_journal_records_and_ends(tmp_path: Path) -> None:
@@ -104,20 +104,20 @@ def test_journal_records_and_ends(tmp_path: Path) -> None:
     a = create_tap_endpoint(0, "eth0", tap_name="t0")
     b = create_tap_endpoint(1, "eth1", tap_name="t1")
     assert store.journal() == {}
-    store.journal_begin(a.id, "hot-plug", "validate", a, 10.0)
-    store.journal_begin(a.id, "hot-plug", "device-add", a, 10.0)
-    store.journal_begin(b.id, "unplug", "device-del", b, 11.0)
+    asyncio.run(store.journal_begin(a.id, "hot-plug", "validate", a, 10.0))
+    asyncio.run(store.journal_begin(a.id, "hot-plug", "device-add", a, 10.0))
+    asyncio.run(store.journal_begin(b.id, "unplug", "device-del", b, 11.0))
     records = store.journal()
     assert set(records) == {a.id, b.id}
     assert records[a.id].step == "device-add"
     assert records[a.id].endpoint == a
     assert records[b.id].operation == "unplug"
     assert stat.S_IMODE(store.journal_path.stat().st_mode) == 0o600
-    store.journal_end(a.id)
+    asyncio.run(store.journal_end(a.id))
     assert set(store.journal()) == {b.id}
-    store.journal_end(b.id)
+    asyncio.run(store.journal_end(b.id))
     assert not store.journal_path.exists(), "an empty journal is no file at all"
-    store.journal_end("never-there")
+    asyncio.run(store.journal_end("never-there"))
 
 
 def test_damaged_journal_records_are_kept_not_fatal(tmp_path: Path) -> None:
@@ -157,7 +157,7 @@ async def test_lock_serializes_tasks(tmp_path: Path) -> None:
 async def test_lock_held_by_another_process_times_out_with_a_clear_error(
         tmp_path: Path) -> None:
     store = Store(tmp_path / "s", lock_timeout=0.3)
-    store.save(Snapshot())
+    await store.save(Snapshot())
     holder = await asyncio.create_subprocess_exec(
         sys.executable, "-c",
         "import fcntl, os, sys\n"
@@ -182,10 +182,10 @@ async def test_lock_held_by_another_process_times_out_with_a_clear_error(
 
 def test_remove_all(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
-    store.save(Snapshot())
-    store.journal_begin("k", "hot-plug", "validate",
-                        create_tap_endpoint(0, "eth0", tap_name="t0"), 0.0)
-    store.remove_all()
+    asyncio.run(store.save(Snapshot()))
+    asyncio.run(store.journal_begin("k", "hot-plug", "validate",
+                        create_tap_endpoint(0, "eth0", tap_name="t0"), 0.0))
+    asyncio.run(store.remove_all())
     assert not store.dir.exists()
 
 

@@ -199,7 +199,6 @@ def test_vhost_fds_one_per_queue_cloexec(monkeypatch: pytest.MonkeyPatch) -> Non
 async def test_plumbing_opens_no_vhost_fds_without_the_device(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from qmpnet.config import Config
-    from qmpnet.endpoints import PlugContext
     from qmpnet.endpoints.plumbing import open_vhost
     from qmpnet.lifecycle import Operation
 
@@ -207,7 +206,7 @@ async def test_plumbing_opens_no_vhost_fds_without_the_device(
     op = Operation("hot-plug", "eth0")
     fds = tuntap.QueueFds()
     with caplog.at_level(logging.WARNING, logger="qmpnet.tuntap"):
-        await open_vhost(PlugContext(None, Config(), op), 4, fds)  # type: ignore[arg-type]
+        await open_vhost(op, Config(), 4, fds)
     assert fds.vhost == []
     assert op.history == []  # no open-vhost step at all
     assert "is missing" in caplog.text

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from qemu.qmp import QMPClient
 
 from qmpnet.cni.delegate import find_plugin, ipam, ipam_config, ipam_release, ipam_speaks
 from qmpnet.cni.records import Attachment, Book, Records
@@ -30,15 +29,14 @@ from qmpnet.cni.spec import (
     to_cni_error,
 )
 from qmpnet.config import Config
-from qmpnet.endpoints import Endpoint, PlugContext
+from qmpnet.endpoints import Endpoint
 from qmpnet.endpoints.base import random_mac
 from qmpnet.errors import (
     InvalidInputError,
     QmpConnectError,
     QmpnetError,
 )
-from qmpnet.hypervisor import QemuHypervisor, device_id, plugged_tap
-from qmpnet.lifecycle import Operation
+from qmpnet.hypervisor import device_id
 from qmpnet.links import Links
 from qmpnet.model import (
     InterfaceDescription,
@@ -47,8 +45,7 @@ from qmpnet.model import (
 )
 from qmpnet.netns import check_netns
 from qmpnet.network import NetworkState, NoSuchInterfaceError, host_link
-from qmpnet.qmp import QmpSession
-from qmpnet.reconcile import recover_journal
+from qmpnet.recovery import teardown
 from qmpnet.store import Entry, Status
 
 log = logging.getLogger("qmpnet.cni")
@@ -62,29 +59,22 @@ def _entry_for(state: NetworkState, mac: str) -> Entry | None:
 async def _forget(state: NetworkState, entry: Entry) -> None:
     """The VM is gone with its device: undo the host side and drop the state entry.
 
-    The endpoint's ``detach`` only touches host links; it is given a session that was never
-    connected, so nothing can reach for the QEMU that is not there.
+    The endpoint's ``teardown`` only touches host links: nothing reaches for the QEMU that is
+    not there.
     """
-    session = QmpSession(QMPClient("gone"), state.qmp_path, 1.0, log.getChild("gone"))
-    hypervisor = QemuHypervisor(session)
-    op = Operation("forget", entry.endpoint.name, subject=entry.endpoint)
-    async with op:
-        await entry.endpoint.detach(PlugContext(hypervisor, state.config, op),
-                                    netns_created=True)
-        op.commit()
+    await teardown(entry.endpoint)
     async with state.store.locked():
         snap = state.store.load()
-        state.store.save(attrs.evolve(snap, entries=tuple(
+        await state.store.save(attrs.evolve(snap, entries=tuple(
             e for e in snap.entries if e.endpoint.id != entry.endpoint.id)))
 async def unplug(attachment: Attachment, state_dir: Path, config: Config) -> None:
     """Unplug one attachment; success when the VM, the device or the state is already gone."""
     state = NetworkState.open(state_dir, attachment.qmp_socket, config)
     entry = _entry_for(state, attachment.mac)
     if entry is None:
-        if state.store.journal():
-            # an ADD that failed and could not undo itself: finish its rollback now
-            async with state.store.locked():
-                report = await recover_journal(state)
+        # an ADD that failed and could not undo itself: finish its rollback now
+        report = await state.recover()
+        if report is not None:
             if not report.ok:
                 raise CniError(Code.TRY_AGAIN, f"{attachment.ifname}: the rollback of its "
                                "failed ADD is not finished", "; ".join(report.errors))
@@ -131,7 +121,7 @@ async def cmd_add(req: Request) -> dict[str, Any]:
                 return await _add_main(req, book, records, state)
             return await _add_chained(req, book, records, state)
         finally:
-            book.remove_if_unused(state)
+            await book.remove_if_unused(state)
 async def _add_chained(req: Request, book: Book, records: Records,
                        state: NetworkState) -> dict[str, Any]:
     env, conf = req.env, req.conf
@@ -194,7 +184,7 @@ async def cmd_del(req: Request) -> None:
             if found is not None:
                 await unplug(found, req.state_dir, conf.config())
                 book.save(records.without(found))
-            book.remove_if_unused(state)
+            await book.remove_if_unused(state)
     if conf.main and conf.ipam:
         await ipam(req, "DEL")
 async def cmd_check(req: Request) -> None:
@@ -239,8 +229,10 @@ def _check_prev_result(conf: NetConf, env: Env, endpoint: Endpoint, found: Attac
             raise CniError(Code.CHECK_FAILED, f"prevResult gives {env.ifname} the addresses "
                            f"{sorted(given)}, the VM's NIC was given {sorted(have)}")
 async def _check_qemu(state: NetworkState, endpoint: Endpoint, mac: str) -> None:
+    if endpoint.tap is None:
+        raise CniError(Code.CHECK_FAILED, f"{endpoint.name} is not a hot-plugged NIC")
     async with state.hypervisor() as hv:
-        dev = device_id(plugged_tap(endpoint))
+        dev = device_id(endpoint.tap)
         if dev not in await hv.peripheral_ids():
             raise CniError(Code.CHECK_FAILED, f"QEMU has no device {dev} for {endpoint.name}")
         got = str(await hv.qmp.qom_get(f"/machine/peripheral/{dev}", "mac")).lower()
@@ -316,7 +308,7 @@ async def _gc_directory(req: Request, directory: Path, valid: set[tuple[str, str
             records = records.without(found)
             book.save(records)
             log.info("GC removed %s of container %s", found.ifname, found.container_id)
-        book.remove_if_unused(NetworkState.open(directory, "", conf.config()))
+        await book.remove_if_unused(NetworkState.open(directory, "", conf.config()))
 def cmd_version(raw: bytes) -> dict[str, Any]:
     asked: object = None
     if raw.strip():

@@ -149,7 +149,7 @@ class Book:
                 os.unlink(tmp)
             raise StateError(str(self.path), f"write: {err.strerror}") from err
 
-    def remove_if_unused(self, state: NetworkState) -> None:
+    async def remove_if_unused(self, state: NetworkState) -> None:
         """Remove the directory once nothing in it is in use: no record, entry or journal."""
         if self.load() != Records():
             return
@@ -158,4 +158,4 @@ class Book:
             return
         with contextlib.suppress(FileNotFoundError):
             (self.dir / LOCK_FILE).unlink()
-        state.store.remove_all()
+        await state.store.remove_all()

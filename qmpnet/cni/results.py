@@ -10,7 +10,7 @@ from typing import Any
 from qmpnet.cni.request import Env, NetConf
 from qmpnet.cni.spec import CniError, Code, version_key
 from qmpnet.endpoints import Endpoint
-from qmpnet.endpoints.netpair import MAC_PARKING, parked_mac
+from qmpnet.endpoints.netpair import pair_model, parked_mac
 from qmpnet.model import (
     IPAddress,
 )
@@ -44,7 +44,7 @@ def sandbox_mac(endpoint: Endpoint) -> str:
     """The MAC ``CNI_IFNAME`` wears while plugged: macvtap and bridged park the pod's link on
     another one (the VM's NIC has the pod's), tcfilter leaves it as it was."""
     pair = endpoint.network_pair
-    if pair is not None and pair.model in MAC_PARKING:
+    if pair is not None and pair_model(pair.model).parks_mac:
         return parked_mac(endpoint.id)
     return endpoint.hardware_addr
 def chained_result(conf: NetConf, env: Env, mac: str, mtu: int) -> dict[str, Any]:

@@ -2,14 +2,17 @@
 
 Every endpoint type is a frozen attrs class registered under its :class:`EndpointType`; the
 registry drives creation, JSON (un)structuring and reporting, so no code switches on type
-strings and no type can be forgotten. ``hot_attach`` returns the plugged endpoint (with its PCI
-path and the MACs it settled on) instead of mutating it.
+strings and no type can be forgotten. The protocol says everything callers need: ``tap`` (what
+QEMU reads, or ``None`` for a type that is never hot-plugged), ``host_link``, ``create``,
+``hot_attach``/``hot_detach`` (QEMU and host) and ``teardown`` (the host side alone, for a VM
+that is gone). ``hot_attach`` returns the plugged endpoint (with its PCI path and the MACs it
+settled on) instead of mutating it.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
 
 import attrs
@@ -22,6 +25,7 @@ from qmpnet.model import (
     LinkAttrs,
     NetworkInfo,
     NetworkInterfacePair,
+    TapInterface,
 )
 
 if TYPE_CHECKING:
@@ -40,12 +44,17 @@ class PlugContext:
     wait_guest: bool = False
 
     async def queues(self, requested: int) -> int:
-        """Queue pairs: as requested, else as configured, else one per guest vCPU."""
-        if requested:
-            return requested
-        if self.config.queues:
-            return self.config.queues
-        return await self.hypervisor.vcpus()
+        return await queue_pairs(requested, self.config.queues, self.hypervisor.vcpus)
+
+
+async def queue_pairs(requested: int, configured: int,
+                      vcpus: Callable[[], Awaitable[int]]) -> int:
+    """Queue pairs: as requested, else as configured, else one per guest vCPU (asked last)."""
+    if requested:
+        return requested
+    if configured:
+        return configured
+    return await vcpus()
 
 
 @runtime_checkable
@@ -75,13 +84,38 @@ class Endpoint(Protocol):
     @property
     def id(self) -> str: ...
 
-    async def attach(self, ctx: PlugContext) -> Self: ...
+    @property
+    def tap(self) -> TapInterface | None:
+        """The tap QEMU reads (its ids name the NIC's fds, netdev and device); ``None`` for a
+        type that is never hot-plugged, so nothing of it lives in QEMU."""
+        ...
 
-    async def detach(self, ctx: PlugContext, netns_created: bool) -> None: ...
+    @property
+    def host_link(self) -> str:
+        """The host link QEMU reads (a tap or macvtap), ``""`` if there is none."""
+        ...
+
+    @property
+    def queues(self) -> int:
+        """Queue pairs: 0 until plugged means "as configured / one per vCPU"."""
+        ...
+
+    @classmethod
+    def create(cls, *, net_info: NetworkInfo, idx: int, model: InterworkingModel,
+               netns_path: str, tap_name: str | None, queues: int) -> Self: ...
+
+    async def attach(self, ctx: PlugContext) -> Self:
+        """Cold plug; qmpnet plugs into running VMs, so every type refuses with its reason."""
+        ...
 
     async def hot_attach(self, ctx: PlugContext) -> Self: ...
 
-    async def hot_detach(self, ctx: PlugContext, netns_created: bool) -> None: ...
+    async def hot_detach(self, ctx: PlugContext) -> None: ...
+
+    async def teardown(self, op: Operation) -> None:
+        """Remove the host side alone (links, qdiscs, a parked MAC given back), touching no
+        QEMU: for a VM that is gone or a device already removed. Safe to repeat."""
+        ...
 
 
 E = TypeVar("E", bound=type[Any])
@@ -144,6 +178,7 @@ def endpoint_type_for(link_type: str) -> EndpointType:
                                 + ", ".join(sorted(LINK_TYPES))) from None
 
 
+
 def create_endpoint(net_info: NetworkInfo, idx: int, model: InterworkingModel, *,
                     netns_path: str = "", tap_name: str | None = None,
                     queues: int = 0) -> Endpoint:
@@ -151,10 +186,8 @@ def create_endpoint(net_info: NetworkInfo, idx: int, model: InterworkingModel, *
     if idx < 0:
         raise InvalidInputError("index", idx, "must be >= 0")
     kind = endpoint_type_for(net_info.link_type)
-    cls = REGISTRY[kind]
-    build: Callable[..., Endpoint] = cls.create  # type: ignore[attr-defined]
-    return build(net_info=net_info, idx=idx, model=model, netns_path=netns_path,
-                 tap_name=tap_name, queues=queues)
+    return REGISTRY[kind].create(net_info=net_info, idx=idx, model=model,
+                                 netns_path=netns_path, tap_name=tap_name, queues=queues)
 
 
 def unsupported(endpoint: Endpoint, operation: str, reason: str) -> UnsupportedError:

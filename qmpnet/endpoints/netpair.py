@@ -1,8 +1,9 @@
 """NetPair endpoints: a link a CNI plugin made in the sandbox netns, joined to a tap QEMU reads.
 
 ``veth`` (type ``virtual``), ``macvlan`` and ``tuntap`` share this plumbing; they differ only
-in their type tag. How the sandbox link is joined to the tap is the interworking model, looked
-up in :data:`MODELS`:
+in their type tag. How the sandbox link is joined to the tap is the interworking model: one
+:class:`PairModel` each in :data:`MODELS`, used by every door (plug, unplug, the watcher's "is
+it still joined?", reconcile's residue check, the CNI result's MAC):
 
 - ``tcfilter``: a new tap; tc ingress + mirred redirect from the link to the tap and back.
 - ``macvtap``: a bridge-mode macvtap on the link carrying the link's MAC; QEMU reads its queues.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import ClassVar, Self
 
 import attrs
@@ -26,8 +27,8 @@ from qmpnet import tuntap
 from qmpnet.endpoints import plumbing
 from qmpnet.endpoints.base import PlugContext, new_id, register, unsupported
 from qmpnet.errors import InvalidInputError, NotOursError, UnsupportedError
-from qmpnet.lifecycle import Step
-from qmpnet.links import Links
+from qmpnet.lifecycle import Operation, Step
+from qmpnet.links import LinkInfo, Links
 from qmpnet.model import (
     EndpointType,
     InterworkingModel,
@@ -41,16 +42,42 @@ from qmpnet.model import (
 log = logging.getLogger(__name__)
 
 
+#: Runs a model's host plumbing for one plug: ``(endpoint, op, queues, fds)``.
+Connect = Callable[["NetPairEndpoint", Operation, int, tuntap.QueueFds], Awaitable[None]]
+#: Whether a saved NIC's sandbox link is still joined: ``(pair, links, link, by_index)``.
+Attached = Callable[[NetworkInterfacePair, Links, LinkInfo, Mapping[int, LinkInfo]],
+                    Awaitable[bool]]
+#: What a model's plumbing left on the sandbox link ``(pair, links, link)``, as sentences.
+Leftover = Callable[[NetworkInterfacePair, Links, LinkInfo], Awaitable[list[str]]]
+
+
 @attrs.frozen
 class PairModel:
-    """How one interworking model connects and disconnects a NetPair."""
+    """Everything one interworking model means, in one place.
 
-    connect: Callable[[NetPairEndpoint, PlugContext, int, tuntap.QueueFds], Awaitable[None]]
+    A new model is one entry of :data:`MODELS`; no other module switches on the model.
+    """
+
+    #: create the host links and open the queue fds QEMU will read
+    connect: Connect
+    #: remove what ``connect`` made and restore the sandbox link (idempotent)
     disconnect: Callable[[NetPairEndpoint], Awaitable[None]]
+    #: whether the sandbox link is still joined to the tap (the watcher's check)
+    attached: Attached
+    #: what of this model's plumbing (besides marked links) may stay on the sandbox link
+    leftover: Leftover
+    #: the sandbox link wears :func:`parked_mac` while the guest's NIC uses its own MAC
+    parks_mac: bool
 
-
-#: Models that park the sandbox link on another MAC while the guest's NIC uses its own.
-MAC_PARKING = frozenset({InterworkingModel.MACVTAP, InterworkingModel.BRIDGED})
+    async def residue(self, pair: NetworkInterfacePair, links: Links,
+                      virt: LinkInfo) -> list[str]:
+        """What is left on the sandbox link after a disconnect that did not finish."""
+        problems = await self.leftover(pair, links, virt)
+        tap = pair.tap_interface
+        if self.parks_mac and virt.mac == parked_mac(tap.id):
+            problems.append(f"{virt.name} still has the MAC {virt.mac} qmpnet set, not its own "
+                            f"{tap.tap_iface.hard_addr}")
+        return problems
 
 
 def parked_mac(endpoint_id: str) -> str:
@@ -71,9 +98,9 @@ def bridge_name(pair: NetworkInterfacePair) -> str:
 
 # --- tcfilter --------------------------------------------------------------------------------
 
-async def _tc_connect(ep: NetPairEndpoint, ctx: PlugContext, queues: int,
+async def _tc_connect(ep: NetPairEndpoint, op: Operation, queues: int,
                       fds: tuntap.QueueFds) -> None:
-    await plumbing.open_tap(ctx, ep.netns_path, ep.tap_name, queues, fds)
+    await plumbing.open_tap(op, ep.netns_path, ep.tap_name, queues, fds)
 
     async def join() -> None:
         async with Links.open(ep.netns_path) as links:
@@ -85,7 +112,24 @@ async def _tc_connect(ep: NetPairEndpoint, ctx: PlugContext, queues: int,
     async def undo(_: None) -> None:
         await _tc_disconnect(ep)
 
-    await ctx.op.step(Step.PREPARE_LINKS, join, undo)
+    await op.step(Step.PREPARE_LINKS, join, undo)
+
+
+async def _tc_attached(pair: NetworkInterfacePair, links: Links, link: LinkInfo,
+                       by_index: Mapping[int, LinkInfo]) -> bool:
+    # A new link of the same name has no ingress qdisc: the mirror went with the old one.
+    return await links.has_tc_ingress(link.name) and await links.tc_ingress_ours(link.name)
+
+
+async def _tc_leftover(pair: NetworkInterfacePair, links: Links, virt: LinkInfo) -> list[str]:
+    if await links.has_tc_ingress(virt.name) and await links.tc_ingress_ours(virt.name):
+        return [f"{virt.name} still has qmpnet's ingress qdisc"]
+    return []
+
+
+async def _nothing_left(pair: NetworkInterfacePair, links: Links,
+                        virt: LinkInfo) -> list[str]:
+    return []  # everything it makes is a marked link, which the residue check deletes
 
 
 async def _delete_ours(links: Links, name: str, owner: str) -> None:
@@ -108,7 +152,7 @@ async def _tc_disconnect(ep: NetPairEndpoint) -> None:
 
 # --- macvtap ---------------------------------------------------------------------------------
 
-async def _macvtap_connect(ep: NetPairEndpoint, ctx: PlugContext, queues: int,
+async def _macvtap_connect(ep: NetPairEndpoint, op: Operation, queues: int,
                            fds: tuntap.QueueFds) -> None:
     async def create() -> None:
         async with Links.open(ep.netns_path) as links:
@@ -119,9 +163,15 @@ async def _macvtap_connect(ep: NetPairEndpoint, ctx: PlugContext, queues: int,
             await links.set_up(ep.virt_name)
 
     # Registered first: a failure half-way (MAC already changed) is undone too.
-    ctx.op.on_undo(Step.PREPARE_LINKS, lambda: _macvtap_disconnect(ep))
-    await ctx.op.step(Step.PREPARE_LINKS, create)
-    await plumbing.open_macvtap(ctx, ep.netns_path, ep.tap_name, queues, fds)
+    op.on_undo(Step.PREPARE_LINKS, lambda: _macvtap_disconnect(ep))
+    await op.step(Step.PREPARE_LINKS, create)
+    await plumbing.open_macvtap(op, ep.netns_path, ep.tap_name, queues, fds)
+
+
+async def _macvtap_attached(pair: NetworkInterfacePair, links: Links, link: LinkInfo,
+                            by_index: Mapping[int, LinkInfo]) -> bool:
+    # The kernel deletes a macvtap with its parent: the tap's presence is the proof.
+    return True
 
 
 async def _macvtap_disconnect(ep: NetPairEndpoint) -> None:
@@ -144,10 +194,10 @@ async def _restore_mac(links: Links, ep: NetPairEndpoint) -> None:
 
 # --- bridged ---------------------------------------------------------------------------------
 
-async def _bridge_connect(ep: NetPairEndpoint, ctx: PlugContext, queues: int,
+async def _bridge_connect(ep: NetPairEndpoint, op: Operation, queues: int,
                           fds: tuntap.QueueFds) -> None:
     bridge = bridge_name(ep.net_pair)  # a name too long fails before anything is made
-    await plumbing.open_tap(ctx, ep.netns_path, ep.tap_name, queues, fds)
+    await plumbing.open_tap(op, ep.netns_path, ep.tap_name, queues, fds)
 
     async def join() -> None:
         async with Links.open(ep.netns_path) as links:
@@ -160,8 +210,15 @@ async def _bridge_connect(ep: NetPairEndpoint, ctx: PlugContext, queues: int,
             for name in (bridge, ep.tap_name, ep.virt_name):
                 await links.set_up(name)
 
-    ctx.op.on_undo(Step.PREPARE_LINKS, lambda: _bridge_disconnect(ep))
-    await ctx.op.step(Step.PREPARE_LINKS, join)
+    op.on_undo(Step.PREPARE_LINKS, lambda: _bridge_disconnect(ep))
+    await op.step(Step.PREPARE_LINKS, join)
+
+
+async def _bridge_attached(pair: NetworkInterfacePair, links: Links, link: LinkInfo,
+                           by_index: Mapping[int, LinkInfo]) -> bool:
+    master = by_index.get(link.master)
+    return master is not None and master.name == bridge_name(pair) and \
+        master.owner == pair.tap_interface.id
 
 
 async def _bridge_disconnect(ep: NetPairEndpoint) -> None:
@@ -178,10 +235,13 @@ async def _bridge_disconnect(ep: NetPairEndpoint) -> None:
         await _restore_mac(links, ep)
 
 
-MODELS: dict[InterworkingModel, PairModel] = {
-    InterworkingModel.TCFILTER: PairModel(_tc_connect, _tc_disconnect),
-    InterworkingModel.MACVTAP: PairModel(_macvtap_connect, _macvtap_disconnect),
-    InterworkingModel.BRIDGED: PairModel(_bridge_connect, _bridge_disconnect),
+MODELS: Mapping[InterworkingModel, PairModel] = {
+    InterworkingModel.TCFILTER: PairModel(_tc_connect, _tc_disconnect, _tc_attached,
+                                          _tc_leftover, parks_mac=False),
+    InterworkingModel.MACVTAP: PairModel(_macvtap_connect, _macvtap_disconnect,
+                                         _macvtap_attached, _nothing_left, parks_mac=True),
+    InterworkingModel.BRIDGED: PairModel(_bridge_connect, _bridge_disconnect, _bridge_attached,
+                                         _nothing_left, parks_mac=True),
 }
 
 
@@ -228,12 +288,24 @@ class NetPairEndpoint:
         return self.net_pair.tap_interface.id
 
     @property
+    def tap(self) -> TapInterface:
+        return self.net_pair.tap_interface
+
+    @property
+    def host_link(self) -> str:
+        return self.net_pair.tap_interface.tap_iface.name
+
+    @property
     def virt_name(self) -> str:
         return self.net_pair.virt_iface.name
 
     @property
     def tap_name(self) -> str:
         return self.net_pair.tap_interface.tap_iface.name
+
+    @property
+    def pair_model(self) -> PairModel:
+        return pair_model(self.net_pair.model)
 
     @classmethod
     def create(cls, *, net_info: NetworkInfo, idx: int, model: InterworkingModel,
@@ -256,11 +328,6 @@ class NetPairEndpoint:
     async def attach(self, ctx: PlugContext) -> Self:
         raise unsupported(self, "cold plug", "qmpnet plugs into a running VM: use hot_attach")
 
-    async def detach(self, ctx: PlugContext, netns_created: bool) -> None:
-        if not netns_created and self.netns_path:
-            return
-        await self._disconnect(ctx)
-
     async def _settle_mac(self) -> Self:
         """Take the guest MAC from the sandbox link, as the pod network knows it."""
         async with Links.open(self.netns_path) as links:
@@ -276,32 +343,26 @@ class NetPairEndpoint:
                                                         virt_iface=virt_iface))
 
     async def hot_attach(self, ctx: PlugContext) -> Self:
-        model = pair_model(self.net_pair.model)
+        model = self.pair_model
         ep = await ctx.op.step(Step.VALIDATE, self._settle_mac)
         # The journal saves the subject before each later step: with the settled MAC, a
         # recovery after a crash can give the sandbox link its own MAC back.
         ctx.op.subject = ep
-        queues = await ctx.queues(self.queues)
-        fds = tuntap.QueueFds()
-        try:
-            await model.connect(ep, ctx, queues, fds)
-            await plumbing.open_vhost(ctx, queues, fds)
-            tap = attrs.evolve(ep.net_pair.tap_interface, vm_fds=tuple(fds.tap),
-                               vhost_fds=tuple(fds.vhost))
-            with_fds = attrs.evolve(ep, net_pair=attrs.evolve(ep.net_pair, tap_interface=tap))
-            pci_path = await ctx.hypervisor.hotplug_add_device(with_fds, ctx.op,
-                                                               wait_guest=ctx.wait_guest)
-        finally:
-            fds.close()
+
+        async def open_host(queues: int, fds: tuntap.QueueFds) -> None:
+            await model.connect(ep, ctx.op, queues, fds)
+
+        pci_path, queues = await plumbing.plug_queues(ctx, ep.tap, ep.hardware_addr,
+                                                      self.queues, open_host)
         return attrs.evolve(ep, pci_path=pci_path, queues=queues)
 
-    async def hot_detach(self, ctx: PlugContext, netns_created: bool) -> None:
-        await ctx.hypervisor.hotplug_remove_device(self, ctx.op)
-        await self._disconnect(ctx)
+    async def hot_detach(self, ctx: PlugContext) -> None:
+        await ctx.hypervisor.unplug_tap(self.tap, ctx.op)
+        await self.teardown(ctx.op)
 
-    async def _disconnect(self, ctx: PlugContext) -> None:
-        disconnect = pair_model(self.net_pair.model).disconnect
-        await ctx.op.step(Step.REMOVE_LINKS, lambda: plumbing.best_effort(
+    async def teardown(self, op: Operation) -> None:
+        disconnect = self.pair_model.disconnect
+        await op.step(Step.REMOVE_LINKS, lambda: plumbing.best_effort(
             f"removing the NetPair of {self.name}", lambda: disconnect(self)))
 
 

@@ -1,7 +1,8 @@
 """Host-side steps shared by the endpoint types: open a tap's queues, open vhost fds, plug.
 
 Each function runs one named step of the caller's operation and registers its undo, so an
-endpoint module only states *which* steps it needs, in which order.
+endpoint module only states *which* steps it needs, in which order. :func:`plug_queues` is the
+one hot-plug body every tap-backed endpoint shares.
 """
 
 from __future__ import annotations
@@ -10,16 +11,40 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from qmpnet import tuntap
+from qmpnet.config import Config
 from qmpnet.endpoints.base import PlugContext
 from qmpnet.errors import QmpnetError
-from qmpnet.lifecycle import Step
+from qmpnet.lifecycle import Operation, Step
 from qmpnet.links import Links
+from qmpnet.model import TapInterface
 from qmpnet.netns import run_in_netns
 
 log = logging.getLogger(__name__)
 
+#: Opens the host side of a NIC with ``queues`` queue fds into ``fds`` (each step undoable).
+OpenHost = Callable[[int, tuntap.QueueFds], Awaitable[None]]
 
-async def open_tap(ctx: PlugContext, netns: str, name: str, queues: int,
+
+async def plug_queues(ctx: PlugContext, tap: TapInterface, mac: str, requested: int,
+                      open_host: OpenHost) -> tuple[str, int]:
+    """Open the host side and its queues, add vhost fds, plug into QEMU: (PCI path, queues).
+
+    The fds are closed here in every case: QEMU holds its own copies once the plug is done,
+    and an undone plug must not keep a tap alive.
+    """
+    queues = await ctx.queues(requested)
+    fds = tuntap.QueueFds()
+    try:
+        await open_host(queues, fds)
+        await open_vhost(ctx.op, ctx.config, queues, fds)
+        pci_path = await ctx.hypervisor.plug_tap(tap, fds, mac, ctx.op,
+                                                 wait_guest=ctx.wait_guest)
+    finally:
+        fds.close()
+    return pci_path, queues
+
+
+async def open_tap(op: Operation, netns: str, name: str, queues: int,
                    fds: tuntap.QueueFds) -> None:
     """Create tap ``name`` with its queues in ``netns``; undo closes them (the tap goes too)."""
     async def action() -> None:
@@ -29,10 +54,10 @@ async def open_tap(ctx: PlugContext, netns: str, name: str, queues: int,
     async def undo(_: None) -> None:
         fds.close()
 
-    await ctx.op.step(Step.OPEN_QUEUES, action, undo)
+    await op.step(Step.OPEN_QUEUES, action, undo)
 
 
-async def open_macvtap(ctx: PlugContext, netns: str, name: str, queues: int,
+async def open_macvtap(op: Operation, netns: str, name: str, queues: int,
                        fds: tuntap.QueueFds) -> None:
     async def action() -> None:
         fds.tap.extend(await run_in_netns(
@@ -41,12 +66,12 @@ async def open_macvtap(ctx: PlugContext, netns: str, name: str, queues: int,
     async def undo(_: None) -> None:
         fds.close()
 
-    await ctx.op.step(Step.OPEN_QUEUES, action, undo)
+    await op.step(Step.OPEN_QUEUES, action, undo)
 
 
-async def open_vhost(ctx: PlugContext, queues: int, fds: tuntap.QueueFds) -> None:
+async def open_vhost(op: Operation, config: Config, queues: int, fds: tuntap.QueueFds) -> None:
     """vhost-net fds when the host has the device and they are not disabled."""
-    if not tuntap.vhost_available(ctx.config.disable_vhost_net):
+    if not tuntap.vhost_available(config.disable_vhost_net):
         return
 
     async def action() -> None:
@@ -55,16 +80,16 @@ async def open_vhost(ctx: PlugContext, queues: int, fds: tuntap.QueueFds) -> Non
     async def undo(_: None) -> None:
         fds.close()
 
-    await ctx.op.step(Step.OPEN_VHOST, action, undo)
+    await op.step(Step.OPEN_VHOST, action, undo)
 
 
-async def configure_tap(ctx: PlugContext, netns: str, name: str, owner: str, mtu: int) -> None:
+async def configure_tap(op: Operation, netns: str, name: str, owner: str, mtu: int) -> None:
     """Mark the new tap as ours, set its MTU and bring it up."""
     async def action() -> None:
         async with Links.open(netns) as links:
             await links.configure(name, mtu=mtu, owner=owner, up=True)
 
-    await ctx.op.step(Step.PREPARE_LINKS, action)
+    await op.step(Step.PREPARE_LINKS, action)
 
 
 async def best_effort(what: str, action: Callable[[], Awaitable[object]]) -> None:

@@ -21,7 +21,7 @@ from qmpnet.endpoints.base import (
     unsupported,
 )
 from qmpnet.errors import InvalidInputError
-from qmpnet.lifecycle import Step
+from qmpnet.lifecycle import Operation, Step
 from qmpnet.links import Links
 from qmpnet.model import (
     EndpointType,
@@ -66,50 +66,44 @@ class TapEndpoint:
         return self.tap_interface.id
 
     @property
+    def tap(self) -> TapInterface:
+        return self.tap_interface
+
+    @property
     def host_link(self) -> str:
         return self.tap_interface.tap_iface.name
 
     @classmethod
     def create(cls, *, net_info: NetworkInfo, idx: int, model: InterworkingModel,
-               netns_path: str, tap_name: str | None, queues: int) -> TapEndpoint:
+               netns_path: str, tap_name: str | None, queues: int) -> Self:
         del model  # a tap endpoint has no interworking: that is model none
         endpoint = create_tap_endpoint(idx, net_info.iface.name, tap_name=tap_name,
                                        mac=net_info.iface.hardware_addr)
-        return attrs.evolve(endpoint, properties=net_info, netns_path=netns_path, queues=queues)
+        return cls(tap_interface=endpoint.tap_interface, properties=net_info,
+                   netns_path=netns_path, queues=queues)
 
     async def attach(self, ctx: PlugContext) -> Self:
         raise unsupported(self, "cold plug", "a tap endpoint can only be hot-plugged")
 
-    async def detach(self, ctx: PlugContext, netns_created: bool) -> None:
-        if not netns_created and self.netns_path:
-            return
-        await self._remove_tap(ctx)
-
     async def hot_attach(self, ctx: PlugContext) -> Self:
-        queues = await ctx.queues(self.queues)
-        fds = tuntap.QueueFds()
-        try:
-            await plumbing.open_tap(ctx, self.netns_path, self.host_link, queues, fds)
+        async def open_host(queues: int, fds: tuntap.QueueFds) -> None:
+            await plumbing.open_tap(ctx.op, self.netns_path, self.host_link, queues, fds)
             mtu = self.properties.iface.mtu if self.properties else 1500
-            await plumbing.configure_tap(ctx, self.netns_path, self.host_link, self.id, mtu)
-            await plumbing.open_vhost(ctx, queues, fds)
-            with_fds = attrs.evolve(self.tap_interface, vm_fds=tuple(fds.tap),
-                                    vhost_fds=tuple(fds.vhost))
-            pci_path = await ctx.hypervisor.hotplug_add_device(
-                attrs.evolve(self, tap_interface=with_fds), ctx.op, wait_guest=ctx.wait_guest)
-        finally:
-            fds.close()  # QEMU holds its copies now, or the plug was undone
+            await plumbing.configure_tap(ctx.op, self.netns_path, self.host_link, self.id, mtu)
+
+        pci_path, queues = await plumbing.plug_queues(ctx, self.tap, self.hardware_addr,
+                                                      self.queues, open_host)
         return attrs.evolve(self, pci_path=pci_path, queues=queues)
 
-    async def hot_detach(self, ctx: PlugContext, netns_created: bool) -> None:
-        await ctx.hypervisor.hotplug_remove_device(self, ctx.op)
-        await self._remove_tap(ctx)
+    async def hot_detach(self, ctx: PlugContext) -> None:
+        await ctx.hypervisor.unplug_tap(self.tap, ctx.op)
+        await self.teardown(ctx.op)
 
-    async def _remove_tap(self, ctx: PlugContext) -> None:
+    async def teardown(self, op: Operation) -> None:
         async def remove() -> None:
             async with Links.open(self.netns_path) as links:
                 await links.delete(self.host_link, owner=self.id)
-        await ctx.op.step(Step.REMOVE_LINKS, lambda: plumbing.best_effort(
+        await op.step(Step.REMOVE_LINKS, lambda: plumbing.best_effort(
             f"removing tap {self.host_link}", remove))
 
 

@@ -16,6 +16,7 @@ from typing import ClassVar, Self
 import attrs
 
 from qmpnet.endpoints.base import PlugContext, new_id, register, unsupported
+from qmpnet.lifecycle import Operation
 from qmpnet.model import (
     EndpointType,
     InterworkingModel,
@@ -52,6 +53,18 @@ class UnpluggableEndpoint:
     def id(self) -> str:
         return self.endpoint_id
 
+    @property
+    def tap(self) -> None:
+        return None  # nothing of it ever lives in QEMU
+
+    @property
+    def host_link(self) -> str:
+        return ""
+
+    @property
+    def queues(self) -> int:
+        return 0
+
     @classmethod
     def create(cls, *, net_info: NetworkInfo, idx: int, model: InterworkingModel,
                netns_path: str, tap_name: str | None, queues: int) -> Self:
@@ -63,14 +76,14 @@ class UnpluggableEndpoint:
     async def attach(self, ctx: PlugContext) -> Self:
         raise unsupported(self, "cold plug", self.reason)
 
-    async def detach(self, ctx: PlugContext, netns_created: bool) -> None:
-        return None
-
     async def hot_attach(self, ctx: PlugContext) -> Self:
         raise unsupported(self, "hot-plug", self.reason)
 
-    async def hot_detach(self, ctx: PlugContext, netns_created: bool) -> None:
+    async def hot_detach(self, ctx: PlugContext) -> None:
         raise unsupported(self, "hot-unplug", self.reason)
+
+    async def teardown(self, op: Operation) -> None:
+        return None  # qmpnet made nothing on the host for it
 
 
 @register
