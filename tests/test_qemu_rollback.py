@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from qmpnet import tuntap
 from qmpnet.config import Config, Timeouts
+from qmpnet.endpoints import create_tap_endpoint
 from qmpnet.errors import (
     InvalidInputError,
     PlugError,
@@ -27,6 +30,7 @@ from qmpnet.errors import (
     UnplugTimeoutError,
     UnsupportedError,
 )
+from qmpnet.hypervisor import QemuHypervisor, device_id
 from qmpnet.lifecycle import Operation, Phase, Step
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
@@ -34,6 +38,7 @@ from qmpnet.qmp import QmpSession
 from qmpnet.store import Status
 from qmpnet.testing import GuestImage, GuestVM
 from qmpnet.testing.fixtures import RUN
+from qmpnet.tuntap import QueueFds
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 
@@ -396,3 +401,62 @@ async def test_a_mac_the_vm_already_has_is_refused_across_state_directories(
     assert await _snapshot(paused_vm, host) == before
     assert second not in host.links()
     assert await two.list_interfaces() == []
+
+
+@pytest.mark.asyncio
+async def test_a_plug_cancelled_while_qemu_runs_netdev_add_is_undone_after(
+        paused_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path) -> None:
+    """Cancelled while ``netdev_add`` is in flight (QEMU is stopped with SIGSTOP, so it has
+    the command but has not answered): once QEMU runs again it creates the netdev, and the
+    undo registered for that unknown outcome must delete it. Nothing is left afterwards."""
+    tap = host_link_names("t")
+    sent = asyncio.Event()
+
+    def stop_qemu(op: Operation, step: Step, phase: Phase) -> None:
+        if (step, phase) == (Step.NETDEV_ADD, B):
+            os.kill(paused_vm.pid, signal.SIGSTOP)
+            sent.set()
+
+    state = NetworkState.open(state_dir, str(paused_vm.mgmt_qmp_path), Config())
+    state.observers.append(stop_qemu)
+    before = await _snapshot(paused_vm, host)
+    task = asyncio.create_task(_add(state, _plug_args(tap, "52:54:00:00:00:7e", queues=1)))
+    try:
+        await asyncio.wait_for(sent.wait(), 30)
+        await asyncio.sleep(0.3)  # netdev_add is on the socket, unanswered
+        task.cancel()
+        await asyncio.sleep(0.3)  # the undo's netdev_del queues behind it
+    finally:
+        os.kill(paused_vm.pid, signal.SIGCONT)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    after = await _snapshot(paused_vm, host)
+    assert re.search(r"qn[0-9a-f]{10}-net", after["network"]) is None, after["network"]
+    assert after["peripherals"] == before["peripherals"]
+    host.wait_until(lambda: tap not in host.links(), what="tap gone")
+    assert after["tun"] == before["tun"]
+    assert await state.list_interfaces() == []
+    assert state.store.journal() == {}
+
+
+@pytest.mark.asyncio
+async def test_concurrent_plugs_through_one_session_take_different_slots(
+        paused_vm: GuestVM, host: Any, host_link_names: Any) -> None:
+    """Two plugs racing through one hypervisor: the slot choice and the device_add that
+    takes it are one critical section, so each NIC gets its own root port."""
+    taps = [host_link_names("c") for _ in range(3)]
+    fds = [QueueFds(tap=tuntap.open_tap_queues(name, 1)) for name in taps]
+    try:
+        async with await QmpSession.connect(str(paused_vm.mgmt_qmp_path)) as session:
+            hv = QemuHypervisor(session)
+            taps_of = [create_tap_endpoint(i, "eth0", tap_name=name).tap_interface
+                       for i, name in enumerate(taps)]
+            paths = await asyncio.gather(*(
+                hv.plug_tap(tap, fd, f"52:54:00:00:01:{i:02x}")
+                for i, (tap, fd) in enumerate(zip(taps_of, fds, strict=True))))
+            assert len(set(paths)) == 3, paths
+            present = await hv.peripheral_ids()
+            assert {device_id(t) for t in taps_of} <= present
+    finally:
+        for fd in fds:
+            fd.close()
