@@ -33,6 +33,7 @@ from qmpnet.lifecycle import Operation, Phase, Step
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
+from qmpnet.testing.steps import StepRecorder
 
 HERE = Path(__file__).resolve().parent
 
@@ -208,12 +209,9 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     state = NetworkState.open(args.state, args.qmp, config)
     if args.kill_at:
         state.observers.append(_killer(*args.kill_at.split(":")))
-    span: list[float] = []
-
-    def timing(op: Operation, step: Step, phase: Phase) -> None:
-        # CLOCK_MONOTONIC is one clock for all processes: spans of two drivers compare.
-        span.append(time.monotonic())
-    state.observers.append(timing)
+    # CLOCK_MONOTONIC is one clock for all processes: spans of two drivers compare.
+    steps = StepRecorder()
+    state.observers.append(steps)
     started = time.monotonic()
     if args.op == "add":
         desc = InterfaceDescription(name=args.name, hw_addr=args.mac)
@@ -221,9 +219,9 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                                        netns_path=args.netns, tap_name=args.tap_name or None,
                                        wait_guest=args.wait_guest)
         return {"ok": True, "id": ep.id, "pci_path": ep.pci_path,
-                "seconds": time.monotonic() - started, "span": [span[0], span[-1]]}
+                "seconds": time.monotonic() - started, "span": list(steps.span())}
     ep = await state.remove_interface(args.mac)
-    return {"ok": True, "id": ep.id, "span": [span[0], span[-1]]}
+    return {"ok": True, "id": ep.id, "span": list(steps.span())}
 
 
 def main() -> None:

@@ -79,6 +79,7 @@ from qmpnet.qmp import QmpSession
 from qmpnet.reconcile import Outcome, reconcile
 from qmpnet.testing.fixtures import RUN, module_vm
 from qmpnet.testing.guest import GuestImage
+from qmpnet.testing.steps import StepRecorder
 from qmpnet.testing.vm import GuestVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]
@@ -373,19 +374,6 @@ async def views(vm_qmp: str | None, pid: int | None, netns: str, state_dir: Path
         state=state_file(state_dir), driver_fds=driver_fds(excluded), console_pipes=excluded)
 
 
-@attrs.define
-class Recorder:
-    """Observer that notes the endpoint id and the steps seen."""
-
-    endpoint_id: str = ""
-    seen: list[tuple[Step, Phase]] = attrs.field(factory=list)
-
-    def __call__(self, op: Operation, step: Step, phase: Phase) -> None:
-        if op.subject is not None:
-            self.endpoint_id = op.subject.id
-        self.seen.append((step, phase))
-
-
 def at(step: Step, phase: Phase, action: Callable[[Operation], Any]) -> Callable[..., Any]:
     """An observer that runs ``action`` once, when the operation reaches (step, phase)."""
     done = False
@@ -454,7 +442,7 @@ class Scene:
 
     netns: str
     state_dir: Path
-    recorder: Recorder = attrs.field(factory=Recorder)
+    recorder: StepRecorder = attrs.field(factory=StepRecorder)
 
     def state(self, qmp: str | Path, cfg: Config | None = None,
               *inject: Callable[..., Any]) -> NetworkState:

@@ -40,11 +40,12 @@ from qemu.qmp import EventListener, QMPClient
 
 from qmpnet.config import Config, Timeouts
 from qmpnet.endpoints import Endpoint
-from qmpnet.lifecycle import Operation, Phase, Step
+from qmpnet.lifecycle import Phase, Step
 from qmpnet.model import InterfaceDescription
 from qmpnet.network import NetworkState, host_link
 from qmpnet.testing.fixtures import RUN, ip_json, unique
 from qmpnet.testing.guest import GuestImage, host_ip_for_mac
+from qmpnet.testing.steps import StepRecorder
 from qmpnet.testing.vm import GuestVM, marker_fields
 
 __all__ = [
@@ -299,16 +300,6 @@ def _print_timings(request: pytest.FixtureRequest) -> None:
 
 # --- plugging with evidence ------------------------------------------------------------------
 
-@attrs.define(eq=False)
-class StepClock:
-    """Lifecycle observer: when each step of each MAC's operation began and ended."""
-
-    stamps: dict[tuple[str, Step, Phase], float] = attrs.field(factory=dict)
-
-    def __call__(self, op: Operation, step: Step, phase: Phase) -> None:
-        self.stamps[(getattr(op.subject, "hardware_addr", ""), step, phase)] = time.monotonic()
-
-
 @attrs.frozen
 class Plugged:
     """A hot-plugged NIC and what the guest said about it."""
@@ -332,7 +323,7 @@ class Harness:
     vm: TestVM
     state: NetworkState
     module: str
-    clock: StepClock = attrs.field(factory=StepClock)
+    clock: StepRecorder = attrs.field(factory=StepRecorder)
 
     def __attrs_post_init__(self) -> None:
         self.state.observers.append(self.clock)
@@ -360,8 +351,7 @@ class Harness:
             added.cancel()
         kind = kwargs.get("model")
         self.record(f"device_add -> NIC-ADD ({kind.value if kind else 'default'})",
-                    seen - self.clock.stamps[(endpoint.hardware_addr, Step.DEVICE_ADD,
-                                              Phase.DONE)])
+                    seen - self.clock.last(Step.DEVICE_ADD, Phase.DONE, mac=endpoint.hardware_addr))
         name = re.escape(nic["name"])
         addr, _ = await self._marker(rf"^QMPNET NIC-ADDR name={name}\b", since)
         ping, _ = await self._marker(rf"^QMPNET PING name={name}\b", since)
@@ -384,7 +374,7 @@ class Harness:
         except TimeoutError:
             pytest.fail(f"the VM manager's monitor saw no DEVICE_DELETED for {device}")
         self.record("device_del -> DEVICE_DELETED",
-                    deleted - self.clock.stamps[(mac, Step.DEVICE_DEL, Phase.BEGIN)])
+                    deleted - self.clock.last(Step.DEVICE_DEL, Phase.BEGIN, mac=mac))
         return nic
 
     async def assert_gone(self, plugged: Plugged) -> None:

@@ -45,9 +45,10 @@ import attrs
 
 from qmpnet.config import Config
 from qmpnet.endpoints import Endpoint
-from qmpnet.lifecycle import Operation, Phase, Step
+from qmpnet.lifecycle import Phase, Step
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState, host_link
+from qmpnet.testing.steps import StepRecorder
 
 #: Gives the host end of a just-plugged link its address: (device to ping from, description).
 HostSide = Callable[[Endpoint], Awaitable[tuple[str, str]]]
@@ -224,20 +225,6 @@ async def _watch(vm: Any, pattern: str, since: int) -> Seen:
     return Seen(marker_fields(match), time.monotonic())
 
 
-@attrs.define(eq=False)
-class StepClock:
-    """A lifecycle observer that stamps each step's begin and end per MAC."""
-
-    stamps: dict[tuple[str, Step, Phase], float] = attrs.field(factory=dict)
-
-    def __call__(self, op: Operation, step: Step, phase: Phase) -> None:
-        mac = getattr(op.subject, "hardware_addr", "")
-        self.stamps[(mac, step, phase)] = time.monotonic()
-
-    def at(self, mac: str, step: Step, phase: Phase) -> float:
-        return self.stamps[(mac, step, phase)]
-
-
 # --- the demo --------------------------------------------------------------------------------
 
 @attrs.define(eq=False)
@@ -246,7 +233,7 @@ class Demo:
     prefix: str
     work: Path
     state_dir: Path
-    clock: StepClock = attrs.field(factory=StepClock)
+    clock: StepRecorder = attrs.field(factory=StepRecorder)
     vm: Any = None
     state: NetworkState | None = None
     #: the VM manager's monitor (QEMU's first): an independent view of QEMU's devices.
@@ -303,7 +290,7 @@ class Demo:
             name = seen.fields["name"]
             addr = await _watch(self.vm, rf"^QMPNET NIC-ADDR name={name}\b", since)
             ping = await _watch(self.vm, rf"^QMPNET PING name={name}\b", since)
-            guest_sees = seen.at - self.clock.at(mac, Step.DEVICE_ADD, Phase.DONE)
+            guest_sees = seen.at - self.clock.last(Step.DEVICE_ADD, Phase.DONE, mac=mac)
             self.timings.append((label, guest_sees, 0.0))
             info.append(f"qmpnet: {endpoint.type.value} endpoint {endpoint.id}, guest PCI path "
                         f"{endpoint.pci_path}; {peer}")
@@ -335,8 +322,8 @@ class Demo:
                 raise
             label, endpoint = self.plugged.pop(mac)
             seen = await gone
-            deleted = (self.clock.at(mac, Step.DEVICE_DEL, Phase.DONE)
-                       - self.clock.at(mac, Step.DEVICE_DEL, Phase.BEGIN))
+            deleted = (self.clock.last(Step.DEVICE_DEL, Phase.DONE, mac=mac)
+                       - self.clock.last(Step.DEVICE_DEL, Phase.BEGIN, mac=mac))
             self.timings.append((label, 0.0, deleted))
             info.append(f"device_del -> DEVICE_DELETED {_dur(deleted)}; guest reports "
                         f"{seen.fields['name']} (mac {mac}) gone")
