@@ -25,7 +25,7 @@ from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
 from qmpnet.store import Status
 from qmpnet.testing import GuestImage, GuestVM, marker_fields
-from qmpnet.testing.fixtures import RUN, unique
+from qmpnet.testing.scene import RUN, unique
 from qmpnet.testing.steps import StepRecorder
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]

@@ -4,11 +4,17 @@ check, and that the kit imports without pytest."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from qmpnet import demo
 from qmpnet.lifecycle import Operation, Phase, Step
+from qmpnet.testing import probe
 from qmpnet.testing.steps import StepRecorder
 
 MAC = "52:54:00:00:00:07"
@@ -48,3 +54,59 @@ async def test_step_recorder_sees_the_sequence_and_times_it() -> None:
         clock.ended_at(Step.DEVICE_DEL)
     clock.clear()
     assert clock.history() == []
+
+
+@pytest.fixture
+def failing_ip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``ip`` (and ``tc``) first on PATH that fails as the real one does on a bad call."""
+    for tool in ("ip", "tc"):
+        fake = tmp_path / tool
+        fake.write_text("#!/bin/sh\necho 'Cannot talk to rtnetlink' >&2\nexit 2\n")
+        fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+@pytest.mark.usefixtures("failing_ip")
+def test_demo_leftovers_raises_when_ip_fails() -> None:
+    """A failing ``ip`` must not read as "nothing left"."""
+    with pytest.raises(probe.ProbeError, match="Cannot talk to rtnetlink"):
+        demo.leftovers("qdxyz", None, [], [])
+
+
+@pytest.mark.usefixtures("failing_ip")
+@pytest.mark.parametrize("view", [
+    probe.links, lambda: probe.links("somens"), probe.netns_names,
+    lambda: probe.qdiscs("", "lo"), lambda: probe.ip_json("addr"),
+    lambda: probe.neighbour_mac("lo", "127.0.0.1"),
+], ids=["links", "links-netns", "netns", "qdiscs", "ip_json", "neighbour"])
+def test_probes_raise_when_the_tool_fails(view: Callable[[], object]) -> None:
+    with pytest.raises(probe.ProbeError):
+        view()
+
+
+def test_probe_raises_when_the_tool_is_missing(monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(probe.ProbeError):
+        probe.netns_names()
+
+
+def _state(tmp_path: Path, endpoints: list[object], journal: object = None) -> Path:
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "state.json").write_text(json.dumps({"version": 1, "endpoints": endpoints}))
+    if journal is not None:
+        (tmp_path / "journal.json").write_text(json.dumps(journal))
+    return tmp_path
+
+
+def test_state_leak_check_catches_a_leftover_entry(tmp_path: Path) -> None:
+    """The after-test check reads the key the state file really has (``endpoints``)."""
+    assert probe.state_leftovers(_state(tmp_path / "empty", [])) == []
+    assert probe.state_leftovers(tmp_path / "none") == []
+    left = probe.state_leftovers(_state(tmp_path / "one", [{"endpoint": {}, "status": "plugged"}]))
+    assert left == [f"{tmp_path / 'one'}/state.json still lists 1 interface(s)"]
+    busy = probe.state_leftovers(_state(tmp_path / "busy", [], {"ep1": {"op": "hot-plug"}}))
+    assert busy == [f"{tmp_path / 'busy'}/journal.json has operations in flight"]
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "state.json").write_text(json.dumps({"version": 1, "entries": []}))
+    assert probe.state_leftovers(tmp_path / "odd"), "a file without 'endpoints' is a problem"
