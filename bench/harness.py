@@ -26,10 +26,10 @@ from typing import Any
 import attrs
 
 from qmpnet.config import Config, Timeouts
-from qmpnet.lifecycle import Operation, Phase, Step
 from qmpnet.network import NetworkState
 from qmpnet.qmp import VIRTIO_CONFIG_S_DRIVER_OK, QmpSession
 from qmpnet.testing.guest import GuestImage, host_ip_for_mac
+from qmpnet.testing.steps import StepEvent
 from qmpnet.testing.vm import GuestVM, Machine
 
 #: Run prefix of every link and domain a bench makes: 5 characters, names stay <= 15 bytes.
@@ -172,59 +172,11 @@ def sweep_links() -> list[str]:
 
 # --- clocks --------------------------------------------------------------------------------
 
-@attrs.define(eq=False)
-class StepClock:
-    """A lifecycle observer that stamps every (kind, step, phase) of the operations it sees.
-
-    It also hands out the QEMU device id of the NIC being plugged, as soon as ``device_add``
-    has returned, to whoever polls the guest driver's status.
-    """
-
-    events: list[tuple[str, Step, Phase, float]] = attrs.field(factory=list)
-    device_added: asyncio.Future[str] | None = None
-
-    def __call__(self, op: Operation, step: Step, phase: Phase) -> None:
-        now = time.monotonic()
-        self.events.append((op.kind, step, phase, now))
-        if (step is Step.DEVICE_ADD and phase is Phase.DONE and self.device_added is not None
-                and not self.device_added.done()):
-            self.device_added.set_result(f"{op.subject.id}-dev")
-
-    def reset(self) -> None:
-        self.events.clear()
-        self.device_added = asyncio.get_running_loop().create_future()
-
-    def steps(self, kind: str) -> list[tuple[Step, float]]:
-        """(step, seconds from its BEGIN to its DONE) in order, for operations of ``kind``."""
-        begun: dict[Step, float] = {}
-        out = []
-        for k, step, phase, t in self.events:
-            if k != kind:
-                continue
-            if phase is Phase.BEGIN:
-                begun[step] = t
-            elif phase is Phase.DONE and step in begun:
-                out.append((step, t - begun.pop(step)))
-        return out
-
-    def first_at(self, kind: str) -> float:
-        """When the first step of the operation of ``kind`` began."""
-        for k, _, phase, t in self.events:
-            if k == kind and phase is Phase.BEGIN:
-                return t
-        raise LookupError(f"{kind}: no step began")
-
-    def done_at(self, kind: str, step: Step) -> float:
-        for k, s, phase, t in self.events:
-            if k == kind and s is step and phase is Phase.DONE:
-                return t
-        raise LookupError(f"{kind}: no {step} DONE among {len(self.events)} events")
-
-
-async def driver_ok_at(session: QmpSession, device: asyncio.Future[str],
+async def driver_ok_at(session: QmpSession, added: asyncio.Future[StepEvent],
                        timeout: float = GUEST_TIMEOUT) -> float:
-    """When the guest driver set DRIVER_OK on ``device``, polled every 5 ms on ``session``."""
-    dev_id = await device
+    """When the guest driver set DRIVER_OK on the device whose ``device_add`` is ``added``
+    (a :meth:`StepRecorder.reached` future), polled every 5 ms on ``session``."""
+    dev_id = f"{(await added).endpoint_id}-dev"
     deadline = time.monotonic() + timeout
     while True:
         status = await session.virtio_status(dev_id)

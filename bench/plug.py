@@ -14,7 +14,6 @@ import time
 
 from bench.harness import (
     Context,
-    StepClock,
     driver_ok_at,
     give_peer,
     ip_links,
@@ -28,10 +27,11 @@ from bench.harness import (
 )
 from bench.stats import Report, Table
 from qmpnet.hypervisor import QemuHypervisor
-from qmpnet.lifecycle import Step
+from qmpnet.lifecycle import Phase, Step
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
+from qmpnet.testing.steps import StepRecorder
 from qmpnet.testing.vm import GuestVM, Machine
 
 NOTES = [
@@ -63,7 +63,7 @@ async def run(ctx: Context, report: Report) -> None:
         async with contextlib.AsyncExitStack() as stack:
             vm = await ctx.boot(stack, machine=machine, root_ports=4)
             net = ctx.network(vm)
-            clock = StepClock()
+            clock = StepRecorder()
             net.observers.append(clock)
             # The first monitor is free (no VM manager here): the independent poller uses it.
             poll = await QmpSession.connect(str(vm.qmp_path), name="bench-poll")
@@ -73,13 +73,12 @@ async def run(ctx: Context, report: Report) -> None:
                     await _cycle(vm, net, clock, poll, q, tables[q])
 
 
-async def _cycle(vm: GuestVM, net: NetworkState, clock: StepClock, poll: QmpSession,
+async def _cycle(vm: GuestVM, net: NetworkState, clock: StepRecorder, poll: QmpSession,
                  queues: int, table: Table) -> None:
     hw = mac(10 + queues)
     tap = name("p")
-    clock.reset()
-    device = clock.device_added
-    assert device is not None
+    clock.clear()
+    device = clock.reached(Step.DEVICE_ADD, Phase.DONE, "hot-plug")
     cursor = vm.console_cursor()
     async with (watching(marker_at(vm, nic_add_re(hw), cursor)) as seen,
                 watching(driver_ok_at(poll, device)) as ready):
@@ -90,27 +89,27 @@ async def _cycle(vm: GuestVM, net: NetworkState, clock: StepClock, poll: QmpSess
         returned = time.monotonic()
         await give_peer(tap, hw)
         t_ok, t_seen = await ready, await seen
-    table.row("plug: before the first step").add(ms(clock.first_at("hot-plug") - t0))
-    for step, took in clock.steps("hot-plug"):
+    table.row("plug: before the first step").add(ms(clock.began_at(kind="hot-plug") - t0))
+    for step, took in clock.durations("hot-plug"):
         table.row(f"plug step {step}").add(ms(took))
     table.row("plug: request → device_add returned").add(
-        ms(clock.done_at("hot-plug", Step.DEVICE_ADD) - t0))
+        ms(clock.ended_at(Step.DEVICE_ADD, kind="hot-plug") - t0))
     table.row("plug: request → DRIVER_OK (5 ms poll)").add(ms(t_ok - t0))
     table.row("plug: request → add_interface returned").add(ms(returned - t0))
     table.row("plug: request → guest NIC-ADD marker").add(ms(t_seen - t0))
 
-    clock.reset()
+    clock.clear()
     cursor = vm.console_cursor()
     async with watching(marker_at(vm, nic_del_re(hw), cursor)) as gone:
         t0 = time.monotonic()
         await net.remove_interface(hw)
         removed = time.monotonic()
         t_gone = await gone
-    table.row("unplug: before the first step").add(ms(clock.first_at("unplug") - t0))
-    for step, took in clock.steps("unplug"):
+    table.row("unplug: before the first step").add(ms(clock.began_at(kind="unplug") - t0))
+    for step, took in clock.durations("unplug"):
         table.row(f"unplug step {step}").add(ms(took))
     table.row("unplug: request → DEVICE_DELETED").add(
-        ms(clock.done_at("unplug", Step.DEVICE_DEL) - t0))
+        ms(clock.ended_at(Step.DEVICE_DEL, kind="unplug") - t0))
     table.row("unplug: request → all host objects gone").add(ms(removed - t0))
     table.row("unplug: request → guest NIC-DEL marker").add(ms(t_gone - t0))
     await check_gone(poll, endpoint.id, tap)

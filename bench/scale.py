@@ -21,7 +21,6 @@ from collections import defaultdict
 from bench.harness import (
     GUEST_TIMEOUT,
     Context,
-    StepClock,
     give_peer,
     mac,
     marker_at,
@@ -36,6 +35,7 @@ from qmpnet.lifecycle import Step
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
+from qmpnet.testing.steps import StepRecorder
 from qmpnet.testing.vm import GuestVM
 
 MAX_NICS = 28
@@ -65,13 +65,13 @@ async def _ramp(ctx: Context, report: Report) -> None:
     async with contextlib.AsyncExitStack() as stack:
         vm = await ctx.boot(stack, machine="q35", root_ports=MAX_NICS + 2)
         net = ctx.network(vm)
-        clock = StepClock()
+        clock = StepRecorder()
         net.observers.append(clock)
         for r in range(ramps):
             plugged = []
             for n in range(1, nics + 1):
                 hw = mac(n)
-                clock.reset()
+                clock.clear()
                 cursor = vm.console_cursor()
                 async with watching(marker_at(vm, nic_add_re(hw), cursor)) as seen:
                     t0 = time.monotonic()
@@ -83,7 +83,8 @@ async def _ramp(ctx: Context, report: Report) -> None:
                     returned = time.monotonic()
                     await give_peer(tap, hw)
                     t_seen = await seen
-                data[metrics[0]][n].append(ms(clock.done_at("hot-plug", Step.DEVICE_ADD) - t0))
+                added = clock.ended_at(Step.DEVICE_ADD, kind="hot-plug")
+                data[metrics[0]][n].append(ms(added - t0))
                 data[metrics[1]][n].append(ms(returned - t0))
                 data[metrics[2]][n].append(ms(t_seen - t0))
                 plugged.append(hw)

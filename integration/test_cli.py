@@ -21,8 +21,10 @@ import pytest
 import pytest_asyncio
 from qemu.qmp import QMPClient
 
-from qmpnet.testing.fixtures import RUN, links, module_vm, unique
+from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import GuestImage
+from qmpnet.testing.probe import links
+from qmpnet.testing.scene import RUN, unique
 from qmpnet.testing.vm import GuestVM, marker_fields
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -25,12 +25,13 @@ from typing import Any
 import attrs
 import pytest
 import pytest_asyncio
-from crash_driver import hmp
 from qemu.qmp import QMPClient
 
 from qmpnet.testing.cni import Pod, pod_network
-from qmpnet.testing.fixtures import RUN, ip_json, run, unique
 from qmpnet.testing.guest import GuestImage, guest_ip_for_mac, host_ip_for_mac
+from qmpnet.testing.probe import ip_json, links
+from qmpnet.testing.probe import monitor_command as hmp
+from qmpnet.testing.scene import RUN, run, unique
 from qmpnet.testing.vm import GuestVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel]
@@ -429,7 +430,7 @@ async def test_check_fails_when_qemu_lost_the_device_and_del_still_cleans_up(
         (owner,) = set(owned_links(netns).values())  # the tap and the bridge
         # bridged parks the veth on another MAC (the guest has the pod's): the result says
         # so, and so the main plugin's CHECK, run on the same result, agrees.
-        veth = ip_json("link", "show", "eth0", netns=pod.netns)[0]
+        veth = links(pod.netns)["eth0"]
         assert veth["address"] != mac
         (entry,) = [i for i in result["interfaces"] if i.get("sandbox") == netns]
         assert entry["mac"] == veth["address"]
@@ -446,7 +447,7 @@ async def test_check_fails_when_qemu_lost_the_device_and_del_still_cleans_up(
         assert owned_links(netns) == {}
         assert not state_of(state_template, pod.container_id).exists()
         # bridged swapped the veth's MAC for the guest's sake; DEL gave it back.
-        veth = ip_json("link", "show", "eth0", netns=pod.netns)[0]
+        veth = links(pod.netns)["eth0"]
         assert veth["address"] == mac
         assert veth.get("master") is None
 
@@ -508,7 +509,7 @@ async def test_main_mode_makes_a_tap_in_the_netns_with_an_address_from_host_loca
         assert ipam_files(data_dir, network) == {address}
         added = await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={mac}\b", GUEST, since=cursor)
         guest_nic = added.group(0).split("name=")[1].split()[0]
-        (tap,) = ip_json("link", "show", "net1", netns=ns(netns))
+        tap = links(ns(netns))["net1"]
         assert tap["linkinfo"]["info_kind"] == "tun"
         assert tap["linkinfo"]["info_data"]["type"] == "tap"
         assert tap["ifalias"].startswith("qmpnet:")
@@ -524,7 +525,7 @@ async def test_main_mode_makes_a_tap_in_the_netns_with_an_address_from_host_loca
         cursor = vm.console_cursor()
         await runtime.ok("DEL", conf, **call)
     await vm.wait_for(rf"QMPNET NIC-DEL name={guest_nic} mac={mac}", GUEST, since=cursor)
-    assert ip_json("link", "show", "net1", netns=ns(netns)) == []
+    assert "net1" not in links(ns(netns))
     assert ipam_files(data_dir, network) == set()
     devices, network_info = await qemu_view(vm)
     assert f"{owner}-dev" not in devices

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crash_driver import command, has_ingress, ip_links, make_sandbox, qemu_view, saved_ids
+from crash_driver import command
 
 from qmpnet.testing.fixtures import module_vm
+from qmpnet.testing.probe import has_ingress, qemu_view, saved_ids
+from qmpnet.testing.probe import links as ip_links
+from qmpnet.testing.scene import make_sandbox
 from qmpnet.testing.vm import GuestVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]

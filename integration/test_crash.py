@@ -21,18 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from crash_driver import (
-    command,
-    has_ingress,
-    held_fd_names,
-    ip_links,
-    journal_file,
-    make_sandbox,
-    marked_links,
-    qemu_view,
-    saved_ids,
-    tun_count,
-)
+from crash_driver import command
 
 from qmpnet.config import Config, Timeouts
 from qmpnet.errors import QmpConnectError
@@ -40,8 +29,19 @@ from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
 from qmpnet.reconcile import OUR_QEMU_ID, Outcome, reconcile
-from qmpnet.testing.fixtures import RUN, module_vm
+from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import GuestImage
+from qmpnet.testing.probe import (
+    has_ingress,
+    held_fd_names,
+    journal_file,
+    marked_links,
+    qemu_view,
+    saved_ids,
+    tun_count,
+)
+from qmpnet.testing.probe import links as ip_links
+from qmpnet.testing.scene import RUN, make_sandbox
 from qmpnet.testing.vm import GuestVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]

@@ -29,8 +29,8 @@ from vmfixture import (
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import host_link
 from qmpnet.testing import cni
-from qmpnet.testing.fixtures import links
 from qmpnet.testing.guest import guest_ip_for_mac
+from qmpnet.testing.probe import links
 
 
 async def plug_tap(h: Harness, octet: int, queues: int) -> tuple[Plugged, str]:

@@ -20,8 +20,8 @@ from vmfixture import *  # noqa: F403
 from vmfixture import e2e_name, free_octets, host_ping, mac_for
 
 from qmpnet.testing import cni
-from qmpnet.testing.fixtures import links
 from qmpnet.testing.guest import guest_ip_for_mac, host_ip_for_mac
+from qmpnet.testing.probe import links
 from qmpnet.testing.vm import marker_fields
 
 QMPNET = Path(sys.executable).parent / "qmpnet"

@@ -15,8 +15,8 @@ from vmfixture import VCPUS, e2e_name, free_octets, host_ping, mac_for, neighbou
 
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import host_link
-from qmpnet.testing.fixtures import links
 from qmpnet.testing.guest import guest_ip_for_mac
+from qmpnet.testing.probe import links
 
 
 @pytest.mark.parametrize("queues", [1, 4])

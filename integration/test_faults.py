@@ -10,10 +10,11 @@ observer (``NetworkState.observers``, public API) at that step:
 - QEMU killed with SIGKILL at the step (the QMP connection drops);
 - a timeout: a stopped guest never releases a device nor sets DRIVER_OK.
 
-A fake QMP peer (:class:`FakeQemu`) stands in for QEMU only where QEMU cannot be made to fail
-that way for a correct client: an error reply to ``getfd`` (QEMU only refuses a ``getfd`` that
-came without an fd), to ``x-query-virtio-status`` of a device that exists, and to
-``device_del``/``netdev_del`` of a NIC that is plugged. Everything on the host stays real.
+A fake QMP peer (:class:`qmpnet.testing.fakeqemu.FakeQemu`) stands in for QEMU only where
+QEMU cannot be made to fail that way for a correct client: an error reply to ``getfd`` (QEMU
+only refuses a ``getfd`` that came without an fd), to ``x-query-virtio-status`` of a device
+that exists, and to ``device_del``/``netdev_del`` of a NIC that is plugged.
+Everything on the host stays real.
 
 Afterwards the independent views must show the state from before: ``ip -j link`` in the
 sandbox netns and on the host, ``ip netns``, ``tc -j qdisc``, QOM ``/machine/peripheral``,
@@ -28,35 +29,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import os
 import signal
-import socket
 import subprocess
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
-from crash_driver import (
-    fd_targets,
-    has_ingress,
-    held_fd_names,
-    hmp,
-    ip_links,
-    journal_file,
-    link_fingerprint,
-    make_sandbox,
-    marked_links,
-    netns_names,
-    ns_name,
-    qemu_view,
-    saved_ids,
-    state_file,
-    tun_count,
-)
 
 from qmpnet.config import Config, Timeouts
 from qmpnet.endpoints import Endpoint
@@ -77,8 +58,27 @@ from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
 from qmpnet.reconcile import Outcome, reconcile
-from qmpnet.testing.fixtures import RUN, module_vm
+from qmpnet.testing.fakeqemu import FakeQemu
+from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import GuestImage
+from qmpnet.testing.probe import (
+    fd_targets,
+    has_ingress,
+    held_fd_names,
+    journal_file,
+    link_fingerprint,
+    marked_links,
+    netns_names,
+    ns_name,
+    qemu_view,
+    saved_ids,
+    state_file,
+    tun_count,
+)
+from qmpnet.testing.probe import links as ip_links
+from qmpnet.testing.probe import monitor_command as hmp
+from qmpnet.testing.scene import RUN, make_sandbox
+from qmpnet.testing.steps import StepRecorder
 from qmpnet.testing.vm import GuestVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]
@@ -136,181 +136,6 @@ def _print_matrix(request: pytest.FixtureRequest) -> Iterator[None]:
     with capture.global_and_fixture_disabled():
         for line in lines:
             reporter.write_line(line)
-
-
-# --- a QMP peer for the faults QEMU cannot produce -------------------------------------------
-
-class FakeQemu:
-    """A minimal QMP peer on a unix socket, serving one client at a time like QEMU.
-
-    Only for faults real QEMU cannot be made to produce against a correct client (an error
-    reply to ``getfd``, ``x-query-virtio-status``, ``device_del`` or ``netdev_del`` of a NIC
-    that exists). It keeps the fds it is given, as QEMU does, so a leak shows in
-    ``/proc/self/fd``. ``fail[command] = desc`` makes the next such command fail once.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fail: dict[str, str] = {}
-        self.fds: dict[str, int] = {}
-        self.netdevs: dict[str, list[int]] = {}
-        self.devices: set[str] = set()
-        self.commands: list[str] = []
-        self.busy = threading.Event()
-        self._stop = threading.Event()
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(str(path))
-        self._server.listen(1)
-        self._server.settimeout(0.1)
-        self._thread = threading.Thread(target=self._serve, name="fake-qemu", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self._server.close()
-        for fd in self.fds.values():
-            os.close(fd)
-        for fds in self.netdevs.values():
-            for fd in fds:
-                os.close(fd)
-        self.fds.clear()
-        self.netdevs.clear()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            self.busy.set()
-            with conn:
-                conn.settimeout(0.1)
-                self._session(conn)
-            self.busy.clear()
-
-    async def settled(self) -> None:
-        """Wait until the client left and the fake closed its end (its fds count too)."""
-        for _ in range(600):
-            if not self.busy.is_set():
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("the fake QMP peer still has a client")
-
-    def _session(self, conn: socket.socket) -> None:
-        self._send(conn, {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0},
-                                              "package": "fake"}, "capabilities": []}})
-        buf, pending = "", []
-        decoder = json.JSONDecoder()
-        while not self._stop.is_set():
-            try:
-                data, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    count = len(payload) // 4
-                    pending.extend(int.from_bytes(payload[i * 4:i * 4 + 4], "little")
-                                   for i in range(count))
-            if not data:
-                for fd in pending:
-                    os.close(fd)
-                return
-            buf += data.decode()
-            while buf.strip():
-                try:
-                    msg, end = decoder.raw_decode(buf.lstrip())
-                except json.JSONDecodeError:
-                    break
-                buf = buf.lstrip()[end:]
-                self._handle(conn, msg, pending)
-
-    @staticmethod
-    def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
-        conn.sendall(json.dumps(obj).encode() + b"\r\n")
-
-    def _handle(self, conn: socket.socket, msg: dict[str, Any], pending: list[int]) -> None:
-        cmd, args, mid = msg["execute"], msg.get("arguments", {}), msg.get("id")
-        self.commands.append(cmd)
-
-        def ok(value: Any = None) -> None:
-            self._send(conn, {"return": {} if value is None else value, "id": mid})
-
-        def error(desc: str, cls: str = "GenericError") -> None:
-            self._send(conn, {"error": {"class": cls, "desc": desc}, "id": mid})
-
-        if cmd in self.fail:
-            if cmd == "getfd":
-                os.close(pending.pop(0))
-            error(self.fail.pop(cmd))
-            return
-        if cmd == "getfd":
-            old = self.fds.pop(args["fdname"], None)
-            if old is not None:
-                os.close(old)
-            self.fds[args["fdname"]] = pending.pop(0)
-            ok()
-        elif cmd == "closefd":
-            fd = self.fds.pop(args["fdname"], None)
-            if fd is None:
-                error(f"File descriptor named '{args['fdname']}' not found")
-            else:
-                os.close(fd)
-                ok()
-        elif cmd == "netdev_add":
-            names = args["fds"].split(":") if "fds" in args else [args["fd"]]
-            self.netdevs[args["id"]] = [self.fds.pop(n) for n in names]
-            ok()
-        elif cmd == "netdev_del":
-            fds = self.netdevs.pop(args["id"], None)
-            if fds is None:
-                error(f"Device '{args['id']}' not found", "DeviceNotFound")
-            else:
-                for fd in fds:
-                    os.close(fd)
-                ok()
-        elif cmd == "device_add":
-            self.devices.add(args["id"])
-            ok()
-        elif cmd == "device_del":
-            if args["id"] not in self.devices:
-                error(f"Device '{args['id']}' not found", "DeviceNotFound")
-                return
-            self.devices.discard(args["id"])
-            ok()
-            self._send(conn, {"event": "DEVICE_DELETED", "data": {"device": args["id"]},
-                              "timestamp": {"seconds": 0, "microseconds": 0}})
-        elif cmd == "qom-list":
-            ok(self._qom_list(args["path"]))
-        elif cmd == "qom-get":
-            ok(8 if args["path"] == "/machine/peripheral/rp0" else 0)
-        elif cmd == "query-pci":
-            ok([{"bus": 0, "devices": [
-                {"slot": 0, "function": 0, "qdev_id": "", "id": {"device": 0x29C0}},
-                {"slot": 1, "function": 0, "qdev_id": "rp0", "id": {"device": 12},
-                 "pci_bridge": {"devices": [{"qdev_id": d} for d in sorted(self.devices)]}},
-            ]}])
-        elif cmd == "x-query-virtio-status":
-            ok({"status": {"statuses": ["VIRTIO_CONFIG_S_DRIVER_OK: Driver setup"]}})
-        elif cmd == "human-monitor-command":
-            ok("".join(f"{n}: index=0,type=tap,fd={fds[0]}\r\n"
-                       for n, fds in self.netdevs.items()))
-        elif cmd == "query-cpus-fast":
-            ok([{"cpu-index": 0}, {"cpu-index": 1}])
-        else:
-            ok()
-
-    def _qom_list(self, path: str) -> list[dict[str, str]]:
-        if path == "/machine/peripheral":
-            return [{"name": "type", "type": "string"},
-                    {"name": "rp0", "type": "child<pcie-root-port>"},
-                    *({"name": d, "type": "child<virtio-net-pci>"} for d in self.devices)]
-        if path == "/machine/peripheral/rp0/rp0":
-            return [{"name": f"child[{i}]", "type": "child<virtio-net-pci>"}
-                    for i, _ in enumerate(self.devices)]
-        return []
 
 
 # --- fixtures and the views --------------------------------------------------------------------
@@ -371,19 +196,6 @@ async def views(vm_qmp: str | None, pid: int | None, netns: str, state_dir: Path
         qemu=qemu, tun=tun_count(pid) if pid else 0,
         qemu_fds=len(os.listdir(f"/proc/{pid}/fd")) if pid else 0,
         state=state_file(state_dir), driver_fds=driver_fds(excluded), console_pipes=excluded)
-
-
-@attrs.define
-class Recorder:
-    """Observer that notes the endpoint id and the steps seen."""
-
-    endpoint_id: str = ""
-    seen: list[tuple[Step, Phase]] = attrs.field(factory=list)
-
-    def __call__(self, op: Operation, step: Step, phase: Phase) -> None:
-        if op.subject is not None:
-            self.endpoint_id = op.subject.id
-        self.seen.append((step, phase))
 
 
 def at(step: Step, phase: Phase, action: Callable[[Operation], Any]) -> Callable[..., Any]:
@@ -454,7 +266,7 @@ class Scene:
 
     netns: str
     state_dir: Path
-    recorder: Recorder = attrs.field(factory=Recorder)
+    recorder: StepRecorder = attrs.field(factory=StepRecorder)
 
     def state(self, qmp: str | Path, cfg: Config | None = None,
               *inject: Callable[..., Any]) -> NetworkState:

@@ -25,14 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crash_driver import (
-    ip_links,
-    journal_file,
-    link_fingerprint,
-    make_sandbox,
-    marked_links,
-    netns_names,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -53,8 +45,10 @@ from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
 from qmpnet.reconcile import reconcile
 from qmpnet.store import Store
-from qmpnet.testing.fixtures import RUN
 from qmpnet.testing.guest import GuestImage
+from qmpnet.testing.probe import journal_file, link_fingerprint, marked_links, netns_names
+from qmpnet.testing.probe import links as ip_links
+from qmpnet.testing.scene import RUN, make_sandbox
 from qmpnet.testing.vm import GuestVM
 
 PROPERTY = settings(max_examples=300, deadline=None,

@@ -16,25 +16,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from crash_driver import (
+
+from qmpnet.config import Config, Timeouts
+from qmpnet.errors import PlugError, UnplugTimeoutError
+from qmpnet.model import InterfaceDescription
+from qmpnet.network import NetworkState
+from qmpnet.testing.fixtures import module_vm
+from qmpnet.testing.probe import (
     fd_count,
     fd_targets,
     has_ingress,
-    ip_links,
     journal_file,
-    make_sandbox,
     marked_links,
     qemu_view,
     rss_kib,
     saved_ids,
     tun_count,
 )
-
-from qmpnet.config import Config, Timeouts
-from qmpnet.errors import PlugError, UnplugTimeoutError
-from qmpnet.model import InterfaceDescription
-from qmpnet.network import NetworkState
-from qmpnet.testing.fixtures import RUN, module_vm
+from qmpnet.testing.probe import links as ip_links
+from qmpnet.testing.scene import RUN, make_sandbox
 from qmpnet.testing.vm import GuestVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]

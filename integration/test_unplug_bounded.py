@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from crash_driver import hmp, ip_links, journal_file, make_sandbox, qemu_view, saved_ids, tun_count
 
 from qmpnet.config import Config, Timeouts
 from qmpnet.errors import PlugError, UnplugTimeoutError
@@ -23,8 +22,12 @@ from qmpnet.model import InterfaceDescription
 from qmpnet.network import NetworkState
 from qmpnet.reconcile import Outcome, reconcile
 from qmpnet.store import Status
-from qmpnet.testing.fixtures import RUN, module_vm
+from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import GuestImage
+from qmpnet.testing.probe import journal_file, qemu_view, saved_ids, tun_count
+from qmpnet.testing.probe import links as ip_links
+from qmpnet.testing.probe import monitor_command as hmp
+from qmpnet.testing.scene import RUN, make_sandbox
 from qmpnet.testing.vm import GuestVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]

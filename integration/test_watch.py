@@ -31,8 +31,9 @@ from qemu.qmp import QMPClient
 from qmpnet.config import Config
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
-from qmpnet.testing.fixtures import RUN, ip_json, run, unique
 from qmpnet.testing.guest import build_guest, guest_ip_for_mac, host_ip_for_mac
+from qmpnet.testing.probe import ip_json
+from qmpnet.testing.scene import RUN, run, unique
 from qmpnet.testing.vm import GuestVM, marker_fields
 from qmpnet.watch import WatchEvent, WatchEventKind, watch
 

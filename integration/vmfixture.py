@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -40,11 +39,14 @@ from qemu.qmp import EventListener, QMPClient
 
 from qmpnet.config import Config, Timeouts
 from qmpnet.endpoints import Endpoint
-from qmpnet.lifecycle import Operation, Phase, Step
+from qmpnet.lifecycle import Phase, Step
 from qmpnet.model import InterfaceDescription
 from qmpnet.network import NetworkState, host_link
-from qmpnet.testing.fixtures import RUN, ip_json, unique
+from qmpnet.testing import probe
 from qmpnet.testing.guest import GuestImage, host_ip_for_mac
+from qmpnet.testing.probe import ip_json, neighbour_mac
+from qmpnet.testing.scene import RUN, del_link, del_netns, unique
+from qmpnet.testing.steps import StepRecorder
 from qmpnet.testing.vm import GuestVM, marker_fields
 
 __all__ = [
@@ -118,14 +120,6 @@ async def host_ping(address: str, dev: str, netns: str = "", tries: int = 10) ->
     return False
 
 
-def neighbour_mac(dev: str, address: str, netns: str = "") -> str:
-    """The MAC the kernel learnt for ``address`` on ``dev``: who really answered."""
-    for entry in ip_json("neigh", "show", "dev", dev, "to", address, netns=netns):
-        if entry.get("dst") == address:
-            return str(entry.get("lladdr", ""))
-    return ""
-
-
 def e2e_name(kind: str) -> str:
     """A host object name of this suite: the run prefix, ``E``, the kind, a counter."""
     return unique("E" + kind)
@@ -133,20 +127,7 @@ def e2e_name(kind: str) -> str:
 
 def qemu_pids() -> list[int]:
     """Running QEMU processes of this suite (their ``-name`` starts with :data:`PREFIX`)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            status = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if status == "Z" or not argv[0].endswith(b"qemu-system-x86_64"):
-            continue
-        if b"-name" in argv and argv[argv.index(b"-name") + 1].startswith(PREFIX.encode()):
-            pids.append(int(entry))
-    return pids
+    return probe.qemu_pids(PREFIX)
 
 
 # --- the VMs ---------------------------------------------------------------------------------
@@ -201,28 +182,23 @@ class TestVM:
                 await self._changed.wait()
         return self.deleted[device]
 
+    @property
+    def monitor(self) -> probe.Monitor:
+        return probe.Monitor(self.manager)
+
     async def hmp(self, command: str) -> str:
-        reply = await self.manager.execute("human-monitor-command", {"command-line": command})
-        return str(reply)
+        return await self.monitor.hmp(command)
 
     async def peripherals(self) -> set[str]:
-        devices = await self.manager.execute("qom-list", {"path": "/machine/peripheral"})
-        return {d["name"] for d in devices if d["type"].startswith("child<")}
+        return set(await self.monitor.peripherals())
 
     async def netdev_lines(self) -> list[str]:
         """``info network`` lines of tap netdevs (a fresh guest has none)."""
-        # A NIC's netdev is shown indented under it: " \\ <id>-net: index=0,type=tap,fd=12".
-        return [line.strip().lstrip("\\_ ") for line in
-                (await self.hmp("info network")).splitlines() if "type=tap" in line]
+        return await self.monitor.netdev_lines()
 
     def tap_fds(self) -> int:
         """How many fds QEMU holds on /dev/net/tun or a macvtap's /dev/tapN."""
-        count = 0
-        for fd in os.listdir(f"/proc/{self.vm.pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{self.vm.pid}/fd/{fd}")
-                count += target == "/dev/net/tun" or bool(re.fullmatch(r"/dev/tap\d+", target))
-        return count
+        return probe.tap_fd_count(self.vm.pid)
 
     async def leftovers(self) -> list[str]:
         """Whatever a test left in QEMU: tap netdevs, devices other than the root ports, fds."""
@@ -299,16 +275,6 @@ def _print_timings(request: pytest.FixtureRequest) -> None:
 
 # --- plugging with evidence ------------------------------------------------------------------
 
-@attrs.define(eq=False)
-class StepClock:
-    """Lifecycle observer: when each step of each MAC's operation began and ended."""
-
-    stamps: dict[tuple[str, Step, Phase], float] = attrs.field(factory=dict)
-
-    def __call__(self, op: Operation, step: Step, phase: Phase) -> None:
-        self.stamps[(getattr(op.subject, "hardware_addr", ""), step, phase)] = time.monotonic()
-
-
 @attrs.frozen
 class Plugged:
     """A hot-plugged NIC and what the guest said about it."""
@@ -332,7 +298,7 @@ class Harness:
     vm: TestVM
     state: NetworkState
     module: str
-    clock: StepClock = attrs.field(factory=StepClock)
+    clock: StepRecorder = attrs.field(factory=StepRecorder)
 
     def __attrs_post_init__(self) -> None:
         self.state.observers.append(self.clock)
@@ -360,8 +326,7 @@ class Harness:
             added.cancel()
         kind = kwargs.get("model")
         self.record(f"device_add -> NIC-ADD ({kind.value if kind else 'default'})",
-                    seen - self.clock.stamps[(endpoint.hardware_addr, Step.DEVICE_ADD,
-                                              Phase.DONE)])
+                    seen - self.clock.last(Step.DEVICE_ADD, Phase.DONE, mac=endpoint.hardware_addr))
         name = re.escape(nic["name"])
         addr, _ = await self._marker(rf"^QMPNET NIC-ADDR name={name}\b", since)
         ping, _ = await self._marker(rf"^QMPNET PING name={name}\b", since)
@@ -384,7 +349,7 @@ class Harness:
         except TimeoutError:
             pytest.fail(f"the VM manager's monitor saw no DEVICE_DELETED for {device}")
         self.record("device_del -> DEVICE_DELETED",
-                    deleted - self.clock.stamps[(mac, Step.DEVICE_DEL, Phase.BEGIN)])
+                    deleted - self.clock.last(Step.DEVICE_DEL, Phase.BEGIN, mac=mac))
         return nic
 
     async def assert_gone(self, plugged: Plugged) -> None:
@@ -394,8 +359,7 @@ class Harness:
                     if line.startswith(f"{ep.id}-net:")], "netdev still in 'info network'"
         assert f"{ep.id}-dev" not in await self.vm.peripherals()
         netns = Path(ep.netns_path).name if ep.netns_path else ""
-        assert host_link(ep) not in {
-            link["ifname"] for link in ip_json("link", "show", netns=netns)}
+        assert host_link(ep) not in probe.links(netns)
 
 
 def tap_host_side(endpoint: Endpoint) -> None:
@@ -420,14 +384,7 @@ def state_dirs(tmp_path: Path) -> Iterator[Callable[[], Path]]:
     yield make
     problems = []
     for path in made:
-        state = path / "state.json"
-        if state.exists():
-            entries = json.loads(state.read_text()).get("entries") or []
-            if entries:
-                problems.append(f"{state} still lists {len(entries)} interface(s)")
-        if (path / "journal.json").exists() and json.loads(
-                (path / "journal.json").read_text()):
-            problems.append(f"{path}/journal.json has operations in flight")
+        problems += probe.state_leftovers(path)
         shutil.rmtree(path, ignore_errors=True)
     assert not problems, problems
 
@@ -446,9 +403,9 @@ async def harness(pool: VMPool, state_dirs: Callable[[], Path], request: pytest.
 
 def _remove(links: list[str], netns: list[str]) -> None:
     for name in links:
-        subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+        del_link(name)
     for name in netns:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        del_netns(name)
 
 
 @pytest_asyncio.fixture(loop_scope="module", autouse=True)
@@ -460,9 +417,8 @@ async def e2e_leak_check(pool: VMPool) -> AsyncIterator[None]:
     A leak fails the test, after it has been cleaned so the next test starts clean.
     """
     yield
-    links = [link["ifname"] for link in ip_json("link", "show")
-             if link["ifname"].startswith(PREFIX)]
-    netns = [ns["name"] for ns in ip_json("netns", "list") if ns.get("name", "").startswith(PREFIX)]
+    links = [name for name in probe.links() if name.startswith(PREFIX)]
+    netns = sorted(name for name in probe.netns_names() if name.startswith(PREFIX))
     problems = [f"link {name}" for name in links] + [f"netns {name}" for name in netns]
     module_pids = {t.vm.pid for t in pool.vms.values()}
     problems += [f"QEMU pid {pid}" for pid in qemu_pids() if pid not in module_pids]

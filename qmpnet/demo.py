@@ -27,13 +27,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import re
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,9 +43,11 @@ import attrs
 
 from qmpnet.config import Config
 from qmpnet.endpoints import Endpoint
-from qmpnet.lifecycle import Operation, Phase, Step
+from qmpnet.lifecycle import Phase, Step
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState, host_link
+from qmpnet.testing import probe
+from qmpnet.testing.steps import StepRecorder
 
 #: Gives the host end of a just-plugged link its address: (device to ping from, description).
 HostSide = Callable[[Endpoint], Awaitable[tuple[str, str]]]
@@ -138,11 +138,6 @@ def _dur(seconds: float) -> str:
 
 # --- host-side helpers -----------------------------------------------------------------------
 
-def _ip_json(*args: str) -> Any:
-    out = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=False)
-    return json.loads(out.stdout or "[]") if out.returncode == 0 else []
-
-
 def prerequisites() -> str:
     """Fail with what is missing (``make setup`` installs it), before anything is made."""
     from qmpnet.testing.cni import CNI_BIN
@@ -159,14 +154,6 @@ def prerequisites() -> str:
     return "root, /dev/net/tun, qemu-system-x86_64, busybox, ip, CNI bridge + host-local"
 
 
-def _neighbour(dev: str, address: str) -> str:
-    """The MAC the host learnt for ``address`` on ``dev``: who really answered the ping."""
-    for entry in _ip_json("neigh", "show", "dev", dev, "to", address):
-        if entry.get("dst") == address:
-            return str(entry.get("lladdr", ""))
-    return ""
-
-
 async def _run(*cmd: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
@@ -178,8 +165,8 @@ def free_octets(count: int) -> list[int]:
     """``count`` distinct values of B for which no host address or route is in 169.254.B/24."""
     link_local = ipaddress.ip_network("169.254.0.0/16")
     nets = [ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}").network
-            for link in _ip_json("addr") for a in link.get("addr_info", [])]
-    nets += [ipaddress.ip_network(r["dst"]) for r in _ip_json("route")
+            for link in probe.ip_json("addr") for a in link.get("addr_info", [])]
+    nets += [ipaddress.ip_network(r["dst"]) for r in probe.ip_json("route")
              if r.get("dst", "default") != "default"]
     used = {int(net.network_address.packed[2]) for net in nets
             if net.version == 4 and net.subnet_of(link_local) and net.prefixlen >= 24}  # type: ignore[arg-type]
@@ -224,20 +211,6 @@ async def _watch(vm: Any, pattern: str, since: int) -> Seen:
     return Seen(marker_fields(match), time.monotonic())
 
 
-@attrs.define(eq=False)
-class StepClock:
-    """A lifecycle observer that stamps each step's begin and end per MAC."""
-
-    stamps: dict[tuple[str, Step, Phase], float] = attrs.field(factory=dict)
-
-    def __call__(self, op: Operation, step: Step, phase: Phase) -> None:
-        mac = getattr(op.subject, "hardware_addr", "")
-        self.stamps[(mac, step, phase)] = time.monotonic()
-
-    def at(self, mac: str, step: Step, phase: Phase) -> float:
-        return self.stamps[(mac, step, phase)]
-
-
 # --- the demo --------------------------------------------------------------------------------
 
 @attrs.define(eq=False)
@@ -246,7 +219,7 @@ class Demo:
     prefix: str
     work: Path
     state_dir: Path
-    clock: StepClock = attrs.field(factory=StepClock)
+    clock: StepRecorder = attrs.field(factory=StepRecorder)
     vm: Any = None
     state: NetworkState | None = None
     #: the VM manager's monitor (QEMU's first): an independent view of QEMU's devices.
@@ -276,11 +249,9 @@ class Demo:
 
     async def qemu_has(self, endpoint: Endpoint) -> list[str]:
         """What QEMU still has of ``endpoint``, asked on the manager's monitor."""
-        network = await self.manager.execute("human-monitor-command",
-                                             {"command-line": "info network"})
-        devices = await self.manager.execute("qom-list", {"path": "/machine/peripheral"})
-        found = [f"netdev {endpoint.id}-net"] if f"{endpoint.id}-net:" in str(network) else []
-        found += [f"device {d['name']}" for d in devices if d["name"] == f"{endpoint.id}-dev"]
+        monitor = probe.Monitor(self.manager)
+        found = [f"netdev {n}" for n in await monitor.netdevs() if n == f"{endpoint.id}-net"]
+        found += [f"device {d}" for d in await monitor.peripherals() if d == f"{endpoint.id}-dev"]
         return found
 
     async def plug(self, title: str, label: str, desc: InterfaceDescription,
@@ -303,7 +274,7 @@ class Demo:
             name = seen.fields["name"]
             addr = await _watch(self.vm, rf"^QMPNET NIC-ADDR name={name}\b", since)
             ping = await _watch(self.vm, rf"^QMPNET PING name={name}\b", since)
-            guest_sees = seen.at - self.clock.at(mac, Step.DEVICE_ADD, Phase.DONE)
+            guest_sees = seen.at - self.clock.last(Step.DEVICE_ADD, Phase.DONE, mac=mac)
             self.timings.append((label, guest_sees, 0.0))
             info.append(f"qmpnet: {endpoint.type.value} endpoint {endpoint.id}, guest PCI path "
                         f"{endpoint.pci_path}; {peer}")
@@ -316,7 +287,7 @@ class Demo:
             info.append(f"ping guest -> host {ping.fields['peer']}: ok (guest's PING marker)")
             guest_ip = addr.fields["addr"]
             rtt = await host_ping(guest_ip, dev)
-            answered = _neighbour(dev, guest_ip)
+            answered = probe.neighbour_mac(dev, guest_ip)
             if answered != mac:
                 raise DemoError(f"{guest_ip} answered from {answered or 'nowhere'}, not {mac}")
             info.append(f"ping host -> guest {guest_ip}: ok, {rtt:.2f} ms, answered by the "
@@ -335,14 +306,14 @@ class Demo:
                 raise
             label, endpoint = self.plugged.pop(mac)
             seen = await gone
-            deleted = (self.clock.at(mac, Step.DEVICE_DEL, Phase.DONE)
-                       - self.clock.at(mac, Step.DEVICE_DEL, Phase.BEGIN))
+            deleted = (self.clock.last(Step.DEVICE_DEL, Phase.DONE, mac=mac)
+                       - self.clock.last(Step.DEVICE_DEL, Phase.BEGIN, mac=mac))
             self.timings.append((label, 0.0, deleted))
             info.append(f"device_del -> DEVICE_DELETED {_dur(deleted)}; guest reports "
                         f"{seen.fields['name']} (mac {mac}) gone")
             left = await self.qemu_has(endpoint)
             link, netns = host_link(endpoint), Path(endpoint.netns_path).name
-            if _ip_json(*(["-n", netns] if netns else []), "link", "show", link):
+            if link in probe.links(netns):
                 left.append(f"link {link}")
             if left:
                 raise DemoError(f"still there after the unplug: {', '.join(left)}")
@@ -374,30 +345,15 @@ class Demo:
             await self.vm.stop()
 
 
-def qemu_pids(prefix: str) -> list[int]:
-    """Running QEMU processes whose ``-name`` starts with ``prefix``."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"qemu-system-x86_64") and "-name" in (a.decode() for a in argv):
-            name = argv[argv.index(b"-name") + 1].decode(errors="replace")
-            if name.startswith(prefix):
-                pids.append(int(entry))
-    return pids
-
-
 def leftovers(prefix: str, pid: int | None, paths: list[Path], veths: list[str]) -> list[str]:
-    """Whatever of the demo's is still on the host (links, netns, QEMU, files)."""
-    found = [f"link {link['ifname']}" for link in _ip_json("link")
-             if link["ifname"].startswith(prefix) or link["ifname"] in veths]
-    found += [f"netns {ns['name']}" for ns in _ip_json("netns", "list")
-              if ns.get("name", "").startswith(prefix)]
-    found += [f"QEMU process {p}" for p in qemu_pids(prefix)]
+    """Whatever of the demo's is still on the host (links, netns, QEMU, files).
+
+    Raises :class:`~qmpnet.testing.probe.ProbeError` when ``ip`` cannot tell.
+    """
+    found = [f"link {name}" for name in probe.links()
+             if name.startswith(prefix) or name in veths]
+    found += [f"netns {name}" for name in sorted(probe.netns_names()) if name.startswith(prefix)]
+    found += [f"QEMU process {p}" for p in probe.qemu_pids(prefix)]
     if pid is not None and Path(f"/proc/{pid}").exists():
         found.append(f"QEMU process {pid}")
     found += [f"file {p}" for p in paths if p.exists()]
@@ -481,9 +437,10 @@ async def run_demo(out: TextIO = sys.stdout) -> int:
             report.failed = True
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    left = leftovers(prefix, demo.vm.pid if demo.vm else None, [demo.state_dir, work], veths)
-    with contextlib.suppress(DemoError), report.step("check that nothing is left on the host") \
-            as info:
+    with contextlib.suppress(DemoError, probe.ProbeError), \
+            report.step("check that nothing is left on the host") as info:
+        left = leftovers(prefix, demo.vm.pid if demo.vm else None, [demo.state_dir, work],
+                         veths)
         if left:
             raise DemoError("left behind: " + ", ".join(left))
         info.append(f"no link or netns named {prefix}*, no {' '.join(veths) or 'pod veth'}, "

@@ -23,7 +23,7 @@ from qmpnet.errors import InvalidInputError, LinkExistsError, PlugError
 from qmpnet.lifecycle import Operation, Phase, Step
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.reconcile import host_residue
-from qmpnet.testing.fixtures import unique
+from qmpnet.testing.scene import unique
 
 pytestmark = [pytest.mark.kernel]
 

@@ -19,7 +19,7 @@ from qmpnet import tuntap
 from qmpnet.errors import HostError, LinkExistsError, NotOursError
 from qmpnet.links import Links
 from qmpnet.netns import run_in_netns
-from qmpnet.testing.fixtures import unique
+from qmpnet.testing.scene import unique
 
 pytestmark = [pytest.mark.kernel]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,13 @@ import pytest
 import pytest_asyncio
 
 from qmpnet.config import Config
-from qmpnet.lifecycle import Operation, Phase, Step
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
 from qmpnet.store import Status
 from qmpnet.testing import GuestImage, GuestVM, marker_fields
-from qmpnet.testing.fixtures import RUN, unique
+from qmpnet.testing.scene import RUN, unique
+from qmpnet.testing.steps import StepRecorder
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 
@@ -47,23 +46,10 @@ async def booted_vm(guest_image: GuestImage,
         await vm.stop()
 
 
-class StepClock:
-    """A lifecycle observer that times each step (begin -> done)."""
-
-    def __init__(self) -> None:
-        self.began: dict[Step, float] = {}
-        self.took: dict[str, float] = {}
-
-    def __call__(self, op: Operation, step: Step, phase: Phase) -> None:
-        now = time.monotonic()
-        if phase is Phase.BEGIN:
-            self.began[step] = now
-        elif phase is Phase.DONE:
-            self.took[step.value] = (now - self.began[step]) * 1000
-
-    def report(self, label: str) -> None:
-        steps = ", ".join(f"{k} {v:.1f} ms" for k, v in self.took.items())
-        print(f"\n[qmp timings] {label}: {steps}")
+def report(clock: StepRecorder, label: str) -> None:
+    """Print each step's time (begin -> done) of what ``clock`` recorded."""
+    steps = ", ".join(f"{step.value} {took * 1000:.1f} ms" for step, took in clock.durations())
+    print(f"\n[qmp timings] {label}: {steps}")
 
 
 async def _qemu_view(vm: GuestVM) -> dict[str, Any]:
@@ -115,7 +101,7 @@ async def test_tap_endpoint(booted_vm: GuestVM, host: Any, host_link_names: Any,
     vm = booted_vm
     mac = f"52:54:00:00:00:{0x50 + queues:02x}"
     tap = host_link_names("t")
-    clock = StepClock()
+    clock = StepRecorder()
     state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path), Config())
     state.observers.append(clock)
     tun_before = len(host.tun_fds(vm.pid))
@@ -124,7 +110,7 @@ async def test_tap_endpoint(booted_vm: GuestVM, host: Any, host_link_names: Any,
     endpoint = await state.add_interface(
         InterfaceDescription(name="eth0", hw_addr=mac, mtu=1400),
         model=InterworkingModel.NONE, queues=queues, tap_name=tap, wait_guest=True)
-    clock.report(f"tap plug, {expected} queue(s), booted q35")
+    report(clock, f"tap plug, {expected} queue(s), booted q35")
     dev_id, net_id = f"{endpoint.id}-dev", f"{endpoint.id}-net"
     assert re.fullmatch(r"0[1-4]/00", endpoint.pci_path)
     assert endpoint.hardware_addr == mac
@@ -165,10 +151,10 @@ async def test_tap_endpoint(booted_vm: GuestVM, host: Any, host_link_names: Any,
     assert (entry.endpoint, entry.status) == (endpoint, Status.PLUGGED)
 
     # unplug: device, netdev, fds and the tap go; the guest sees the NIC leave
-    clock = StepClock()
+    clock = StepRecorder()
     state.observers[:] = [clock]
     await state.remove_interface(mac)
-    clock.report(f"tap unplug, {expected} queue(s), booted q35")
+    report(clock, f"tap unplug, {expected} queue(s), booted q35")
     await _unplugged_cleanly(vm, host, endpoint.id, tun_before)
     host.wait_until(lambda: tap not in host.links(), what="tap gone")
     await vm.wait_for(rf"^QMPNET NIC-DEL name={added['name']} mac={mac}", 60, since=cursor)
@@ -184,7 +170,7 @@ async def test_veth_tcfilter_endpoint(booted_vm: GuestVM, host: Any, cni_veth: A
     vm = booted_vm
     veth = cni_veth(mac="52:54:00:00:00:61")  # far end 169.254.97.1, the guest 169.254.97.2
     tap = unique("t")
-    clock = StepClock()
+    clock = StepRecorder()
     state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path), Config())
     state.observers.append(clock)
     tun_before = len(host.tun_fds(vm.pid))
@@ -193,7 +179,7 @@ async def test_veth_tcfilter_endpoint(booted_vm: GuestVM, host: Any, cni_veth: A
     endpoint = await state.add_interface(
         InterfaceDescription(name=veth.inner, hw_addr=veth.mac),
         model=InterworkingModel.TCFILTER, netns_path=veth.sandbox, queues=2, tap_name=tap)
-    clock.report("veth/tcfilter plug, 2 queues, booted q35")
+    report(clock, "veth/tcfilter plug, 2 queues, booted q35")
     dev_id = f"{endpoint.id}-dev"
     assert endpoint.name == veth.inner
     assert endpoint.hardware_addr == veth.mac
@@ -218,10 +204,10 @@ async def test_veth_tcfilter_endpoint(booted_vm: GuestVM, host: Any, cni_veth: A
         rf"^QMPNET PING name={added['name']} peer={re.escape(veth.far_ip)} ", 90, since=cursor))
     assert ping["result"] == "ok"
 
-    clock = StepClock()
+    clock = StepRecorder()
     state.observers[:] = [clock]
     await state.remove_interface(veth.mac)
-    clock.report("veth/tcfilter unplug, booted q35")
+    report(clock, "veth/tcfilter unplug, booted q35")
     await _unplugged_cleanly(vm, host, endpoint.id, tun_before)
     seen = host.links(veth.sandbox)
     assert sorted(seen) == sorted(["lo", veth.inner])  # the tap went, the veth stays

@@ -37,7 +37,7 @@ from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
 from qmpnet.store import Status
 from qmpnet.testing import GuestImage, GuestVM
-from qmpnet.testing.fixtures import RUN
+from qmpnet.testing.scene import RUN
 from qmpnet.tuntap import QueueFds
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]

@@ -18,7 +18,7 @@ from qmpnet import tuntap
 from qmpnet.errors import HostError, InvalidInputError, LinkExistsError
 from qmpnet.links import Links
 from qmpnet.netns import run_in_netns
-from qmpnet.testing.fixtures import unique
+from qmpnet.testing.scene import unique
 
 pytestmark = [pytest.mark.kernel]
 

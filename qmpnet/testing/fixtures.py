@@ -1,17 +1,18 @@
-"""Pytest fixtures shared by ``tests/`` and ``integration/`` (imported by both conftests).
+"""The pytest plugin of qmpnet's test tiers: fixtures shared by ``tests/`` and ``integration/``.
 
-Every host object a test makes carries the run's unique prefix (:data:`RUN`) and is removed
-at teardown, also on failure; a session-end sweep removes anything with the prefix that a
-crashed test left. Only QEMU processes started here are killed, by pid (``GuestVM.stop``).
+Only pytest code imports this module (both conftests ``*`` it; test modules take
+:func:`module_vm` from it); everything else of the kit (:mod:`.scene`, :mod:`.probe`,
+:mod:`.steps`, :mod:`.guest`, :mod:`.vm`) imports without pytest.
+
+Every host object a test makes carries the run's unique prefix (:data:`~.scene.RUN`) and is
+removed at teardown, also on failure; a session-end sweep removes anything with the prefix
+that a crashed test left. Only QEMU processes started here are killed, by pid
+(``GuestVM.stop``).
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
-import secrets
-import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,49 +20,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from qmpnet.testing import probe
 from qmpnet.testing.guest import GuestImage, build_guest
+from qmpnet.testing.scene import RUN, add_netns, del_link, del_netns, sweep, unique
 from qmpnet.testing.vm import UNEXPECTED_EXITS, GuestVM
 
-#: Unique per test run; 4 characters, so names like ``{RUN}t12`` stay within IFNAMSIZ.
-RUN = "q" + secrets.token_hex(2)[:3]
-_counter = itertools.count()
-
-
-def unique(kind: str) -> str:
-    """A host object name with the run prefix: ``q1a2t7`` (≤ 15 bytes)."""
-    return f"{RUN}{kind}{next(_counter)}"
-
-
-def ip_json(*args: str, netns: str = "") -> Any:
-    """What ``ip -j`` says: the independent view the tests compare against."""
-    cmd = ["ip", "-d", "-j", *(["-n", netns] if netns else []), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        return []
-    return json.loads(out.stdout or "[]")
-
-
-def links(netns: str = "") -> dict[str, Any]:
-    return {link["ifname"]: link for link in ip_json("link", "show", netns=netns)}
-
-
-def run(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, check=True)
-
-
-def sweep() -> list[str]:
-    """Remove every link and netns carrying the run prefix; return what was found."""
-    found = []
-    for name in links():
-        if name.startswith(RUN):
-            found.append(name)
-            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
-    for entry in ip_json("netns", "list"):
-        name = entry.get("name", "")
-        if name.startswith(RUN):
-            found.append("netns " + name)
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-    return found
+__all__ = ["guest_image", "host_link_names", "make_netns", "module_vm", "netns", "paused_vm",
+           "pytest_terminal_summary", "require_root", "state_dir", "sweep_at_end"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -96,14 +61,12 @@ def make_netns(require_root: None) -> Iterator[Callable[[], str]]:
 
     def make() -> str:
         name = unique("n")
-        run("ip", "netns", "add", name)
         made.append(name)
-        run("ip", "-n", name, "link", "set", "lo", "up")
-        return f"/run/netns/{name}"
+        return add_netns(name)
 
     yield make
     for name in made:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        del_netns(name)
 
 
 @pytest.fixture
@@ -122,10 +85,10 @@ def host_link_names(require_root: None) -> Iterator[Callable[[str], str]]:
         return name
 
     yield make
-    existing = links()
+    existing = probe.links()
     for name in names:
         if name in existing:
-            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+            del_link(name)
 
 
 @pytest.fixture(scope="session")
