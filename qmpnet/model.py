@@ -11,11 +11,12 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Self, TypeVar
 
 import attrs
 
+from qmpnet.boundary import Boundary
 from qmpnet.errors import InvalidInputError, UnknownValueError
 
 #: IFNAMSIZ is 16 including the terminating NUL.
@@ -289,69 +290,26 @@ class InterfaceDescription:
     @classmethod
     def from_json(cls, data: object) -> Self:
         """Parse the agent-style JSON object; unknown keys and wrong types are errors."""
-        if not isinstance(data, Mapping):
-            raise InvalidInputError("interface", data, "must be a JSON object")
-        unknown = sorted(set(data) - set(cls.JSON_KEYS))
-        if unknown:
-            raise InvalidInputError("interface", unknown[0],
-                                    "unknown key; known keys are " + ", ".join(cls.JSON_KEYS))
-        kwargs: dict[str, Any] = {}
-        for key, attr in cls.JSON_KEYS.items():
-            if key not in data or data[key] is None:
-                continue
-            value = data[key]
-            if attr == "ip_addresses":
-                kwargs[attr] = _parse_addresses(value)
-            elif attr in ("mtu", "raw_flags"):
-                if not isinstance(value, int) or isinstance(value, bool):
-                    raise InvalidInputError(key, value, "must be an integer")
-                kwargs[attr] = value
-            else:
-                if not isinstance(value, str):
-                    raise InvalidInputError(key, value, "must be a string")
-                kwargs[attr] = value
-        try:
-            return cls(**kwargs)
-        except InvalidInputError as err:
-            key = {v: k for k, v in cls.JSON_KEYS.items()}.get(err.field, err.field)
-            raise InvalidInputError(key, err.value, err.reason) from err
+        return KATA.structure(data, cls)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "device": self.device, "name": self.name,
-            "IPAddresses": [{"family": a.family, "address": a.address, "mask": a.mask}
-                            for a in self.ip_addresses],
-            "mtu": self.mtu, "hwAddr": self.hw_addr, "pciPath": self.pci_path,
-            "linkType": self.link_type, "raw_flags": self.raw_flags,
-        }
+        return KATA.unstructure(self)
 
 
-def _parse_addresses(value: object) -> tuple[IPAddress, ...]:
-    if not isinstance(value, Sequence) or isinstance(value, str):
-        raise InvalidInputError("IPAddresses", value, "must be a list")
-    out = []
-    for item in value:
-        if not isinstance(item, Mapping):
-            raise InvalidInputError("IPAddresses", item, "each entry must be an object")
-        extra = sorted(str(k) for k in item if k not in ("family", "address", "mask"))
-        if extra:
-            raise InvalidInputError("IPAddresses", extra[0], "unknown key in an entry; "
-                                    "known keys are address, family, mask")
-        for key in ("address", "mask"):
-            if key not in item:
-                raise InvalidInputError(key, None, "missing from an IPAddresses entry")
-        family = item.get("family", 4)
-        # The agent's protobuf spells families as 0/1 (v4/v6) in some versions: accept both.
-        if isinstance(family, int) and not isinstance(family, bool):
-            family = {0: 4, 1: 6}.get(family, family)
-        if not isinstance(family, int) or isinstance(family, bool):
-            raise InvalidInputError("family", family, "must be 4 or 6")
-        address, mask = item.get("address"), item.get("mask")
-        if not isinstance(address, str):
-            raise InvalidInputError("address", address, "must be a string")
-        if isinstance(mask, int) and not isinstance(mask, bool):
-            mask = str(mask)
-        if not isinstance(mask, str):
-            raise InvalidInputError("mask", mask, "must be a prefix length")
-        out.append(IPAddress(family=family, address=address, mask=mask))
-    return tuple(out)
+def _agent_address(value: object) -> object:
+    """An ``IPAddresses`` entry as the agent's protobuf may also spell it: the family as 0/1
+    for v4/v6 (4 when absent), the prefix length as a number."""
+    if not isinstance(value, Mapping):
+        return value
+    entry = {"family": 4, **value}
+    if type(entry["family"]) is int:
+        entry["family"] = {0: 4, 1: 6}.get(entry["family"], entry["family"])
+    if type(entry.get("mask")) is int:
+        entry["mask"] = str(entry["mask"])
+    return entry
+
+
+#: Kata's JSON interface description, read and written in the agent's spelling.
+KATA = Boundary("interface", mapping="a JSON object", none_is_absent=True)
+KATA.register(IPAddress, reshape=_agent_address)
+KATA.register(InterfaceDescription, {a: k for k, a in InterfaceDescription.JSON_KEYS.items()})
