@@ -143,14 +143,16 @@ def check_pci_path(field: str, value: object) -> str:
     return value.lower()
 
 
-def _validator(check: Callable[[str, object], object]) -> Callable[[Any, Any, Any], None]:
+def checked_by(check: Callable[[str, object], object]) -> Callable[[Any, Any, Any], None]:
+    """An attrs validator running ``check`` on the value, naming the attribute."""
     def validate(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         check(attribute.alias or attribute.name, value)
     return validate
 
 
-def _opt(check: Callable[[str, object], object]) -> Callable[[Any, Any, Any], None]:
-    inner = _validator(check)
+def checked_if_set(check: Callable[[str, object], object]) -> Callable[[Any, Any, Any], None]:
+    """Like :func:`checked_by`, but an empty value ("not set") passes."""
+    inner = checked_by(check)
 
     def validate(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         if value not in (None, ""):
@@ -158,7 +160,7 @@ def _opt(check: Callable[[str, object], object]) -> Callable[[Any, Any, Any], No
     return validate
 
 
-def _lower(value: object) -> object:
+def lowered(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
@@ -213,9 +215,10 @@ class Route:
 class LinkAttrs:
     """The attributes of a host link that qmpnet reads and sets."""
 
-    name: str = attrs.field(validator=_validator(check_ifname))
-    hardware_addr: str = attrs.field(default="", converter=_lower, validator=_opt(check_mac))
-    mtu: int = attrs.field(default=1500, validator=_validator(check_mtu))
+    name: str = attrs.field(validator=checked_by(check_ifname))
+    hardware_addr: str = attrs.field(default="", converter=lowered,
+                                     validator=checked_if_set(check_mac))
+    mtu: int = attrs.field(default=1500, validator=checked_by(check_mtu))
 
 
 @attrs.frozen(kw_only=True)
@@ -232,8 +235,8 @@ class NetworkInfo:
 class NetworkInterface:
     """A named interface with a MAC and addresses (the guest side, or a host side)."""
 
-    name: str = attrs.field(validator=_opt(check_ifname))
-    hard_addr: str = attrs.field(default="", converter=_lower, validator=_opt(check_mac))
+    name: str = attrs.field(validator=checked_if_set(check_ifname))
+    hard_addr: str = attrs.field(default="", converter=lowered, validator=checked_if_set(check_mac))
     addrs: tuple[IPAddress, ...] = ()
 
 
@@ -246,7 +249,7 @@ class TapInterface:
     """
 
     id: str
-    name: str = attrs.field(validator=_opt(check_ifname))
+    name: str = attrs.field(validator=checked_if_set(check_ifname))
     tap_iface: NetworkInterface
 
 
@@ -271,12 +274,12 @@ class InterfaceDescription:
     with the PCI path filled in once the device is plugged.
     """
 
-    device: str = attrs.field(default="", validator=_opt(check_ifname))
-    name: str = attrs.field(default="", validator=_opt(check_ifname))
+    device: str = attrs.field(default="", validator=checked_if_set(check_ifname))
+    name: str = attrs.field(default="", validator=checked_if_set(check_ifname))
     ip_addresses: tuple[IPAddress, ...] = ()
-    mtu: int = attrs.field(default=1500, validator=_validator(check_mtu))
-    hw_addr: str = attrs.field(default="", converter=_lower, validator=_opt(check_mac))
-    pci_path: str = attrs.field(default="", converter=_lower, validator=_validator(check_pci_path))
+    mtu: int = attrs.field(default=1500, validator=checked_by(check_mtu))
+    hw_addr: str = attrs.field(default="", converter=lowered, validator=checked_if_set(check_mac))
+    pci_path: str = attrs.field(default="", converter=lowered, validator=checked_by(check_pci_path))
     link_type: str = ""
     raw_flags: int = 0
 
