@@ -30,6 +30,13 @@ def check_seconds(field: str, value: object) -> float:
     return float(value)
 
 
+def check_queue_count(field: str, value: object) -> int:
+    """A queue pair count, or 0: one pair per guest vCPU."""
+    if type(value) is int and value == 0:
+        return 0
+    return check_queues(field, value)
+
+
 def _seconds(default: float) -> float:
     return attrs.field(default=default, validator=checked_by(check_seconds))
 
@@ -50,15 +57,10 @@ class Config:
 
     internetworking_model: InterworkingModel = InterworkingModel.DEFAULT
     disable_vhost_net: bool = False
-    queues: int = attrs.field(default=0)
+    queues: int = attrs.field(default=0, validator=checked_by(check_queue_count))
     #: host tap name for the endpoint with index ``idx``; must stay within 15 bytes.
     tap_name: str = attrs.field(default="tap{idx}_kata")
     timeouts: Timeouts = Timeouts()
-
-    @queues.validator
-    def _check_queues(self, _attr: object, value: int) -> None:
-        if value != 0 or isinstance(value, bool) or not isinstance(value, int):
-            check_queues("queues", value)
 
     @tap_name.validator
     def _check_tap_name(self, _attr: object, value: str) -> None:
