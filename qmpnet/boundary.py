@@ -53,7 +53,7 @@ def _number(value: Any, _: Any) -> float:
 
 
 def _vocabulary(value: Any, kind: Any) -> Any:
-    return kind.parse(value)
+    return getattr(kind, "parse", kind)(value)
 
 
 def _origin(kind: Any) -> object:
