@@ -111,6 +111,7 @@ class Boundary:
         self.none_is_absent = none_is_absent
         self._conv = exact_converter()
         self._keys: dict[type, Mapping[str, str]] = {}
+        # a free-form object (CNI's ipam, prevResult) is taken as it came: its keys are not ours
         self._conv.register_structure_hook_func(
             lambda t: _origin(t) in (dict, Mapping), self._mapping)
 
@@ -187,9 +188,9 @@ class Boundary:
             item = node[index] if isinstance(node, Sequence) and isinstance(index, int) else None
             return self._explain(sub, (*where, index), item)
         if isinstance(err, InvalidInputError):
-            # a vocabulary or a hook names its own field
-            err.__notes__ = [n for n in getattr(err, "__notes__", ())
-                             if not isinstance(n, cattrs.AttributeValidationNote)]
+            # a vocabulary or a hook names its own field; cattrs' notes are of no use past here
+            err.__notes__ = [n for n in getattr(err, "__notes__", ()) if not isinstance(
+                n, cattrs.AttributeValidationNote | cattrs.IterableValidationNote)]
             return err
         if isinstance(err, WrongType):
             return InvalidInputError(self._name(where), err.value, err.reason)
