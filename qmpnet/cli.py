@@ -124,13 +124,14 @@ def _positive_int(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
+    from qmpnet.config import check_seconds
+    from qmpnet.errors import InvalidInputError
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"must be in (0, 3600]: {value}")
-    return value
+        return check_seconds("seconds", float(text))
+    except ValueError as err:  # InvalidInputError is one too
+        why = err.reason if isinstance(err, InvalidInputError) else "not a number of seconds"
+        raise argparse.ArgumentTypeError(f"{why}: {text!r}") from None
 
 
 def _vm_options(p: argparse.ArgumentParser, qmp_required: bool = True) -> None:

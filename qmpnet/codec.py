@@ -12,9 +12,10 @@ from typing import Any
 import attrs
 import cattrs
 
+from qmpnet.boundary import exact_converter
 from qmpnet.endpoints import REGISTRY, Endpoint
 from qmpnet.errors import InvalidInputError, QmpnetError
-from qmpnet.model import EndpointType, InterworkingModel
+from qmpnet.model import EndpointType
 
 
 @attrs.frozen
@@ -26,27 +27,9 @@ class UnknownEntry:
     reason: str
 
 
-def _exact(kind: type) -> Any:
-    """A structure hook that refuses coercion: saved state with a wrong type is not ours."""
-    def structure(value: Any, _: Any) -> Any:
-        if type(value) is not kind:
-            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
-        return value
-    return structure
-
-
-def _make_converter() -> cattrs.Converter:
-    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=False)
-    # cattrs would turn [1] into "[1]" and 2.7 into 2; a damaged entry must stay unknown.
-    conv.register_structure_hook(str, _exact(str))
-    conv.register_structure_hook(int, _exact(int))
-    # The str hook would also catch this str enum: parse it as the vocabulary says.
-    conv.register_structure_hook(InterworkingModel,
-                                 lambda value, _: InterworkingModel.parse(value))
-    return conv
-
-
-_converter = _make_converter()
+# The boundary's exact hooks: cattrs would turn [1] into "[1]" and 2.7 into 2; a damaged entry
+# must stay unknown. Vocabularies (the pair model) parse as the model says.
+_converter = exact_converter(detailed_validation=False)
 
 
 def dump_endpoint(endpoint: Endpoint) -> dict[str, Any]:

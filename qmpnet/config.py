@@ -13,24 +13,42 @@ from typing import Any, Self
 
 import attrs
 
+from qmpnet.boundary import Boundary
 from qmpnet.errors import InvalidInputError
-from qmpnet.model import InterworkingModel, check_ifname, check_queues
+from qmpnet.model import InterworkingModel, check_ifname, check_queues, checked_by
+
+#: the longest deadline accepted anywhere, in seconds
+SECONDS_MAX = 3600
 
 
-def _positive(field: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
-        raise InvalidInputError(field, value, "must be a number of seconds in (0, 3600]")
+def check_seconds(field: str, value: object) -> float:
+    """A deadline: a number of seconds in (0, SECONDS_MAX]; ``true`` is not a number here."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not 0 < value <= SECONDS_MAX:
+        raise InvalidInputError(field, value,
+                                f"must be a number of seconds in (0, {SECONDS_MAX}]")
     return float(value)
+
+
+def check_queue_count(field: str, value: object) -> int:
+    """A queue pair count, or 0: one pair per guest vCPU."""
+    if type(value) is int and value == 0:
+        return 0
+    return check_queues(field, value)
+
+
+def _seconds(default: float) -> float:
+    return attrs.field(default=default, validator=checked_by(check_seconds))
 
 
 @attrs.frozen(kw_only=True)
 class Timeouts:
     """Deadlines in seconds; every wait on QEMU or the guest has one."""
 
-    connect: float = 5.0
-    command: float = 10.0
-    unplug: float = 5.0
-    guest_ready: float = 30.0
+    connect: float = _seconds(5.0)
+    command: float = _seconds(10.0)
+    unplug: float = _seconds(5.0)
+    guest_ready: float = _seconds(30.0)
 
 
 @attrs.frozen(kw_only=True)
@@ -39,15 +57,10 @@ class Config:
 
     internetworking_model: InterworkingModel = InterworkingModel.DEFAULT
     disable_vhost_net: bool = False
-    queues: int = attrs.field(default=0)
+    queues: int = attrs.field(default=0, validator=checked_by(check_queue_count))
     #: host tap name for the endpoint with index ``idx``; must stay within 15 bytes.
     tap_name: str = attrs.field(default="tap{idx}_kata")
     timeouts: Timeouts = Timeouts()
-
-    @queues.validator
-    def _check_queues(self, _attr: object, value: int) -> None:
-        if value != 0 or isinstance(value, bool) or not isinstance(value, int):
-            check_queues("queues", value)
 
     @tap_name.validator
     def _check_tap_name(self, _attr: object, value: str) -> None:
@@ -76,41 +89,9 @@ class Config:
                 if key != "network":
                     raise InvalidInputError("config key", key, "outside the [network] table; "
                                             "move it into [network]")
-        if not isinstance(table, dict):
-            raise InvalidInputError("network", table, "must be a table")
-        known = {"internetworking_model", "disable_vhost_net", "queues", "tap_name", "timeouts"}
-        for key in table:
-            if key not in known:
-                raise InvalidInputError("config key", key, "unknown; known keys are "
-                                        + ", ".join(sorted(known)))
-        kwargs: dict[str, Any] = {}
-        if "internetworking_model" in table:
-            kwargs["internetworking_model"] = InterworkingModel.parse(
-                table["internetworking_model"])
-        if "disable_vhost_net" in table:
-            value = table["disable_vhost_net"]
-            if not isinstance(value, bool):
-                raise InvalidInputError("disable_vhost_net", value, "must be true or false")
-            kwargs["disable_vhost_net"] = value
-        if "queues" in table:
-            value = table["queues"]
-            if value != 0 or not isinstance(value, int) or isinstance(value, bool):
-                check_queues("queues", value)
-            kwargs["queues"] = value
-        if "tap_name" in table:
-            kwargs["tap_name"] = table["tap_name"]
-        if "timeouts" in table:
-            tbl = table["timeouts"]
-            if not isinstance(tbl, dict):
-                raise InvalidInputError("timeouts", tbl, "must be a table")
-            names = {f.name for f in attrs.fields(Timeouts)}
-            for key in tbl:
-                if key not in names:
-                    raise InvalidInputError("timeouts key", key, "unknown; known keys are "
-                                            + ", ".join(sorted(names)))
-            kwargs["timeouts"] = Timeouts(**{k: _positive(f"timeouts.{k}", v)
-                                             for k, v in tbl.items()})
-        return cls(**kwargs)
+            if not isinstance(table, dict):
+                raise InvalidInputError("network", table, "must be a table")
+        return TOML.structure(table, cls)
 
     @classmethod
     def load(cls, path: str | Path) -> Self:
@@ -122,3 +103,9 @@ class Config:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise InvalidInputError("config file", str(path), f"not valid TOML: {err}") from err
         return cls.from_mapping(data)
+
+
+#: qmpnet's TOML configuration: keys as the attributes are named.
+TOML = Boundary("config", mapping="a table", key_field="{} key")
+TOML.register(Timeouts)
+TOML.register(Config)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Self, TypeVar
 
 import attrs
 
+from qmpnet.boundary import Boundary
 from qmpnet.errors import InvalidInputError, UnknownValueError
 
 #: IFNAMSIZ is 16 including the terminating NUL.
@@ -142,14 +143,16 @@ def check_pci_path(field: str, value: object) -> str:
     return value.lower()
 
 
-def _validator(check: Callable[[str, object], object]) -> Callable[[Any, Any, Any], None]:
+def checked_by(check: Callable[[str, object], object]) -> Callable[[Any, Any, Any], None]:
+    """An attrs validator running ``check`` on the value, naming the attribute."""
     def validate(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         check(attribute.alias or attribute.name, value)
     return validate
 
 
-def _opt(check: Callable[[str, object], object]) -> Callable[[Any, Any, Any], None]:
-    inner = _validator(check)
+def checked_if_set(check: Callable[[str, object], object]) -> Callable[[Any, Any, Any], None]:
+    """Like :func:`checked_by`, but an empty value ("not set") passes."""
+    inner = checked_by(check)
 
     def validate(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         if value not in (None, ""):
@@ -157,7 +160,7 @@ def _opt(check: Callable[[str, object], object]) -> Callable[[Any, Any, Any], No
     return validate
 
 
-def _lower(value: object) -> object:
+def lowered(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
@@ -212,9 +215,10 @@ class Route:
 class LinkAttrs:
     """The attributes of a host link that qmpnet reads and sets."""
 
-    name: str = attrs.field(validator=_validator(check_ifname))
-    hardware_addr: str = attrs.field(default="", converter=_lower, validator=_opt(check_mac))
-    mtu: int = attrs.field(default=1500, validator=_validator(check_mtu))
+    name: str = attrs.field(validator=checked_by(check_ifname))
+    hardware_addr: str = attrs.field(default="", converter=lowered,
+                                     validator=checked_if_set(check_mac))
+    mtu: int = attrs.field(default=1500, validator=checked_by(check_mtu))
 
 
 @attrs.frozen(kw_only=True)
@@ -231,8 +235,8 @@ class NetworkInfo:
 class NetworkInterface:
     """A named interface with a MAC and addresses (the guest side, or a host side)."""
 
-    name: str = attrs.field(validator=_opt(check_ifname))
-    hard_addr: str = attrs.field(default="", converter=_lower, validator=_opt(check_mac))
+    name: str = attrs.field(validator=checked_if_set(check_ifname))
+    hard_addr: str = attrs.field(default="", converter=lowered, validator=checked_if_set(check_mac))
     addrs: tuple[IPAddress, ...] = ()
 
 
@@ -245,7 +249,7 @@ class TapInterface:
     """
 
     id: str
-    name: str = attrs.field(validator=_opt(check_ifname))
+    name: str = attrs.field(validator=checked_if_set(check_ifname))
     tap_iface: NetworkInterface
 
 
@@ -270,12 +274,12 @@ class InterfaceDescription:
     with the PCI path filled in once the device is plugged.
     """
 
-    device: str = attrs.field(default="", validator=_opt(check_ifname))
-    name: str = attrs.field(default="", validator=_opt(check_ifname))
+    device: str = attrs.field(default="", validator=checked_if_set(check_ifname))
+    name: str = attrs.field(default="", validator=checked_if_set(check_ifname))
     ip_addresses: tuple[IPAddress, ...] = ()
-    mtu: int = attrs.field(default=1500, validator=_validator(check_mtu))
-    hw_addr: str = attrs.field(default="", converter=_lower, validator=_opt(check_mac))
-    pci_path: str = attrs.field(default="", converter=_lower, validator=_validator(check_pci_path))
+    mtu: int = attrs.field(default=1500, validator=checked_by(check_mtu))
+    hw_addr: str = attrs.field(default="", converter=lowered, validator=checked_if_set(check_mac))
+    pci_path: str = attrs.field(default="", converter=lowered, validator=checked_by(check_pci_path))
     link_type: str = ""
     raw_flags: int = 0
 
@@ -289,69 +293,26 @@ class InterfaceDescription:
     @classmethod
     def from_json(cls, data: object) -> Self:
         """Parse the agent-style JSON object; unknown keys and wrong types are errors."""
-        if not isinstance(data, Mapping):
-            raise InvalidInputError("interface", data, "must be a JSON object")
-        unknown = sorted(set(data) - set(cls.JSON_KEYS))
-        if unknown:
-            raise InvalidInputError("interface", unknown[0],
-                                    "unknown key; known keys are " + ", ".join(cls.JSON_KEYS))
-        kwargs: dict[str, Any] = {}
-        for key, attr in cls.JSON_KEYS.items():
-            if key not in data or data[key] is None:
-                continue
-            value = data[key]
-            if attr == "ip_addresses":
-                kwargs[attr] = _parse_addresses(value)
-            elif attr in ("mtu", "raw_flags"):
-                if not isinstance(value, int) or isinstance(value, bool):
-                    raise InvalidInputError(key, value, "must be an integer")
-                kwargs[attr] = value
-            else:
-                if not isinstance(value, str):
-                    raise InvalidInputError(key, value, "must be a string")
-                kwargs[attr] = value
-        try:
-            return cls(**kwargs)
-        except InvalidInputError as err:
-            key = {v: k for k, v in cls.JSON_KEYS.items()}.get(err.field, err.field)
-            raise InvalidInputError(key, err.value, err.reason) from err
+        return KATA.structure(data, cls)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "device": self.device, "name": self.name,
-            "IPAddresses": [{"family": a.family, "address": a.address, "mask": a.mask}
-                            for a in self.ip_addresses],
-            "mtu": self.mtu, "hwAddr": self.hw_addr, "pciPath": self.pci_path,
-            "linkType": self.link_type, "raw_flags": self.raw_flags,
-        }
+        return KATA.unstructure(self)
 
 
-def _parse_addresses(value: object) -> tuple[IPAddress, ...]:
-    if not isinstance(value, Sequence) or isinstance(value, str):
-        raise InvalidInputError("IPAddresses", value, "must be a list")
-    out = []
-    for item in value:
-        if not isinstance(item, Mapping):
-            raise InvalidInputError("IPAddresses", item, "each entry must be an object")
-        extra = sorted(str(k) for k in item if k not in ("family", "address", "mask"))
-        if extra:
-            raise InvalidInputError("IPAddresses", extra[0], "unknown key in an entry; "
-                                    "known keys are address, family, mask")
-        for key in ("address", "mask"):
-            if key not in item:
-                raise InvalidInputError(key, None, "missing from an IPAddresses entry")
-        family = item.get("family", 4)
-        # The agent's protobuf spells families as 0/1 (v4/v6) in some versions: accept both.
-        if isinstance(family, int) and not isinstance(family, bool):
-            family = {0: 4, 1: 6}.get(family, family)
-        if not isinstance(family, int) or isinstance(family, bool):
-            raise InvalidInputError("family", family, "must be 4 or 6")
-        address, mask = item.get("address"), item.get("mask")
-        if not isinstance(address, str):
-            raise InvalidInputError("address", address, "must be a string")
-        if isinstance(mask, int) and not isinstance(mask, bool):
-            mask = str(mask)
-        if not isinstance(mask, str):
-            raise InvalidInputError("mask", mask, "must be a prefix length")
-        out.append(IPAddress(family=family, address=address, mask=mask))
-    return tuple(out)
+def _agent_address(value: object) -> object:
+    """An ``IPAddresses`` entry as the agent's protobuf may also spell it: the family as 0/1
+    for v4/v6 (4 when absent), the prefix length as a number."""
+    if not isinstance(value, Mapping):
+        return value
+    entry = {"family": 4, **value}
+    if type(entry["family"]) is int:
+        entry["family"] = {0: 4, 1: 6}.get(entry["family"], entry["family"])
+    if type(entry.get("mask")) is int:
+        entry["mask"] = str(entry["mask"])
+    return entry
+
+
+#: Kata's JSON interface description, read and written in the agent's spelling.
+KATA = Boundary("interface", mapping="a JSON object", none_is_absent=True)
+KATA.register(IPAddress, reshape=_agent_address)
+KATA.register(InterfaceDescription, {a: k for k, a in InterfaceDescription.JSON_KEYS.items()})

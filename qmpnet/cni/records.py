@@ -19,8 +19,10 @@ from typing import Any
 
 import attrs
 
+from qmpnet.boundary import Boundary
 from qmpnet.cni.spec import ATTACHMENTS_FILE, LOCK_FILE, LOCK_TIMEOUT, CniError, Code
 from qmpnet.errors import (
+    InvalidInputError,
     StateError,
 )
 from qmpnet.network import NetworkState
@@ -44,21 +46,21 @@ class Attachment:
         return self.network, self.container_id, self.ifname
 
     def to_json(self) -> dict[str, Any]:
-        return {"network": self.network, "containerID": self.container_id,
-                "ifname": self.ifname, "netns": self.netns, "mac": self.mac,
-                "qmpSocket": self.qmp_socket, "ipam": self.ipam}
+        return RECORDS.unstructure(self)
 
     @classmethod
     def from_json(cls, data: object) -> Attachment | None:
-        if not isinstance(data, dict):
+        """The record, or None for one this version cannot read (the caller keeps it)."""
+        try:
+            return RECORDS.structure(data, cls)
+        except InvalidInputError:
             return None
-        texts = ("network", "containerID", "ifname", "netns", "mac", "qmpSocket")
-        if not all(isinstance(data.get(k), str) for k in texts) or \
-                not isinstance(data.get("ipam", False), bool):
-            return None
-        return cls(network=data["network"], container_id=data["containerID"],
-                   ifname=data["ifname"], netns=data["netns"], mac=data["mac"],
-                   qmp_socket=data["qmpSocket"], ipam=data.get("ipam", False))
+
+
+#: the attachment file's records; keys a later version adds are ignored, as before.
+RECORDS = Boundary("attachment")
+RECORDS.register(Attachment, {"container_id": "containerID", "qmp_socket": "qmpSocket"},
+                 forbid_extra_keys=False)
 @attrs.frozen
 class Records:
     known: tuple[Attachment, ...] = ()

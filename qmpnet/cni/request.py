@@ -9,6 +9,7 @@ from typing import Any
 
 import attrs
 
+from qmpnet.boundary import Boundary
 from qmpnet.cni.spec import (
     ARG_MAC,
     ARG_QMP,
@@ -21,7 +22,7 @@ from qmpnet.cni.spec import (
     check_version,
     decode,
 )
-from qmpnet.config import Config, Timeouts
+from qmpnet.config import Config, Timeouts, check_queue_count
 from qmpnet.errors import (
     InvalidInputError,
 )
@@ -30,7 +31,9 @@ from qmpnet.model import (
     check_ifname,
     check_mac,
     check_mtu,
-    check_queues,
+    checked_by,
+    checked_if_set,
+    lowered,
 )
 
 #: CNI_COMMAND -> the variables the spec makes mandatory for it.
@@ -94,36 +97,26 @@ class Env:
                    environ=dict(environ))
 def bad_config(key: str, value: object, why: str) -> CniError:
     return CniError(Code.INVALID_CONFIG, f"invalid network configuration: {key} {value!r}: {why}")
-def _field(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any,
-           what: str) -> Any:
-    """``data[key]`` if it is of ``kind`` (bool is never an int here), else error 7."""
-    if key not in data or data[key] is None:
-        return default
-    value = data[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise bad_config(key, value, f"must be {what}")
+def _check_path(field: str, value: object) -> str:
+    if not isinstance(value, str) or not os.path.isabs(value):
+        raise InvalidInputError(field, value, "must be an absolute path")
     return value
-def _template(key: str, value: str, need_id: bool) -> str:
-    if not os.path.isabs(value):
-        raise bad_config(key, value, "must be an absolute path")
-    if need_id and value.count(CONTAINER_ID) != 1:
-        raise bad_config(key, value, f"must contain {CONTAINER_ID} exactly once (one VM per pod)")
+def _check_state_dir(field: str, value: object) -> str:
+    if _check_path(field, value).count(CONTAINER_ID) != 1:
+        raise InvalidInputError(field, value, f"must contain {CONTAINER_ID} exactly once "
+                                "(one VM per pod)")
+    return str(value)
+def _check_name(field: str, value: object) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise InvalidInputError(field, value, "must be letters, digits, '_', '.' or '-', "
+                                "starting with a letter or digit")
     return value
-_TIMEOUT_KEYS = {"connect": "connect", "command": "command", "unplug": "unplug",
-                 "guestReady": "guest_ready"}
-def _timeouts(data: Mapping[str, Any]) -> Timeouts:
-    table = _field(data, "timeouts", dict, {}, "an object")
-    kwargs: dict[str, float] = {}
-    for key, value in table.items():
-        if key not in _TIMEOUT_KEYS:
-            raise bad_config("timeouts", key,
-                             "unknown key; known keys are " + ", ".join(_TIMEOUT_KEYS))
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
-            raise bad_config(f"timeouts.{key}", value, "must be seconds in (0, 3600]")
-        kwargs[_TIMEOUT_KEYS[key]] = float(value)
-    return Timeouts(**kwargs)
 _CNI_MODELS = ("tcfilter", "macvtap", "bridged", "none", "default")
+def _cni_model(value: object) -> InterworkingModel:
+    """The models a CNI configuration may name (not ``enlightened``), ``default`` resolved."""
+    if not isinstance(value, str) or value not in _CNI_MODELS:
+        raise InvalidInputError("model", value, "valid values are " + ", ".join(_CNI_MODELS[:4]))
+    return InterworkingModel.parse(value).resolved()
 def _valid_attachments(data: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
     key = next((k for k in GC_KEYS if k in data), None)
     if key is None:
@@ -143,16 +136,16 @@ class NetConf:
     """The network configuration, checked once; ``raw`` is exactly what came on stdin."""
 
     cni_version: str
-    name: str
-    qmp_socket: str = ""
-    state_dir: str = DEFAULT_STATE_DIR
+    name: str = attrs.field(validator=checked_by(_check_name))
+    qmp_socket: str = attrs.field(default="", validator=checked_if_set(_check_path))
+    state_dir: str = attrs.field(default=DEFAULT_STATE_DIR, validator=checked_by(_check_state_dir))
     model: InterworkingModel = InterworkingModel.TCFILTER
-    queues: int = 0
+    queues: int = attrs.field(default=0, validator=checked_by(check_queue_count))
     disable_vhost: bool = False
     wait_guest: bool = False
     timeouts: Timeouts = attrs.field(factory=Timeouts)
-    mac: str = ""
-    mtu: int = 1500
+    mac: str = attrs.field(default="", converter=lowered, validator=checked_if_set(check_mac))
+    mtu: int = attrs.field(default=1500, validator=checked_by(check_mtu))
     log_file: str = ""
     ipam: Mapping[str, Any] | None = attrs.field(default=None, hash=False)
     dns: Mapping[str, Any] | None = attrs.field(default=None, hash=False)
@@ -177,30 +170,14 @@ class NetConf:
     @classmethod
     def parse(cls, raw: bytes, command: str) -> NetConf:
         data = decode(raw)
-        version = check_version(data.get("cniVersion"), command)
-        name = _field(data, "name", str, "", "a string")
-        if not NAME_RE.match(name):
-            raise bad_config("name", name, "must be letters, digits, '_', '.' or '-', "
-                             "starting with a letter or digit")
+        check_version(data.get("cniVersion"), command)
         if not isinstance(data.get("type"), str) or not data["type"]:
             raise bad_config("type", data.get("type"), "must be the plugin's name")
-        model_text = _field(data, "model", str, "tcfilter", "a string")
-        if model_text not in _CNI_MODELS:
-            raise bad_config("model", model_text, "valid values are " + ", ".join(_CNI_MODELS[:4]))
-        model = InterworkingModel.parse(model_text).resolved()
-        queues = _field(data, "queues", int, 0, "an integer")
-        mtu = _field(data, "mtu", int, 1500, "an integer")
-        mac = _field(data, "mac", str, "", "a MAC address")
         try:
-            if queues:
-                check_queues("queues", queues)
-            check_mtu("mtu", mtu)
-            if mac:
-                mac = check_mac("mac", mac)
+            conf = CNI.structure(data, cls)
         except InvalidInputError as err:
-            raise CniError(Code.INVALID_CONFIG, f"invalid network configuration: {err}") from err
-        ipam = _field(data, "ipam", dict, None, "an object")
-        prev = _field(data, "prevResult", dict, None, "an object")
+            raise bad_config(err.field, err.value, err.reason) from err
+        model, ipam, prev = conf.model, conf.ipam, conf.prev_result
         if model is InterworkingModel.NONE:
             if prev is not None and command == "ADD":
                 raise CniError(Code.INVALID_CONFIG, "invalid network configuration: model "
@@ -217,21 +194,17 @@ class NetConf:
             raise CniError(Code.INVALID_CONFIG, f"invalid network configuration: model {model} "
                            "plugs the veth a main plugin made, but there is no prevResult: "
                            "chain it after one (or use model none)")
-        runtime = _field(data, "runtimeConfig", dict, {}, "an object")
-        qmp = _field(data, "qmpSocket", str, "", "a path")
-        if qmp:
-            _template("qmpSocket", qmp, need_id=False)
-        return cls(
-            cni_version=version, name=name, qmp_socket=qmp,
-            state_dir=_template("stateDir", _field(data, "stateDir", str, DEFAULT_STATE_DIR,
-                                                   "a path"), need_id=True),
-            model=model, queues=queues,
-            disable_vhost=_field(data, "disableVhost", bool, False, "true or false"),
-            wait_guest=_field(data, "waitGuest", bool, False, "true or false"),
-            timeouts=_timeouts(data), mac=mac, mtu=mtu,
-            log_file=_field(data, "logFile", str, "", "a path"),
-            ipam=ipam, dns=_field(data, "dns", dict, None, "an object"), prev_result=prev,
-            runtime_config=runtime, valid_attachments=_valid_attachments(data), raw=raw)
+        return attrs.evolve(conf, valid_attachments=_valid_attachments(data), raw=raw)
+
+
+#: the network configuration on stdin: unknown keys are the runtime's, and ignored.
+CNI = Boundary("network configuration", none_is_absent=True)
+CNI.register(Timeouts, {"guest_ready": "guestReady"})
+CNI.register(NetConf, {
+    "cni_version": "cniVersion", "qmp_socket": "qmpSocket", "state_dir": "stateDir",
+    "disable_vhost": "disableVhost", "wait_guest": "waitGuest", "log_file": "logFile",
+    "prev_result": "prevResult", "runtime_config": "runtimeConfig",
+}, forbid_extra_keys=False, hooks={"model": _cni_model}, omit=("valid_attachments", "raw"))
 @attrs.frozen
 class Request:
     """One invocation: its environment and configuration, and what follows from both."""
