@@ -31,8 +31,8 @@ from qemu.qmp import QMPClient
 from qmpnet.config import Config
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
+from qmpnet.testing import probe
 from qmpnet.testing.guest import build_guest, guest_ip_for_mac, host_ip_for_mac
-from qmpnet.testing.probe import ip_json
 from qmpnet.testing.scene import RUN, run, unique
 from qmpnet.testing.vm import GuestVM, marker_fields
 from qmpnet.watch import WatchEvent, WatchEventKind, watch
@@ -99,7 +99,8 @@ class Pod:
         run("ip", "-n", self.sandbox, *args)
 
     def links(self) -> dict[str, Any]:
-        return {x["ifname"]: x for x in ip_json("link", "show", netns=self.sandbox)}
+        """``ip`` of the sandbox; empty once the netns is verifiably gone."""
+        return probe.links(self.sandbox)
 
     def our_links(self) -> dict[str, str]:
         """name -> owner id of the links carrying qmpnet's mark, as ``ip`` shows them."""
@@ -572,7 +573,7 @@ async def test_stops_when_the_netns_is_deleted_and_does_not_keep_it_alive(pod: P
     peer = pod.peers[name]
 
     def far_has_peer() -> bool:
-        return any(x["ifname"] == peer for x in ip_json("link", "show", netns=pod.far))
+        return any(x["ifname"] == peer for x in probe.ip_json("link", "show", netns=pod.far))
 
     async with watching(pod) as (rec, _stop):
         await rec.wait(WatchEventKind.PLUGGED, name)
