@@ -26,6 +26,7 @@ from qemu.qmp.protocol import ConnectError, Runstate, StateError
 from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 from qmpnet.errors import (
+    ConnectFailure,
     QmpCommandError,
     QmpConnectError,
     QmpDisconnectedError,
@@ -45,11 +46,11 @@ def check_socket_path(path: str) -> None:
         mode = os.stat(path).st_mode
     except FileNotFoundError as err:
         raise QmpConnectError(path, "no such socket: QEMU is not running, or the path is "
-                              "wrong") from err
+                              "wrong", ConnectFailure.ABSENT) from err
     except OSError as err:
         raise QmpConnectError(path, f"cannot stat: {err.strerror}") from err
     if not stat.S_ISSOCK(mode):
-        raise QmpConnectError(path, "not a unix socket")
+        raise QmpConnectError(path, "not a unix socket", ConnectFailure.NOT_A_SOCKET)
 
 
 class QmpSession:
@@ -75,21 +76,24 @@ class QmpSession:
         except TimeoutError as err:
             await _quiet_disconnect(client)
             raise QmpConnectError(path, f"no QMP greeting within {connect_timeout:g} s: the "
-                                  "monitor is busy with another client or QEMU is stuck") from err
+                                  "monitor is busy with another client or QEMU is stuck",
+                                  ConnectFailure.BUSY) from err
         except ConnectionRefusedError as err:
             await _quiet_disconnect(client)
-            raise QmpConnectError(path, "connection refused: QEMU is not running") from err
+            raise QmpConnectError(path, "connection refused: QEMU is not running",
+                                  ConnectFailure.ABSENT) from err
         except (OSError, _QMPError) as err:
             await _quiet_disconnect(client)
             # qemu.qmp wraps the socket error in ConnectError(.exc): a refusal means QEMU is gone.
             inner = getattr(err, "exc", None)
             if isinstance(inner, ConnectionRefusedError):
-                raise QmpConnectError(path, "connection refused: QEMU is not running") from inner
+                raise QmpConnectError(path, "connection refused: QEMU is not running",
+                                      ConnectFailure.ABSENT) from inner
             if isinstance(inner, ConnectionResetError | EOFError):
                 # a QEMU being killed can still accept, then drops the connection
                 raise QmpConnectError(path, "connection closed before the QMP greeting: QEMU "
-                                      "is exiting or gone") from inner
-            raise QmpConnectError(path, f"cannot connect: {err}") from err
+                                      "is exiting or gone", ConnectFailure.CLOSED) from inner
+            raise QmpConnectError(path, f"cannot connect: {err}", _failure(inner or err)) from err
         return cls(client, path, command_timeout, log.getChild(label))
 
     async def close(self) -> None:
@@ -322,6 +326,15 @@ def _demote_to_debug(record: logging.LogRecord) -> bool:
         return False
     record.levelno, record.levelname = logging.DEBUG, "DEBUG"
     return True
+
+
+def _failure(err: BaseException) -> ConnectFailure:
+    """The kind of any other connect error (qemu.qmp's ``exc`` when it wrapped one)."""
+    if isinstance(err, FileNotFoundError | ConnectionRefusedError):
+        return ConnectFailure.ABSENT  # the socket went between the stat and the connect
+    if isinstance(err, ConnectionResetError | EOFError):
+        return ConnectFailure.CLOSED
+    return ConnectFailure.OTHER
 
 
 async def _quiet_disconnect(client: QMPClient) -> None:
