@@ -11,13 +11,11 @@ and the other destructive calls refuse a link without that mark.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
 import re
 import socket
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from qmpnet.errors import HostError, LinkExistsError, NotOursError
 from qmpnet.netns import run_in_netns
+from qmpnet.poll import poll_until
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +163,14 @@ class Links:
 
     async def wait_for(self, name: str, present: bool = True, timeout: float = 5.0) -> None:
         """Poll until the link is (or is no longer) visible; a netlink change may lag a syscall."""
-        deadline = time.monotonic() + timeout
-        delay = 0.001
-        while (await self.lookup(name) is not None) != present:
-            if time.monotonic() > deadline:
-                raise HostError("wait for link", self._where(name), None,
-                                f"still {'missing' if present else 'present'} after {timeout} s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        async def settled() -> bool:
+            return (await self.lookup(name) is not None) == present
+
+        def still() -> HostError:
+            return HostError("wait for link", self._where(name), None,
+                             f"still {'missing' if present else 'present'} after {timeout} s")
+
+        await poll_until(settled, timeout=timeout, interval=0.001, cap=0.05, error=still)
 
     # --- changing a link -------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from qmpnet.errors import (
     QmpTimeoutError,
     UnplugTimeoutError,
 )
+from qmpnet.poll import poll_until
 
 log = logging.getLogger(__name__)
 
@@ -212,23 +213,26 @@ class QmpSession:
         An event QEMU sent while no client listened (a crashed driver, an earlier session)
         is lost, so the object tree is checked between waits.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = 0.05
-        while (remaining := deadline - loop.time()) > 0:
-            try:
-                await asyncio.wait_for(listener.get(), min(delay, remaining))
-            except TimeoutError:
-                pass
-            else:
+        announced = False
+
+        async def wait_event(seconds: float) -> None:
+            nonlocal announced
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listener.get(), seconds)
+                announced = True
+
+        async def deleted() -> bool:
+            if announced:
                 self.log.debug("<-- DEVICE_DELETED %s", device_id)
-                return
+                return True
             peripherals = await self.qom_list("/machine/peripheral")
             if not any(child["name"] == device_id for child in peripherals):
                 self.log.debug("%s is gone from /machine/peripheral", device_id)
-                return
-            delay = min(delay * 2, 0.5)
-        raise UnplugTimeoutError(device_id, timeout)
+                return True
+            return False
+
+        await poll_until(deleted, timeout=timeout, interval=0.05, cap=0.5, pause=wait_event,
+                         pause_first=True, error=lambda: UnplugTimeoutError(device_id, timeout))
 
     async def query_pci(self) -> list[dict[str, Any]]:
         reply = await self.execute("query-pci")
@@ -262,14 +266,11 @@ class QmpSession:
 
     async def wait_driver_ok(self, device_id: str, timeout: float) -> None:
         """Poll virtio status until the guest driver has set DRIVER_OK."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = 0.005
-        while not await self.virtio_status(device_id) & VIRTIO_CONFIG_S_DRIVER_OK:
-            if loop.time() > deadline:
-                raise QmpTimeoutError(f"wait for guest driver of {device_id}", timeout)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        async def driver_ok() -> bool:
+            return bool(await self.virtio_status(device_id) & VIRTIO_CONFIG_S_DRIVER_OK)
+
+        await poll_until(driver_ok, timeout=timeout, interval=0.005, cap=0.1, error=lambda:
+                         QmpTimeoutError(f"wait for guest driver of {device_id}", timeout))
 
 
 #: Handshakes tried before an event-broken handshake is reported (the race is rare).
