@@ -12,23 +12,37 @@ without parsing messages, and each is raised ``from`` its cause::
     │   ├── NotOursError         a link qmpnet did not create: never changed or deleted
     │   └── NetnsError           a netns path that does not exist or is not a netns
     ├── QmpError                 anything between us and QEMU
-    │   ├── QmpConnectError      socket missing, not a socket, monitor busy, connect timed out
+    │   ├── QmpConnectError      socket missing, not a socket, monitor busy: kind says which
     │   ├── QmpCommandError      QEMU answered a command with an error (class + desc kept)
     │   ├── QmpDisconnectedError QEMU went away mid-command
     │   └── QmpTimeoutError      no answer within the deadline
     │       └── UnplugTimeoutError  DEVICE_DELETED did not come in time (the unplug is pending)
     ├── PlugError                a hot-plug or unplug step failed: step + endpoint; cause chained
     └── StateError               the saved state or journal cannot be read or written
+
+Every error pickles with its message and fields (as qemu.qmp's do), so it can cross a process
+or socket boundary intact; the cause chain (``__cause__``) does not travel, a field that must
+(``PlugError.cause``) is a field.
 """
 
 from __future__ import annotations
 
+import enum
 import errno as errno_mod
 from typing import Any
 
 
 class QmpnetError(Exception):
     """Root of every error qmpnet raises on purpose."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its message and fields, not by calling __init__ again: each subclass's
+        # constructor takes its fields, not the message that BaseException keeps in args.
+        return _rebuild, (type(self), self.args), self.__dict__ or None
+
+
+def _rebuild(cls: type[QmpnetError], args: tuple[Any, ...]) -> QmpnetError:
+    return cls.__new__(cls, *args)  # BaseException.__new__ sets args; __dict__ follows
 
 
 class InvalidInputError(QmpnetError, ValueError):
@@ -96,13 +110,34 @@ class QmpError(QmpnetError):
     """A failure talking to QEMU."""
 
 
-class QmpConnectError(QmpError):
-    """The QMP monitor could not be reached."""
+class ConnectFailure(enum.Enum):
+    """Why the QMP monitor could not be reached, for callers that act on it."""
 
-    def __init__(self, path: str, reason: str) -> None:
+    #: no socket file, or nothing listens on it: QEMU is not running.
+    ABSENT = "absent"
+    #: accepted, then closed before the greeting: QEMU is exiting (or gone).
+    CLOSED = "closed"
+    #: no greeting in time: another client holds the monitor (it serves one), or QEMU is stuck.
+    BUSY = "busy"
+    #: the path exists but is not a unix socket.
+    NOT_A_SOCKET = "not-a-socket"
+    OTHER = "other"
+
+
+class QmpConnectError(QmpError):
+    """The QMP monitor could not be reached; ``kind`` says why."""
+
+    def __init__(self, path: str, reason: str,
+                 kind: ConnectFailure = ConnectFailure.OTHER) -> None:
         self.path = path
         self.reason = reason
+        self.kind = kind
         super().__init__(f"QMP monitor {path}: {reason}")
+
+    @property
+    def gone(self) -> bool:
+        """No QEMU serves this monitor (not: busy, or a path that is not a socket)."""
+        return self.kind in (ConnectFailure.ABSENT, ConnectFailure.CLOSED)
 
 
 class QmpCommandError(QmpError):

@@ -7,17 +7,19 @@ a missing namespace silently).
 
 Ownership: every link qmpnet creates gets the interface alias ``qmpnet:<owner>``. ``delete``
 and the other destructive calls refuse a link without that mark.
+
+Errors: no pyroute2 exception leaves this module. Every failed netlink call (a kernel error or
+a broken socket) is a :class:`HostError` naming the operation, the link and the errno, raised
+``from`` the netlink error.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
 import re
 import socket
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +30,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from qmpnet.errors import HostError, LinkExistsError, NotOursError
 from qmpnet.netns import run_in_netns
+from qmpnet.poll import poll_until
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,14 @@ class LinkEvent:
     link: LinkInfo
 
 
+#: What a failed netlink call raises: the kernel's answer, or the socket's own error.
+_FAILURES = (NetlinkError, OSError)
+
+
+def _errno(err: NetlinkError | OSError) -> int | None:
+    return err.code if isinstance(err, NetlinkError) else err.errno
+
+
 def mark(owner: str) -> str:
     return MARK_PREFIX + owner
 
@@ -107,12 +118,18 @@ class Links:
                 sock.bind((0, RTMGRP_LINK))  # port 0: the kernel picks a free one
             return sock
 
-        sock = await run_in_netns(netns, make)
+        where = netns or "the host netns"
         try:
-            async with AsyncIPRoute(use_socket=sock) as ipr:
-                yield cls(ipr, netns)
-        finally:
-            sock.close()
+            sock = await run_in_netns(netns, make)
+        except OSError as err:
+            raise HostError("open a netlink socket in", where, err.errno) from err
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(sock.close)
+            try:
+                ipr = await stack.enter_async_context(AsyncIPRoute(use_socket=sock))
+            except _FAILURES as err:
+                raise HostError("open netlink in", where, _errno(err)) from err
+            yield cls(ipr, netns)
 
     def _where(self, name: str) -> str:
         return f"{name} (netns {self.netns})" if self.netns else name
@@ -120,8 +137,15 @@ class Links:
     async def _call(self, operation: str, name: str, coro: Any) -> Any:
         try:
             return await coro
-        except NetlinkError as err:
-            raise HostError(operation, self._where(name), err.code) from err
+        except _FAILURES as err:
+            raise HostError(operation, self._where(name), _errno(err)) from err
+
+    async def _dump(self, operation: str, name: str, request: Any) -> list[Any]:
+        """All messages of a dump request; drained, or the socket's next request fails."""
+        try:
+            return [msg async for msg in await request]
+        except _FAILURES as err:
+            raise HostError(operation, self._where(name), _errno(err)) from err
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -130,10 +154,10 @@ class Links:
             # Drain the reply: leaving it half-read makes the socket's next request fail
             # with EBUSY (pyroute2 0.9).
             found = [_info(msg) async for msg in await self._ipr.get_links(ifname=name)]
-        except NetlinkError as err:
-            if err.code in (errno.ENODEV, errno.ENOENT):
+        except _FAILURES as err:
+            if _errno(err) in (errno.ENODEV, errno.ENOENT):
                 return None
-            raise HostError("look up link", self._where(name), err.code) from err
+            raise HostError("look up link", self._where(name), _errno(err)) from err
         return found[0] if found else None
 
     async def get(self, name: str) -> LinkInfo:
@@ -143,7 +167,7 @@ class Links:
         return info
 
     async def list(self) -> list[LinkInfo]:
-        return [_info(msg) async for msg in await self._ipr.get_links()]
+        return [_info(msg) for msg in await self._dump("list", "links", self._ipr.get_links())]
 
     async def events(self) -> AsyncIterator[LinkEvent]:
         """Link announcements as the kernel sends them; needs ``open(link_events=True)``.
@@ -157,21 +181,20 @@ class Links:
                     kind = msg["header"]["type"]
                     if kind in (RTM_NEWLINK, RTM_DELLINK):
                         yield LinkEvent(present=kind == RTM_NEWLINK, link=_info(msg))
-            except (NetlinkError, OSError) as err:
-                code = err.code if isinstance(err, NetlinkError) else err.errno
+            except _FAILURES as err:
                 raise HostError("read link events of", self.netns or "the host netns",
-                                code) from err
+                                _errno(err)) from err
 
     async def wait_for(self, name: str, present: bool = True, timeout: float = 5.0) -> None:
         """Poll until the link is (or is no longer) visible; a netlink change may lag a syscall."""
-        deadline = time.monotonic() + timeout
-        delay = 0.001
-        while (await self.lookup(name) is not None) != present:
-            if time.monotonic() > deadline:
-                raise HostError("wait for link", self._where(name), None,
-                                f"still {'missing' if present else 'present'} after {timeout} s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        async def settled() -> bool:
+            return (await self.lookup(name) is not None) == present
+
+        def still() -> HostError:
+            return HostError("wait for link", self._where(name), None,
+                             f"still {'missing' if present else 'present'} after {timeout} s")
+
+        await poll_until(settled, timeout=timeout, interval=0.001, cap=0.05, error=still)
 
     # --- changing a link -------------------------------------------------------------------
 
@@ -247,7 +270,7 @@ class Links:
                 await self._call(f"rename {what}", name,
                                  self._ipr.link("set", index=info.index, ifname=name))
             except HostError:
-                with contextlib.suppress(NetlinkError):
+                with contextlib.suppress(*_FAILURES):
                     await self._ipr.link("del", index=info.index)
                 raise
         return await self.get(name)
@@ -260,10 +283,10 @@ class Links:
             return False
         try:
             await self._ipr.link("del", index=info.index)
-        except NetlinkError as err:
-            if err.code == errno.ENODEV:
+        except _FAILURES as err:
+            if _errno(err) == errno.ENODEV:
                 return False
-            raise HostError("delete link", self._where(info.name), err.code) from err
+            raise HostError("delete link", self._where(info.name), _errno(err)) from err
         return True
 
     async def _mark_new(self, name: str, owner: str) -> LinkInfo:
@@ -273,7 +296,7 @@ class Links:
         except HostError:
             info = await self.lookup(name)
             if info is not None:
-                with contextlib.suppress(NetlinkError):
+                with contextlib.suppress(*_FAILURES):
                     await self._ipr.link("del", index=info.index)
             raise
         return await self.get(name)
@@ -287,10 +310,10 @@ class Links:
             raise NotOursError("delete link", self._where(name))
         try:
             await self._ipr.link("del", index=info.index)
-        except NetlinkError as err:
-            if err.code == errno.ENODEV:
+        except _FAILURES as err:
+            if _errno(err) == errno.ENODEV:
                 return False
-            raise HostError("delete link", self._where(name), err.code) from err
+            raise HostError("delete link", self._where(name), _errno(err)) from err
         return True
 
     # --- tc mirroring (the tcfilter model) -------------------------------------------------
@@ -312,7 +335,7 @@ class Links:
         except HostError:
             # Half a mirror is worse than none: take back the qdiscs made here (and only them).
             for index in added:
-                with contextlib.suppress(NetlinkError):
+                with contextlib.suppress(*_FAILURES):
                     await self._ipr.tc("del", "ingress", index, INGRESS)
             raise
 
@@ -331,21 +354,19 @@ class Links:
             return
         try:
             await self._ipr.tc("del", "ingress", info.index, INGRESS)
-        except NetlinkError as err:
-            if err.code not in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
-                raise HostError("delete ingress qdisc on", self._where(name), err.code) from err
+        except _FAILURES as err:
+            if _errno(err) not in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                raise HostError("delete ingress qdisc on", self._where(name),
+                                _errno(err)) from err
 
     async def tc_ingress_ours(self, name: str) -> bool:
         """Whether the ingress qdisc of ``name`` holds qmpnet's mirred filter and only that."""
         info = await self.get(name)
-        try:
-            filters = [f async for f in await self._ipr.get_filters(index=info.index,
-                                                                     parent=INGRESS)]
-        except NetlinkError as err:
-            raise HostError("list filters of", self._where(name), err.code) from err
+        filters = await self._dump("list filters of", name,
+                                   self._ipr.get_filters(index=info.index, parent=INGRESS))
         return bool(filters) and all(f["info"] >> 16 == MIRROR_PRIO for f in filters)
 
     async def has_tc_ingress(self, name: str) -> bool:
         info = await self.get(name)
-        qdiscs = [q async for q in await self._ipr.get_qdiscs(index=info.index)]
+        qdiscs = await self._dump("list qdiscs of", name, self._ipr.get_qdiscs(index=info.index))
         return any(q.get("kind") == "ingress" for q in qdiscs)

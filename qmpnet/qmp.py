@@ -26,12 +26,14 @@ from qemu.qmp.protocol import ConnectError, Runstate, StateError
 from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 from qmpnet.errors import (
+    ConnectFailure,
     QmpCommandError,
     QmpConnectError,
     QmpDisconnectedError,
     QmpTimeoutError,
     UnplugTimeoutError,
 )
+from qmpnet.poll import poll_until
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,11 @@ def check_socket_path(path: str) -> None:
         mode = os.stat(path).st_mode
     except FileNotFoundError as err:
         raise QmpConnectError(path, "no such socket: QEMU is not running, or the path is "
-                              "wrong") from err
+                              "wrong", ConnectFailure.ABSENT) from err
     except OSError as err:
         raise QmpConnectError(path, f"cannot stat: {err.strerror}") from err
     if not stat.S_ISSOCK(mode):
-        raise QmpConnectError(path, "not a unix socket")
+        raise QmpConnectError(path, "not a unix socket", ConnectFailure.NOT_A_SOCKET)
 
 
 class QmpSession:
@@ -75,21 +77,24 @@ class QmpSession:
         except TimeoutError as err:
             await _quiet_disconnect(client)
             raise QmpConnectError(path, f"no QMP greeting within {connect_timeout:g} s: the "
-                                  "monitor is busy with another client or QEMU is stuck") from err
+                                  "monitor is busy with another client or QEMU is stuck",
+                                  ConnectFailure.BUSY) from err
         except ConnectionRefusedError as err:
             await _quiet_disconnect(client)
-            raise QmpConnectError(path, "connection refused: QEMU is not running") from err
+            raise QmpConnectError(path, "connection refused: QEMU is not running",
+                                  ConnectFailure.ABSENT) from err
         except (OSError, _QMPError) as err:
             await _quiet_disconnect(client)
             # qemu.qmp wraps the socket error in ConnectError(.exc): a refusal means QEMU is gone.
             inner = getattr(err, "exc", None)
             if isinstance(inner, ConnectionRefusedError):
-                raise QmpConnectError(path, "connection refused: QEMU is not running") from inner
+                raise QmpConnectError(path, "connection refused: QEMU is not running",
+                                      ConnectFailure.ABSENT) from inner
             if isinstance(inner, ConnectionResetError | EOFError):
                 # a QEMU being killed can still accept, then drops the connection
                 raise QmpConnectError(path, "connection closed before the QMP greeting: QEMU "
-                                      "is exiting or gone") from inner
-            raise QmpConnectError(path, f"cannot connect: {err}") from err
+                                      "is exiting or gone", ConnectFailure.CLOSED) from inner
+            raise QmpConnectError(path, f"cannot connect: {err}", _failure(inner or err)) from err
         return cls(client, path, command_timeout, log.getChild(label))
 
     async def close(self) -> None:
@@ -208,23 +213,26 @@ class QmpSession:
         An event QEMU sent while no client listened (a crashed driver, an earlier session)
         is lost, so the object tree is checked between waits.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = 0.05
-        while (remaining := deadline - loop.time()) > 0:
-            try:
-                await asyncio.wait_for(listener.get(), min(delay, remaining))
-            except TimeoutError:
-                pass
-            else:
+        announced = False
+
+        async def wait_event(seconds: float) -> None:
+            nonlocal announced
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listener.get(), seconds)
+                announced = True
+
+        async def deleted() -> bool:
+            if announced:
                 self.log.debug("<-- DEVICE_DELETED %s", device_id)
-                return
+                return True
             peripherals = await self.qom_list("/machine/peripheral")
             if not any(child["name"] == device_id for child in peripherals):
                 self.log.debug("%s is gone from /machine/peripheral", device_id)
-                return
-            delay = min(delay * 2, 0.5)
-        raise UnplugTimeoutError(device_id, timeout)
+                return True
+            return False
+
+        await poll_until(deleted, timeout=timeout, interval=0.05, cap=0.5, pause=wait_event,
+                         pause_first=True, error=lambda: UnplugTimeoutError(device_id, timeout))
 
     async def query_pci(self) -> list[dict[str, Any]]:
         reply = await self.execute("query-pci")
@@ -258,14 +266,11 @@ class QmpSession:
 
     async def wait_driver_ok(self, device_id: str, timeout: float) -> None:
         """Poll virtio status until the guest driver has set DRIVER_OK."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = 0.005
-        while not await self.virtio_status(device_id) & VIRTIO_CONFIG_S_DRIVER_OK:
-            if loop.time() > deadline:
-                raise QmpTimeoutError(f"wait for guest driver of {device_id}", timeout)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        async def driver_ok() -> bool:
+            return bool(await self.virtio_status(device_id) & VIRTIO_CONFIG_S_DRIVER_OK)
+
+        await poll_until(driver_ok, timeout=timeout, interval=0.005, cap=0.1, error=lambda:
+                         QmpTimeoutError(f"wait for guest driver of {device_id}", timeout))
 
 
 #: Handshakes tried before an event-broken handshake is reported (the race is rare).
@@ -322,6 +327,15 @@ def _demote_to_debug(record: logging.LogRecord) -> bool:
         return False
     record.levelno, record.levelname = logging.DEBUG, "DEBUG"
     return True
+
+
+def _failure(err: BaseException) -> ConnectFailure:
+    """The kind of any other connect error (qemu.qmp's ``exc`` when it wrapped one)."""
+    if isinstance(err, FileNotFoundError | ConnectionRefusedError):
+        return ConnectFailure.ABSENT  # the socket went between the stat and the connect
+    if isinstance(err, ConnectionResetError | EOFError):
+        return ConnectFailure.CLOSED
+    return ConnectFailure.OTHER
 
 
 async def _quiet_disconnect(client: QMPClient) -> None:

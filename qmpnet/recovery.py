@@ -141,8 +141,7 @@ class Vm(Protocol):
 
 def qemu_gone(err: QmpConnectError) -> bool:
     """Whether a connect failure means no QEMU is there (not: busy or a wrong path type)."""
-    return isinstance(err.__cause__, FileNotFoundError | ConnectionRefusedError |
-                      ConnectionResetError | EOFError)
+    return err.gone
 
 
 @attrs.define(eq=False)

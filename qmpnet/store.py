@@ -2,10 +2,9 @@
 
 ``state.json`` lists the VM's endpoints with their status; ``journal.json`` holds the intent of
 each operation in flight (written durably before each step), so a later process can finish or
-roll back what a crashed one left. Writes go to a temp file, are fsynced, renamed over the old
-file, and the directory is fsynced — on a worker thread, one write at a time, so the event
-loop never waits on a disk. A file lock (``flock``) serializes processes on one VM; it is
-polled with a deadline so no thread ever blocks on it.
+roll back what a crashed one left. Files are written atomically (:mod:`qmpnet.files`) on a
+worker thread, one write at a time, so the event loop never waits on a disk. A file lock
+(``flock``, polled with a deadline) serializes processes on one VM.
 """
 
 from __future__ import annotations
@@ -13,14 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import errno
-import fcntl
 import json
 import os
-import stat
-import tempfile
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +24,7 @@ import attrs
 from qmpnet.codec import UnknownEntry, dump_endpoint, load_endpoint
 from qmpnet.endpoints import Endpoint
 from qmpnet.errors import StateError
+from qmpnet.files import atomic_write, file_lock, private_dir
 
 STATE_VERSION = 1
 
@@ -88,71 +83,28 @@ class Store:
         return self.dir / "journal.json"
 
     def _ensure_dir(self) -> None:
-        try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            info = os.lstat(self.dir)
-        except OSError as err:
-            raise StateError(str(self.dir), f"cannot create: {err.strerror}") from err
-        if not stat.S_ISDIR(info.st_mode):
-            raise StateError(str(self.dir), "not a directory")
-        if stat.S_IMODE(info.st_mode) & 0o077:
-            os.chmod(self.dir, 0o700)
+        private_dir(self.dir)
 
     # --- locking ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[None]:
         """Hold the VM's lock: one operation at a time across tasks and processes."""
-        async with self._local:
-            deadline = time.monotonic() + self.lock_timeout
-            while True:
-                self._ensure_dir()
-                fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    delay = 0.002
-                    while True:
-                        try:
-                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                            break
-                        except OSError as err:
-                            if err.errno not in (errno.EAGAIN, errno.EACCES):
-                                raise StateError(str(self.dir),
-                                                 f"lock: {err.strerror}") from err
-                        if time.monotonic() > deadline:
-                            raise StateError(str(self.dir), "another process holds the VM's "
-                                             f"lock for more than {self.lock_timeout:g} s")
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 0.05)
-                    # remove_all() may have taken the lock file away while we waited on it:
-                    # then the lock is a new file's, taken again from the top.
-                    if same_file(fd, self.dir / "lock"):
-                        yield
-                        return
-                finally:
-                    os.close(fd)  # releases the flock
+        def busy() -> StateError:
+            return StateError(str(self.dir), "another process holds the VM's lock for more "
+                              f"than {self.lock_timeout:g} s")
+
+        # remove_all() may take the lock file away while we wait on it: file_lock then
+        # starts again on the new file.
+        async with self._local, file_lock(self.dir / "lock", timeout=self.lock_timeout,
+                                          busy=busy):
+            yield
 
     # --- files -----------------------------------------------------------------------------
 
     def _write(self, path: Path, data: Any) -> None:
         self._ensure_dir()
-        text = json.dumps(data, indent=1, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise StateError(str(path), f"write: {err.strerror}") from err
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(path, json.dumps(data, indent=1, sort_keys=True))
 
     def _read(self, path: Path) -> Any:
         try:
@@ -255,13 +207,3 @@ def _seconds(value: object) -> float:
         return float(value)
     except OverflowError:
         return 0.0
-
-
-def same_file(fd: int, path: Path) -> bool:
-    """Whether ``fd`` is still the file at ``path`` (not one removed or replaced meanwhile)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)

@@ -16,6 +16,7 @@ import pytest
 from qmpnet import cni
 from qmpnet.cni import CniError, Code, Env, NetConf, Request
 from qmpnet.errors import (
+    ConnectFailure,
     HostError,
     InvalidInputError,
     NetnsError,
@@ -241,7 +242,8 @@ def _caused(err: BaseException, cause: BaseException) -> BaseException:
     (StateError("/s", "write: No space left on device"), 5),
     (QmpCommandError("device_add", {}, "GenericError", "Bus 'rp0' not found"), 100),
     (_caused(QmpConnectError("/q", "cannot stat"), FileNotFoundError()), 100),
-    (_caused(QmpConnectError("/q", "no QMP greeting within 5 s"), TimeoutError()), 11),
+    (QmpConnectError("/q", "no such socket", ConnectFailure.ABSENT), 100),
+    (QmpConnectError("/q", "no QMP greeting within 5 s", ConnectFailure.BUSY), 11),
     (UnplugTimeoutError("qn1-dev", 5), 11),
     (RuntimeError("boom"), 199),
 ])

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import pytest
+from pyroute2.netlink.exceptions import NetlinkError
 
 from qmpnet import tuntap
 from qmpnet.errors import HostError, LinkExistsError, NotOursError
@@ -255,3 +256,96 @@ async def test_tc_mirror_half_made_is_taken_back(cni_veth: Any, host: Any) -> No
     finally:
         for fd in fds:
             os.close(fd)
+
+
+# --- every netlink failure is a HostError --------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_tc_queries_on_a_missing_link_are_host_errors(netns: str) -> None:
+    async with Links.open(netns) as links:
+        for query in (links.has_tc_ingress, links.tc_ingress_ours):
+            with pytest.raises(HostError) as caught:
+                await query("absent0")
+            assert caught.value.errno == errno.ENODEV
+            assert netns in str(caught.value)
+        await links.del_tc_ingress("absent0")  # absent is fine for a removal
+
+
+class _Breaking:
+    """The real AsyncIPRoute, but one method fails as the kernel or a broken socket would:
+    at the request, or in the middle of the dump it answers."""
+
+    def __init__(self, ipr: Any, method: str, err: Exception, mid_dump: bool) -> None:
+        self._ipr, self._method, self._err, self._mid_dump = ipr, method, err, mid_dump
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self._ipr, name)
+        if name != self._method:
+            return real
+
+        async def dump(first: Any) -> Any:
+            async for msg in first:
+                yield msg
+                break
+            raise self._err
+
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            if self._mid_dump:
+                return dump(await real(*args, **kwargs))
+            raise self._err
+
+        return broken
+
+
+def _failures() -> list[Any]:
+    return [pytest.param(lambda: NetlinkError(errno.EPERM), errno.EPERM, id="netlink"),
+            pytest.param(lambda: OSError(errno.EBADF, os.strerror(errno.EBADF)), errno.EBADF,
+                         id="socket")]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("make_err", "code"), _failures())
+@pytest.mark.parametrize(("method", "mid_dump", "call"), [
+    pytest.param("get_links", False, lambda links, name: links.list(), id="list"),
+    pytest.param("get_links", True, lambda links, name: links.list(), id="list-mid-dump"),
+    pytest.param("get_links", False, lambda links, name: links.lookup(name), id="lookup"),
+    pytest.param("get_links", True, lambda links, name: links.get(name), id="get-mid-dump"),
+    pytest.param("get_links", False, lambda links, name: links.wait_for(name, present=False),
+                 id="wait_for"),
+    pytest.param("get_qdiscs", False, lambda links, name: links.has_tc_ingress(name),
+                 id="has_tc_ingress"),
+    pytest.param("get_qdiscs", True, lambda links, name: links.has_tc_ingress(name),
+                 id="has_tc_ingress-mid-dump"),
+    pytest.param("get_filters", False, lambda links, name: links.tc_ingress_ours(name),
+                 id="tc_ingress_ours"),
+    pytest.param("get_filters", True, lambda links, name: links.tc_ingress_ours(name),
+                 id="tc_ingress_ours-mid-dump"),
+    pytest.param("link", False, lambda links, name: links.set_mtu(name, 1400), id="set_mtu"),
+    pytest.param("link", False, lambda links, name: links.set_up(name), id="set_up"),
+    pytest.param("link", False, lambda links, name: links.set_master(name, None),
+                 id="set_master"),
+    pytest.param("link", False, lambda links, name: links.delete(name), id="delete"),
+    pytest.param("link", False, lambda links, name: links.add_bridge(unique("b"), "qn0123456789"),
+                 id="add_bridge"),
+    pytest.param("tc", False, lambda links, name: links.add_tc_mirror(name, "lo"),
+                 id="add_tc_mirror"),
+])
+async def test_no_netlink_error_leaves_links(netns: str, method: str, mid_dump: bool,
+                                            call: Any, make_err: Any, code: int) -> None:
+    async with Links.open(netns) as links:
+        name = unique("b")
+        await links.add_bridge(name, "qn00000000aa")
+        before = {link.name for link in await links.list()}
+        err = make_err()
+        real = links._ipr
+        links._ipr = _Breaking(real, method, err, mid_dump)  # type: ignore[assignment]
+        try:
+            with pytest.raises(HostError) as caught:
+                await call(links, name)
+        finally:
+            links._ipr = real
+        assert caught.value.errno == code
+        assert caught.value.__cause__ is err
+        assert netns in str(caught.value)
+        assert {link.name for link in await links.list()} == before  # nothing made or lost
+        assert await links.delete(name)

@@ -32,6 +32,7 @@ from qmpnet.config import Config
 from qmpnet.endpoints import Endpoint
 from qmpnet.endpoints.base import random_mac
 from qmpnet.errors import (
+    ConnectFailure,
     InvalidInputError,
     QmpConnectError,
     QmpnetError,
@@ -53,7 +54,7 @@ log = logging.getLogger("qmpnet.cni")
 
 def vm_gone(err: QmpConnectError) -> bool:
     """The monitor's socket is missing or refuses: QEMU is not running (any more)."""
-    return isinstance(err.__cause__, FileNotFoundError | ConnectionRefusedError)
+    return err.kind is ConnectFailure.ABSENT  # closed before the greeting: maybe still exiting
 def _entry_for(state: NetworkState, mac: str) -> Entry | None:
     return next((e for e in state.store.load().entries if e.endpoint.hardware_addr == mac), None)
 async def _forget(state: NetworkState, entry: Entry) -> None:

@@ -6,13 +6,8 @@ and GC find exactly what this network made, and nothing else.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import fcntl
 import json
-import os
-import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +20,8 @@ from qmpnet.errors import (
     InvalidInputError,
     StateError,
 )
+from qmpnet.files import atomic_write, file_lock
 from qmpnet.network import NetworkState
-from qmpnet.store import same_file
 
 
 @attrs.frozen(kw_only=True)
@@ -87,30 +82,13 @@ class Book:
         waiter that then gets the lock of the removed file starts over on a fresh one, so
         two invocations never both hold "the" lock.
         """
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        lock = self.dir / LOCK_FILE
-        while True:
-            try:
-                self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except OSError as err:
-                raise StateError(str(self.dir), f"cannot create: {err.strerror}") from err
-            try:
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            raise CniError(Code.TRY_AGAIN, f"another qmpnet-cni holds "
-                                           f"{self.dir} for more than {LOCK_TIMEOUT:g} s"
-                                           ) from None
-                        await asyncio.sleep(0.02)
-                if same_file(fd, lock):
-                    yield
-                    return
-            finally:
-                os.close(fd)
+        def busy() -> CniError:
+            return CniError(Code.TRY_AGAIN, f"another qmpnet-cni holds {self.dir} for more "
+                            f"than {LOCK_TIMEOUT:g} s")
+
+        async with file_lock(self.dir / LOCK_FILE, timeout=LOCK_TIMEOUT, busy=busy,
+                             interval=0.02, cap=None):
+            yield
 
     def load(self) -> Records:
         try:
@@ -132,24 +110,14 @@ class Book:
         return Records(tuple(known), tuple(unknown))
 
     def save(self, records: Records) -> None:
-        """Write atomically (temp file, fsync, rename); no records left: no file."""
+        """Write atomically; no records left: no file."""
         if not records.known and not records.unknown:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             return
         text = json.dumps({"version": 1, "attachments": [
             *(a.to_json() for a in records.known), *records.unknown]}, indent=1)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{ATTACHMENTS_FILE}.")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise StateError(str(self.path), f"write: {err.strerror}") from err
+        atomic_write(self.path, text)
 
     async def remove_if_unused(self, state: NetworkState) -> None:
         """Remove the directory once nothing in it is in use: no record, entry or journal."""

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qmpnet.errors import (
+    ConnectFailure,
     HostError,
     InvalidInputError,
     NetnsError,
@@ -91,7 +92,7 @@ def to_cni_error(err: BaseException) -> CniError:
         inner = to_cni_error(err.cause)
         details = f"{err.operation} step {err.step} of {err.endpoint} failed"
         return CniError(inner.code, str(err), "; ".join(filter(None, [details, inner.details])))
-    if isinstance(err, QmpConnectError) and isinstance(err.__cause__, TimeoutError):
+    if isinstance(err, QmpConnectError) and err.kind is ConnectFailure.BUSY:
         # The monitor serves one client at a time: busy now, free later.
         return CniError(Code.TRY_AGAIN, str(err), "the QMP monitor is busy; try again later")
     for cls in type(err).__mro__:

@@ -1,0 +1,158 @@
+"""The persistence kit: atomic writes and the state directory's lock.
+
+Files in a temp directory only. ``flock`` is per open file, so two holders in one process
+contend for it as two processes would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from qmpnet import files
+from qmpnet.errors import StateError
+from qmpnet.files import atomic_write, file_lock, private_dir, same_file
+
+
+def _leftovers(directory: Path, name: str) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def test_atomic_write_replaces_the_content_with_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text("old and longer than the new content")
+    path.chmod(0o644)
+    before = os.stat(path).st_ino
+    old = os.umask(0)
+    try:
+        atomic_write(path, "new")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "new"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert os.stat(path).st_ino != before  # a new file renamed over, never rewritten in place
+    assert _leftovers(tmp_path, "state.json") == []
+
+
+def test_atomic_write_syncs_the_directory(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(files, "_fsync_dir", synced.append)
+    atomic_write(tmp_path / "f", "x")
+    assert synced == [tmp_path]
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_the_temp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "journal.json"
+    path.write_text("old")
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(StateError, match="No space left on device") as info:
+        atomic_write(path, "new")
+    assert info.value.path == str(path)
+    assert isinstance(info.value.__cause__, OSError)
+    assert path.read_text() == "old"
+    assert _leftovers(tmp_path, "journal.json") == []
+
+
+def test_a_failed_rename_removes_the_temp(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()  # a directory in the way: the rename fails
+    (tmp_path / "d" / "keep").write_text("")
+    with pytest.raises(StateError, match="write"):
+        atomic_write(tmp_path / "d", "x")
+    assert _leftovers(tmp_path, "d") == []
+
+
+def test_a_missing_directory_is_a_state_error(tmp_path: Path) -> None:
+    with pytest.raises(StateError, match="No such file or directory"):
+        atomic_write(tmp_path / "none" / "f", "x")
+
+
+def test_private_dir_tightens_and_refuses_a_non_directory(tmp_path: Path) -> None:
+    loose = tmp_path / "a" / "b"
+    loose.mkdir(parents=True, mode=0o755)
+    loose.chmod(0o755)
+    private_dir(loose)
+    assert stat.S_IMODE(os.stat(loose).st_mode) == 0o700
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StateError, match="cannot create: File exists"):
+        private_dir(tmp_path / "file")
+    (tmp_path / "link").symlink_to(loose)  # never followed: it may point anywhere
+    with pytest.raises(StateError, match="not a directory"):
+        private_dir(tmp_path / "link")
+
+
+@pytest.mark.asyncio
+async def test_the_lock_excludes_a_second_holder_and_times_out(tmp_path: Path) -> None:
+    lock = tmp_path / "vm" / "lock"
+    async with file_lock(lock, timeout=1):
+        assert stat.S_IMODE(os.stat(lock).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(lock.parent).st_mode) == 0o700
+        with pytest.raises(StateError, match=r"held by another holder for more than 0\.1 s"):
+            async with file_lock(lock, timeout=0.1):
+                pytest.fail("two holders of one lock")
+
+        class Busy(Exception):
+            pass
+
+        with pytest.raises(Busy):
+            async with file_lock(lock, timeout=0.05, busy=Busy, interval=0.01, cap=None):
+                pass
+    async with file_lock(lock, timeout=0.1):  # released on leaving
+        pass
+
+
+@pytest.mark.asyncio
+async def test_the_lock_waits_for_its_holder(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    order: list[str] = []
+
+    async def hold(name: str) -> None:
+        async with file_lock(lock, timeout=5):
+            order.append(f"{name}+")
+            await asyncio.sleep(0.05)
+            order.append(f"{name}-")
+
+    await asyncio.gather(hold("a"), hold("b"))
+    assert order in (["a+", "a-", "b+", "b-"], ["b+", "b-", "a+", "a-"])
+
+
+@pytest.mark.asyncio
+async def test_a_lock_file_removed_by_its_holder_is_taken_anew(tmp_path: Path) -> None:
+    """The last user removes the lock file while holding it; a waiter that then gets the
+    removed file's lock must start over on the path's new file, not think it holds it."""
+    lock = tmp_path / "lock"
+    inside: list[bool] = []
+
+    async def waiter() -> None:
+        async with file_lock(lock, timeout=5):
+            fd = os.open(lock, os.O_RDONLY)
+            try:
+                inside.append(same_file(fd, lock))
+            finally:
+                os.close(fd)
+            inside.append(lock.exists())
+
+    async with file_lock(lock, timeout=1):
+        task = asyncio.create_task(waiter())
+        await asyncio.sleep(0.05)  # the waiter polls the old file
+        lock.unlink()
+    await asyncio.wait_for(task, 5)
+    assert inside == [True, True]
+
+
+@pytest.mark.asyncio
+async def test_a_lock_in_an_unmakeable_directory_is_a_state_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StateError, match="cannot create"):
+        async with file_lock(tmp_path / "file" / "lock", timeout=1):
+            pass
