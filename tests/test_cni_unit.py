@@ -352,10 +352,10 @@ def test_attachment_records_round_trip_and_keep_what_they_cannot_read(tmp_path: 
     one = cni.Attachment(network="n", container_id="c", ifname="eth0", netns="/run/netns/p",
                          mac="52:54:00:00:00:01", qmp_socket="/q", ipam=True)
     strange = {"from": "a later version"}
-    book.save(cni.Records((one,), (strange,)))
+    asyncio.run(book.save(cni.Records((one,), (strange,))))
     assert book.load() == cni.Records((one,), (strange,))
     assert book.load().find(("n", "c", "eth0")) == one
-    book.save(cni.Records())
+    asyncio.run(book.save(cni.Records()))
     assert not book.path.exists()
 
 

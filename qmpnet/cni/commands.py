@@ -134,12 +134,12 @@ async def _add_chained(req: Request, book: Book, records: Records,
     record = Attachment(network=conf.name, container_id=env.container_id, ifname=env.ifname,
                         netns=env.netns, mac=mac, qmp_socket=state.qmp_path)
     # The record goes first: a crash after the plug leaves something DEL can find.
-    book.save(Records((*records.known, record), records.unknown))
+    await book.save(Records((*records.known, record), records.unknown))
     try:
         plugged = await state.add_interface(desc, model=conf.model, netns_path=env.netns,
                                             queues=conf.queues, wait_guest=conf.wait_guest)
     except BaseException:
-        _forget_failed_add(book, records, state)
+        await _forget_failed_add(book, records, state)
         raise
     return chained_result(conf, env, sandbox_mac(plugged), mtu)
 async def _add_main(req: Request, book: Book, records: Records,
@@ -154,12 +154,12 @@ async def _add_main(req: Request, book: Book, records: Records,
         addrs = ips_of(got, None) if got else ()
         desc = InterfaceDescription(device=env.ifname, name=env.ifname, hw_addr=mac,
                                     mtu=conf.mtu, ip_addresses=addrs, link_type="tap")
-        book.save(Records((*records.known, record), records.unknown))
+        await book.save(Records((*records.known, record), records.unknown))
         await state.add_interface(desc, model=InterworkingModel.NONE, netns_path=env.netns,
                                   tap_name=env.ifname, queues=conf.queues,
                                   wait_guest=conf.wait_guest)
     except BaseException:
-        _forget_failed_add(book, records, state)
+        await _forget_failed_add(book, records, state)
         if conf.ipam:
             try:
                 await ipam(req, "DEL")
@@ -167,11 +167,11 @@ async def _add_main(req: Request, book: Book, records: Records,
                 log.error("releasing the address of %s after a failed ADD: %s", env.ifname, err)
         raise
     return main_result(conf, env, mac, got)
-def _forget_failed_add(book: Book, records: Records, state: NetworkState) -> None:
+async def _forget_failed_add(book: Book, records: Records, state: NetworkState) -> None:
     """Drop the record of an ADD that undid itself; keep it when its undo could not finish
     (the journal still holds the plug), so the runtime's DEL finds the VM and settles it."""
     if not state.store.journal():
-        book.save(records)
+        await book.save(records)
 async def cmd_del(req: Request) -> None:
     """Unplug and forget; every "already gone" is success, as the spec demands."""
     conf = req.conf
@@ -184,7 +184,7 @@ async def cmd_del(req: Request) -> None:
             state = NetworkState.open(req.state_dir, qmp, conf.config())
             if found is not None:
                 await unplug(found, req.state_dir, conf.config())
-                book.save(records.without(found))
+                await book.save(records.without(found))
             await book.remove_if_unused(state)
     if conf.main and conf.ipam:
         await ipam(req, "DEL")
@@ -307,7 +307,7 @@ async def _gc_directory(req: Request, directory: Path, valid: set[tuple[str, str
                 failures.append(to_cni_error(err))
                 continue
             records = records.without(found)
-            book.save(records)
+            await book.save(records)
             log.info("GC removed %s of container %s", found.ifname, found.container_id)
         await book.remove_if_unused(NetworkState.open(directory, "", conf.config()))
 def cmd_version(raw: bytes) -> dict[str, Any]:

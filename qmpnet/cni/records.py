@@ -6,6 +6,7 @@ and GC find exactly what this network made, and nothing else.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -109,15 +110,15 @@ class Book:
                 known.append(parsed)
         return Records(tuple(known), tuple(unknown))
 
-    def save(self, records: Records) -> None:
-        """Write atomically; no records left: no file."""
+    async def save(self, records: Records) -> None:
+        """Write atomically, on a thread (it fsyncs); no records left: no file."""
         if not records.known and not records.unknown:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             return
         text = json.dumps({"version": 1, "attachments": [
             *(a.to_json() for a in records.known), *records.unknown]}, indent=1)
-        atomic_write(self.path, text)
+        await asyncio.to_thread(atomic_write, self.path, text)
 
     async def remove_if_unused(self, state: NetworkState) -> None:
         """Remove the directory once nothing in it is in use: no record, entry or journal."""
