@@ -37,11 +37,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("names", nargs="*", metavar="NAME",
-                   help=f"benches to run (default: all): {', '.join(BENCHES)}")
-    p.add_argument("--quick", action="store_true",
-                   default=os.environ.get("QMPNET_BENCH_QUICK", "") not in ("", "0"),
-                   help="a few cycles each (also QMPNET_BENCH_QUICK=1)")
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"benches to run (default: all): {', '.join(BENCHES)}",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        default=os.environ.get("QMPNET_BENCH_QUICK", "") not in ("", "0"),
+        help="a few cycles each (also QMPNET_BENCH_QUICK=1)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log qmpnet at info level")
     args = p.parse_args(argv)
     if unknown := [n for n in args.names if n not in BENCHES]:
@@ -70,8 +77,9 @@ async def _main(args: argparse.Namespace) -> int:
                 await BENCHES[bench_name](ctx, report)
             except Exception as err:
                 report.error = traceback.format_exc()
-                report.error_line = "".join(
-                    traceback.format_exception_only(err)).strip().splitlines()[0]
+                report.error_line = (
+                    "".join(traceback.format_exception_only(err)).strip().splitlines()[0]
+                )
                 failed.append(bench_name)
                 print(report.error, file=sys.stderr)
             finally:
@@ -79,8 +87,9 @@ async def _main(args: argparse.Namespace) -> int:
                 machine["accel"] = ", ".join(sorted(ctx.accels)) or "none"
                 saved = report.save(RESULTS, machine, args.quick)
             print(report.render())
-            print(f"  ({report.seconds:.0f} s, accel {machine['accel']}, saved {saved})",
-                  flush=True)
+            print(
+                f"  ({report.seconds:.0f} s, accel {machine['accel']}, saved {saved})", flush=True
+            )
     finally:
         left = sweep_links()
         if left:
@@ -96,8 +105,10 @@ async def _main(args: argparse.Namespace) -> int:
 
 def main() -> int:
     args = _parse(sys.argv[1:])
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     return asyncio.run(_main(args))
 
 

@@ -52,16 +52,23 @@ async def run(ctx: Context, report: Report) -> None:
 async def _imports(ctx: Context, report: Report) -> None:
     py = sys.executable
     runs = ctx.pick(15, 4)
-    table = report.table("import cost (a fresh interpreter per sample)", [
-        "process wall: spawn → exit of `python -c ...`; `pass` is the bare interpreter",
-        "peak RSS: the process's own, from GNU time in a separate run",
-        "-X importtime: the cumulative time Python itself reports for the module;"
-        " `import qmpnet` loads its public names lazily, on first use",
-        "qmpnet.cli is what the `qmpnet` command imports before parsing its arguments;"
-        " qmpnet.network (pyroute2, qemu.qmp, attrs, cattrs) is loaded by add/del-iface"])
-    programs = {"pass": "pass", "import qmpnet": "import qmpnet",
-                "import qmpnet.cli": "import qmpnet.cli",
-                "import qmpnet.network": "import qmpnet.network"}
+    table = report.table(
+        "import cost (a fresh interpreter per sample)",
+        [
+            "process wall: spawn → exit of `python -c ...`; `pass` is the bare interpreter",
+            "peak RSS: the process's own, from GNU time in a separate run",
+            "-X importtime: the cumulative time Python itself reports for the module;"
+            " `import qmpnet` loads its public names lazily, on first use",
+            "qmpnet.cli is what the `qmpnet` command imports before parsing its arguments;"
+            " qmpnet.network (pyroute2, qemu.qmp, attrs, cattrs) is loaded by add/del-iface",
+        ],
+    )
+    programs = {
+        "pass": "pass",
+        "import qmpnet": "import qmpnet",
+        "import qmpnet.cli": "import qmpnet.cli",
+        "import qmpnet.network": "import qmpnet.network",
+    }
     for _ in range(runs):
         for label, code in programs.items():
             p = (await spawn([py, "-c", code])).check()
@@ -71,15 +78,20 @@ async def _imports(ctx: Context, report: Report) -> None:
         for module in ("qmpnet", "qmpnet.cli", "qmpnet.network"):
             p = (await spawn([py, "-X", "importtime", "-c", f"import {module}"])).check()
             table.row(f"-X importtime cumulative: {module}").add(
-                _cumulative_us(p.stderr, module) / 1000)
+                _cumulative_us(p.stderr, module) / 1000
+            )
 
 
 async def _cli(ctx: Context, report: Report) -> None:
     cycles = ctx.pick(15, 3)
-    table = report.table("qmpnet CLI processes against a running q35 guest (1 queue)", [
-        "wall: spawn → exit, including interpreter start-up, imports, QMP connect, the"
-        " plug or unplug and the JSON it prints; add-iface does not wait for the guest",
-        "peak RSS: the process's own, from GNU time, in separate plug/unplug cycles"])
+    table = report.table(
+        "qmpnet CLI processes against a running q35 guest (1 queue)",
+        [
+            "wall: spawn → exit, including interpreter start-up, imports, QMP connect, the"
+            " plug or unplug and the JSON it prints; add-iface does not wait for the guest",
+            "peak RSS: the process's own, from GNU time, in separate plug/unplug cycles",
+        ],
+    )
     qmpnet_bin = str(Path(sys.executable).with_name("qmpnet"))
     async with contextlib.AsyncExitStack() as stack:
         vm = await ctx.boot(stack, machine="q35", root_ports=4)
@@ -93,10 +105,25 @@ async def _cli(ctx: Context, report: Report) -> None:
                     table.row("wall: qmpnet --help").add(ms(p.wall))
                 hw, tap = mac(50), name("x")
                 cursor = vm.console_cursor()
-                p = (await spawn([qmpnet_bin, "add-iface", *vm_args, "--model", "none",
-                                  "--queues", "1", "--tap-name", tap, "--no-vhost",
-                                  "-"], stdin=json.dumps({"name": "eth1", "hwAddr": hw}),
-                                 rss=rss)).check()
+                p = (
+                    await spawn(
+                        [
+                            qmpnet_bin,
+                            "add-iface",
+                            *vm_args,
+                            "--model",
+                            "none",
+                            "--queues",
+                            "1",
+                            "--tap-name",
+                            tap,
+                            "--no-vhost",
+                            "-",
+                        ],
+                        stdin=json.dumps({"name": "eth1", "hwAddr": hw}),
+                        rss=rss,
+                    )
+                ).check()
                 if rss:
                     table.row("peak RSS: qmpnet add-iface", "MiB").add(_mib(p))
                 else:
@@ -104,8 +131,7 @@ async def _cli(ctx: Context, report: Report) -> None:
                 await give_peer(tap, hw)
                 await vm.wait_for(nic_add_re(hw), GUEST_TIMEOUT, since=cursor)
                 cursor = vm.console_cursor()
-                p = (await spawn([qmpnet_bin, "del-iface", *vm_args, "--mac", hw],
-                                 rss=rss)).check()
+                p = (await spawn([qmpnet_bin, "del-iface", *vm_args, "--mac", hw], rss=rss)).check()
                 if rss:
                     table.row("peak RSS: qmpnet del-iface", "MiB").add(_mib(p))
                 else:

@@ -58,8 +58,12 @@ def _cold_args(t: Target) -> list[str]:
     dev = f"virtio-net-pci,netdev=coldnet,id=coldnic,mac={t.hw},bus=rp0,addr=0x0,romfile="
     if t.queues > 1:
         dev += f",mq=on,vectors={2 * t.queues + 2}"
-    return ["-netdev", f"tap,id=coldnet,ifname={t.tap},script=no,downscript=no,"
-            f"queues={t.queues},vhost=off", "-device", dev]
+    return [
+        "-netdev",
+        f"tap,id=coldnet,ifname={t.tap},script=no,downscript=no,queues={t.queues},vhost=off",
+        "-device",
+        dev,
+    ]
 
 
 def _ip(*args: str) -> None:
@@ -68,9 +72,23 @@ def _ip(*args: str) -> None:
 
 async def _iperf(t: Target, seconds: int, reverse: bool) -> float:
     """Mbit/s the receiver saw; retried twice, since the guest's server takes one client."""
-    argv = ["iperf3", "-c", guest_ip_for_mac(t.hw), "--bind-dev", t.tap, "-t", str(seconds),
-            "-O", "1", "-J", "-P", str(t.streams), "--connect-timeout", "5000",
-            *(["-R"] if reverse else [])]
+    argv = [
+        "iperf3",
+        "-c",
+        guest_ip_for_mac(t.hw),
+        "--bind-dev",
+        t.tap,
+        "-t",
+        str(seconds),
+        "-O",
+        "1",
+        "-J",
+        "-P",
+        str(t.streams),
+        "--connect-timeout",
+        "5000",
+        *(["-R"] if reverse else []),
+    ]
     last = ""
     for _ in range(3):
         p = await spawn(argv)
@@ -86,34 +104,53 @@ async def _iperf(t: Target, seconds: int, reverse: bool) -> float:
 
 async def run(ctx: Context, report: Report) -> None:
     rounds, seconds = ctx.pick(4, 1), ctx.pick(2, 1)
-    targets = {key: Target(key[0], key[1], mac(b), name("h" if key[1] == "hot" else "k"))
-               for key, b in LAST_BYTE.items()}
-    tables = {q: report.table(
-        f"iperf3 through a hot- vs cold-plugged NIC, {q} queue(s), {q} stream(s)", [
-            f"{seconds} s per run after a 1 s omitted warm-up, receiver's rate; TCG: the"
-            " guest's vCPUs bound the rate, so the figure measures emulation more than"
-            " the NIC", "ratio hot/cold: per round, runs back to back; ≥ 1 means the"
-            " hot-plugged NIC is no slower"]) for q in (1, 4)}
+    targets = {
+        key: Target(key[0], key[1], mac(b), name("h" if key[1] == "hot" else "k"))
+        for key, b in LAST_BYTE.items()
+    }
+    tables = {
+        q: report.table(
+            f"iperf3 through a hot- vs cold-plugged NIC, {q} queue(s), {q} stream(s)",
+            [
+                f"{seconds} s per run after a 1 s omitted warm-up, receiver's rate; TCG: the"
+                " guest's vCPUs bound the rate, so the figure measures emulation more than"
+                " the NIC",
+                "ratio hot/cold: per round, runs back to back; ≥ 1 means the"
+                " hot-plugged NIC is no slower",
+            ],
+        )
+        for q in (1, 4)
+    }
     for table in tables.values():  # a fixed row order, whichever side runs first
         for label, _ in DIRECTIONS:
             for kind in ("hot", "cold"):
                 table.row(f"{label}: {kind}-plugged", "Mbit/s")
     async with contextlib.AsyncExitStack() as stack:
-        vms = await asyncio.gather(*(
-            ctx.boot(stack, machine="q35", root_ports=2,
-                     extra_args=_cold_args(t) if t.kind == "cold" else ())
-            for t in targets.values()))
+        vms = await asyncio.gather(
+            *(
+                ctx.boot(
+                    stack,
+                    machine="q35",
+                    root_ports=2,
+                    extra_args=_cold_args(t) if t.kind == "cold" else (),
+                )
+                for t in targets.values()
+            )
+        )
         for t, vm in zip(targets.values(), vms, strict=True):
             t.vm = vm
             t.monitor = await QmpSession.connect(str(vm.qmp_path), name="bench-pause")
             stack.push_async_callback(t.monitor.close)
             if t.kind == "hot":
                 t.net = ctx.network(vm)
-                await t.net.add_interface(InterfaceDescription(name="eth0", hw_addr=t.hw),
-                                          model=InterworkingModel.NONE, queues=t.queues,
-                                          tap_name=t.tap, wait_guest=True)
-            await asyncio.to_thread(_ip, "addr", "add", f"{host_ip_for_mac(t.hw)}/24",
-                                    "dev", t.tap)
+                await t.net.add_interface(
+                    InterfaceDescription(name="eth0", hw_addr=t.hw),
+                    model=InterworkingModel.NONE,
+                    queues=t.queues,
+                    tap_name=t.tap,
+                    wait_guest=True,
+                )
+            await asyncio.to_thread(_ip, "addr", "add", f"{host_ip_for_mac(t.hw)}/24", "dev", t.tap)
             await asyncio.to_thread(_ip, "link", "set", t.tap, "up")
         for t in targets.values():
             assert t.vm is not None
@@ -147,4 +184,3 @@ def _ratios(table: Table) -> None:
         ratio = table.row(f"ratio {label}: hot / cold", "x")
         for a, b in zip(hot, cold, strict=True):
             ratio.add(a / b)
-

@@ -60,9 +60,10 @@ def mac(last: int) -> str:
 
 def bench_config() -> Config:
     """The driver settings every bench uses: no vhost-net (libvirt's side is told the same)."""
-    return Config(disable_vhost_net=True,
-                  timeouts=Timeouts(unplug=30.0, guest_ready=GUEST_TIMEOUT, command=30.0,
-                                    connect=30.0))
+    return Config(
+        disable_vhost_net=True,
+        timeouts=Timeouts(unplug=30.0, guest_ready=GUEST_TIMEOUT, command=30.0, connect=30.0),
+    )
 
 
 @attrs.define(eq=False)
@@ -81,14 +82,29 @@ class Context:
     def scratch(self, kind: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=self.workdir))
 
-    async def boot(self, stack: contextlib.AsyncExitStack, *, machine: Machine = "q35",
-                   root_ports: int = 4, vcpus: int = 2, extra_args: Sequence[str] = (),
-                   paused: bool = False) -> GuestVM:
+    async def boot(
+        self,
+        stack: contextlib.AsyncExitStack,
+        *,
+        machine: Machine = "q35",
+        root_ports: int = 4,
+        vcpus: int = 2,
+        extra_args: Sequence[str] = (),
+        paused: bool = False,
+    ) -> GuestVM:
         """Start a guest whose stop is registered on ``stack`` (runs also on failure)."""
-        vm = await GuestVM.start(self.image, self.workdir, machine=machine,
-                                 root_ports=root_ports, vcpus=vcpus, memory_mb=256,
-                                 extra_args=extra_args, paused=paused, name="qb",
-                                 ready_timeout=180.0)
+        vm = await GuestVM.start(
+            self.image,
+            self.workdir,
+            machine=machine,
+            root_ports=root_ports,
+            vcpus=vcpus,
+            memory_mb=256,
+            extra_args=extra_args,
+            paused=paused,
+            name="qb",
+            ready_timeout=180.0,
+        )
         stack.push_async_callback(vm.stop)
         self.accels.add(vm.accel)
         return vm
@@ -119,25 +135,34 @@ class Proc:
 
     def check(self) -> Proc:
         if self.returncode != 0:
-            raise RuntimeError(f"{' '.join(self.argv)} exited with {self.returncode}: "
-                               f"{self.stderr.strip() or self.stdout.strip()}")
+            raise RuntimeError(
+                f"{' '.join(self.argv)} exited with {self.returncode}: "
+                f"{self.stderr.strip() or self.stdout.strip()}"
+            )
         return self
 
 
-def _run_blocking(argv: Sequence[str], stdin: str | None, env: dict[str, str] | None,
-                  rss: bool) -> Proc:
+def _run_blocking(
+    argv: Sequence[str], stdin: str | None, env: dict[str, str] | None, rss: bool
+) -> Proc:
     with tempfile.NamedTemporaryFile("r") as rss_file:
         cmd = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *argv] if rss else list(argv)
         started = time.monotonic()
-        done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env,
-                              check=False)
+        done = subprocess.run(
+            cmd, input=stdin, capture_output=True, text=True, env=env, check=False
+        )
         wall = time.monotonic() - started
         maxrss = int(rss_file.read().split()[-1]) if rss else None
     return Proc(tuple(argv), done.returncode, started, wall, maxrss, done.stdout, done.stderr)
 
 
-async def spawn(argv: Sequence[str], stdin: str | None = None,
-                env: dict[str, str] | None = None, *, rss: bool = False) -> Proc:
+async def spawn(
+    argv: Sequence[str],
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+    *,
+    rss: bool = False,
+) -> Proc:
     """Run a whole process to its end in a worker thread; the loop keeps serving consoles.
 
     With ``rss``, the command runs under GNU time for its peak RSS (its wall time then
@@ -157,8 +182,7 @@ async def give_peer(tap: str, hw: str) -> None:
 
 
 def ip_links() -> dict[str, Any]:
-    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=False)
     return {link["ifname"]: link for link in json.loads(out.stdout or "[]")}
 
 
@@ -172,8 +196,10 @@ def sweep_links() -> list[str]:
 
 # --- clocks --------------------------------------------------------------------------------
 
-async def driver_ok_at(session: QmpSession, added: asyncio.Future[StepEvent],
-                       timeout: float = GUEST_TIMEOUT) -> float:
+
+async def driver_ok_at(
+    session: QmpSession, added: asyncio.Future[StepEvent], timeout: float = GUEST_TIMEOUT
+) -> float:
     """When the guest driver set DRIVER_OK on the device whose ``device_add`` is ``added``
     (a :meth:`StepRecorder.reached` future), polled every 5 ms on ``session``."""
     dev_id = f"{(await added).endpoint_id}-dev"
@@ -196,8 +222,9 @@ def nic_del_re(hw: str) -> re.Pattern[str]:
     return re.compile(rf"^QMPNET NIC-DEL .*\bmac={re.escape(hw.lower())}\b")
 
 
-async def marker_at(vm: GuestVM, pattern: re.Pattern[str], since: int,
-                    timeout: float = GUEST_TIMEOUT) -> float:
+async def marker_at(
+    vm: GuestVM, pattern: re.Pattern[str], since: int, timeout: float = GUEST_TIMEOUT
+) -> float:
     """When a console line matching ``pattern`` arrived (start this before the request)."""
     await vm.wait_for(pattern, timeout, since=since)
     return time.monotonic()

@@ -68,9 +68,11 @@ exec /usr/bin/qemu-system-x86_64 "$@"
 #: /var/cache/libvirt (or over /var/cache where libvirt has none yet, so that none is made),
 #: then become libvirtd. libvirt caches what it probed of each emulator path; our paths are
 #: new every run and the files would stay behind.
-_MOUNT_AND_EXEC = ('mount --bind "$1" /etc/libvirt && '
-                   '{ mount --bind "$2" /var/cache/libvirt 2>/dev/null || '
-                   'mount --bind "$2" /var/cache; } && shift 2 && exec "$@"')
+_MOUNT_AND_EXEC = (
+    'mount --bind "$1" /etc/libvirt && '
+    '{ mount --bind "$2" /var/cache/libvirt 2>/dev/null || '
+    'mount --bind "$2" /var/cache; } && shift 2 && exec "$@"'
+)
 _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 
@@ -83,9 +85,21 @@ def _ensure_user() -> bool:
     """Create the system user libvirt insists on; True when this call created it."""
     if subprocess.run(["id", QEMU_USER], capture_output=True, check=False).returncode == 0:
         return False
-    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
-                    "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", QEMU_USER],
-                   capture_output=True, check=True)
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            QEMU_USER,
+        ],
+        capture_output=True,
+        check=True,
+    )
     return True
 
 
@@ -105,32 +119,53 @@ class Libvirtd:
     async def start(cls, workdir: Path, timeout: float = 300.0) -> Libvirtd:
         for tool in ("libvirtd", "virsh", "unshare", "useradd"):
             if shutil.which(tool) is None:
-                raise RuntimeError(f"{tool} not found: `make bench` installs libvirt-daemon, "
-                                   "libvirt-daemon-driver-qemu and libvirt-clients")
+                raise RuntimeError(
+                    f"{tool} not found: `make bench` installs libvirt-daemon, "
+                    "libvirt-daemon-driver-qemu and libvirt-clients"
+                )
         etc, sock, cache = workdir / "etc", workdir / "sock", workdir / "cache"
         etc.mkdir()
         sock.mkdir()
         cache.mkdir()
         (etc / "qemu.conf").write_text(QEMU_CONF)
         conf = workdir / "libvirtd.conf"
-        conf.write_text(f'unix_sock_dir = "{sock}"\nauth_unix_rw = "none"\n'
-                        f'auth_unix_ro = "none"\nlog_outputs = "3:file:{workdir}/libvirtd.log"\n')
+        conf.write_text(
+            f'unix_sock_dir = "{sock}"\nauth_unix_rw = "none"\n'
+            f'auth_unix_ro = "none"\nlog_outputs = "3:file:{workdir}/libvirtd.log"\n'
+        )
         created = await asyncio.to_thread(_ensure_user)
         started = time.monotonic()
         try:
             with (workdir / "libvirtd.out").open("wb") as out:
                 proc = await asyncio.create_subprocess_exec(
-                    "unshare", "--mount", "--propagation", "private", "--",
-                    "sh", "-c", _MOUNT_AND_EXEC, "sh", str(etc), str(cache),
-                    "libvirtd", "-f", str(conf), "-p", str(workdir / "libvirtd.pid"),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                    preexec_fn=_die_with_parent)
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    "sh",
+                    "-c",
+                    _MOUNT_AND_EXEC,
+                    "sh",
+                    str(etc),
+                    str(cache),
+                    "libvirtd",
+                    "-f",
+                    str(conf),
+                    "-p",
+                    str(workdir / "libvirtd.pid"),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    preexec_fn=_die_with_parent,
+                )
         except BaseException:
             if created:
                 await asyncio.to_thread(_delete_user)
             raise
-        daemon = cls(workdir, f"qemu:///system?socket={sock}/libvirt-sock", proc.pid, created,
-                     0.0, proc)
+        daemon = cls(
+            workdir, f"qemu:///system?socket={sock}/libvirt-sock", proc.pid, created, 0.0, proc
+        )
         try:
             await daemon._wait_ready(timeout)
         except BaseException:
@@ -143,8 +178,9 @@ class Libvirtd:
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.returncode is not None:
-                raise RuntimeError(f"libvirtd exited with {self._proc.returncode}: "
-                                   f"{self.log_tail()}")
+                raise RuntimeError(
+                    f"libvirtd exited with {self._proc.returncode}: {self.log_tail()}"
+                )
             if (await self.virsh("uri")).returncode == 0:
                 return
             if time.monotonic() > deadline:
@@ -218,8 +254,9 @@ class Console:
     def tail(self, n: int = 20) -> list[str]:
         return [line for _, line in list(self._lines)[-n:]]
 
-    async def wait_for(self, pattern: re.Pattern[str] | str, timeout: float,
-                       since: int = 0) -> float:
+    async def wait_for(
+        self, pattern: re.Pattern[str] | str, timeout: float, since: int = 0
+    ) -> float:
         """Arrival time of the first line from ``since`` on that matches ``pattern``."""
         regex = re.compile(pattern)
         cursor = since
@@ -227,7 +264,7 @@ class Console:
             async with asyncio.timeout(timeout):
                 while True:
                     first = self.total - len(self._lines)
-                    for t, line in list(self._lines)[max(cursor - first, 0):]:
+                    for t, line in list(self._lines)[max(cursor - first, 0) :]:
                         if regex.search(line):
                             return t
                     cursor = self.total
@@ -235,8 +272,10 @@ class Console:
                         raise RuntimeError(f"console closed before {regex.pattern!r}")
                     await self._changed.wait()
         except TimeoutError as err:
-            raise TimeoutError(f"no console line matched {regex.pattern!r} within "
-                               f"{timeout:g} s; last lines: {self.tail()}") from err
+            raise TimeoutError(
+                f"no console line matched {regex.pattern!r} within "
+                f"{timeout:g} s; last lines: {self.tail()}"
+            ) from err
 
     async def close(self) -> None:
         self._task.cancel()
@@ -247,12 +286,22 @@ class Console:
             await self._writer.wait_closed()
 
 
-def domain_xml(dom_name: str, image: GuestImage, console: Path, emulator: Path, *,
-               machine: Machine, root_ports: int, vcpus: int, memory_mb: int) -> str:
+def domain_xml(
+    dom_name: str,
+    image: GuestImage,
+    console: Path,
+    emulator: Path,
+    *,
+    machine: Machine,
+    root_ports: int,
+    vcpus: int,
+    memory_mb: int,
+) -> str:
     """A TCG domain booting the test guest's kernel and initrd, like GuestVM's QEMU."""
     if machine == "q35":
         controllers = "<controller type='pci' model='pcie-root'/>" + "".join(
-            "<controller type='pci' model='pcie-root-port'/>" for _ in range(root_ports))
+            "<controller type='pci' model='pcie-root-port'/>" for _ in range(root_ports)
+        )
     else:
         controllers = "<controller type='pci' model='pci-root'/>"
     return f"""<domain type='qemu'>
@@ -303,17 +352,36 @@ class Domain:
     console: Console | None = None
 
     @classmethod
-    async def create(cls, daemon: Libvirtd, image: GuestImage, workdir: Path, *,
-                     machine: Machine = "q35", root_ports: int = 4, vcpus: int = 2,
-                     memory_mb: int = 256, ready_timeout: float = 180.0) -> Domain:
+    async def create(
+        cls,
+        daemon: Libvirtd,
+        image: GuestImage,
+        workdir: Path,
+        *,
+        machine: Machine = "q35",
+        root_ports: int = 4,
+        vcpus: int = 2,
+        memory_mb: int = 256,
+        ready_timeout: float = 180.0,
+    ) -> Domain:
         dom = cls(daemon, name("d"), workdir)
         sock = workdir / "console.sock"
         xml = workdir / "domain.xml"
         emulator = workdir / "qemu-tcg-one-thread"
         emulator.write_text(_TCG_ONE_THREAD)
         emulator.chmod(0o755)
-        xml.write_text(domain_xml(dom.name, image, sock, emulator, machine=machine,
-                                  root_ports=root_ports, vcpus=vcpus, memory_mb=memory_mb))
+        xml.write_text(
+            domain_xml(
+                dom.name,
+                image,
+                sock,
+                emulator,
+                machine=machine,
+                root_ports=root_ports,
+                vcpus=vcpus,
+                memory_mb=memory_mb,
+            )
+        )
         # Paused first, so the console is connected before the guest prints anything.
         (await daemon.virsh("create", str(xml), "--paused")).check()
         try:
@@ -330,8 +398,11 @@ class Domain:
 
     async def vcpu_threads(self) -> set[int]:
         """The host threads QEMU runs this domain's vCPUs on (its own query-cpus-fast)."""
-        out = (await self.daemon.virsh("qemu-monitor-command", self.name,
-                                       '{"execute": "query-cpus-fast"}')).check()
+        out = (
+            await self.daemon.virsh(
+                "qemu-monitor-command", self.name, '{"execute": "query-cpus-fast"}'
+            )
+        ).check()
         return {int(cpu["thread-id"]) for cpu in json.loads(out.stdout)["return"]}
 
     async def destroy(self) -> None:

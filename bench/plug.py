@@ -58,8 +58,9 @@ async def run(ctx: Context, report: Report) -> None:
     cycles = ctx.pick(30, 3)
     machines: tuple[Machine, ...] = ("q35", "pc")
     for machine in machines:
-        tables = {q: report.table(f"plug/unplug latency, {machine}, {q} queue(s)", NOTES)
-                  for q in (1, 4)}
+        tables = {
+            q: report.table(f"plug/unplug latency, {machine}, {q} queue(s)", NOTES) for q in (1, 4)
+        }
         async with contextlib.AsyncExitStack() as stack:
             vm = await ctx.boot(stack, machine=machine, root_ports=4)
             net = ctx.network(vm)
@@ -73,19 +74,26 @@ async def run(ctx: Context, report: Report) -> None:
                     await _cycle(vm, net, clock, poll, q, tables[q])
 
 
-async def _cycle(vm: GuestVM, net: NetworkState, clock: StepRecorder, poll: QmpSession,
-                 queues: int, table: Table) -> None:
+async def _cycle(
+    vm: GuestVM, net: NetworkState, clock: StepRecorder, poll: QmpSession, queues: int, table: Table
+) -> None:
     hw = mac(10 + queues)
     tap = name("p")
     clock.clear()
     device = clock.reached(Step.DEVICE_ADD, Phase.DONE, "hot-plug")
     cursor = vm.console_cursor()
-    async with (watching(marker_at(vm, nic_add_re(hw), cursor)) as seen,
-                watching(driver_ok_at(poll, device)) as ready):
+    async with (
+        watching(marker_at(vm, nic_add_re(hw), cursor)) as seen,
+        watching(driver_ok_at(poll, device)) as ready,
+    ):
         t0 = time.monotonic()
         endpoint = await net.add_interface(
-            InterfaceDescription(name="eth1", hw_addr=hw), model=InterworkingModel.NONE,
-            queues=queues, tap_name=tap, wait_guest=True)
+            InterfaceDescription(name="eth1", hw_addr=hw),
+            model=InterworkingModel.NONE,
+            queues=queues,
+            tap_name=tap,
+            wait_guest=True,
+        )
         returned = time.monotonic()
         await give_peer(tap, hw)
         t_ok, t_seen = await ready, await seen
@@ -93,7 +101,8 @@ async def _cycle(vm: GuestVM, net: NetworkState, clock: StepRecorder, poll: QmpS
     for step, took in clock.durations("hot-plug"):
         table.row(f"plug step {step}").add(ms(took))
     table.row("plug: request → device_add returned").add(
-        ms(clock.ended_at(Step.DEVICE_ADD, kind="hot-plug") - t0))
+        ms(clock.ended_at(Step.DEVICE_ADD, kind="hot-plug") - t0)
+    )
     table.row("plug: request → DRIVER_OK (5 ms poll)").add(ms(t_ok - t0))
     table.row("plug: request → add_interface returned").add(ms(returned - t0))
     table.row("plug: request → guest NIC-ADD marker").add(ms(t_seen - t0))
@@ -109,7 +118,8 @@ async def _cycle(vm: GuestVM, net: NetworkState, clock: StepRecorder, poll: QmpS
     for step, took in clock.durations("unplug"):
         table.row(f"unplug step {step}").add(ms(took))
     table.row("unplug: request → DEVICE_DELETED").add(
-        ms(clock.ended_at(Step.DEVICE_DEL, kind="unplug") - t0))
+        ms(clock.ended_at(Step.DEVICE_DEL, kind="unplug") - t0)
+    )
     table.row("unplug: request → all host objects gone").add(ms(removed - t0))
     table.row("unplug: request → guest NIC-DEL marker").add(ms(t_gone - t0))
     await check_gone(poll, endpoint.id, tap)

@@ -60,8 +60,12 @@ async def _ramp(ctx: Context, report: Report) -> None:
     ramps = ctx.pick(3, 1)
     #: metric -> N -> samples (ms)
     data: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    metrics = ("device_add returned", "add_interface returned (DRIVER_OK)",
-               "guest NIC-ADD marker", "remove_interface returned")
+    metrics = (
+        "device_add returned",
+        "add_interface returned (DRIVER_OK)",
+        "guest NIC-ADD marker",
+        "remove_interface returned",
+    )
     async with contextlib.AsyncExitStack() as stack:
         vm = await ctx.boot(stack, machine="q35", root_ports=MAX_NICS + 2)
         net = ctx.network(vm)
@@ -78,8 +82,11 @@ async def _ramp(ctx: Context, report: Report) -> None:
                     tap = name("s")
                     await net.add_interface(
                         InterfaceDescription(name=f"eth{n}", hw_addr=hw),
-                        model=InterworkingModel.NONE, queues=1, tap_name=tap,
-                        wait_guest=True)
+                        model=InterworkingModel.NONE,
+                        queues=1,
+                        tap_name=tap,
+                        wait_guest=True,
+                    )
                     returned = time.monotonic()
                     await give_peer(tap, hw)
                     t_seen = await seen
@@ -98,29 +105,38 @@ async def _ramp(ctx: Context, report: Report) -> None:
                     await gone
             print(f"  ramp {r + 1}/{ramps} done", flush=True)
 
-    grid = Grid(f"per-NIC latency as N grows (q35, 1 queue; median of {ramps} ramp(s), ms)",
-                ("N", "device_add", "add (DRIVER_OK)", "guest marker", "unplug"))
+    grid = Grid(
+        f"per-NIC latency as N grows (q35, 1 queue; median of {ramps} ramp(s), ms)",
+        ("N", "device_add", "add (DRIVER_OK)", "guest marker", "unplug"),
+    )
     for n in range(1, nics + 1):
         grid.lines.append((str(n), *(fmt(statistics.median(data[m][n])) for m in metrics)))
     report.tables.append(grid)
 
     k = min(5, nics // 2)
-    table = report.table(f"first {k} vs last {k} NICs of the ramp (ms)", [
-        "N is the NIC's position: N-1 NICs are already plugged when it is plugged, and"
-        " N-1 remain after it is unplugged",
-        "device_add includes choosing a slot (QOM walk over the 30 root ports)",
-        "guest marker: the guest's /init polls /sys/class/net every ~50 ms and loops over"
-        " all NICs, so its own lag can grow with N (not the driver's)"])
+    table = report.table(
+        f"first {k} vs last {k} NICs of the ramp (ms)",
+        [
+            "N is the NIC's position: N-1 NICs are already plugged when it is plugged, and"
+            " N-1 remain after it is unplugged",
+            "device_add includes choosing a slot (QOM walk over the 30 root ports)",
+            "guest marker: the guest's /init polls /sys/class/net every ~50 ms and loops over"
+            " all NICs, so its own lag can grow with N (not the driver's)",
+        ],
+    )
     for m in metrics:
         first, last = table.row(f"{m}, N=1..{k}"), table.row(f"{m}, N={nics - k + 1}..{nics}")
         for n in range(1, k + 1):
             first.samples.extend(data[m][n])
         for n in range(nics - k + 1, nics + 1):
             last.samples.extend(data[m][n])
-    slopes = {m: _slope([(n, statistics.median(data[m][n])) for n in range(1, nics + 1)])
-              for m in metrics}
-    table.notes += ["least-squares slope over N of the medians: " + "; ".join(
-        f"{m} {v:+.2f} ms/NIC" for m, v in slopes.items())]
+    slopes = {
+        m: _slope([(n, statistics.median(data[m][n])) for n in range(1, nics + 1)]) for m in metrics
+    }
+    table.notes += [
+        "least-squares slope over N of the medians: "
+        + "; ".join(f"{m} {v:+.2f} ms/NIC" for m, v in slopes.items())
+    ]
     report.facts["ramp slope (ms per extra NIC)"] = {m: round(v, 3) for m, v in slopes.items()}
 
 
@@ -130,15 +146,19 @@ async def _concurrent(ctx: Context, report: Report) -> None:
     table = report.table(
         f"VMs driven concurrently from one event loop ({cycles} plug+unplug cycles per VM,"
         " q35, 1 vCPU, 1 queue)",
-        ["plug = add_interface(wait_guest=True): returns once the guest driver set"
-         " DRIVER_OK; unplug = remove_interface (DEVICE_DELETED, netdev, tap, state)",
-         "aggregate = all VMs' plugs / wall time of the whole group run; a cycle is plug,"
-         " wait for the guest's NIC-ADD marker (keeps its /init in step), unplug; one"
-         " sample per group",
-         "VMs outside the group are paused; 2 host cores run all the TCG guests"])
+        [
+            "plug = add_interface(wait_guest=True): returns once the guest driver set"
+            " DRIVER_OK; unplug = remove_interface (DEVICE_DELETED, netdev, tap, state)",
+            "aggregate = all VMs' plugs / wall time of the whole group run; a cycle is plug,"
+            " wait for the guest's NIC-ADD marker (keeps its /init in step), unplug; one"
+            " sample per group",
+            "VMs outside the group are paused; 2 host cores run all the TCG guests",
+        ],
+    )
     async with contextlib.AsyncExitStack() as stack:
-        vms = await asyncio.gather(*(ctx.boot(stack, machine="q35", root_ports=2, vcpus=1)
-                                     for _ in range(max(groups))))
+        vms = await asyncio.gather(
+            *(ctx.boot(stack, machine="q35", root_ports=2, vcpus=1) for _ in range(max(groups)))
+        )
         nets = [ctx.network(vm) for vm in vms]
         monitors = []
         for vm in vms:
@@ -151,25 +171,33 @@ async def _concurrent(ctx: Context, report: Report) -> None:
             for session in monitors[:size]:
                 await session.execute("cont")
             t0 = time.monotonic()
-            await asyncio.gather(*(_cycles(vm, net, cycles, table, size, 60 + i)
-                                   for i, (vm, net) in enumerate(zip(vms[:size], nets[:size],
-                                                                      strict=True))))
+            await asyncio.gather(
+                *(
+                    _cycles(vm, net, cycles, table, size, 60 + i)
+                    for i, (vm, net) in enumerate(zip(vms[:size], nets[:size], strict=True))
+                )
+            )
             wall = time.monotonic() - t0
             table.row(f"{size} VM(s): aggregate plugs/s", "1/s").add(size * cycles / wall)
             for session in monitors[:size]:
                 await session.execute("stop")
 
 
-async def _cycles(vm: GuestVM, net: NetworkState, cycles: int, table: Table,
-                  size: int, last_byte: int) -> None:
+async def _cycles(
+    vm: GuestVM, net: NetworkState, cycles: int, table: Table, size: int, last_byte: int
+) -> None:
     """Plug and unplug one NIC ``cycles`` times; each VM has its own subnet (last byte)."""
     for _ in range(cycles):
         hw, tap = mac(last_byte), name("v")
         cursor = vm.console_cursor()
         t0 = time.monotonic()
-        await net.add_interface(InterfaceDescription(name="eth1", hw_addr=hw),
-                                model=InterworkingModel.NONE, queues=1, tap_name=tap,
-                                wait_guest=True)
+        await net.add_interface(
+            InterfaceDescription(name="eth1", hw_addr=hw),
+            model=InterworkingModel.NONE,
+            queues=1,
+            tap_name=tap,
+            wait_guest=True,
+        )
         t1 = time.monotonic()
         await give_peer(tap, hw)
         await vm.wait_for(nic_add_re(hw), GUEST_TIMEOUT, since=cursor)

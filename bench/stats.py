@@ -21,10 +21,18 @@ def summary(samples: Sequence[float]) -> dict[str, float | int]:
     if not samples:
         return {"n": 0}
     ordered = sorted(samples)
-    p90 = (statistics.quantiles(ordered, n=10, method="inclusive")[8]
-           if len(ordered) > 1 else ordered[0])
-    return {"n": len(ordered), "median": statistics.median(ordered), "p90": p90,
-            "min": ordered[0], "max": ordered[-1]}
+    p90 = (
+        statistics.quantiles(ordered, n=10, method="inclusive")[8]
+        if len(ordered) > 1
+        else ordered[0]
+    )
+    return {
+        "n": len(ordered),
+        "median": statistics.median(ordered),
+        "p90": p90,
+        "min": ordered[0],
+        "max": ordered[-1],
+    }
 
 
 @attrs.define
@@ -39,8 +47,12 @@ class Row:
         self.samples.append(value)
 
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "unit": self.unit, **summary(self.samples),
-                "samples": [round(s, 6) for s in self.samples]}
+        return {
+            "label": self.label,
+            "unit": self.unit,
+            **summary(self.samples),
+            "samples": [round(s, 6) for s in self.samples],
+        }
 
 
 @attrs.define
@@ -71,8 +83,12 @@ class Table:
         return _grid(self.title, head, body, self.notes)
 
     def to_json(self) -> dict[str, Any]:
-        return {"title": self.title, "kind": "stats", "notes": self.notes,
-                "rows": [r.to_json() for r in self.rows]}
+        return {
+            "title": self.title,
+            "kind": "stats",
+            "notes": self.notes,
+            "rows": [r.to_json() for r in self.rows],
+        }
 
 
 @attrs.define
@@ -88,8 +104,13 @@ class Grid:
         return _grid(self.title, self.columns, self.lines, self.notes)
 
     def to_json(self) -> dict[str, Any]:
-        return {"title": self.title, "kind": "grid", "columns": list(self.columns),
-                "lines": [list(line) for line in self.lines], "notes": self.notes}
+        return {
+            "title": self.title,
+            "kind": "grid",
+            "columns": list(self.columns),
+            "lines": [list(line) for line in self.lines],
+            "notes": self.notes,
+        }
 
 
 @attrs.define
@@ -119,10 +140,16 @@ class Report:
 
     def save(self, directory: Path, machine: dict[str, Any], quick: bool) -> Path:
         path = directory / f"{self.bench}.json"
-        doc = {"bench": self.bench, "quick": quick, "seconds": round(self.seconds, 2),
-               "machine": machine, "facts": self.facts, "error": self.error,
-               "error_line": self.error_line,
-               "tables": [t.to_json() for t in self.tables]}
+        doc = {
+            "bench": self.bench,
+            "quick": quick,
+            "seconds": round(self.seconds, 2),
+            "machine": machine,
+            "facts": self.facts,
+            "error": self.error,
+            "error_line": self.error_line,
+            "tables": [t.to_json() for t in self.tables],
+        }
         path.write_text(json.dumps(doc, indent=1) + "\n")
         return path
 
@@ -142,14 +169,18 @@ def fmt(value: float) -> str:
     return _fmt(value)
 
 
-def _grid(title: str, head: Sequence[str], body: Sequence[Sequence[str]],
-          notes: Sequence[str]) -> str:
+def _grid(
+    title: str, head: Sequence[str], body: Sequence[Sequence[str]], notes: Sequence[str]
+) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=True)]
     lines = [f"## {title}"]
     for i, cells in enumerate((head, *body)):
-        lines.append("  ".join(
-            str(c).ljust(w) if j == 0 else str(c).rjust(w)
-            for j, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip())
+        lines.append(
+            "  ".join(
+                str(c).ljust(w) if j == 0 else str(c).rjust(w)
+                for j, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+        )
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines += [f"  * {n}" for n in notes]

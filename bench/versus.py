@@ -83,18 +83,18 @@ class Sides:
         xml = self.scratch / f"{tap}.xml"
         xml.write_text(interface_xml(hw, tap, queues))
         cursor = console.cursor()
-        async with watching(console.wait_for(nic_add_re(hw), GUEST_TIMEOUT,
-                                                     cursor)) as seen:
-            p = (await self.daemon.virsh("attach-device", self.dom.name, str(xml),
-                                         "--live")).check()
+        async with watching(console.wait_for(nic_add_re(hw), GUEST_TIMEOUT, cursor)) as seen:
+            p = (
+                await self.daemon.virsh("attach-device", self.dom.name, str(xml), "--live")
+            ).check()
             await give_peer(tap, hw)
             t_seen = await seen
         _add(table, "libvirt", p, t_seen)
         cursor = console.cursor()
-        async with watching(console.wait_for(nic_del_re(hw), GUEST_TIMEOUT,
-                                                     cursor)) as gone:
-            p = (await self.daemon.virsh("detach-device", self.dom.name, str(xml),
-                                         "--live")).check()
+        async with watching(console.wait_for(nic_del_re(hw), GUEST_TIMEOUT, cursor)) as gone:
+            p = (
+                await self.daemon.virsh("detach-device", self.dom.name, str(xml), "--live")
+            ).check()
             await gone
         _del(table, "libvirt", p.wall)
         await _tap_gone(tap)
@@ -104,9 +104,24 @@ class Sides:
         vm_args = ["--qmp", str(self.vm.mgmt_qmp_path), "--state", str(self.net.store.dir)]
         cursor = self.vm.console_cursor()
         async with watching(marker_at(self.vm, nic_add_re(hw), cursor)) as seen:
-            p = (await spawn([self.qmpnet_bin, "add-iface", *vm_args, "--model", "none",
-                            "--queues", str(queues), "--tap-name", tap, "--no-vhost", "-"],
-                           stdin=json.dumps({"name": "eth1", "hwAddr": hw}))).check()
+            p = (
+                await spawn(
+                    [
+                        self.qmpnet_bin,
+                        "add-iface",
+                        *vm_args,
+                        "--model",
+                        "none",
+                        "--queues",
+                        str(queues),
+                        "--tap-name",
+                        tap,
+                        "--no-vhost",
+                        "-",
+                    ],
+                    stdin=json.dumps({"name": "eth1", "hwAddr": hw}),
+                )
+            ).check()
             await give_peer(tap, hw)
             t_seen = await seen
         _add(table, "cli", p, t_seen)
@@ -122,9 +137,12 @@ class Sides:
         cursor = self.vm.console_cursor()
         async with watching(marker_at(self.vm, nic_add_re(hw), cursor)) as seen:
             t0 = time.monotonic()
-            await self.net.add_interface(InterfaceDescription(name="eth1", hw_addr=hw),
-                                         model=InterworkingModel.NONE, queues=queues,
-                                         tap_name=tap)
+            await self.net.add_interface(
+                InterfaceDescription(name="eth1", hw_addr=hw),
+                model=InterworkingModel.NONE,
+                queues=queues,
+                tap_name=tap,
+            )
             wall = time.monotonic() - t0
             await give_peer(tap, hw)
             t_seen = await seen
@@ -178,8 +196,11 @@ async def run(ctx: Context, report: Report) -> None:
         report.facts["libvirtd start → ready"] = f"{daemon.startup:.1f} s"
         report.facts["libvirtd created the libvirt-qemu user"] = daemon.created_user
         # Boot both guests at once: two TCG boots share the 2 cores for a few seconds.
-        dom_task = asyncio.ensure_future(Domain.create(
-            daemon, ctx.image, ctx.scratch("domain"), machine="q35", root_ports=ROOT_PORTS))
+        dom_task = asyncio.ensure_future(
+            Domain.create(
+                daemon, ctx.image, ctx.scratch("domain"), machine="q35", root_ports=ROOT_PORTS
+            )
+        )
         try:
             vm = await ctx.boot(stack, machine="q35", root_ports=ROOT_PORTS)
         finally:
@@ -189,9 +210,12 @@ async def run(ctx: Context, report: Report) -> None:
         qmpnet_bin = str(Path(sys.executable).with_name("qmpnet"))
         sides = Sides(ctx, daemon, dom, vm, ctx.network(vm), qmpnet_bin, ctx.scratch("xml"))
         drive: dict[str, Callable[[int, Table], Awaitable[None]]] = {
-            "libvirt": sides.libvirt, "cli": sides.cli, "lib": sides.lib}
+            "libvirt": sides.libvirt,
+            "cli": sides.cli,
+            "lib": sides.lib,
+        }
         for i in range(cycles):
-            order = SIDES[i % 3:] + SIDES[:i % 3]
+            order = SIDES[i % 3 :] + SIDES[: i % 3]
             for q in QUEUES if i % 2 == 0 else QUEUES[::-1]:
                 for side in order:
                     await drive[side](q, tables[q])

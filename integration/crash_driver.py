@@ -39,12 +39,16 @@ def _killer(step: str, phase: str) -> Any:
         if at.value == step and ph.value == phase:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
+
     return observe
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
-    config = Config(tap_name=args.tap_template, queues=args.queues,
-                    timeouts=Timeouts(unplug=args.unplug_timeout, connect=30.0))
+    config = Config(
+        tap_name=args.tap_template,
+        queues=args.queues,
+        timeouts=Timeouts(unplug=args.unplug_timeout, connect=30.0),
+    )
     state = NetworkState.open(args.state, args.qmp, config)
     if args.kill_at:
         state.observers.append(_killer(*args.kill_at.split(":")))
@@ -54,11 +58,20 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     if args.op == "add":
         desc = InterfaceDescription(name=args.name, hw_addr=args.mac)
-        ep = await state.add_interface(desc, model=InterworkingModel.parse(args.model),
-                                       netns_path=args.netns, tap_name=args.tap_name or None,
-                                       wait_guest=args.wait_guest)
-        return {"ok": True, "id": ep.id, "pci_path": ep.pci_path,
-                "seconds": time.monotonic() - started, "span": list(steps.span())}
+        ep = await state.add_interface(
+            desc,
+            model=InterworkingModel.parse(args.model),
+            netns_path=args.netns,
+            tap_name=args.tap_name or None,
+            wait_guest=args.wait_guest,
+        )
+        return {
+            "ok": True,
+            "id": ep.id,
+            "pci_path": ep.pci_path,
+            "seconds": time.monotonic() - started,
+            "span": list(steps.span()),
+        }
     ep = await state.remove_interface(args.mac)
     return {"ok": True, "id": ep.id, "span": list(steps.span())}
 

@@ -37,12 +37,20 @@ def mac(last: int) -> str:
     return f"52:54:00:c1:{os.getpid() % 256:02x}:{last:02x}"
 
 
-async def qmpnet(*args: str, stdin: str | None = None,
-                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+async def qmpnet(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the installed console script without blocking the module's event loop."""
     return await asyncio.to_thread(
-        subprocess.run, [QMPNET, *args], input=stdin, capture_output=True, text=True,
-        timeout=120, env={**os.environ, **(env or {})}, check=False)
+        subprocess.run,
+        [QMPNET, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -72,7 +80,8 @@ class Monitor:
 
     async def driver_ok(self, device: str) -> bool:
         reply: Any = await self.client.execute(
-            "x-query-virtio-status", {"path": f"/machine/peripheral/{device}/virtio-backend"})
+            "x-query-virtio-status", {"path": f"/machine/peripheral/{device}/virtio-backend"}
+        )
         return any("DRIVER_OK" in s for s in reply["status"].get("statuses", []))
 
 
@@ -97,19 +106,33 @@ def iface(tmp_path: Path, host_link_names: Any) -> tuple[Path, str, str]:
     return path, address, host_link_names("c")
 
 
-async def test_add_list_del_round_trip(vm: GuestVM, monitor: Monitor, state_dir: Path,
-                                       iface: tuple[Path, str, str]) -> None:
+async def test_add_list_del_round_trip(
+    vm: GuestVM, monitor: Monitor, state_dir: Path, iface: tuple[Path, str, str]
+) -> None:
     path, address, tap = iface
     cursor = vm.console_cursor()
-    added = await qmpnet("add-iface", "--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir),
-                         "--model", "none", "--queues", "2", "--tap-name", tap, str(path))
+    added = await qmpnet(
+        "add-iface",
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(state_dir),
+        "--model",
+        "none",
+        "--queues",
+        "2",
+        "--tap-name",
+        tap,
+        str(path),
+    )
     assert added.returncode == 0, added.stderr
     out = json.loads(added.stdout)
     assert out["hwAddr"] == address
     assert out["pciPath"]
     assert out["mtu"] == 1400
-    seen = marker_fields(await vm.wait_for(rf"QMPNET NIC-ADD .*mac={address}", MARKER_TIMEOUT,
-                                           since=cursor))
+    seen = marker_fields(
+        await vm.wait_for(rf"QMPNET NIC-ADD .*mac={address}", MARKER_TIMEOUT, since=cursor)
+    )
     assert seen["rxq"] == "2"
     assert links()[tap]["mtu"] == 1400
 
@@ -119,46 +142,75 @@ async def test_add_list_del_round_trip(vm: GuestVM, monitor: Monitor, state_dir:
     assert tap in row
     assert "plugged" in row
     assert out["pciPath"] in row
-    listed = json.loads((await qmpnet("list-ifaces", "--state", str(state_dir),
-                                      "--json")).stdout)
+    listed = json.loads((await qmpnet("list-ifaces", "--state", str(state_dir), "--json")).stdout)
     (entry,) = listed["interfaces"]
     device = entry["endpoint"]["tap_interface"]["id"] + "-dev"
     assert device in await monitor.peripherals()
 
     cursor = vm.console_cursor()
-    removed = await qmpnet("del-iface", "--qmp", str(vm.mgmt_qmp_path), "--state",
-                           str(state_dir), "--mac", address)
+    removed = await qmpnet(
+        "del-iface", "--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir), "--mac", address
+    )
     assert removed.returncode == 0, removed.stderr
     await vm.wait_for(rf"QMPNET NIC-DEL .*mac={address}", MARKER_TIMEOUT, since=cursor)
     assert device not in await monitor.peripherals()
     assert tap not in links()
-    assert json.loads((await qmpnet("list-ifaces", "--state", str(state_dir),
-                                    "--json")).stdout)["interfaces"] == []
+    assert (
+        json.loads((await qmpnet("list-ifaces", "--state", str(state_dir), "--json")).stdout)[
+            "interfaces"
+        ]
+        == []
+    )
 
 
-async def test_wait_guest_returns_after_driver_ok(vm: GuestVM, monitor: Monitor,
-                                                  state_dir: Path,
-                                                  iface: tuple[Path, str, str]) -> None:
+async def test_wait_guest_returns_after_driver_ok(
+    vm: GuestVM, monitor: Monitor, state_dir: Path, iface: tuple[Path, str, str]
+) -> None:
     path, address, tap = iface
-    added = await qmpnet("add-iface", "--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir),
-                         "--model", "none", "--tap-name", tap, "--wait-guest", str(path))
+    added = await qmpnet(
+        "add-iface",
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(state_dir),
+        "--model",
+        "none",
+        "--tap-name",
+        tap,
+        "--wait-guest",
+        str(path),
+    )
     assert added.returncode == 0, added.stderr
-    listed = json.loads((await qmpnet("list-ifaces", "--state", str(state_dir),
-                                      "--json")).stdout)
+    listed = json.loads((await qmpnet("list-ifaces", "--state", str(state_dir), "--json")).stdout)
     device = listed["interfaces"][0]["endpoint"]["tap_interface"]["id"] + "-dev"
     # Asked on the manager's monitor right after the command returned.
     assert await monitor.driver_ok(device)
-    removed = await qmpnet("del-iface", "--qmp", str(vm.mgmt_qmp_path), "--state",
-                           str(state_dir), "--mac", address)
+    removed = await qmpnet(
+        "del-iface", "--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir), "--mac", address
+    )
     assert removed.returncode == 0, removed.stderr
 
 
-async def test_stdin_and_json_logs(vm: GuestVM, state_dir: Path,
-                                   iface: tuple[Path, str, str]) -> None:
+async def test_stdin_and_json_logs(
+    vm: GuestVM, state_dir: Path, iface: tuple[Path, str, str]
+) -> None:
     path, _, tap = iface
-    added = await qmpnet("-vv", "--log-format", "json", "add-iface", "--qmp",
-                         str(vm.mgmt_qmp_path), "--state", str(state_dir), "--model", "none",
-                         "--tap-name", tap, "-", stdin=path.read_text())
+    added = await qmpnet(
+        "-vv",
+        "--log-format",
+        "json",
+        "add-iface",
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(state_dir),
+        "--model",
+        "none",
+        "--tap-name",
+        tap,
+        "-",
+        stdin=path.read_text(),
+    )
     assert added.returncode == 0, added.stderr
     records = [json.loads(line) for line in added.stderr.splitlines() if line.strip()]
     messages = [r["msg"] for r in records]
@@ -166,8 +218,9 @@ async def test_stdin_and_json_logs(vm: GuestVM, state_dir: Path,
     # -vv shows the QMP traffic as --> / <-- lines.
     assert any(m.startswith("--> netdev_add") for m in messages)
     assert any(m.startswith("<-- device_add") for m in messages)
-    removed = await qmpnet("del-iface", "--qmp", str(vm.mgmt_qmp_path), "--state",
-                           str(state_dir), str(path))  # the file's hwAddr selects it
+    removed = await qmpnet(
+        "del-iface", "--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir), str(path)
+    )  # the file's hwAddr selects it
     assert removed.returncode == 0, removed.stderr
 
 
@@ -178,80 +231,147 @@ async def test_stdin_and_json_logs(vm: GuestVM, state_dir: Path,
         ('{"name": "eth0", "hwAddr": "01:00:5e:00:00:01"}', ["hwAddr", "unicast"]),
         ('{"name": "a-very-long-name-x"}', ["name", "IFNAMSIZ"]),
         ('{"name": "eth0", "mtu": 70000}', ["mtu", "70000"]),
-        ('{"name": "eth0", "IPAddresses": [{"family": 4, "address": "169.254.1.300", '
-         '"mask": "24"}]}', ["address", "169.254.1.300"]),
+        (
+            '{"name": "eth0", "IPAddresses": [{"family": 4, "address": "169.254.1.300", '
+            '"mask": "24"}]}',
+            ["address", "169.254.1.300"],
+        ),
         ('{"name": "eth0", "colour": "blue"}', ["colour", "unknown key"]),
     ],
 )
-async def test_bad_input_exit_3(vm: GuestVM, state_dir: Path, document: str,
-                                needles: list[str]) -> None:
-    proc = await qmpnet("add-iface", "--qmp", str(vm.mgmt_qmp_path), "--state",
-                        str(state_dir), "--model", "none", "-", stdin=document)
+async def test_bad_input_exit_3(
+    vm: GuestVM, state_dir: Path, document: str, needles: list[str]
+) -> None:
+    proc = await qmpnet(
+        "add-iface",
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(state_dir),
+        "--model",
+        "none",
+        "-",
+        stdin=document,
+    )
     assert proc.returncode == 3
     one_line_error(proc, *needles)
     assert "tap0_kata" not in links()  # the name the first tap of this state would take
     assert not (state_dir / "state.json").exists()
 
 
-async def test_socket_errors_exit_4(tmp_path: Path, state_dir: Path,
-                                    iface: tuple[Path, str, str]) -> None:
+async def test_socket_errors_exit_4(
+    tmp_path: Path, state_dir: Path, iface: tuple[Path, str, str]
+) -> None:
     path, _, tap = iface
     regular = tmp_path / "not-a-socket"
     regular.write_text("")
     cases = ((regular, "not a unix socket"), (tmp_path / "missing", "no such socket"))
     for target, needle in cases:
-        proc = await qmpnet("add-iface", "--qmp", str(target), "--state", str(state_dir),
-                            "--model", "none", "--tap-name", tap, str(path))
+        proc = await qmpnet(
+            "add-iface",
+            "--qmp",
+            str(target),
+            "--state",
+            str(state_dir),
+            "--model",
+            "none",
+            "--tap-name",
+            tap,
+            str(path),
+        )
         assert proc.returncode == 4
         one_line_error(proc, str(target), needle)
         assert tap not in links()
 
 
-async def test_existing_link_exit_5_and_untouched(vm: GuestVM, state_dir: Path,
-                                                  iface: tuple[Path, str, str]) -> None:
+async def test_existing_link_exit_5_and_untouched(
+    vm: GuestVM, state_dir: Path, iface: tuple[Path, str, str]
+) -> None:
     path, _, tap = iface
-    await asyncio.to_thread(subprocess.run, ["ip", "link", "add", tap, "mtu", "1280", "type",
-                                             "bridge"], check=True)
+    await asyncio.to_thread(
+        subprocess.run, ["ip", "link", "add", tap, "mtu", "1280", "type", "bridge"], check=True
+    )
     before = links()[tap]
-    proc = await qmpnet("add-iface", "--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir),
-                        "--model", "none", "--tap-name", tap, str(path))
+    proc = await qmpnet(
+        "add-iface",
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(state_dir),
+        "--model",
+        "none",
+        "--tap-name",
+        tap,
+        str(path),
+    )
     assert proc.returncode == 5
     one_line_error(proc, tap, "already exists")
     after = links()[tap]
     assert (after["mtu"], after["address"], after.get("ifalias")) == (
-        before["mtu"], before["address"], before.get("ifalias"))
+        before["mtu"],
+        before["address"],
+        before.get("ifalias"),
+    )
 
 
-async def test_unsupported_model_from_config_exit_7(vm: GuestVM, state_dir: Path,
-                                                    tmp_path: Path,
-                                                    iface: tuple[Path, str, str]) -> None:
+async def test_unsupported_model_from_config_exit_7(
+    vm: GuestVM, state_dir: Path, tmp_path: Path, iface: tuple[Path, str, str]
+) -> None:
     path, _, _ = iface
     config = tmp_path / "qmpnet.toml"
     config.write_text('[network]\ninternetworking_model = "enlightened"\n')
-    proc = await qmpnet("add-iface", "--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir),
-                        "--config", str(config), str(path))
+    proc = await qmpnet(
+        "add-iface",
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(state_dir),
+        "--config",
+        str(config),
+        str(path),
+    )
     assert proc.returncode == 7
     one_line_error(proc, "enlightened", "no defined plumbing")
 
 
-async def test_bad_config_file_exit_3(vm: GuestVM, state_dir: Path, tmp_path: Path,
-                                      iface: tuple[Path, str, str]) -> None:
+async def test_bad_config_file_exit_3(
+    vm: GuestVM, state_dir: Path, tmp_path: Path, iface: tuple[Path, str, str]
+) -> None:
     path, _, _ = iface
     config = tmp_path / "qmpnet.toml"
     config.write_text("queues = 0.5\n")
-    proc = await qmpnet("add-iface", "--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir),
-                        "--config", str(config), str(path))
+    proc = await qmpnet(
+        "add-iface",
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(state_dir),
+        "--config",
+        str(config),
+        str(path),
+    )
     assert proc.returncode == 3
     one_line_error(proc, "queues", "0.5")
 
 
-async def test_corrupt_state_exit_8(vm: GuestVM, state_dir: Path,
-                                    iface: tuple[Path, str, str]) -> None:
+async def test_corrupt_state_exit_8(
+    vm: GuestVM, state_dir: Path, iface: tuple[Path, str, str]
+) -> None:
     path, _, tap = iface
     await asyncio.to_thread(state_dir.mkdir, mode=0o700)
     await asyncio.to_thread((state_dir / "state.json").write_text, "{ half a file")
-    proc = await qmpnet("add-iface", "--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir),
-                        "--model", "none", "--tap-name", tap, str(path))
+    proc = await qmpnet(
+        "add-iface",
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(state_dir),
+        "--model",
+        "none",
+        "--tap-name",
+        tap,
+        str(path),
+    )
     assert proc.returncode == 8
     one_line_error(proc, "state.json", "not valid JSON")
     assert tap not in links()
@@ -261,10 +381,19 @@ async def test_corrupt_state_exit_8(vm: GuestVM, state_dir: Path,
 async def test_usage_exit_2_and_debug_traceback(vm: GuestVM, state_dir: Path) -> None:
     usage = await qmpnet("add-iface", "--queues", "0", "x.json")
     assert usage.returncode == 2
-    plain = await qmpnet("add-iface", "--qmp", str(vm.mgmt_qmp_path), "--state",
-                         str(state_dir), "-", stdin="[]")
-    debug = await qmpnet("--debug", "add-iface", "--qmp", str(vm.mgmt_qmp_path), "--state",
-                         str(state_dir), "-", stdin="[]")
+    plain = await qmpnet(
+        "add-iface", "--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir), "-", stdin="[]"
+    )
+    debug = await qmpnet(
+        "--debug",
+        "add-iface",
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(state_dir),
+        "-",
+        stdin="[]",
+    )
     assert plain.returncode == debug.returncode == 3
     assert "Traceback" not in plain.stderr
     assert "Traceback" in debug.stderr
@@ -273,26 +402,31 @@ async def test_usage_exit_2_and_debug_traceback(vm: GuestVM, state_dir: Path) ->
 
 async def test_help_imports_no_driver_machinery() -> None:
     """Start-up stays fast: --help and parsing import neither QMP nor netlink code."""
-    code = ("import sys; from qmpnet import cli; cli.build_parser().parse_args(['list-ifaces', "
-            "'--state', '/nonexistent']); print(sorted(m for m in sys.modules if m.startswith("
-            "('qemu', 'pyroute2', 'cattrs', 'qmpnet.network'))))")
-    proc = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code],
-                                   capture_output=True, text=True, check=True)
+    code = (
+        "import sys; from qmpnet import cli; cli.build_parser().parse_args(['list-ifaces', "
+        "'--state', '/nonexistent']); print(sorted(m for m in sys.modules if m.startswith("
+        "('qemu', 'pyroute2', 'cattrs', 'qmpnet.network'))))"
+    )
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert proc.stdout.strip() == "[]"
 
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def paused(guest_image: GuestImage, tmp_path: Path) -> AsyncIterator[GuestVM]:
-    machine = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=2,
-                                  name=f"{RUN}-clip")
+    machine = await GuestVM.start(
+        guest_image, tmp_path, paused=True, root_ports=2, name=f"{RUN}-clip"
+    )
     try:
         yield machine
     finally:
         await machine.stop()
 
 
-async def test_pending_unplug_exit_6_then_reconcile(paused: GuestVM, state_dir: Path,
-                                                    iface: tuple[Path, str, str]) -> None:
+async def test_pending_unplug_exit_6_then_reconcile(
+    paused: GuestVM, state_dir: Path, iface: tuple[Path, str, str]
+) -> None:
     path, address, tap = iface
     base = ["--qmp", str(paused.mgmt_qmp_path), "--state", str(state_dir)]
     added = await qmpnet("add-iface", *base, "--model", "none", "--tap-name", tap, str(path))
@@ -300,8 +434,11 @@ async def test_pending_unplug_exit_6_then_reconcile(paused: GuestVM, state_dir: 
     removed = await qmpnet("del-iface", *base, "--timeout-unplug", "1", "--mac", address)
     assert removed.returncode == 6
     one_line_error(removed, "DEVICE_DELETED", "pending")
-    row = next(line for line in (await qmpnet("list-ifaces", "--state", str(state_dir))
-                                 ).stdout.splitlines() if address in line)
+    row = next(
+        line
+        for line in (await qmpnet("list-ifaces", "--state", str(state_dir))).stdout.splitlines()
+        if address in line
+    )
     assert "unplug-pending" in row
 
     # The guest never runs: reconcile keeps the entry pending, in JSON for machines.
@@ -316,11 +453,16 @@ async def test_pending_unplug_exit_6_then_reconcile(paused: GuestVM, state_dir: 
     assert report.returncode == 0, report.stdout + report.stderr
     assert "QEMU gone" in report.stdout
     assert "dropped-qemu-gone" in report.stdout
-    assert json.loads((await qmpnet("list-ifaces", "--state", str(state_dir),
-                                    "--json")).stdout)["interfaces"] == []
+    assert (
+        json.loads((await qmpnet("list-ifaces", "--state", str(state_dir), "--json")).stdout)[
+            "interfaces"
+        ]
+        == []
+    )
     assert tap not in links()
-    again = await qmpnet("add-iface", *base, "--model", "none", "--tap-name", unique("c"),
-                         str(path))
+    again = await qmpnet(
+        "add-iface", *base, "--model", "none", "--tap-name", unique("c"), str(path)
+    )
     assert again.returncode == 4  # fails fast, and says why
     one_line_error(again, "no such socket", "QEMU is not running")
 
@@ -336,25 +478,39 @@ async def test_a_mistyped_socket_leaves_no_state_directory(tmp_path: Path) -> No
     exit 4 (not 3, not an empty list) and create nothing under the state root."""
     typo = tmp_path / "no-such-vm.sock"
     before = _state_root()
-    for args in (("del-iface", "--qmp", str(typo), "--mac", "52:54:00:12:34:56"),
-                 ("list-ifaces", "--qmp", str(typo)), ("reconcile", "--qmp", str(typo))):
+    for args in (
+        ("del-iface", "--qmp", str(typo), "--mac", "52:54:00:12:34:56"),
+        ("list-ifaces", "--qmp", str(typo)),
+        ("reconcile", "--qmp", str(typo)),
+    ):
         proc = await qmpnet(*args)
         assert proc.returncode == 4, (args, proc.stderr)
         one_line_error(proc, "no such socket")
     assert _state_root() == before
-    watch = await qmpnet("watch", "--qmp", str(typo), "--state", str(tmp_path / "st"),
-                         "--netns", "/run/netns/none")
+    watch = await qmpnet(
+        "watch", "--qmp", str(typo), "--state", str(tmp_path / "st"), "--netns", "/run/netns/none"
+    )
     assert watch.returncode == 4
     one_line_error(watch, "no such socket")
 
 
-async def test_no_vm_given_is_usage_and_json_errors_are_json(tmp_path: Path,
-                                                             state_dir: Path) -> None:
+async def test_no_vm_given_is_usage_and_json_errors_are_json(
+    tmp_path: Path, state_dir: Path
+) -> None:
     proc = await qmpnet("list-ifaces", env={"QMPNET_STATE_DIR": ""})
     assert proc.returncode == 2
     assert "give --state DIR or --qmp SOCKET" in proc.stderr
-    bad = await qmpnet("--log-format", "json", "add-iface", "--qmp", str(tmp_path / "x.sock"),
-                       "--state", str(state_dir), "-", stdin='{"name": "eth0", "mtu": 1}')
+    bad = await qmpnet(
+        "--log-format",
+        "json",
+        "add-iface",
+        "--qmp",
+        str(tmp_path / "x.sock"),
+        "--state",
+        str(state_dir),
+        "-",
+        stdin='{"name": "eth0", "mtu": 1}',
+    )
     assert bad.returncode == 3
     (line,) = bad.stderr.splitlines()
     doc = json.loads(line)
@@ -363,11 +519,23 @@ async def test_no_vm_given_is_usage_and_json_errors_are_json(tmp_path: Path,
 
 
 async def test_queues_out_of_range_fail_before_anything_is_made(
-        vm: GuestVM, state_dir: Path, iface: tuple[Path, str, str]) -> None:
+    vm: GuestVM, state_dir: Path, iface: tuple[Path, str, str]
+) -> None:
     path, _, tap = iface
-    proc = await qmpnet("add-iface", "--qmp", str(vm.mgmt_qmp_path), "--state",
-                        str(state_dir), "--model", "none", "--tap-name", tap, "--queues", "300",
-                        str(path))
+    proc = await qmpnet(
+        "add-iface",
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(state_dir),
+        "--model",
+        "none",
+        "--tap-name",
+        tap,
+        "--queues",
+        "300",
+        str(path),
+    )
     assert proc.returncode == 3
     one_line_error(proc, "queues", "300")
     assert "step" not in proc.stderr  # refused before the hot-plug started
@@ -375,14 +543,24 @@ async def test_queues_out_of_range_fail_before_anything_is_made(
 
 
 async def test_reconcile_of_a_vm_that_is_gone_removes_its_state_directory(
-        guest_image: GuestImage, tmp_path: Path, iface: tuple[Path, str, str]) -> None:
+    guest_image: GuestImage, tmp_path: Path, iface: tuple[Path, str, str]
+) -> None:
     path, _, tap = iface
     state = tmp_path / "state"
-    gone = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=2,
-                               name=f"{RUN}-gone")
+    gone = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=2, name=f"{RUN}-gone")
     try:
-        added = await qmpnet("add-iface", "--qmp", str(gone.mgmt_qmp_path), "--state",
-                             str(state), "--model", "none", "--tap-name", tap, str(path))
+        added = await qmpnet(
+            "add-iface",
+            "--qmp",
+            str(gone.mgmt_qmp_path),
+            "--state",
+            str(state),
+            "--model",
+            "none",
+            "--tap-name",
+            tap,
+            str(path),
+        )
         assert added.returncode == 0, added.stderr
     finally:
         await gone.stop()

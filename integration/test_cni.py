@@ -46,6 +46,7 @@ PING = ("busybox", "ping", "-c", "1", "-W", "1")
 
 # --- what a runtime does ------------------------------------------------------------------
 
+
 @attrs.frozen
 class Reply:
     status: int
@@ -76,17 +77,36 @@ class Runtime:
 
     cni_path: Path
 
-    async def call(self, command: str, conf: dict[str, Any], *, container: str = "",
-                   netns: str = "", ifname: str = "", args: str = "",
-                   extra_env: dict[str, str] | None = None) -> Reply:
+    async def call(
+        self,
+        command: str,
+        conf: dict[str, Any],
+        *,
+        container: str = "",
+        netns: str = "",
+        ifname: str = "",
+        args: str = "",
+        extra_env: dict[str, str] | None = None,
+    ) -> Reply:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "QMPNET_"))}
-        env.update({"CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": netns,
-                    "CNI_IFNAME": ifname, "CNI_ARGS": args, "CNI_PATH": str(self.cni_path)})
+        env.update(
+            {
+                "CNI_COMMAND": command,
+                "CNI_CONTAINERID": container,
+                "CNI_NETNS": netns,
+                "CNI_IFNAME": ifname,
+                "CNI_ARGS": args,
+                "CNI_PATH": str(self.cni_path),
+            }
+        )
         env.update(extra_env or {})
         proc = await asyncio.create_subprocess_exec(
-            str(self.cni_path / conf.get("type", "qmpnet-cni")), env=env,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            str(self.cni_path / conf.get("type", "qmpnet-cni")),
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await asyncio.wait_for(proc.communicate(json.dumps(conf).encode()), 300)
         return Reply(proc.returncode or 0, out.decode(), err.decode())
 
@@ -115,13 +135,18 @@ def runtime(tmp_path: Path) -> Runtime:
 
 def chained(pod: Pod, **fields: Any) -> dict[str, Any]:
     """qmpnet-cni's entry of the pod's list, as the runtime passes it after ``bridge``."""
-    conf: dict[str, Any] = {"cniVersion": pod.config["cniVersion"], "name": pod.config["name"],
-                            "type": "qmpnet-cni", "prevResult": pod.result.raw}
+    conf: dict[str, Any] = {
+        "cniVersion": pod.config["cniVersion"],
+        "name": pod.config["name"],
+        "type": "qmpnet-cni",
+        "prevResult": pod.result.raw,
+    }
     conf.update(fields)
     return conf
 
 
 # --- independent views ----------------------------------------------------------------------
+
 
 async def qemu_view(vm: GuestVM) -> tuple[set[str], str]:
     """Device ids under /machine/peripheral and ``info network``, from the manager's monitor."""
@@ -129,8 +154,7 @@ async def qemu_view(vm: GuestVM) -> tuple[set[str], str]:
     await client.connect(str(vm.qmp_path))
     try:
         children = await client.execute("qom-list", {"path": "/machine/peripheral"})
-        network = await client.execute("human-monitor-command",
-                                       {"command-line": "info network"})
+        network = await client.execute("human-monitor-command", {"command-line": "info network"})
     finally:
         await client.disconnect()
     return {c["name"] for c in children if c["type"].startswith("child<")}, str(network)
@@ -144,8 +168,10 @@ async def manager_device_del(vm: GuestVM, device: str) -> None:
         await client.execute("device_del", {"id": device})
         async with asyncio.timeout(GUEST):
             async for event in client.events:
-                if event["event"] == "DEVICE_DELETED" and \
-                        event.get("data", {}).get("device") == device:
+                if (
+                    event["event"] == "DEVICE_DELETED"
+                    and event.get("data", {}).get("device") == device
+                ):
                     break
     finally:
         await client.disconnect()
@@ -157,9 +183,11 @@ def ns(path: str) -> str:
 
 def owned_links(netns: str) -> dict[str, str]:
     """Links in the netns carrying qmpnet's mark: name -> owner id."""
-    return {link["ifname"]: link["ifalias"].removeprefix("qmpnet:")
-            for link in ip_json("link", "show", netns=ns(netns))
-            if link.get("ifalias", "").startswith("qmpnet:")}
+    return {
+        link["ifname"]: link["ifalias"].removeprefix("qmpnet:")
+        for link in ip_json("link", "show", netns=ns(netns))
+        if link.get("ifalias", "").startswith("qmpnet:")
+    }
 
 
 def qdisc_kinds(netns: str, dev: str) -> set[str]:
@@ -169,14 +197,16 @@ def qdisc_kinds(netns: str, dev: str) -> set[str]:
 def ip_tc(*args: str, netns: str) -> list[dict[str, Any]]:
     import subprocess
 
-    out = subprocess.run(["tc", "-j", "-n", ns(netns), *args], capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        ["tc", "-j", "-n", ns(netns), *args], capture_output=True, text=True, check=False
+    )
     return list(json.loads(out.stdout or "[]")) if out.returncode == 0 else []
 
 
 async def sh(*cmd: str) -> int:
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.DEVNULL)
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
     return await proc.wait()
 
 
@@ -191,8 +221,12 @@ async def ping_until(cmd: list[str]) -> None:
 
 def free_link_local_byte() -> int:
     """A B for 169.254.B.0/24 that no address or route on the host uses now."""
-    used = {int(a["local"].split(".")[2]) for link in ip_json("-4", "addr", "show")
-            for a in link.get("addr_info", []) if a.get("local", "").startswith("169.254.")}
+    used = {
+        int(a["local"].split(".")[2])
+        for link in ip_json("-4", "addr", "show")
+        for a in link.get("addr_info", [])
+        if a.get("local", "").startswith("169.254.")
+    }
     for route in ip_json("-4", "route", "show"):
         match = re.match(r"169\.254\.(\d+)\.", route.get("dst", ""))
         if match:
@@ -212,6 +246,7 @@ def ipam_files(data_dir: Path, network: str) -> set[str]:
 
 # --- the pod's VM -----------------------------------------------------------------------------
 
+
 @attrs.frozen
 class PodVM:
     """One booted guest, reachable as a runtime would find it: by container id."""
@@ -223,10 +258,13 @@ class PodVM:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def pod_vm(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory,
-                 ) -> AsyncIterator[PodVM]:
-    vm = await GuestVM.start(guest_image, tmp_path_factory.mktemp("vms"), root_ports=8,
-                             name=f"{RUN}pod")
+async def pod_vm(
+    guest_image: GuestImage,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[PodVM]:
+    vm = await GuestVM.start(
+        guest_image, tmp_path_factory.mktemp("vms"), root_ports=8, name=f"{RUN}pod"
+    )
     try:
         yield PodVM(vm, vm.workdir.name, f"{vm.workdir.parent}/{{containerId}}/qmp2.sock")
     finally:
@@ -261,6 +299,7 @@ def pod_prefix() -> str:
 
 # --- VERSION and errors (no VM) -----------------------------------------------------------
 
+
 @pytest.mark.asyncio
 async def test_version_answers_with_the_supported_versions(runtime: Runtime) -> None:
     reply = await runtime.call("VERSION", {"cniVersion": "1.1.0"})
@@ -269,9 +308,13 @@ async def test_version_answers_with_the_supported_versions(runtime: Runtime) -> 
     assert {"1.0.0", "1.1.0"} <= set(reply.json["supportedVersions"])
 
 
-BASE = {"cniVersion": VERSION, "name": "errnet", "type": "qmpnet-cni",
-        "qmpSocket": "/nonexistent/{containerId}/qmp2.sock",
-        "prevResult": {"cniVersion": VERSION, "interfaces": []}}
+BASE = {
+    "cniVersion": VERSION,
+    "name": "errnet",
+    "type": "qmpnet-cni",
+    "qmpSocket": "/nonexistent/{containerId}/qmp2.sock",
+    "prevResult": {"cniVersion": VERSION, "interfaces": []},
+}
 
 
 @pytest.fixture
@@ -282,29 +325,44 @@ def lonely_netns(make_netns: Callable[[], str]) -> str:
     return path
 
 
-@pytest.mark.parametrize(("conf", "env", "code", "words"), [
-    ("{not json", {}, 6, "JSON"),
-    ({**BASE, "cniVersion": "0.1.0"}, {}, 1, "version"),
-    ({**BASE, "name": None}, {}, 7, "name"),
-    ({**BASE, "model": "ovs"}, {}, 7, "ovs"),
-    ({**BASE, "queues": -1}, {}, 7, "queues"),
-    ({k: v for k, v in BASE.items() if k != "prevResult"}, {}, 7, "prevResult"),
-    (BASE, {"CNI_NETNS": ""}, 4, "CNI_NETNS"),
-    (BASE, {"CNI_IFNAME": "much-too-long-name"}, 4, "CNI_IFNAME"),
-    (BASE, {"CNI_COMMAND": "ATTACH"}, 4, "CNI_COMMAND"),
-    (BASE, {"CNI_NETNS": "/run/netns/no-such-netns"}, 3, "no-such-netns"),
-    (BASE, {}, 100, "/nonexistent/"),
-    (BASE, {"CNI_IFNAME": "eth7"}, 105, "eth7"),
-])
+@pytest.mark.parametrize(
+    ("conf", "env", "code", "words"),
+    [
+        ("{not json", {}, 6, "JSON"),
+        ({**BASE, "cniVersion": "0.1.0"}, {}, 1, "version"),
+        ({**BASE, "name": None}, {}, 7, "name"),
+        ({**BASE, "model": "ovs"}, {}, 7, "ovs"),
+        ({**BASE, "queues": -1}, {}, 7, "queues"),
+        ({k: v for k, v in BASE.items() if k != "prevResult"}, {}, 7, "prevResult"),
+        (BASE, {"CNI_NETNS": ""}, 4, "CNI_NETNS"),
+        (BASE, {"CNI_IFNAME": "much-too-long-name"}, 4, "CNI_IFNAME"),
+        (BASE, {"CNI_COMMAND": "ATTACH"}, 4, "CNI_COMMAND"),
+        (BASE, {"CNI_NETNS": "/run/netns/no-such-netns"}, 3, "no-such-netns"),
+        (BASE, {}, 100, "/nonexistent/"),
+        (BASE, {"CNI_IFNAME": "eth7"}, 105, "eth7"),
+    ],
+)
 @pytest.mark.asyncio
-async def test_bad_input_gets_the_specs_error_json(runtime: Runtime, lonely_netns: str,
-                                                   state_template: str, conf: Any,
-                                                   env: dict[str, str], code: int,
-                                                   words: str) -> None:
-    stdin = conf if isinstance(conf, str) else {
-        "stateDir": state_template, **{k: v for k, v in conf.items() if v is not None}}
-    defaults = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": f"{RUN}c", "CNI_NETNS": lonely_netns,
-                "CNI_IFNAME": "eth0"}
+async def test_bad_input_gets_the_specs_error_json(
+    runtime: Runtime,
+    lonely_netns: str,
+    state_template: str,
+    conf: Any,
+    env: dict[str, str],
+    code: int,
+    words: str,
+) -> None:
+    stdin = (
+        conf
+        if isinstance(conf, str)
+        else {"stateDir": state_template, **{k: v for k, v in conf.items() if v is not None}}
+    )
+    defaults = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": f"{RUN}c",
+        "CNI_NETNS": lonely_netns,
+        "CNI_IFNAME": "eth0",
+    }
     full = {**defaults, **env}
     if isinstance(stdin, str):
         reply = await _call_raw(runtime, stdin, full)
@@ -319,21 +377,30 @@ async def test_bad_input_gets_the_specs_error_json(runtime: Runtime, lonely_netn
 
 async def _call_raw(runtime: Runtime, stdin: str, env: dict[str, str]) -> Reply:
     proc = await asyncio.create_subprocess_exec(
-        str(runtime.cni_path / "qmpnet-cni"), env={**os.environ, **env,
-                                                   "CNI_PATH": str(runtime.cni_path)},
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        str(runtime.cni_path / "qmpnet-cni"),
+        env={**os.environ, **env, "CNI_PATH": str(runtime.cni_path)},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate(stdin.encode())
     return Reply(proc.returncode or 0, out.decode(), err.decode())
 
 
 @pytest.mark.asyncio
 async def test_debug_logs_go_to_stderr_and_a_log_file_never_stdout(
-        runtime: Runtime, tmp_path: Path, lonely_netns: str, state_template: str) -> None:
+    runtime: Runtime, tmp_path: Path, lonely_netns: str, state_template: str
+) -> None:
     log_file = tmp_path / "cni.log"
     conf = {**BASE, "logFile": str(log_file), "stateDir": state_template}
-    reply = await runtime.call("ADD", conf, container=f"{RUN}c", netns=lonely_netns,
-                               ifname="eth0", extra_env={"QMPNET_CNI_DEBUG": "1"})
+    reply = await runtime.call(
+        "ADD",
+        conf,
+        container=f"{RUN}c",
+        netns=lonely_netns,
+        ifname="eth0",
+        extra_env={"QMPNET_CNI_DEBUG": "1"},
+    )
     assert reply.error(debug=True)["code"] == 100
     assert "ADD failed: code 100" in reply.err
     assert "ADD failed: code 100" in log_file.read_text()
@@ -341,9 +408,17 @@ async def test_debug_logs_go_to_stderr_and_a_log_file_never_stdout(
 
 @pytest.mark.asyncio
 async def test_status_reports_readiness(runtime: Runtime, tmp_path: Path) -> None:
-    main = {"cniVersion": "1.1.0", "name": "stnet", "type": "qmpnet-cni", "model": "none",
-            "ipam": {"type": "host-local", "subnet": "169.254.3.0/24",
-                     "dataDir": str(tmp_path / "ipam")}}
+    main = {
+        "cniVersion": "1.1.0",
+        "name": "stnet",
+        "type": "qmpnet-cni",
+        "model": "none",
+        "ipam": {
+            "type": "host-local",
+            "subnet": "169.254.3.0/24",
+            "dataDir": str(tmp_path / "ipam"),
+        },
+    }
     await runtime.ok("STATUS", {**main, "model": "tcfilter", "ipam": None})
     await runtime.ok("STATUS", main)  # host-local has no STATUS (1.0 plugin): not asked
     missing = await runtime.call("STATUS", {**main, "ipam": {"type": "no-such-ipam"}})
@@ -356,38 +431,55 @@ async def test_status_reports_readiness(runtime: Runtime, tmp_path: Path) -> Non
 
 # --- chained after bridge + host-local --------------------------------------------------------
 
+
 @pytest.mark.asyncio(loop_scope="module")
 async def test_chained_add_plugs_the_pods_veth_and_traffic_flows_then_del_leaves_nothing(
-        pod_vm: PodVM, runtime: Runtime, state_template: str, pod_prefix: str,
-        tmp_path: Path) -> None:
+    pod_vm: PodVM, runtime: Runtime, state_template: str, pod_prefix: str, tmp_path: Path
+) -> None:
     vm = pod_vm.vm
     b = free_link_local_byte()
     mac = mac_ending(b)
-    async with pod_network(pod_prefix, f"169.254.{b}.0/24", mac=mac,
-                           range_start=f"169.254.{b}.100",
-                           bridge_address=f"{host_ip_for_mac(mac)}/24") as pod:
+    async with pod_network(
+        pod_prefix,
+        f"169.254.{b}.0/24",
+        mac=mac,
+        range_start=f"169.254.{b}.100",
+        bridge_address=f"{host_ip_for_mac(mac)}/24",
+    ) as pod:
         netns = f"/run/netns/{pod.netns}"
-        conf = chained(pod, stateDir=state_template,
-                       qmpSocket=socket_template(pod_vm, pod.container_id, tmp_path))
-        call = {"container": pod.container_id, "netns": netns, "ifname": pod.ifname,
-                "args": f"IgnoreUnknown=1;K8S_POD_NAME={pod_prefix}"}
+        conf = chained(
+            pod,
+            stateDir=state_template,
+            qmpSocket=socket_template(pod_vm, pod.container_id, tmp_path),
+        )
+        call = {
+            "container": pod.container_id,
+            "netns": netns,
+            "ifname": pod.ifname,
+            "args": f"IgnoreUnknown=1;K8S_POD_NAME={pod_prefix}",
+        }
         cursor = vm.console_cursor()
         result = await runtime.ok("ADD", conf, **call)
         try:
             # The result is bridge's, passed on: same interfaces (the veth is listed with its
             # sandbox and MAC already) and the address host-local chose.
             assert result == {**pod.result.raw, "cniVersion": VERSION}
-            assert any(i.get("sandbox") == netns and i["mac"] == mac and i["name"] == "eth0"
-                       for i in result["interfaces"])
-            added = await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={mac}\b", GUEST,
-                                      since=cursor)
+            assert any(
+                i.get("sandbox") == netns and i["mac"] == mac and i["name"] == "eth0"
+                for i in result["interfaces"]
+            )
+            added = await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={mac}\b", GUEST, since=cursor)
             guest_nic = added.group(0).split("name=")[1].split()[0]
             await vm.wait_for(rf"QMPNET NIC-ADDR name={guest_nic} ", GUEST, since=cursor)
             # Traffic from the bridge, through the veth, tc, the tap, into the guest; and the
             # guest's own ping of the bridge's address.
             await ping_until([*PING, "-I", pod.bridge, guest_ip_for_mac(mac)])
-            await vm.wait_for(rf"QMPNET PING name={guest_nic} peer={host_ip_for_mac(mac)} "
-                              "result=ok", GUEST, since=cursor)
+            await vm.wait_for(
+                rf"QMPNET PING name={guest_nic} peer={host_ip_for_mac(mac)} "
+                "result=ok",
+                GUEST,
+                since=cursor,
+            )
             ours = owned_links(netns)
             assert len(ours) == 1
             ((tap, owner),) = ours.items()
@@ -417,14 +509,18 @@ async def test_chained_add_plugs_the_pods_veth_and_traffic_flows_then_del_leaves
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_check_fails_when_qemu_lost_the_device_and_del_still_cleans_up(
-        pod_vm: PodVM, runtime: Runtime, state_template: str, pod_prefix: str,
-        tmp_path: Path) -> None:
+    pod_vm: PodVM, runtime: Runtime, state_template: str, pod_prefix: str, tmp_path: Path
+) -> None:
     vm = pod_vm.vm
     mac = mac_ending(random.randrange(16, 250))
     async with pod_network(pod_prefix, "169.254.250.0/24", mac=mac) as pod:
         netns = f"/run/netns/{pod.netns}"
-        conf = chained(pod, stateDir=state_template, model="bridged",
-                       qmpSocket=socket_template(pod_vm, pod.container_id, tmp_path))
+        conf = chained(
+            pod,
+            stateDir=state_template,
+            model="bridged",
+            qmpSocket=socket_template(pod_vm, pod.container_id, tmp_path),
+        )
         call = {"container": pod.container_id, "netns": netns, "ifname": pod.ifname}
         result = await runtime.ok("ADD", conf, **call)
         (owner,) = set(owned_links(netns).values())  # the tap and the bridge
@@ -440,8 +536,11 @@ async def test_check_fails_when_qemu_lost_the_device_and_del_still_cleans_up(
         error = (await runtime.call("CHECK", {**conf, "prevResult": result}, **call)).error()
         assert error["code"] == 104
         assert f"{owner}-dev" in error["msg"]
-        other = (await runtime.call("CHECK", {**conf, "prevResult": result},
-                                    **{**call, "ifname": "eth9"})).error()
+        other = (
+            await runtime.call(
+                "CHECK", {**conf, "prevResult": result}, **{**call, "ifname": "eth9"}
+            )
+        ).error()
         assert other["code"] == 104
         await runtime.ok("DEL", {**conf, "prevResult": result}, **call)
         assert owned_links(netns) == {}
@@ -454,13 +553,18 @@ async def test_check_fails_when_qemu_lost_the_device_and_del_still_cleans_up(
 
 @pytest.mark.asyncio
 async def test_del_succeeds_and_cleans_the_netns_when_the_vm_is_gone(
-        paused_vm: GuestVM, runtime: Runtime, state_template: str, pod_prefix: str) -> None:
+    paused_vm: GuestVM, runtime: Runtime, state_template: str, pod_prefix: str
+) -> None:
     mac = mac_ending(random.randrange(16, 250))
     async with pod_network(pod_prefix, "169.254.251.0/24", mac=mac) as pod:
         netns = f"/run/netns/{pod.netns}"
         # The socket comes from runtimeConfig, as a runtime passes a capability.
-        conf = chained(pod, stateDir=state_template, capabilities={"qmpSocket": True},
-                       runtimeConfig={"qmpSocket": str(paused_vm.mgmt_qmp_path)})
+        conf = chained(
+            pod,
+            stateDir=state_template,
+            capabilities={"qmpSocket": True},
+            runtimeConfig={"qmpSocket": str(paused_vm.mgmt_qmp_path)},
+        )
         call = {"container": pod.container_id, "netns": netns, "ifname": pod.ifname}
         await runtime.ok("ADD", conf, **call)
         assert "ingress" in qdisc_kinds(netns, "eth0")
@@ -474,13 +578,18 @@ async def test_del_succeeds_and_cleans_the_netns_when_the_vm_is_gone(
 
 # --- main mode: qmpnet-cni makes the tap, host-local the address ------------------------------
 
-def main_conf(pod_vm: PodVM, name: str, state_template: str, data_dir: Path, subnet: str,
-              **fields: Any) -> dict[str, Any]:
+
+def main_conf(
+    pod_vm: PodVM, name: str, state_template: str, data_dir: Path, subnet: str, **fields: Any
+) -> dict[str, Any]:
     conf: dict[str, Any] = {
-        "cniVersion": VERSION, "name": name, "type": "qmpnet-cni", "model": "none",
-        "qmpSocket": pod_vm.qmp_template, "stateDir": state_template,
-        "ipam": {"type": "host-local", "dataDir": str(data_dir),
-                 "ranges": [[{"subnet": subnet}]]},
+        "cniVersion": VERSION,
+        "name": name,
+        "type": "qmpnet-cni",
+        "model": "none",
+        "qmpSocket": pod_vm.qmp_template,
+        "stateDir": state_template,
+        "ipam": {"type": "host-local", "dataDir": str(data_dir), "ranges": [[{"subnet": subnet}]]},
     }
     conf.update(fields)
     return conf
@@ -488,16 +597,24 @@ def main_conf(pod_vm: PodVM, name: str, state_template: str, data_dir: Path, sub
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_main_mode_makes_a_tap_in_the_netns_with_an_address_from_host_local(
-        pod_vm: PodVM, runtime: Runtime, state_template: str, tmp_path: Path,
-        make_netns: Callable[[], str]) -> None:
+    pod_vm: PodVM,
+    runtime: Runtime,
+    state_template: str,
+    tmp_path: Path,
+    make_netns: Callable[[], str],
+) -> None:
     vm = pod_vm.vm
     netns = make_netns()
     mac = mac_ending(random.randrange(16, 250))
     network = f"{RUN}main"
     data_dir = tmp_path / "ipam"
     conf = main_conf(pod_vm, network, state_template, data_dir, "169.254.252.0/24")
-    call = {"container": pod_vm.container, "netns": netns, "ifname": "net1",
-            "args": f"IgnoreUnknown=1;MAC={mac}"}
+    call = {
+        "container": pod_vm.container,
+        "netns": netns,
+        "ifname": "net1",
+        "args": f"IgnoreUnknown=1;MAC={mac}",
+    }
     cursor = vm.console_cursor()
     result = await runtime.ok("ADD", conf, **call)
     try:
@@ -516,8 +633,12 @@ async def test_main_mode_makes_a_tap_in_the_netns_with_an_address_from_host_loca
         owner = tap["ifalias"].removeprefix("qmpnet:")
         assert f"{owner}-dev" in (await qemu_view(vm))[0]
         # The tap is the pod end of the guest's link: traffic from inside the netns.
-        assert await sh("ip", "-n", ns(netns), "addr", "add", f"{host_ip_for_mac(mac)}/24",
-                        "dev", "net1") == 0
+        assert (
+            await sh(
+                "ip", "-n", ns(netns), "addr", "add", f"{host_ip_for_mac(mac)}/24", "dev", "net1"
+            )
+            == 0
+        )
         await vm.wait_for(rf"QMPNET NIC-ADDR name={guest_nic} ", GUEST, since=cursor)
         await ping_until(["ip", "netns", "exec", ns(netns), *PING, guest_ip_for_mac(mac)])
         await runtime.ok("CHECK", conf, **call)  # host-local's CHECK is asked too
@@ -536,8 +657,12 @@ async def test_main_mode_makes_a_tap_in_the_netns_with_an_address_from_host_loca
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_del_after_the_netns_is_gone_still_unplugs_and_releases(
-        pod_vm: PodVM, runtime: Runtime, state_template: str, tmp_path: Path,
-        make_netns: Callable[[], str]) -> None:
+    pod_vm: PodVM,
+    runtime: Runtime,
+    state_template: str,
+    tmp_path: Path,
+    make_netns: Callable[[], str],
+) -> None:
     vm = pod_vm.vm
     netns = make_netns()
     network = f"{RUN}gone"
@@ -560,8 +685,12 @@ async def test_del_after_the_netns_is_gone_still_unplugs_and_releases(
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_second_add_of_the_same_attachment_is_refused(
-        pod_vm: PodVM, runtime: Runtime, state_template: str, tmp_path: Path,
-        make_netns: Callable[[], str]) -> None:
+    pod_vm: PodVM,
+    runtime: Runtime,
+    state_template: str,
+    tmp_path: Path,
+    make_netns: Callable[[], str],
+) -> None:
     netns = make_netns()
     conf = main_conf(pod_vm, f"{RUN}dup", state_template, tmp_path / "ipam", "169.254.253.0/24")
     call = {"container": pod_vm.container, "netns": netns, "ifname": "net1"}
@@ -579,10 +708,15 @@ async def test_a_second_add_of_the_same_attachment_is_refused(
 
 # --- GC (1.1) ---------------------------------------------------------------------------------
 
+
 @pytest.mark.asyncio(loop_scope="module")
 async def test_gc_removes_only_this_networks_attachments_missing_from_the_valid_list(
-        pod_vm: PodVM, runtime: Runtime, state_template: str, tmp_path: Path,
-        make_netns: Callable[[], str]) -> None:
+    pod_vm: PodVM,
+    runtime: Runtime,
+    state_template: str,
+    tmp_path: Path,
+    make_netns: Callable[[], str],
+) -> None:
     vm = pod_vm.vm
     netns = make_netns()
     data_dir = tmp_path / "ipam"
@@ -598,8 +732,11 @@ async def test_gc_removes_only_this_networks_attachments_missing_from_the_valid_
     try:
         assert sorted(owners) == ["a1", "a2", "b1"]
         assert len(ipam_files(data_dir, net_a)) == 2
-        gc = {**conf_a, "cniVersion": "1.1.0",
-              "cni.dev/valid-attachments": [{"containerID": pod_vm.container, "ifname": "a1"}]}
+        gc = {
+            **conf_a,
+            "cniVersion": "1.1.0",
+            "cni.dev/valid-attachments": [{"containerID": pod_vm.container, "ifname": "a1"}],
+        }
         # A state directory GC cannot read (sorted first) is reported, and GC goes on.
         broken = state_of(state_template, "0broken")
         broken.mkdir(parents=True)
@@ -632,15 +769,20 @@ async def test_gc_removes_only_this_networks_attachments_missing_from_the_valid_
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_main_mode_in_1_1_with_a_1_0_ipam_plugin_and_check_reads_prev_result(
-        pod_vm: PodVM, runtime: Runtime, state_template: str, tmp_path: Path,
-        make_netns: Callable[[], str]) -> None:
+    pod_vm: PodVM,
+    runtime: Runtime,
+    state_template: str,
+    tmp_path: Path,
+    make_netns: Callable[[], str],
+) -> None:
     """Debian's host-local speaks CNI 1.0 only: a 1.1 configuration is passed to it as 1.0,
     so STATUS is truthful, ADD and DEL work. CHECK compares prevResult with the attachment."""
     netns = make_netns()
     network = f"{RUN}v11"
     data_dir = tmp_path / "ipam"
-    conf = main_conf(pod_vm, network, state_template, data_dir, "169.254.248.0/24",
-                     cniVersion="1.1.0")
+    conf = main_conf(
+        pod_vm, network, state_template, data_dir, "169.254.248.0/24", cniVersion="1.1.0"
+    )
     call = {"container": pod_vm.container, "netns": netns, "ifname": "net1"}
     await runtime.ok("STATUS", conf)
     result = await runtime.ok("ADD", conf, **call)
@@ -666,8 +808,8 @@ async def test_main_mode_in_1_1_with_a_1_0_ipam_plugin_and_check_reads_prev_resu
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_an_add_that_cannot_undo_itself_is_settled_by_the_runtimes_del(
-        pod_vm: PodVM, runtime: Runtime, state_template: str, pod_prefix: str,
-        tmp_path: Path) -> None:
+    pod_vm: PodVM, runtime: Runtime, state_template: str, pod_prefix: str, tmp_path: Path
+) -> None:
     """The guest stops mid-ADD: the driver never sees DRIVER_OK, and the undo's device_del
     is never acknowledged. The attachment record stays, so the runtime's DEL (after the
     guest runs again) finishes the rollback instead of answering "nothing to do"."""
@@ -675,9 +817,13 @@ async def test_an_add_that_cannot_undo_itself_is_settled_by_the_runtimes_del(
     mac = mac_ending(random.randrange(16, 250))
     async with pod_network(pod_prefix, "169.254.247.0/24", mac=mac) as pod:
         netns = f"/run/netns/{pod.netns}"
-        conf = chained(pod, stateDir=state_template, waitGuest=True,
-                       timeouts={"guestReady": 3, "unplug": 2},
-                       qmpSocket=socket_template(pod_vm, pod.container_id, tmp_path))
+        conf = chained(
+            pod,
+            stateDir=state_template,
+            waitGuest=True,
+            timeouts={"guestReady": 3, "unplug": 2},
+            qmpSocket=socket_template(pod_vm, pod.container_id, tmp_path),
+        )
         call = {"container": pod.container_id, "netns": netns, "ifname": pod.ifname}
         before = (await qemu_view(vm))[0]
         await hmp(vm.qmp_path, "stop")

@@ -34,9 +34,14 @@ vm = module_vm("cc")
 
 async def _both(go: Path, runs: list[list[str]]) -> list[dict[str, Any]]:
     """Start the drivers, release them at once with ``go``, and return their results."""
-    procs = [await asyncio.create_subprocess_exec(
-        *command(*args, "--go", str(go)), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE) for args in runs]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            *command(*args, "--go", str(go)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for args in runs
+    ]
     await asyncio.sleep(1.0)  # both are waiting for the file now (imports done)
     await asyncio.to_thread(go.write_text, "go")
     results = []
@@ -54,18 +59,31 @@ def _disjoint(results: list[dict[str, Any]]) -> None:
 
 
 async def test_two_processes_plug_and_unplug_at_once(
-        vm: GuestVM, make_netns: Callable[[], str], tmp_path: Path) -> None:
+    vm: GuestVM, make_netns: Callable[[], str], tmp_path: Path
+) -> None:
     netns = make_netns()
     for i, mac in enumerate(MACS, start=1):
         make_sandbox(netns, f"eth{i}", mac)
     state_dir = tmp_path / "state"
-    base = ["--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir), "--netns", netns,
-            "--queues", "2"]
+    base = [
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(state_dir),
+        "--netns",
+        netns,
+        "--queues",
+        "2",
+    ]
     cursor = vm.console_cursor()
 
-    added = await _both(tmp_path / "go", [
-        ["add", *base, "--name", f"eth{i}", "--mac", mac, "--wait-guest"]
-        for i, mac in enumerate(MACS, start=1)])
+    added = await _both(
+        tmp_path / "go",
+        [
+            ["add", *base, "--name", f"eth{i}", "--mac", mac, "--wait-guest"]
+            for i, mac in enumerate(MACS, start=1)
+        ],
+    )
     assert all(r["ok"] for r in added), added
     _disjoint(added)
     ids = {r["id"] for r in added}

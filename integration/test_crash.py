@@ -47,8 +47,16 @@ from qmpnet.testing.vm import GuestVM
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]
 
 QUEUES = 2
-PLUG_STEPS = ["validate", "open-queues", "prepare-links", "pass-fds", "netdev-add",
-              "device-add", "wait-guest", "persist"]
+PLUG_STEPS = [
+    "validate",
+    "open-queues",
+    "prepare-links",
+    "pass-fds",
+    "netdev-add",
+    "device-add",
+    "wait-guest",
+    "persist",
+]
 UNPLUG_STEPS = ["device-del", "netdev-del", "remove-links", "forget"]
 # /dev/vhost-net is missing on the test hosts, so open-vhost never runs (test_faults says so).
 
@@ -56,8 +64,7 @@ CASES = (
     [("add", "tcfilter", s, p) for s in PLUG_STEPS for p in ("begin", "done")]
     + [("remove", "tcfilter", s, p) for s in UNPLUG_STEPS for p in ("begin", "done")]
     + [("add", "macvtap", s, "done") for s in ("prepare-links", "open-queues", "device-add")]
-    + [("remove", "macvtap", "device-del", "done"), ("remove", "macvtap", "remove-links",
-                                                      "begin")]
+    + [("remove", "macvtap", "device-del", "done"), ("remove", "macvtap", "remove-links", "begin")]
     + [("add", "none", s, "done") for s in ("open-queues", "pass-fds", "device-add")]
     + [("remove", "none", "netdev-del", "done")]
 )
@@ -67,13 +74,15 @@ vm = module_vm("crash")
 
 
 def _config() -> Config:
-    return Config(tap_name=f"{RUN}k{{idx}}", queues=QUEUES,
-                  timeouts=Timeouts(unplug=20.0, connect=30.0))
+    return Config(
+        tap_name=f"{RUN}k{{idx}}", queues=QUEUES, timeouts=Timeouts(unplug=20.0, connect=30.0)
+    )
 
 
 async def _driver(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        *command(*args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *command(*args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode() + err.decode()
@@ -83,8 +92,9 @@ def _ours(names: frozenset[str]) -> set[str]:
     return {m.group(1) for m in map(OUR_QEMU_ID.match, names) if m}
 
 
-async def assert_views_agree(vm: GuestVM, state_dir: Path, netns: str, virt: str, model: str,
-                             tun_before: int, ours: set[str]) -> dict[str, str]:
+async def assert_views_agree(
+    vm: GuestVM, state_dir: Path, netns: str, virt: str, model: str, tun_before: int, ours: set[str]
+) -> dict[str, str]:
     """QEMU, the host and the state file list the same NICs of this test, and nothing else.
 
     ``ours``: the endpoint ids this test made (the VM and the host netns are shared).
@@ -106,11 +116,18 @@ async def assert_views_agree(vm: GuestVM, state_dir: Path, netns: str, virt: str
     return saved
 
 
-@pytest.mark.parametrize(("op", "model", "step", "phase"), CASES,
-                         ids=[f"{o}-{m}-{s}-{p}" for o, m, s, p in CASES])
+@pytest.mark.parametrize(
+    ("op", "model", "step", "phase"), CASES, ids=[f"{o}-{m}-{s}-{p}" for o, m, s, p in CASES]
+)
 async def test_kill_driver_at_step_then_reconcile(
-        vm: GuestVM, make_netns: Callable[[], str], tmp_path: Path,
-        op: str, model: str, step: str, phase: str) -> None:
+    vm: GuestVM,
+    make_netns: Callable[[], str],
+    tmp_path: Path,
+    op: str,
+    model: str,
+    step: str,
+    phase: str,
+) -> None:
     netns = make_netns() if model != "none" else ""
     mac = "52:54:00:00:01:31"
     virt = "eth1" if netns else ""
@@ -120,16 +137,35 @@ async def test_kill_driver_at_step_then_reconcile(
     state_dir = tmp_path / "state"
     tap_name = f"{RUN}kt" if model == "none" else ""
     tun_before = tun_count(vm.pid)
-    base = ["--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir), "--mac", mac,
-            "--netns", netns, "--model", model, "--queues", str(QUEUES),
-            "--tap-template", f"{RUN}k{{idx}}", "--unplug-timeout", "20"]
+    base = [
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(state_dir),
+        "--mac",
+        mac,
+        "--netns",
+        netns,
+        "--model",
+        model,
+        "--queues",
+        str(QUEUES),
+        "--tap-template",
+        f"{RUN}k{{idx}}",
+        "--unplug-timeout",
+        "20",
+    ]
     if tap_name:
         base += ["--tap-name", tap_name]
     state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path), _config())
     if op == "remove":
-        await state.add_interface(InterfaceDescription(name="eth1", hw_addr=mac),
-                                  model=InterworkingModel.parse(model), netns_path=netns,
-                                  tap_name=tap_name or None, wait_guest=True)
+        await state.add_interface(
+            InterfaceDescription(name="eth1", hw_addr=mac),
+            model=InterworkingModel.parse(model),
+            netns_path=netns,
+            tap_name=tap_name or None,
+            wait_guest=True,
+        )
     args = [op, *base, "--kill-at", f"{step}:{phase}"]
     if op == "add":
         args.append("--wait-guest")
@@ -171,28 +207,34 @@ async def test_kill_driver_at_step_then_reconcile(
 
 # --- QEMU itself killed ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("socket_left", [True, False], ids=["refused", "socket-removed"])
 async def test_qemu_killed_ops_fail_fast_and_reconcile_cleans_host(
-        guest_image: GuestImage, make_netns: Callable[[], str], tmp_path: Path,
-        socket_left: bool) -> None:
-    vm = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=4,
-                             name=f"{RUN}-qk")
+    guest_image: GuestImage, make_netns: Callable[[], str], tmp_path: Path, socket_left: bool
+) -> None:
+    vm = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=4, name=f"{RUN}-qk")
     try:
-        config = Config(tap_name=f"{RUN}q{{idx}}", queues=QUEUES,
-                        timeouts=Timeouts(connect=30.0))
+        config = Config(tap_name=f"{RUN}q{{idx}}", queues=QUEUES, timeouts=Timeouts(connect=30.0))
         state = NetworkState.open(tmp_path / "state", str(vm.mgmt_qmp_path), config)
         sandboxes = []
-        for model, mac in (("tcfilter", "52:54:00:00:01:41"), ("macvtap", "52:54:00:00:01:42"),
-                           ("bridged", "52:54:00:00:01:43")):
+        for model, mac in (
+            ("tcfilter", "52:54:00:00:01:41"),
+            ("macvtap", "52:54:00:00:01:42"),
+            ("bridged", "52:54:00:00:01:43"),
+        ):
             netns = make_netns()
             make_sandbox(netns, "eth1", mac)
-            await state.add_interface(InterfaceDescription(name="eth1", hw_addr=mac),
-                                      model=InterworkingModel.parse(model), netns_path=netns)
+            await state.add_interface(
+                InterfaceDescription(name="eth1", hw_addr=mac),
+                model=InterworkingModel.parse(model),
+                netns_path=netns,
+            )
             sandboxes.append((model, netns, mac))
-        tap = await state.add_interface(InterfaceDescription(name="eth9",
-                                                             hw_addr="52:54:00:00:01:44"),
-                                        model=InterworkingModel.NONE,
-                                        tap_name=f"{RUN}qt")
+        tap = await state.add_interface(
+            InterfaceDescription(name="eth9", hw_addr="52:54:00:00:01:44"),
+            model=InterworkingModel.NONE,
+            tap_name=f"{RUN}qt",
+        )
         assert f"{RUN}qt" in ip_links()
         assert len(await state.list_interfaces()) == 4
         ids = {e.endpoint.id for e in await state.list_interfaces()}
@@ -203,14 +245,17 @@ async def test_qemu_killed_ops_fail_fast_and_reconcile_cleans_host(
         if socket_left:
             vm.workdir.mkdir(parents=True)
             import socket as socketmod
+
             sock = socketmod.socket(socketmod.AF_UNIX)
             sock.bind(str(vm.mgmt_qmp_path))  # a socket file nobody listens on: refused
             sock.close()
 
         for attempt in (
-            lambda: state.add_interface(InterfaceDescription(name="eth7",
-                                                             hw_addr="52:54:00:00:01:47"),
-                                        model=InterworkingModel.NONE, tap_name=f"{RUN}qu"),
+            lambda: state.add_interface(
+                InterfaceDescription(name="eth7", hw_addr="52:54:00:00:01:47"),
+                model=InterworkingModel.NONE,
+                tap_name=f"{RUN}qu",
+            ),
             lambda: state.remove_interface(tap.hardware_addr),
         ):
             started = time.monotonic()
@@ -244,7 +289,8 @@ async def test_qemu_killed_ops_fail_fast_and_reconcile_cleans_host(
 
 
 async def test_next_operation_recovers_the_journal_first(
-        vm: GuestVM, make_netns: Callable[[], str], tmp_path: Path) -> None:
+    vm: GuestVM, make_netns: Callable[[], str], tmp_path: Path
+) -> None:
     """No explicit reconcile: the next add_interface settles what the crash left, then plugs."""
     netns = make_netns()
     make_sandbox(netns, "eth1", "52:54:00:00:01:51")
@@ -252,51 +298,75 @@ async def test_next_operation_recovers_the_journal_first(
     state_dir = tmp_path / "state"
     tun_before = tun_count(vm.pid)
     code, output = await _driver(
-        "add", "--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir), "--mac",
-        "52:54:00:00:01:51", "--name", "eth1", "--netns", netns, "--queues", str(QUEUES),
-        "--tap-template", f"{RUN}k{{idx}}", "--kill-at", "device-add:done")
+        "add",
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(state_dir),
+        "--mac",
+        "52:54:00:00:01:51",
+        "--name",
+        "eth1",
+        "--netns",
+        netns,
+        "--queues",
+        str(QUEUES),
+        "--tap-template",
+        f"{RUN}k{{idx}}",
+        "--kill-at",
+        "device-add:done",
+    )
     assert code == -signal.SIGKILL, output
     (crashed,) = journal_file(state_dir)
     assert f"{crashed}-dev" in (await qemu_view(vm.qmp_path)).devices
 
     state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path), _config())
-    second = await state.add_interface(InterfaceDescription(name="eth2",
-                                                            hw_addr="52:54:00:00:01:52"),
-                                       netns_path=netns)
-    saved = await assert_views_agree(vm, state_dir, netns, "", "tcfilter", tun_before,
-                                     {crashed, second.id})
+    second = await state.add_interface(
+        InterfaceDescription(name="eth2", hw_addr="52:54:00:00:01:52"), netns_path=netns
+    )
+    saved = await assert_views_agree(
+        vm, state_dir, netns, "", "tcfilter", tun_before, {crashed, second.id}
+    )
     assert saved == {second.id: "plugged"}
     assert not has_ingress(netns, "eth1")
     assert has_ingress(netns, "eth2")
     await state.remove_interface("52:54:00:00:01:52")
-    await assert_views_agree(vm, state_dir, netns, "eth2", "tcfilter", tun_before,
-                             {crashed, second.id})
+    await assert_views_agree(
+        vm, state_dir, netns, "eth2", "tcfilter", tun_before, {crashed, second.id}
+    )
 
 
 async def test_reconcile_drops_a_nic_unplugged_behind_its_back_and_reports_orphans(
-        vm: GuestVM, make_netns: Callable[[], str], tmp_path: Path) -> None:
+    vm: GuestVM, make_netns: Callable[[], str], tmp_path: Path
+) -> None:
     netns = make_netns()
     make_sandbox(netns, "eth1", "52:54:00:00:01:61")
     state_dir = tmp_path / "state"
     tun_before = tun_count(vm.pid)
     state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path), _config())
-    ep = await state.add_interface(InterfaceDescription(name="eth1",
-                                                        hw_addr="52:54:00:00:01:61"),
-                                   netns_path=netns, wait_guest=True)
+    ep = await state.add_interface(
+        InterfaceDescription(name="eth1", hw_addr="52:54:00:00:01:61"),
+        netns_path=netns,
+        wait_guest=True,
+    )
     orphan = "qn0000000000-dev"
     async with await QmpSession.connect(str(vm.qmp_path), connect_timeout=30) as manager:
         # someone else (the VM manager) unplugs our NIC, and plugs a device with our pattern
         await manager.device_del(f"{ep.id}-dev", 60)
-        await manager.execute("device_add", {"driver": "virtio-net-pci", "id": orphan,
-                                             "bus": "rp3"})
+        await manager.execute(
+            "device_add", {"driver": "virtio-net-pci", "id": orphan, "bus": "rp3"}
+        )
     assert has_ingress(netns, "eth1"), "the host side is still there"
 
     report = await reconcile(state)
     assert report.ok, report.lines()
     assert [(a.outcome, a.endpoint_id) for a in report.actions] == [
-        (Outcome.DROPPED_DEVICE_GONE, ep.id), (Outcome.ORPHAN, orphan)]
-    assert json.loads(json.dumps(report.to_json()))["actions"][0]["outcome"] == \
-        "dropped-device-gone"
+        (Outcome.DROPPED_DEVICE_GONE, ep.id),
+        (Outcome.ORPHAN, orphan),
+    ]
+    assert (
+        json.loads(json.dumps(report.to_json()))["actions"][0]["outcome"] == "dropped-device-gone"
+    )
     lines = report.lines()
     assert "QEMU running" in lines[0]
     assert any("orphan" in line and orphan in line for line in lines)

@@ -36,21 +36,35 @@ from qmpnet.testing.probe import links
 async def plug_tap(h: Harness, octet: int, queues: int) -> tuple[Plugged, str]:
     """A tap endpoint in the host netns; returns it and the host device to ping from."""
     tap = e2e_name("t")
-    plugged = await h.plug(InterfaceDescription(name="eth0", hw_addr=mac_for(octet)),
-                           tap_host_side, model=InterworkingModel.NONE, queues=queues,
-                           tap_name=tap)
+    plugged = await h.plug(
+        InterfaceDescription(name="eth0", hw_addr=mac_for(octet)),
+        tap_host_side,
+        model=InterworkingModel.NONE,
+        queues=queues,
+        tap_name=tap,
+    )
     return plugged, tap
 
 
-async def plug_pod(h: Harness, stack: contextlib.AsyncExitStack, octet: int,
-                   model: InterworkingModel) -> tuple[Plugged, str]:
+async def plug_pod(
+    h: Harness, stack: contextlib.AsyncExitStack, octet: int, model: InterworkingModel
+) -> tuple[Plugged, str]:
     """A CNI pod's veth with ``model``; returns it and the CNI bridge to ping from."""
     net = f"169.254.{octet}"
-    pod = await stack.enter_async_context(cni.pod_network(
-        e2e_name("c"), f"{net}.0/24", mac=mac_for(octet), range_start=f"{net}.10",
-        bridge_address=f"{net}.1/24"))
-    plugged = await h.plug(InterfaceDescription(name=pod.ifname, hw_addr=pod.mac),
-                           model=model, netns_path=pod.netns_path)
+    pod = await stack.enter_async_context(
+        cni.pod_network(
+            e2e_name("c"),
+            f"{net}.0/24",
+            mac=mac_for(octet),
+            range_start=f"{net}.10",
+            bridge_address=f"{net}.1/24",
+        )
+    )
+    plugged = await h.plug(
+        InterfaceDescription(name=pod.ifname, hw_addr=pod.mac),
+        model=model,
+        netns_path=pod.netns_path,
+    )
     return plugged, pod.bridge
 
 
@@ -106,8 +120,9 @@ async def one_vm_round(h: Harness, octets: list[int]) -> tuple[float, float]:
 async def test_two_vms_driven_concurrently_from_one_loop(harness) -> None:
     q35, pc = await harness("q35"), await harness("pc")
     octets = free_octets(4)
-    (s1, e1), (s2, e2) = await asyncio.gather(one_vm_round(q35, octets[:2]),
-                                              one_vm_round(pc, octets[2:]))
+    (s1, e1), (s2, e2) = await asyncio.gather(
+        one_vm_round(q35, octets[:2]), one_vm_round(pc, octets[2:])
+    )
     # Both rounds ran at the same time: neither waited for the other to finish.
     assert s2 < e1
     assert s1 < e2

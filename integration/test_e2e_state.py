@@ -32,11 +32,14 @@ async def qmpnet(*args: str, stdin: str = "") -> Any:
     if not QMPNET.exists():
         pytest.fail(f"{QMPNET} is missing: `make setup` installs the qmpnet command")
     proc = await asyncio.create_subprocess_exec(
-        str(QMPNET), *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        str(QMPNET),
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 120)
-    assert proc.returncode == 0, f"qmpnet {' '.join(args)} exited {proc.returncode}: " \
-        f"{err.decode()}"
+    assert proc.returncode == 0, f"qmpnet {' '.join(args)} exited {proc.returncode}: {err.decode()}"
     return json.loads(out)
 
 
@@ -48,25 +51,55 @@ async def marker(vm: Any, pattern: str, since: int) -> dict[str, str]:
 async def test_plug_in_one_process_list_and_unplug_from_new_ones(harness, machine: str) -> None:
     h = await harness(machine)
     guest, state = h.vm.vm, str(h.state.store.dir)
-    vm_args = ["--qmp", str(guest.mgmt_qmp_path), "--state", state,
-               "--timeout-unplug", "30", "--timeout-command", "30"]
+    vm_args = [
+        "--qmp",
+        str(guest.mgmt_qmp_path),
+        "--state",
+        state,
+        "--timeout-unplug",
+        "30",
+        "--timeout-command",
+        "30",
+    ]
     tap_octet, pod_octet = free_octets(2)
     tap_mac, tap = mac_for(tap_octet), e2e_name("t")
     net = f"169.254.{pod_octet}"
 
-    async with cni.pod_network(e2e_name("c"), f"{net}.0/24", mac=mac_for(pod_octet),
-                               range_start=f"{net}.10", bridge_address=f"{net}.1/24") as pod:
+    async with cni.pod_network(
+        e2e_name("c"),
+        f"{net}.0/24",
+        mac=mac_for(pod_octet),
+        range_start=f"{net}.10",
+        bridge_address=f"{net}.1/24",
+    ) as pod:
         # Process 1 and 2: plug, then exit.
         since = guest.console_cursor()
-        plugged_tap = await qmpnet("add-iface", *vm_args, "--model", "none", "--queues", "2",
-                                   "--tap-name", tap, "-",
-                                   stdin=json.dumps({"name": "eth0", "hwAddr": tap_mac}))
+        plugged_tap = await qmpnet(
+            "add-iface",
+            *vm_args,
+            "--model",
+            "none",
+            "--queues",
+            "2",
+            "--tap-name",
+            tap,
+            "-",
+            stdin=json.dumps({"name": "eth0", "hwAddr": tap_mac}),
+        )
         ip = await asyncio.create_subprocess_exec(
-            "ip", "addr", "add", f"{host_ip_for_mac(tap_mac)}/24", "dev", tap)
+            "ip", "addr", "add", f"{host_ip_for_mac(tap_mac)}/24", "dev", tap
+        )
         assert await ip.wait() == 0
-        plugged_veth = await qmpnet("add-iface", *vm_args, "--model", "tcfilter",
-                                    "--netns", pod.netns_path, "-",
-                                    stdin=json.dumps({"name": pod.ifname, "hwAddr": pod.mac}))
+        plugged_veth = await qmpnet(
+            "add-iface",
+            *vm_args,
+            "--model",
+            "tcfilter",
+            "--netns",
+            pod.netns_path,
+            "-",
+            stdin=json.dumps({"name": pod.ifname, "hwAddr": pod.mac}),
+        )
         assert plugged_tap["hwAddr"] == tap_mac
         assert plugged_veth["hwAddr"] == pod.mac
         for mac in (tap_mac, pod.mac):
@@ -83,15 +116,20 @@ async def test_plug_in_one_process_list_and_unplug_from_new_ones(harness, machin
         assert {e["status"] for e in entries.values()} == {"plugged"}
         assert not listed["unreadable"]
         tap_ep, veth_ep = entries["tap"]["endpoint"], entries["virtual"]["endpoint"]
-        assert tap_ep["tap_interface"]["tap_iface"] == {"name": tap, "hard_addr": tap_mac,
-                                                        "addrs": []}
+        assert tap_ep["tap_interface"]["tap_iface"] == {
+            "name": tap,
+            "hard_addr": tap_mac,
+            "addrs": [],
+        }
         assert tap_ep["pci_path"] == plugged_tap["pciPath"]
         assert veth_ep["net_pair"]["virt_iface"]["hard_addr"] == pod.mac
         assert veth_ep["net_pair"]["model"] == "tcfilter"
         assert veth_ep["netns_path"] == pod.netns_path
         assert veth_ep["pci_path"] == plugged_veth["pciPath"]
-        devices = {tap_mac: tap_ep["tap_interface"]["id"] + "-dev",
-                   pod.mac: veth_ep["net_pair"]["tap_interface"]["id"] + "-dev"}
+        devices = {
+            tap_mac: tap_ep["tap_interface"]["id"] + "-dev",
+            pod.mac: veth_ep["net_pair"]["tap_interface"]["id"] + "-dev",
+        }
         assert set(devices.values()) <= await h.vm.peripherals()
 
         # Processes 4 and 5: unplug by MAC, from the saved state only.

@@ -27,8 +27,13 @@ async def test_tap_endpoint_end_to_end(harness, machine: str, queues: int) -> No
     tap = e2e_name("t")
     fds_before = h.vm.tap_fds()
 
-    plugged = await h.plug(InterfaceDescription(name="eth0", hw_addr=mac), tap_host_side,
-                           model=InterworkingModel.NONE, queues=queues, tap_name=tap)
+    plugged = await h.plug(
+        InterfaceDescription(name="eth0", hw_addr=mac),
+        tap_host_side,
+        model=InterworkingModel.NONE,
+        queues=queues,
+        tap_name=tap,
+    )
 
     # What the guest kernel sees.
     assert plugged.nic["mac"] == mac
@@ -45,8 +50,7 @@ async def test_tap_endpoint_end_to_end(harness, machine: str, queues: int) -> No
     assert info["type"] == "tap"
     assert info.get("multi_queue", False) == (queues > 1)
     assert h.vm.tap_fds() - fds_before == queues
-    assert any(line.startswith(f"{plugged.endpoint.id}-net:")
-               for line in await h.vm.netdev_lines())
+    assert any(line.startswith(f"{plugged.endpoint.id}-net:") for line in await h.vm.netdev_lines())
 
     # Traffic both ways; the host's echo reply came from the guest's MAC.
     assert plugged.ping == "ok", "the guest could not ping the host end of its tap"

@@ -30,8 +30,12 @@ MODELS = [InterworkingModel.TCFILTER, InterworkingModel.MACVTAP, InterworkingMod
 
 def tc_ingress_actions(netns: str, dev: str) -> list[dict[str, Any]]:
     """The actions of the filters on ``dev``'s ingress qdisc, as ``tc -j`` shows them."""
-    out = subprocess.run(["tc", "-j", "-n", netns, "filter", "show", "dev", dev, "ingress"],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["tc", "-j", "-n", netns, "filter", "show", "dev", dev, "ingress"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode != 0:
         return []
     filters = json.loads(out.stdout or "[]")
@@ -39,8 +43,12 @@ def tc_ingress_actions(netns: str, dev: str) -> list[dict[str, Any]]:
 
 
 def has_ingress_qdisc(netns: str, dev: str) -> bool:
-    out = subprocess.run(["tc", "-j", "-n", netns, "qdisc", "show", "dev", dev],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["tc", "-j", "-n", netns, "qdisc", "show", "dev", dev],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return any(q.get("kind") == "ingress" for q in json.loads(out.stdout or "[]"))
 
 
@@ -49,11 +57,13 @@ def assert_plumbing(model: InterworkingModel, netns: str, pod: cni.Pod, tap: str
     inside = links(netns)
     veth = inside[pod.ifname]
     if model is InterworkingModel.TCFILTER:
-        redirects = {(a.get("kind"), a.get("to_dev")) for a in tc_ingress_actions(netns,
-                                                                                   pod.ifname)}
+        redirects = {
+            (a.get("kind"), a.get("to_dev")) for a in tc_ingress_actions(netns, pod.ifname)
+        }
         assert ("mirred", tap) in redirects
-        assert ("mirred", pod.ifname) in {(a.get("kind"), a.get("to_dev"))
-                                          for a in tc_ingress_actions(netns, tap)}
+        assert ("mirred", pod.ifname) in {
+            (a.get("kind"), a.get("to_dev")) for a in tc_ingress_actions(netns, tap)
+        }
         assert veth["address"] == pod.mac  # the veth keeps its MAC; its stack sees nothing
     elif model is InterworkingModel.MACVTAP:
         assert inside[tap]["linkinfo"]["info_kind"] == "macvtap"
@@ -61,8 +71,9 @@ def assert_plumbing(model: InterworkingModel, netns: str, pod: cni.Pod, tap: str
         assert inside[tap]["link"] == pod.ifname
         assert veth["address"] != pod.mac  # or the veth would take the guest's frames
     else:
-        bridges = [n for n, link in inside.items()
-                   if link.get("linkinfo", {}).get("info_kind") == "bridge"]
+        bridges = [
+            n for n, link in inside.items() if link.get("linkinfo", {}).get("info_kind") == "bridge"
+        ]
         assert len(bridges) == 1
         assert veth.get("master") == bridges[0]
         assert inside[tap].get("master") == bridges[0]
@@ -72,22 +83,32 @@ def assert_plumbing(model: InterworkingModel, netns: str, pod: cni.Pod, tap: str
 @pytest.mark.parametrize("queues", [1, 4])
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.value)
 @pytest.mark.parametrize("machine", ["q35", "pc"])
-async def test_cni_veth_end_to_end(harness, machine: str, model: InterworkingModel,
-                                   queues: int) -> None:
+async def test_cni_veth_end_to_end(
+    harness, machine: str, model: InterworkingModel, queues: int
+) -> None:
     h = await harness(machine)
     octet = free_octets(1)[0]
     net = f"169.254.{octet}"
     mac = mac_for(octet)
-    async with cni.pod_network(e2e_name("c"), f"{net}.0/24", mac=mac,
-                               range_start=f"{net}.10", range_end=f"{net}.250",
-                               bridge_address=f"{net}.1/24") as pod:
+    async with cni.pod_network(
+        e2e_name("c"),
+        f"{net}.0/24",
+        mac=mac,
+        range_start=f"{net}.10",
+        range_end=f"{net}.250",
+        bridge_address=f"{net}.1/24",
+    ) as pod:
         assert pod.mac == mac
         # host-local's address (whichever it chose) must not shadow the guest's or the host's.
         assert all(str(ip.ip) not in (f"{net}.1", f"{net}.2") for ip in pod.ips)
         before = links(pod.netns)
 
-        plugged = await h.plug(InterfaceDescription(name=pod.ifname, hw_addr=mac),
-                               model=model, netns_path=pod.netns_path, queues=queues)
+        plugged = await h.plug(
+            InterfaceDescription(name=pod.ifname, hw_addr=mac),
+            model=model,
+            netns_path=pod.netns_path,
+            queues=queues,
+        )
 
         assert plugged.nic["mac"] == mac
         expected = min(queues, VCPUS)

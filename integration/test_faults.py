@@ -91,20 +91,42 @@ VIRT = "eth1"
 
 # --- the matrix --------------------------------------------------------------------------------
 
-COLUMNS = ("netlink / host", "QEMU error reply", "QEMU killed (SIGKILL)", "timeout",
-           "fake QMP peer")
+COLUMNS = (
+    "netlink / host",
+    "QEMU error reply",
+    "QEMU killed (SIGKILL)",
+    "timeout",
+    "fake QMP peer",
+)
 ROWS = [s.value for s in Step]
 MATRIX: dict[tuple[str, str], list[str]] = {}
 HOST_STEPS = ("validate", "prepare-links", "open-queues", "persist", "remove-links", "forget")
 NOT_APPLICABLE = {
-    **{(row, c): "— (no QMP call in this step)" for row in HOST_STEPS for c in COLUMNS[1:]
-       if c != COLUMNS[2]},
-    **{(row, COLUMNS[0]): "— (no netlink call in this step)" for row in
-       ("pass-fds", "netdev-add", "device-add", "wait-guest", "device-del", "netdev-del")},
-    **{(row, COLUMNS[2]): "— (no QMP call after this step: the unplug completes)"
-       for row in ("remove-links", "forget")},
-    **{("open-vhost", c): "n/a: no /dev/vhost-net on this host, the step never runs"
-       for c in COLUMNS},
+    **{
+        (row, c): "— (no QMP call in this step)"
+        for row in HOST_STEPS
+        for c in COLUMNS[1:]
+        if c != COLUMNS[2]
+    },
+    **{
+        (row, COLUMNS[0]): "— (no netlink call in this step)"
+        for row in (
+            "pass-fds",
+            "netdev-add",
+            "device-add",
+            "wait-guest",
+            "device-del",
+            "netdev-del",
+        )
+    },
+    **{
+        (row, COLUMNS[2]): "— (no QMP call after this step: the unplug completes)"
+        for row in ("remove-links", "forget")
+    },
+    **{
+        ("open-vhost", c): "n/a: no /dev/vhost-net on this host, the step never runs"
+        for c in COLUMNS
+    },
 }
 
 
@@ -127,8 +149,11 @@ def render_matrix() -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def _print_matrix(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    lines = ["", "fault matrix (step x fault -> result; 'clean' = every view as before):",
-             *render_matrix()]
+    lines = [
+        "",
+        "fault matrix (step x fault -> result; 'clean' = every view as before):",
+        *render_matrix(),
+    ]
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if capture is None or reporter is None:
@@ -145,8 +170,9 @@ booted = module_vm("flt")
 
 
 @contextlib.asynccontextmanager
-async def fresh_vm(image: GuestImage, workdir: Path, *, paused: bool = True,
-                   **kwargs: Any) -> AsyncIterator[GuestVM]:
+async def fresh_vm(
+    image: GuestImage, workdir: Path, *, paused: bool = True, **kwargs: Any
+) -> AsyncIterator[GuestVM]:
     vm = await GuestVM.start(image, workdir, paused=paused, name=f"{RUN}-fv", **kwargs)
     try:
         yield vm
@@ -181,8 +207,13 @@ def driver_fds(excluded: frozenset[str]) -> int:
     return sum(1 for t in fd_targets() if t not in excluded)
 
 
-async def views(vm_qmp: str | None, pid: int | None, netns: str, state_dir: Path,
-                excluded: frozenset[str] = frozenset()) -> Views:
+async def views(
+    vm_qmp: str | None,
+    pid: int | None,
+    netns: str,
+    state_dir: Path,
+    excluded: frozenset[str] = frozenset(),
+) -> Views:
     qemu = await qemu_view(vm_qmp) if vm_qmp else None
     if pid:
         # QEMU's stdout and stderr are pipes whose other ends this process reads
@@ -193,9 +224,13 @@ async def views(vm_qmp: str | None, pid: int | None, netns: str, state_dir: Path
         ingress=has_ingress(netns, VIRT) if netns else False,
         host_ours={n for n in ip_links() if n.startswith(RUN)},
         netns_list={n for n in netns_names() if n.startswith(RUN)},
-        qemu=qemu, tun=tun_count(pid) if pid else 0,
+        qemu=qemu,
+        tun=tun_count(pid) if pid else 0,
         qemu_fds=len(os.listdir(f"/proc/{pid}/fd")) if pid else 0,
-        state=state_file(state_dir), driver_fds=driver_fds(excluded), console_pipes=excluded)
+        state=state_file(state_dir),
+        driver_fds=driver_fds(excluded),
+        console_pipes=excluded,
+    )
 
 
 def at(step: Step, phase: Phase, action: Callable[[Operation], Any]) -> Callable[..., Any]:
@@ -209,12 +244,14 @@ def at(step: Step, phase: Phase, action: Callable[[Operation], Any]) -> Callable
             result = action(op)
             if inspect.isawaitable(result):
                 await result
+
     return observe
 
 
 def kill(vm: GuestVM) -> Callable[[Operation], None]:
     def action(_: Operation) -> None:
         os.kill(vm.pid, signal.SIGKILL)
+
     return action
 
 
@@ -222,13 +259,21 @@ def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
 
 
-async def assert_clean(before: Views, endpoint_id: str, vm_qmp: str | None, pid: int | None,
-                       state_dir: Path, *, sandbox_change: Callable[[dict[str, Any]], None]
-                       | None = None, netns_gone: bool = False) -> None:
+async def assert_clean(
+    before: Views,
+    endpoint_id: str,
+    vm_qmp: str | None,
+    pid: int | None,
+    state_dir: Path,
+    *,
+    sandbox_change: Callable[[dict[str, Any]], None] | None = None,
+    netns_gone: bool = False,
+) -> None:
     """Every view as before the operation, and nothing of ``endpoint_id`` anywhere."""
     assert endpoint_id, "the operation never got an endpoint"
-    after = await views(vm_qmp, pid, "" if netns_gone else before.netns, state_dir,
-                        before.console_pipes)
+    after = await views(
+        vm_qmp, pid, "" if netns_gone else before.netns, state_dir, before.console_pipes
+    )
     if netns_gone:
         assert ns_name(before.netns) not in netns_names()
     elif before.netns:
@@ -268,18 +313,28 @@ class Scene:
     state_dir: Path
     recorder: StepRecorder = attrs.field(factory=StepRecorder)
 
-    def state(self, qmp: str | Path, cfg: Config | None = None,
-              *inject: Callable[..., Any]) -> NetworkState:
+    def state(
+        self, qmp: str | Path, cfg: Config | None = None, *inject: Callable[..., Any]
+    ) -> NetworkState:
         st = NetworkState.open(self.state_dir, str(qmp), cfg or config())
         st.observers.extend([self.recorder, *inject])
         return st
 
-    async def plug(self, state: NetworkState, *, model: InterworkingModel =
-                   InterworkingModel.TCFILTER, tap_name: str | None = None,
-                   wait_guest: bool = True) -> Endpoint:
-        return await state.add_interface(InterfaceDescription(name=VIRT, hw_addr=MAC),
-                                         model=model, netns_path=self.netns,
-                                         tap_name=tap_name, wait_guest=wait_guest)
+    async def plug(
+        self,
+        state: NetworkState,
+        *,
+        model: InterworkingModel = InterworkingModel.TCFILTER,
+        tap_name: str | None = None,
+        wait_guest: bool = True,
+    ) -> Endpoint:
+        return await state.add_interface(
+            InterfaceDescription(name=VIRT, hw_addr=MAC),
+            model=model,
+            netns_path=self.netns,
+            tap_name=tap_name,
+            wait_guest=wait_guest,
+        )
 
     async def plug_fails(self, state: NetworkState, **kw: Any) -> PlugError:
         with pytest.raises(PlugError) as info:
@@ -303,60 +358,97 @@ def drop(*names: str) -> Callable[[dict[str, Any]], None]:
     def change(links: dict[str, Any]) -> None:
         for name in names:
             links.pop(name, None)
+
     return change
 
 
 # --- hot-plug: netlink / host faults ------------------------------------------------------------
 
-async def test_validate_sandbox_link_missing(booted: GuestVM, make_netns: Callable[[], str],
-                                             tmp_path: Path) -> None:
+
+async def test_validate_sandbox_link_missing(
+    booted: GuestVM, make_netns: Callable[[], str], tmp_path: Path
+) -> None:
     sc = Scene(make_netns(), tmp_path / "state")  # no veth in it
     before = await views(booted.qmp_path, booted.pid, sc.netns, sc.state_dir)
     err = await sc.plug_fails(sc.state(booted.mgmt_qmp_path))
     text = expect(err, Step.VALIDATE, HostError, "No such device")
-    await assert_clean(before, sc.recorder.endpoint_id, booted.qmp_path, booted.pid,
-                       sc.state_dir)
+    await assert_clean(before, sc.recorder.endpoint_id, booted.qmp_path, booted.pid, sc.state_dir)
     record(Step.VALIDATE, "netlink / host", f"veth missing: {text}; clean")
 
 
-@pytest.mark.parametrize(("phase", "fails_at"), [(Phase.BEGIN, Step.VALIDATE),
-                                                (Phase.DONE, Step.OPEN_QUEUES)],
-                         ids=["validate", "open-queues"])
-async def test_netns_deleted(booted: GuestVM, scene: Scene, phase: Phase,
-                             fails_at: Step) -> None:
+@pytest.mark.parametrize(
+    ("phase", "fails_at"),
+    [(Phase.BEGIN, Step.VALIDATE), (Phase.DONE, Step.OPEN_QUEUES)],
+    ids=["validate", "open-queues"],
+)
+async def test_netns_deleted(booted: GuestVM, scene: Scene, phase: Phase, fails_at: Step) -> None:
     """The sandbox netns goes as validate begins (validate fails) or ends (open-queues)."""
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
-    state = scene.state(booted.mgmt_qmp_path, None, at(
-        Step.VALIDATE, phase, lambda _: sh("ip", "netns", "del", ns_name(scene.netns))))
+    state = scene.state(
+        booted.mgmt_qmp_path,
+        None,
+        at(Step.VALIDATE, phase, lambda _: sh("ip", "netns", "del", ns_name(scene.netns))),
+    )
     err = await scene.plug_fails(state)
     text = expect(err, fails_at, NetnsError, "No such file or directory")
-    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
-                       scene.state_dir, netns_gone=True)
+    await assert_clean(
+        before,
+        scene.recorder.endpoint_id,
+        booted.qmp_path,
+        booted.pid,
+        scene.state_dir,
+        netns_gone=True,
+    )
     record(fails_at, "netlink / host", f"netns deleted: {text}; clean")
 
 
 async def test_open_queues_name_clash(booted: GuestVM, scene: Scene) -> None:
-    sh("ip", "-n", ns_name(scene.netns), "link", "add", "clash0", "type", "veth", "peer", "name",
-       "clash0p")
+    sh(
+        "ip",
+        "-n",
+        ns_name(scene.netns),
+        "link",
+        "add",
+        "clash0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "clash0p",
+    )
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
     err = await scene.plug_fails(scene.state(booted.mgmt_qmp_path), tap_name="clash0")
     text = expect(err, Step.OPEN_QUEUES, LinkExistsError, "already exists")
-    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
-                       scene.state_dir)  # the dummy is in `before`: untouched
-    record(Step.OPEN_QUEUES, "netlink / host", f"tap name taken: {text}; other link "
-           "untouched; clean")
+    await assert_clean(
+        before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid, scene.state_dir
+    )  # the dummy is in `before`: untouched
+    record(
+        Step.OPEN_QUEUES, "netlink / host", f"tap name taken: {text}; other link untouched; clean"
+    )
 
 
 async def test_prepare_links_veth_deleted(booted: GuestVM, scene: Scene) -> None:
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
-    state = scene.state(booted.mgmt_qmp_path, None, at(
-        Step.OPEN_QUEUES, Phase.DONE,
-        lambda _: sh("ip", "-n", ns_name(scene.netns), "link", "del", VIRT)))
+    state = scene.state(
+        booted.mgmt_qmp_path,
+        None,
+        at(
+            Step.OPEN_QUEUES,
+            Phase.DONE,
+            lambda _: sh("ip", "-n", ns_name(scene.netns), "link", "del", VIRT),
+        ),
+    )
     err = await scene.plug_fails(state)
     text = expect(err, Step.PREPARE_LINKS, HostError, "No such device")
     before.ingress = False
-    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
-                       scene.state_dir, sandbox_change=drop(VIRT, VIRT + "p"))
+    await assert_clean(
+        before,
+        scene.recorder.endpoint_id,
+        booted.qmp_path,
+        booted.pid,
+        scene.state_dir,
+        sandbox_change=drop(VIRT, VIRT + "p"),
+    )
     record(Step.PREPARE_LINKS, "netlink / host", f"veth deleted mid-way: {text}; clean")
 
 
@@ -366,19 +458,40 @@ async def test_prepare_links_foreign_ingress_qdisc(booted: GuestVM, scene: Scene
     assert before.ingress
     err = await scene.plug_fails(scene.state(booted.mgmt_qmp_path))
     text = expect(err, Step.PREPARE_LINKS, HostError, "File exists")
-    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
-                       scene.state_dir)  # the foreign qdisc is still there
-    record(Step.PREPARE_LINKS, "netlink / host", f"ingress qdisc already there: {text}; "
-           "foreign qdisc kept; clean")
+    await assert_clean(
+        before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid, scene.state_dir
+    )  # the foreign qdisc is still there
+    record(
+        Step.PREPARE_LINKS,
+        "netlink / host",
+        f"ingress qdisc already there: {text}; foreign qdisc kept; clean",
+    )
 
 
 async def test_prepare_links_macvtap_name_clash(booted: GuestVM, scene: Scene) -> None:
     """The macvtap model changes the sandbox link's MAC first: the undo must give it back."""
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
-    state = scene.state(booted.mgmt_qmp_path, None, at(
-        Step.VALIDATE, Phase.DONE,
-        lambda _: sh("ip", "-n", ns_name(scene.netns), "link", "add", "clash1", "type",
-                     "veth", "peer", "name", "clash1p")))
+    state = scene.state(
+        booted.mgmt_qmp_path,
+        None,
+        at(
+            Step.VALIDATE,
+            Phase.DONE,
+            lambda _: sh(
+                "ip",
+                "-n",
+                ns_name(scene.netns),
+                "link",
+                "add",
+                "clash1",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "clash1p",
+            ),
+        ),
+    )
     err = await scene.plug_fails(state, model=InterworkingModel.MACVTAP, tap_name="clash1")
     text = expect(err, Step.PREPARE_LINKS, LinkExistsError, "already exists")
     after = ip_links(scene.netns)
@@ -388,13 +501,24 @@ async def test_prepare_links_macvtap_name_clash(booted: GuestVM, scene: Scene) -
     def added(links: dict[str, Any]) -> None:
         for name in ("clash1", "clash1p"):
             links[name] = link_fingerprint(after[name])
-    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
-                       scene.state_dir, sandbox_change=added)
-    record(Step.PREPARE_LINKS, "netlink / host", f"macvtap name taken mid-way: {text}; MAC "
-           "restored; clean")
+
+    await assert_clean(
+        before,
+        scene.recorder.endpoint_id,
+        booted.qmp_path,
+        booted.pid,
+        scene.state_dir,
+        sandbox_change=added,
+    )
+    record(
+        Step.PREPARE_LINKS,
+        "netlink / host",
+        f"macvtap name taken mid-way: {text}; MAC restored; clean",
+    )
 
 
 # --- hot-plug: QEMU error replies (real QEMU) ---------------------------------------------------
+
 
 async def test_netdev_add_duplicate_id(booted: GuestVM, scene: Scene) -> None:
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
@@ -402,19 +526,19 @@ async def test_netdev_add_duplicate_id(booted: GuestVM, scene: Scene) -> None:
 
     async def clash(op: Operation) -> None:
         injected.append(f"{op.subject.id}-net")
-        await hmp(booted.qmp_path, "netdev_add", {"type": "hubport", "id": injected[0],
-                                                  "hubid": 7})
-    err = await scene.plug_fails(scene.state(booted.mgmt_qmp_path, None,
-                                             at(Step.PASS_FDS, Phase.DONE, clash)))
+        await hmp(booted.qmp_path, "netdev_add", {"type": "hubport", "id": injected[0], "hubid": 7})
+
+    err = await scene.plug_fails(
+        scene.state(booted.mgmt_qmp_path, None, at(Step.PASS_FDS, Phase.DONE, clash))
+    )
     text = expect(err, Step.NETDEV_ADD, QmpCommandError, f"Duplicate ID '{injected[0]}'")
-    info = await hmp(booted.qmp_path, "human-monitor-command",
-                     {"command-line": "info network"})
+    info = await hmp(booted.qmp_path, "human-monitor-command", {"command-line": "info network"})
     assert injected[0] in info, "the netdev qmpnet did not make is left alone"
     await hmp(booted.qmp_path, "netdev_del", {"id": injected[0]})
-    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
-                       scene.state_dir)
-    record(Step.NETDEV_ADD, "QEMU error reply", f"duplicate netdev id: {text}; fds "
-           "closed; clean")
+    await assert_clean(
+        before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid, scene.state_dir
+    )
+    record(Step.NETDEV_ADD, "QEMU error reply", f"duplicate netdev id: {text}; fds closed; clean")
 
 
 async def test_device_add_duplicate_id(booted: GuestVM, scene: Scene) -> None:
@@ -423,64 +547,81 @@ async def test_device_add_duplicate_id(booted: GuestVM, scene: Scene) -> None:
 
     async def clash(op: Operation) -> None:
         injected.append(f"{op.subject.id}-dev")
-        await hmp(booted.qmp_path, "device_add", {"driver": "virtio-net-pci",
-                                                  "id": injected[0], "bus": "rp3"})
-    err = await scene.plug_fails(scene.state(booted.mgmt_qmp_path, None,
-                                             at(Step.NETDEV_ADD, Phase.DONE, clash)))
+        await hmp(
+            booted.qmp_path,
+            "device_add",
+            {"driver": "virtio-net-pci", "id": injected[0], "bus": "rp3"},
+        )
+
+    err = await scene.plug_fails(
+        scene.state(booted.mgmt_qmp_path, None, at(Step.NETDEV_ADD, Phase.DONE, clash))
+    )
     text = expect(err, Step.DEVICE_ADD, QmpCommandError, "Duplicate")
     assert injected[0] in (await qemu_view(booted.qmp_path)).devices, "left alone"
     async with await _manager(booted) as s:
         await s.device_del(injected[0], 60)
-    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
-                       scene.state_dir)
-    record(Step.DEVICE_ADD, "QEMU error reply", f"duplicate device id: {text}; netdev "
-           "deleted; clean")
+    await assert_clean(
+        before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid, scene.state_dir
+    )
+    record(
+        Step.DEVICE_ADD, "QEMU error reply", f"duplicate device id: {text}; netdev deleted; clean"
+    )
 
 
 async def _manager(vm: GuestVM) -> QmpSession:
     return await QmpSession.connect(str(vm.qmp_path), connect_timeout=30)
 
 
-async def test_device_add_bus_without_hotplug(guest_image: GuestImage, scene: Scene,
-                                              tmp_path: Path) -> None:
+async def test_device_add_bus_without_hotplug(
+    guest_image: GuestImage, scene: Scene, tmp_path: Path
+) -> None:
     port = "pcie-root-port,id=rpoff,bus=pcie.0,chassis=9,slot=9,hotplug=off"
-    async with fresh_vm(guest_image, tmp_path, root_ports=0,
-                        extra_args=["-device", port]) as vm:
+    async with fresh_vm(guest_image, tmp_path, root_ports=0, extra_args=["-device", port]) as vm:
         before = await views(vm.qmp_path, vm.pid, scene.netns, scene.state_dir)
         err = await scene.plug_fails(scene.state(vm.mgmt_qmp_path), wait_guest=False)
         text = expect(err, Step.DEVICE_ADD, QmpCommandError, "does not support hotplugging")
-        await assert_clean(before, scene.recorder.endpoint_id, vm.qmp_path, vm.pid,
-                           scene.state_dir)
+        await assert_clean(before, scene.recorder.endpoint_id, vm.qmp_path, vm.pid, scene.state_dir)
     record(Step.DEVICE_ADD, "QEMU error reply", f"bad bus: {text}; clean")
 
 
-async def test_device_add_no_free_slot(guest_image: GuestImage, scene: Scene,
-                                       tmp_path: Path) -> None:
+async def test_device_add_no_free_slot(
+    guest_image: GuestImage, scene: Scene, tmp_path: Path
+) -> None:
     async with fresh_vm(guest_image, tmp_path, root_ports=0) as vm:
         before = await views(vm.qmp_path, vm.pid, scene.netns, scene.state_dir)
         err = await scene.plug_fails(scene.state(vm.mgmt_qmp_path), wait_guest=False)
         text = expect(err, Step.DEVICE_ADD, UnsupportedError, "no free hot-pluggable PCI slot")
-        await assert_clean(before, scene.recorder.endpoint_id, vm.qmp_path, vm.pid,
-                           scene.state_dir)
+        await assert_clean(before, scene.recorder.endpoint_id, vm.qmp_path, vm.pid, scene.state_dir)
     record(Step.DEVICE_ADD, "QEMU error reply", f"no free slot: {text}; clean")
 
 
 # --- hot-plug: QEMU killed at the step -----------------------------------------------------------
 
-PLUG_KILLS = [Step.VALIDATE, Step.OPEN_QUEUES, Step.PREPARE_LINKS, Step.PASS_FDS,
-              Step.NETDEV_ADD, Step.DEVICE_ADD, Step.WAIT_GUEST]
+PLUG_KILLS = [
+    Step.VALIDATE,
+    Step.OPEN_QUEUES,
+    Step.PREPARE_LINKS,
+    Step.PASS_FDS,
+    Step.NETDEV_ADD,
+    Step.DEVICE_ADD,
+    Step.WAIT_GUEST,
+]
 
 
 @pytest.mark.parametrize("step", PLUG_KILLS, ids=[s.value for s in PLUG_KILLS])
-async def test_plug_qemu_killed(guest_image: GuestImage, scene: Scene, tmp_path: Path,
-                                step: Step) -> None:
+async def test_plug_qemu_killed(
+    guest_image: GuestImage, scene: Scene, tmp_path: Path, step: Step
+) -> None:
     async with fresh_vm(guest_image, tmp_path, root_ports=4) as vm:
         before = await views(vm.qmp_path, vm.pid, scene.netns, scene.state_dir)
         state = scene.state(vm.mgmt_qmp_path, None, at(step, Phase.BEGIN, kill(vm)))
         err = await scene.plug_fails(state)
         # A host step has no QMP call of its own: the first QMP step after it fails.
-        failed = step if step in (Step.PASS_FDS, Step.NETDEV_ADD, Step.DEVICE_ADD,
-                                  Step.WAIT_GUEST) else Step.PASS_FDS
+        failed = (
+            step
+            if step in (Step.PASS_FDS, Step.NETDEV_ADD, Step.DEVICE_ADD, Step.WAIT_GUEST)
+            else Step.PASS_FDS
+        )
         text = expect(err, failed, QmpDisconnectedError, "connection to QEMU lost")
         note = ""
         if journal_file(scene.state_dir) is not None:
@@ -493,8 +634,7 @@ async def test_plug_qemu_killed(guest_image: GuestImage, scene: Scene, tmp_path:
     record(step, "QEMU killed (SIGKILL)", f"{where}{text}; {note}host clean")
 
 
-async def test_persist_qemu_killed(guest_image: GuestImage, scene: Scene,
-                                   tmp_path: Path) -> None:
+async def test_persist_qemu_killed(guest_image: GuestImage, scene: Scene, tmp_path: Path) -> None:
     async with fresh_vm(guest_image, tmp_path, root_ports=4) as vm:
         before = await views(vm.qmp_path, vm.pid, scene.netns, scene.state_dir)
         state = scene.state(vm.mgmt_qmp_path, None, at(Step.PERSIST, Phase.BEGIN, kill(vm)))
@@ -504,17 +644,22 @@ async def test_persist_qemu_killed(guest_image: GuestImage, scene: Scene,
         assert [a.outcome for a in report.actions] == [Outcome.DROPPED_QEMU_GONE]
         before.state = EMPTY
         await assert_clean(before, ep.id, None, None, scene.state_dir)
-    record(Step.PERSIST, "QEMU killed (SIGKILL)", "no QMP in this step: the plug returns; "
-           "reconcile drops it (QEMU gone); host clean")
+    record(
+        Step.PERSIST,
+        "QEMU killed (SIGKILL)",
+        "no QMP in this step: the plug returns; reconcile drops it (QEMU gone); host clean",
+    )
 
 
 # --- hot-plug: timeouts --------------------------------------------------------------------------
+
 
 async def test_wait_guest_timeout_stopped_guest(booted: GuestVM, scene: Scene) -> None:
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
 
     async def stop(_: Operation) -> None:
         await hmp(booted.qmp_path, "stop")
+
     cfg = config(guest_ready=3.0, unplug=2.0)
     state = scene.state(booted.mgmt_qmp_path, cfg, at(Step.DEVICE_ADD, Phase.BEGIN, stop))
     try:
@@ -529,10 +674,15 @@ async def test_wait_guest_timeout_stopped_guest(booted: GuestVM, scene: Scene) -
         await hmp(booted.qmp_path, "cont")
     report = await reconcile(scene.state(booted.mgmt_qmp_path, config()))
     assert [a.outcome for a in report.actions] == [Outcome.ROLLED_BACK], report.lines()
-    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
-                       scene.state_dir)
-    record(Step.WAIT_GUEST, "timeout", f"guest stopped: {text}; undo device_del pending → "
-           "journal kept; after cont, reconcile rolled back; clean")
+    await assert_clean(
+        before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid, scene.state_dir
+    )
+    record(
+        Step.WAIT_GUEST,
+        "timeout",
+        f"guest stopped: {text}; undo device_del pending → "
+        "journal kept; after cont, reconcile rolled back; clean",
+    )
 
 
 HUNG_PLUG = [Step.PASS_FDS, Step.NETDEV_ADD, Step.DEVICE_ADD]
@@ -546,8 +696,11 @@ async def test_plug_qemu_hung(booted: GuestVM, scene: Scene, step: Step) -> None
     a reconcile rolls back whatever is left.
     """
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
-    state = scene.state(booted.mgmt_qmp_path, config(command=1.0), at(
-        step, Phase.BEGIN, lambda _: os.kill(booted.pid, signal.SIGSTOP)))
+    state = scene.state(
+        booted.mgmt_qmp_path,
+        config(command=1.0),
+        at(step, Phase.BEGIN, lambda _: os.kill(booted.pid, signal.SIGSTOP)),
+    )
     try:
         err = await scene.plug_fails(state)
     finally:
@@ -556,10 +709,15 @@ async def test_plug_qemu_hung(booted: GuestVM, scene: Scene, step: Step) -> None
     assert journal_file(scene.state_dir) is not None, "the undo could not reach QEMU"
     report = await reconcile(scene.state(booted.mgmt_qmp_path))
     assert [a.outcome for a in report.actions] == [Outcome.ROLLED_BACK], report.lines()
-    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
-                       scene.state_dir)
-    record(step, "timeout", f"QEMU hung (SIGSTOP): {text}; undo timed out → journal kept; "
-           "after SIGCONT, reconcile rolled back; clean")
+    await assert_clean(
+        before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid, scene.state_dir
+    )
+    record(
+        step,
+        "timeout",
+        f"QEMU hung (SIGSTOP): {text}; undo timed out → journal kept; "
+        "after SIGCONT, reconcile rolled back; clean",
+    )
 
 
 STALLED_PLUG = [Step.NETDEV_ADD, Step.DEVICE_ADD]
@@ -567,7 +725,8 @@ STALLED_PLUG = [Step.NETDEV_ADD, Step.DEVICE_ADD]
 
 @pytest.mark.parametrize("step", STALLED_PLUG, ids=[s.value for s in STALLED_PLUG])
 async def test_plug_qemu_stalls_past_the_deadline_then_runs_the_command(
-        booted: GuestVM, scene: Scene, step: Step) -> None:
+    booted: GuestVM, scene: Scene, step: Step
+) -> None:
     """QEMU stops answering for 1.5 s, past the 1 s command deadline, then runs what was
     queued: the command that timed out still happens. Its undo must be there for it, so
     the plug's own rollback leaves nothing, with no reconcile needed."""
@@ -586,20 +745,24 @@ async def test_plug_qemu_stalls_past_the_deadline_then_runs_the_command(
         os.kill(booted.pid, signal.SIGCONT)
     text = expect(err, step, QmpTimeoutError, "no answer from QEMU within 1 s")
     assert journal_file(scene.state_dir) is None
-    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
-                       scene.state_dir)
+    await assert_clean(
+        before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid, scene.state_dir
+    )
     record(step, "timeout", f"QEMU stalled 1.5 s, then ran it: {text}; undone; clean")
 
 
 # --- persist: the state file cannot be written ---------------------------------------------------
 
+
 def _state_path_taken(state_dir: Path) -> Callable[[Operation], None]:
     """Make ``state.json`` a directory, so the rename over it fails (EISDIR)."""
+
     def action(_: Operation) -> None:
         path = state_dir / "state.json"
         if path.exists():
             path.rename(state_dir / "state.json.aside")
         path.mkdir()
+
     return action
 
 
@@ -611,26 +774,42 @@ def _state_path_back(state_dir: Path) -> None:
 
 async def test_persist_state_unwritable(booted: GuestVM, scene: Scene) -> None:
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
-    state = scene.state(booted.mgmt_qmp_path, None, at(
-        Step.PERSIST, Phase.BEGIN, _state_path_taken(scene.state_dir)))
+    state = scene.state(
+        booted.mgmt_qmp_path,
+        None,
+        at(Step.PERSIST, Phase.BEGIN, _state_path_taken(scene.state_dir)),
+    )
     err = await scene.plug_fails(state)
     text = expect(err, Step.PERSIST, StateError, "Is a directory")
     _state_path_back(scene.state_dir)
-    await assert_clean(before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid,
-                       scene.state_dir)
-    record(Step.PERSIST, "netlink / host", f"state file unwritable: {text}; device, netdev, "
-           "tap removed; clean")
+    await assert_clean(
+        before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid, scene.state_dir
+    )
+    record(
+        Step.PERSIST,
+        "netlink / host",
+        f"state file unwritable: {text}; device, netdev, tap removed; clean",
+    )
 
 
 # --- hot-plug: the fake peer ---------------------------------------------------------------------
 
-@pytest.mark.parametrize(("step", "command", "desc"), [
-    (Step.PASS_FDS, "getfd", "No file descriptor supplied via SCM_RIGHTS"),
-    (Step.WAIT_GUEST, "x-query-virtio-status",
-     "Path /machine/peripheral/x/virtio-backend is not a VirtIODevice"),
-], ids=["getfd", "virtio-status"])
-async def test_plug_error_reply_fake_peer(scene: Scene, tmp_path: Path, step: Step,
-                                          command: str, desc: str) -> None:
+
+@pytest.mark.parametrize(
+    ("step", "command", "desc"),
+    [
+        (Step.PASS_FDS, "getfd", "No file descriptor supplied via SCM_RIGHTS"),
+        (
+            Step.WAIT_GUEST,
+            "x-query-virtio-status",
+            "Path /machine/peripheral/x/virtio-backend is not a VirtIODevice",
+        ),
+    ],
+    ids=["getfd", "virtio-status"],
+)
+async def test_plug_error_reply_fake_peer(
+    scene: Scene, tmp_path: Path, step: Step, command: str, desc: str
+) -> None:
     fake = FakeQemu(tmp_path / "fake.sock")
     try:
         before = await views(None, None, scene.netns, scene.state_dir)
@@ -649,8 +828,10 @@ async def test_plug_error_reply_fake_peer(scene: Scene, tmp_path: Path, step: St
 
 # --- unplug --------------------------------------------------------------------------------------
 
-async def _plugged(scene: Scene, vm_mgmt: str | Path, cfg: Config | None = None,
-                   *inject: Callable[..., Any]) -> tuple[NetworkState, Endpoint]:
+
+async def _plugged(
+    scene: Scene, vm_mgmt: str | Path, cfg: Config | None = None, *inject: Callable[..., Any]
+) -> tuple[NetworkState, Endpoint]:
     state = scene.state(vm_mgmt, cfg, *inject)
     ep = await scene.plug(state)
     return state, ep
@@ -661,8 +842,10 @@ async def test_device_del_timeout_stopped_guest(booted: GuestVM, scene: Scene) -
 
     async def stop(_: Operation) -> None:
         await hmp(booted.qmp_path, "stop")
-    state, ep = await _plugged(scene, booted.mgmt_qmp_path, config(unplug=2.0),
-                               at(Step.DEVICE_DEL, Phase.BEGIN, stop))
+
+    state, ep = await _plugged(
+        scene, booted.mgmt_qmp_path, config(unplug=2.0), at(Step.DEVICE_DEL, Phase.BEGIN, stop)
+    )
     try:
         err = await scene.unplug_fails(state)
         text = expect(err, Step.DEVICE_DEL, UnplugTimeoutError, "no DEVICE_DELETED within 2 s")
@@ -675,17 +858,21 @@ async def test_device_del_timeout_stopped_guest(booted: GuestVM, scene: Scene) -
     assert [a.outcome for a in report.actions] == [Outcome.PENDING_COMPLETED], report.lines()
     before.state = EMPTY
     await assert_clean(before, ep.id, booted.qmp_path, booted.pid, scene.state_dir)
-    record(Step.DEVICE_DEL, "timeout", f"guest stopped: {text}; entry unplug-pending; after "
-           "cont, reconcile completed it; clean")
+    record(
+        Step.DEVICE_DEL,
+        "timeout",
+        f"guest stopped: {text}; entry unplug-pending; after cont, reconcile completed it; clean",
+    )
 
 
-@pytest.mark.parametrize("step", [Step.DEVICE_DEL, Step.NETDEV_DEL],
-                         ids=["device-del", "netdev-del"])
-async def test_unplug_qemu_killed(guest_image: GuestImage, scene: Scene, tmp_path: Path,
-                                  step: Step) -> None:
+@pytest.mark.parametrize(
+    "step", [Step.DEVICE_DEL, Step.NETDEV_DEL], ids=["device-del", "netdev-del"]
+)
+async def test_unplug_qemu_killed(
+    guest_image: GuestImage, scene: Scene, tmp_path: Path, step: Step
+) -> None:
     # netdev-del comes after the guest released the device: that needs a running guest.
-    async with fresh_vm(guest_image, tmp_path, root_ports=4,
-                        paused=step is Step.DEVICE_DEL) as vm:
+    async with fresh_vm(guest_image, tmp_path, root_ports=4, paused=step is Step.DEVICE_DEL) as vm:
         before = await views(vm.qmp_path, vm.pid, scene.netns, scene.state_dir)
         state = scene.state(vm.mgmt_qmp_path, None, at(step, Phase.BEGIN, kill(vm)))
         ep = await scene.plug(state, wait_guest=step is not Step.DEVICE_DEL)
@@ -696,16 +883,24 @@ async def test_unplug_qemu_killed(guest_image: GuestImage, scene: Scene, tmp_pat
         assert [a.outcome for a in report.actions] == [Outcome.DROPPED_QEMU_GONE]
         before.state = EMPTY
         await assert_clean(before, ep.id, None, None, scene.state_dir)
-    record(step, "QEMU killed (SIGKILL)", f"{text}; entry unplug-pending → reconcile: "
-           "dropped (QEMU gone); host clean")
+    record(
+        step,
+        "QEMU killed (SIGKILL)",
+        f"{text}; entry unplug-pending → reconcile: dropped (QEMU gone); host clean",
+    )
 
 
-@pytest.mark.parametrize(("step", "command", "desc"), [
-    (Step.DEVICE_DEL, "device_del", "Bus 'rp0' does not support hotplugging"),
-    (Step.NETDEV_DEL, "netdev_del", "Device 'x-net' is in use"),
-], ids=["device_del", "netdev_del"])
-async def test_unplug_error_reply_fake_peer(scene: Scene, tmp_path: Path, step: Step,
-                                            command: str, desc: str) -> None:
+@pytest.mark.parametrize(
+    ("step", "command", "desc"),
+    [
+        (Step.DEVICE_DEL, "device_del", "Bus 'rp0' does not support hotplugging"),
+        (Step.NETDEV_DEL, "netdev_del", "Device 'x-net' is in use"),
+    ],
+    ids=["device_del", "netdev_del"],
+)
+async def test_unplug_error_reply_fake_peer(
+    scene: Scene, tmp_path: Path, step: Step, command: str, desc: str
+) -> None:
     fake = FakeQemu(tmp_path / "fake.sock")
     try:
         before = await views(None, None, scene.netns, scene.state_dir)
@@ -726,14 +921,21 @@ async def test_unplug_error_reply_fake_peer(scene: Scene, tmp_path: Path, step: 
         await assert_clean(before, ep.id, None, None, scene.state_dir)
     finally:
         fake.close()
-    record(step, "fake QMP peer", f"{command} error: {text}; entry unplug-pending → "
-           "reconcile completed it; clean")
+    record(
+        step,
+        "fake QMP peer",
+        f"{command} error: {text}; entry unplug-pending → reconcile completed it; clean",
+    )
 
 
 async def test_netdev_del_qemu_hung(booted: GuestVM, scene: Scene) -> None:
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
-    state, ep = await _plugged(scene, booted.mgmt_qmp_path, config(command=1.0), at(
-        Step.NETDEV_DEL, Phase.BEGIN, lambda _: os.kill(booted.pid, signal.SIGSTOP)))
+    state, ep = await _plugged(
+        scene,
+        booted.mgmt_qmp_path,
+        config(command=1.0),
+        at(Step.NETDEV_DEL, Phase.BEGIN, lambda _: os.kill(booted.pid, signal.SIGSTOP)),
+    )
     try:
         err = await scene.unplug_fails(state)
     finally:
@@ -744,26 +946,40 @@ async def test_netdev_del_qemu_hung(booted: GuestVM, scene: Scene) -> None:
     assert [a.outcome for a in report.actions] == [Outcome.PENDING_COMPLETED], report.lines()
     before.state = EMPTY
     await assert_clean(before, ep.id, booted.qmp_path, booted.pid, scene.state_dir)
-    record(Step.NETDEV_DEL, "timeout", f"QEMU hung (SIGSTOP): {text}; entry unplug-pending; "
-           "after SIGCONT, reconcile completed it; clean")
+    record(
+        Step.NETDEV_DEL,
+        "timeout",
+        f"QEMU hung (SIGSTOP): {text}; entry unplug-pending; "
+        "after SIGCONT, reconcile completed it; clean",
+    )
 
 
 async def test_remove_links_netns_deleted(booted: GuestVM, scene: Scene) -> None:
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
-    state, ep = await _plugged(scene, booted.mgmt_qmp_path, None, at(
-        Step.NETDEV_DEL, Phase.DONE, lambda _: sh("ip", "netns", "del", ns_name(scene.netns))))
+    state, ep = await _plugged(
+        scene,
+        booted.mgmt_qmp_path,
+        None,
+        at(Step.NETDEV_DEL, Phase.DONE, lambda _: sh("ip", "netns", "del", ns_name(scene.netns))),
+    )
     await state.remove_interface(MAC)  # a cleanup that finds nothing is not an error
     before.state = EMPTY
-    await assert_clean(before, ep.id, booted.qmp_path, booted.pid, scene.state_dir,
-                       netns_gone=True)
-    record(Step.REMOVE_LINKS, "netlink / host", "netns deleted mid-way: best effort, warning "
-           "logged, unplug completes; clean")
+    await assert_clean(before, ep.id, booted.qmp_path, booted.pid, scene.state_dir, netns_gone=True)
+    record(
+        Step.REMOVE_LINKS,
+        "netlink / host",
+        "netns deleted mid-way: best effort, warning logged, unplug completes; clean",
+    )
 
 
 async def test_forget_state_unwritable(booted: GuestVM, scene: Scene) -> None:
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
-    state, ep = await _plugged(scene, booted.mgmt_qmp_path, None, at(
-        Step.FORGET, Phase.BEGIN, _state_path_taken(scene.state_dir)))
+    state, ep = await _plugged(
+        scene,
+        booted.mgmt_qmp_path,
+        None,
+        at(Step.FORGET, Phase.BEGIN, _state_path_taken(scene.state_dir)),
+    )
     err = await scene.unplug_fails(state)
     text = expect(err, Step.FORGET, StateError, "Is a directory")
     _state_path_back(scene.state_dir)
@@ -775,6 +991,8 @@ async def test_forget_state_unwritable(booted: GuestVM, scene: Scene) -> None:
     assert [a.outcome for a in report.actions] == [Outcome.COMPLETED]
     before.state = EMPTY
     await assert_clean(before, ep.id, booted.qmp_path, booted.pid, scene.state_dir)
-    record(Step.FORGET, "netlink / host", f"state file unwritable: {text}; journal kept → "
-           "reconcile completed the unplug; clean")
-
+    record(
+        Step.FORGET,
+        "netlink / host",
+        f"state file unwritable: {text}; journal kept → reconcile completed the unplug; clean",
+    )

@@ -59,20 +59,25 @@ async def _remove(state: NetworkState) -> PlugError | None:
 
 def _figures(pid: int) -> dict[str, int]:
     gc.collect()
-    return {"qemu_fds": len(fd_targets(pid)), "qemu_tun": tun_count(pid),
-            "driver_fds": fd_count(), "driver_rss_kib": rss_kib()}
+    return {
+        "qemu_fds": len(fd_targets(pid)),
+        "qemu_tun": tun_count(pid),
+        "driver_fds": fd_count(),
+        "driver_rss_kib": rss_kib(),
+    }
 
 
-async def test_plug_unplug_cycles_stay_flat(vm: GuestVM, make_netns: Callable[[], str],
-                                            tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+async def test_plug_unplug_cycles_stay_flat(
+    vm: GuestVM, make_netns: Callable[[], str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert CYCLES >= WARMUP + 1
     netns = make_netns()
     make_sandbox(netns, "eth1", MAC)
     sandbox_before = set(ip_links(netns))
     host_before = {n for n in ip_links() if n.startswith(RUN)}
-    state = NetworkState.open(tmp_path / "state", str(vm.mgmt_qmp_path),
-                              Config(queues=2, timeouts=Timeouts(unplug=15.0)))
+    state = NetworkState.open(
+        tmp_path / "state", str(vm.mgmt_qmp_path), Config(queues=2, timeouts=Timeouts(unplug=15.0))
+    )
     desc = InterfaceDescription(name="eth1", hw_addr=MAC)
     start = _figures(vm.pid)
     warm: dict[str, int] = {}
@@ -95,9 +100,11 @@ async def test_plug_unplug_cycles_stay_flat(vm: GuestVM, make_netns: Callable[[]
     end = _figures(vm.pid)
 
     with capsys.disabled():
-        print(f"\nsoak: {CYCLES} plug/unplug cycles in {elapsed:.1f} s "
-              f"({elapsed / CYCLES * 1000:.0f} ms a cycle), warm-up {WARMUP} cycles, "
-              f"{late} unplug(s) completed by a second request")
+        print(
+            f"\nsoak: {CYCLES} plug/unplug cycles in {elapsed:.1f} s "
+            f"({elapsed / CYCLES * 1000:.0f} ms a cycle), warm-up {WARMUP} cycles, "
+            f"{late} unplug(s) completed by a second request"
+        )
         print(f"  {'figure':<16}{'start':>10}{'after warm-up':>15}{'end':>10}")
         for key in end:
             print(f"  {key:<16}{start[key]:>10}{warm[key]:>15}{end[key]:>10}")

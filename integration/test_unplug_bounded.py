@@ -37,8 +37,9 @@ MAC_A, MAC_B = "52:54:00:00:03:31", "52:54:00:00:03:32"
 
 
 def config() -> Config:
-    return Config(tap_name=f"{RUN}u{{idx}}", queues=1,
-                  timeouts=Timeouts(unplug=DEADLINE, connect=30.0))
+    return Config(
+        tap_name=f"{RUN}u{{idx}}", queues=1, timeouts=Timeouts(unplug=DEADLINE, connect=30.0)
+    )
 
 
 booted = module_vm("ub")
@@ -49,16 +50,17 @@ async def test_default_deadline_is_bounded() -> None:
 
 
 async def test_paused_guest_unplug_stays_pending_and_qemu_keeps_serving(
-        guest_image: GuestImage, make_netns: Callable[[], str], tmp_path: Path) -> None:
+    guest_image: GuestImage, make_netns: Callable[[], str], tmp_path: Path
+) -> None:
     netns = make_netns()
     make_sandbox(netns, "eth1", MAC_A)
     make_sandbox(netns, "eth2", MAC_B)
-    vm = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=4,
-                             name=f"{RUN}-up")
+    vm = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=4, name=f"{RUN}-up")
     try:
         state = NetworkState.open(tmp_path / "state", str(vm.mgmt_qmp_path), config())
-        a = await state.add_interface(InterfaceDescription(name="eth1", hw_addr=MAC_A),
-                                      netns_path=netns)
+        a = await state.add_interface(
+            InterfaceDescription(name="eth1", hw_addr=MAC_A), netns_path=netns
+        )
 
         removal = asyncio.create_task(state.remove_interface(MAC_A))
         started = time.monotonic()
@@ -72,8 +74,7 @@ async def test_paused_guest_unplug_stays_pending_and_qemu_keeps_serving(
         assert isinstance(info.value.cause, UnplugTimeoutError)
         assert info.value.cause.timeout == DEADLINE
         assert elapsed >= DEADLINE, "it waited for the event up to the deadline"
-        print(f"\npaused guest: device_del gave up after {elapsed:.2f} s (deadline "
-              f"{DEADLINE} s)")
+        print(f"\npaused guest: device_del gave up after {elapsed:.2f} s (deadline {DEADLINE} s)")
 
         entries = {e.endpoint.id: e.status for e in await state.list_interfaces()}
         assert entries == {a.id: Status.UNPLUG_PENDING}, "not dropped, not reported done"
@@ -85,8 +86,9 @@ async def test_paused_guest_unplug_stays_pending_and_qemu_keeps_serving(
         assert getattr(a, "tap_name", "") in ip_links(netns), "the NIC's tap is kept with it"
 
         # The VM is not blocked: a second NIC plugs right after.
-        b = await state.add_interface(InterfaceDescription(name="eth2", hw_addr=MAC_B),
-                                      netns_path=netns)
+        b = await state.add_interface(
+            InterfaceDescription(name="eth2", hw_addr=MAC_B), netns_path=netns
+        )
         assert b.pci_path != a.pci_path
         entries = {e.endpoint.id: e.status for e in await state.list_interfaces()}
         assert entries == {a.id: Status.UNPLUG_PENDING, b.id: Status.PLUGGED}
@@ -98,8 +100,9 @@ async def test_paused_guest_unplug_stays_pending_and_qemu_keeps_serving(
             await state.remove_interface(MAC_A)
         assert isinstance(again.value.cause, UnplugTimeoutError)
         report = await reconcile(state)
-        assert [(x.outcome, x.endpoint_id) for x in report.actions] == \
-            [(Outcome.PENDING_KEPT, a.id)]
+        assert [(x.outcome, x.endpoint_id) for x in report.actions] == [
+            (Outcome.PENDING_KEPT, a.id)
+        ]
         assert report.consistent == (b.id,)
         assert saved_ids(tmp_path / "state") == {a.id: "unplug-pending", b.id: "plugged"}
     finally:
@@ -108,15 +111,16 @@ async def test_paused_guest_unplug_stays_pending_and_qemu_keeps_serving(
 
 @pytest.mark.parametrize("complete_by", ["reconcile", "remove_interface"])
 async def test_guest_answering_late_completes_the_pending_unplug(
-        booted: GuestVM, make_netns: Callable[[], str], tmp_path: Path,
-        complete_by: str) -> None:
+    booted: GuestVM, make_netns: Callable[[], str], tmp_path: Path, complete_by: str
+) -> None:
     netns = make_netns()
     make_sandbox(netns, "eth1", MAC_A)
     tun_before = tun_count(booted.pid)
     state = NetworkState.open(tmp_path / "state", str(booted.mgmt_qmp_path), config())
     cursor = booted.console_cursor()
-    a = await state.add_interface(InterfaceDescription(name="eth1", hw_addr=MAC_A),
-                                  netns_path=netns, wait_guest=True)
+    a = await state.add_interface(
+        InterfaceDescription(name="eth1", hw_addr=MAC_A), netns_path=netns, wait_guest=True
+    )
     await booted.wait_for(rf"QMPNET NIC-ADD .*mac={MAC_A}", 60, since=cursor)
 
     cursor = booted.console_cursor()
@@ -132,8 +136,9 @@ async def test_guest_answering_late_completes_the_pending_unplug(
 
     if complete_by == "reconcile":
         report = await reconcile(state)
-        assert [(x.outcome, x.endpoint_id) for x in report.actions] == \
-            [(Outcome.PENDING_COMPLETED, a.id)]
+        assert [(x.outcome, x.endpoint_id) for x in report.actions] == [
+            (Outcome.PENDING_COMPLETED, a.id)
+        ]
     else:
         removed = await state.remove_interface(MAC_A)
         assert removed.id == a.id

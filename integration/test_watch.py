@@ -53,8 +53,14 @@ def new_mac() -> str:
 async def guest(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GuestVM]:
     if os.geteuid() != 0:
         pytest.fail("these tests need root (netns, taps, QEMU)")
-    vm = await GuestVM.start(build_guest(), tmp_path_factory.mktemp("watch"), machine="q35",
-                             root_ports=8, name=f"{RUN}-watch", ready_timeout=SLOW)
+    vm = await GuestVM.start(
+        build_guest(),
+        tmp_path_factory.mktemp("watch"),
+        machine="q35",
+        root_ports=8,
+        name=f"{RUN}-watch",
+        ready_timeout=SLOW,
+    )
     try:
         yield vm
     finally:
@@ -62,6 +68,7 @@ async def guest(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Guest
 
 
 # --- the sandbox ---------------------------------------------------------------------------------
+
 
 @attrs.define
 class Pod:
@@ -86,8 +93,23 @@ class Pod:
     def add_veth(self, mac: str, *, up: bool = True) -> str:
         """A veth as a CNI plugin leaves it: ``name`` here, its peer with .1 in the far netns."""
         name, peer = unique("v"), unique("w")
-        run("ip", "-n", self.sandbox, "link", "add", name, "address", mac, "type", "veth",
-            "peer", "name", peer, "netns", self.far)
+        run(
+            "ip",
+            "-n",
+            self.sandbox,
+            "link",
+            "add",
+            name,
+            "address",
+            mac,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            self.far,
+        )
         run("ip", "-n", self.far, "addr", "add", f"{host_ip_for_mac(mac)}/24", "dev", peer)
         run("ip", "-n", self.far, "link", "set", peer, "up")
         if up:
@@ -104,8 +126,11 @@ class Pod:
 
     def our_links(self) -> dict[str, str]:
         """name -> owner id of the links carrying qmpnet's mark, as ``ip`` shows them."""
-        return {n: x["ifalias"][len("qmpnet:"):] for n, x in self.links().items()
-                if x.get("ifalias", "").startswith("qmpnet:")}
+        return {
+            n: x["ifalias"][len("qmpnet:") :]
+            for n, x in self.links().items()
+            if x.get("ifalias", "").startswith("qmpnet:")
+        }
 
     async def ping_guest(self, mac: str) -> None:
         """Ping the guest's address for ``mac`` from the far end until it answers."""
@@ -114,8 +139,20 @@ class Pod:
         deadline = loop.time() + SLOW
         while True:
             proc = await asyncio.create_subprocess_exec(
-                "ip", "netns", "exec", self.far, "busybox", "ping", "-c", "1", "-W", "1", target,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+                "ip",
+                "netns",
+                "exec",
+                self.far,
+                "busybox",
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                target,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
             if await proc.wait() == 0:
                 return
             if loop.time() > deadline:
@@ -144,11 +181,13 @@ async def pod(guest: GuestVM, tmp_path: Path) -> AsyncIterator[Pod]:
                 await state.remove_interface(entry.endpoint.hardware_addr)
         for name in made:
             proc = await asyncio.create_subprocess_exec(  # may be gone already
-                "ip", "netns", "del", name, stderr=asyncio.subprocess.DEVNULL)
+                "ip", "netns", "del", name, stderr=asyncio.subprocess.DEVNULL
+            )
             await proc.wait()
 
 
 # --- independent views ---------------------------------------------------------------------
+
 
 async def qemu_view(vm: GuestVM) -> tuple[set[str], set[str]]:
     """(NIC device ids, netdev ids) from QEMU's other monitor, as qmpnet ids."""
@@ -156,8 +195,7 @@ async def qemu_view(vm: GuestVM) -> tuple[set[str], set[str]]:
     await asyncio.wait_for(client.connect(str(vm.qmp_path)), SLOW)
     try:
         devices = await client.execute("qom-list", {"path": "/machine/peripheral"})
-        info = await client.execute("human-monitor-command",
-                                    {"command-line": "info network"})
+        info = await client.execute("human-monitor-command", {"command-line": "info network"})
     finally:
         await client.disconnect()
     assert isinstance(devices, list)
@@ -192,11 +230,11 @@ async def eventually(check: Callable[[], bool], what: str) -> None:
 
 
 async def saved_by_mac(pod: Pod) -> dict[str, str]:
-    return {e.endpoint.hardware_addr: e.endpoint.id
-            for e in await pod.state().list_interfaces()}
+    return {e.endpoint.hardware_addr: e.endpoint.id for e in await pod.state().list_interfaces()}
 
 
 # --- the in-process watcher ----------------------------------------------------------------------
+
 
 @attrs.define(eq=False)
 class Recorder:
@@ -210,16 +248,24 @@ class Recorder:
         self._changed.set()
 
     def of(self, kind: WatchEventKind, link: str | None = None) -> list[WatchEvent]:
-        return [e for e in self.events
-                if e.kind is kind and (link is None or e.link == link)]
+        return [e for e in self.events if e.kind is kind and (link is None or e.link == link)]
 
-    async def wait(self, kind: WatchEventKind, link: str | None = None, *, after: int = 0,
-                   detail: str | None = None) -> WatchEvent:
+    async def wait(
+        self,
+        kind: WatchEventKind,
+        link: str | None = None,
+        *,
+        after: int = 0,
+        detail: str | None = None,
+    ) -> WatchEvent:
         async with asyncio.timeout(SLOW):
             while True:
                 for e in self.events[after:]:
-                    if e.kind is kind and (link is None or e.link == link) and \
-                            (detail is None or e.detail == detail):
+                    if (
+                        e.kind is kind
+                        and (link is None or e.link == link)
+                        and (detail is None or e.detail == detail)
+                    ):
                         return e
                 self._changed.clear()
                 await self._changed.wait()
@@ -254,8 +300,9 @@ async def test_follows_links_present_new_and_gone(pod: Pod) -> None:
     old_mac, stale_mac = new_mac(), new_mac()
     old = pod.add_veth(old_mac)
     stale = pod.add_veth(stale_mac)
-    stale_ep = await pod.state().add_interface(InterfaceDescription(name=stale),
-                                               netns_path=pod.path)
+    stale_ep = await pod.state().add_interface(
+        InterfaceDescription(name=stale), netns_path=pod.path
+    )
     await nic_added(vm, stale_mac, cursor)
     pod.ip("link", "del", stale)
     assert stale_ep.id in pod.our_links().values()  # its tap is still there
@@ -278,8 +325,12 @@ async def test_follows_links_present_new_and_gone(pod: Pod) -> None:
         fields = await nic_added(vm, mac, cursor)
         assert plugged.mac == mac
         await pod.ping_guest(mac)
-        await vm.wait_for(rf"^QMPNET PING name={fields['name']} peer="
-                          rf"{re.escape(host_ip_for_mac(mac))} result=ok", SLOW, since=cursor)
+        await vm.wait_for(
+            rf"^QMPNET PING name={fields['name']} peer="
+            rf"{re.escape(host_ip_for_mac(mac))} result=ok",
+            SLOW,
+            since=cursor,
+        )
         saved = await assert_consistent(pod)
         assert plugged.endpoint_id in saved
         tap = next(n for n, owner in pod.our_links().items() if owner == plugged.endpoint_id)
@@ -376,7 +427,8 @@ async def test_other_models_keep_their_links_plugged(pod: Pod, model: str) -> No
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_failing_link_is_reported_and_the_others_go_on(
-        pod: Pod, caplog: pytest.LogCaptureFixture) -> None:
+    pod: Pod, caplog: pytest.LogCaptureFixture
+) -> None:
     vm = pod.vm
     cursor = vm.console_cursor()
     mac = new_mac()
@@ -388,10 +440,17 @@ async def test_a_failing_link_is_reported_and_the_others_go_on(
         twin = pod.add_veth(mac)
         failed = await rec.wait(WatchEventKind.FAILED, twin)
         assert mac in failed.detail
-        lines = [r.getMessage() for r in caplog.records
-                 if r.name == "qmpnet.watch" and r.levelname == "ERROR"]
-        assert any(line.startswith(f"watch {pod.path}: {twin}: ") and "retry in" in line
-                   and "\n" not in line for line in lines), lines
+        lines = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "qmpnet.watch" and r.levelname == "ERROR"
+        ]
+        assert any(
+            line.startswith(f"watch {pod.path}: {twin}: ")
+            and "retry in" in line
+            and "\n" not in line
+            for line in lines
+        ), lines
 
         # The watcher goes on: another link is plugged, nothing of the twin is anywhere.
         other_mac = new_mac()
@@ -399,8 +458,9 @@ async def test_a_failing_link_is_reported_and_the_others_go_on(
         await rec.wait(WatchEventKind.PLUGGED, other)
         await nic_added(vm, other_mac, cursor)
         assert set(await saved_by_mac(pod)) == {mac, other_mac}
-        assert await assert_consistent(pod) == {e.endpoint_id for e in
-                                                rec.of(WatchEventKind.PLUGGED)}
+        assert await assert_consistent(pod) == {
+            e.endpoint_id for e in rec.of(WatchEventKind.PLUGGED)
+        }
 
         # Once the twin goes, it is simply absent; the retries find nothing to do.
         mark = len(rec.events)
@@ -430,10 +490,21 @@ class Watcher:
     @classmethod
     async def start(cls, pod: Pod) -> Watcher:
         proc = await asyncio.create_subprocess_exec(
-            QMPNET, "-v", "watch", "--netns", pod.path, "--qmp", str(pod.vm.mgmt_qmp_path),
-            "--state", str(pod.state_dir), "--debounce", "0.3",
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            QMPNET,
+            "-v",
+            "watch",
+            "--netns",
+            pod.path,
+            "--qmp",
+            str(pod.vm.mgmt_qmp_path),
+            "--state",
+            str(pod.state_dir),
+            "--debounce",
+            "0.3",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         pod.procs.append(proc)
         w = cls(proc)
         w._reader = asyncio.create_task(w._read())
@@ -546,8 +617,10 @@ async def test_a_killed_watcher_leaves_what_the_next_one_recovers(pod: Pod) -> N
         pod.ip("link", "del", name)
         await w.wait_log(rf"unplugging {name} ")
         journal = pod.state_dir / "journal.json"
-        await eventually(lambda: journal.exists() and "device-del" in journal.read_text(),
-                         "the unplug journaled at device-del")
+        await eventually(
+            lambda: journal.exists() and "device-del" in journal.read_text(),
+            "the unplug journaled at device-del",
+        )
         w.proc.kill()  # SIGKILL: no chance to finish anything
         assert await w.stop(None) == -signal.SIGKILL
     finally:

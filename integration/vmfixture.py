@@ -50,9 +50,25 @@ from qmpnet.testing.steps import StepRecorder
 from qmpnet.testing.vm import GuestVM, marker_fields
 
 __all__ = [
-    "MACHINES", "PREFIX", "VCPUS", "Harness", "Plugged", "TestVM", "VMPool", "e2e_leak_check",
-    "e2e_name", "free_octets", "harness", "host_ping", "mac_for", "neighbour_mac", "pool",
-    "pytestmark", "qemu_pids", "state_dirs", "tap_host_side",
+    "MACHINES",
+    "PREFIX",
+    "VCPUS",
+    "Harness",
+    "Plugged",
+    "TestVM",
+    "VMPool",
+    "e2e_leak_check",
+    "e2e_name",
+    "free_octets",
+    "harness",
+    "host_ping",
+    "mac_for",
+    "neighbour_mac",
+    "pool",
+    "pytestmark",
+    "qemu_pids",
+    "state_dirs",
+    "tap_host_side",
 ]
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -113,8 +129,9 @@ async def host_ping(address: str, dev: str, netns: str = "", tries: int = 10) ->
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     for _ in range(tries):
-        proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.DEVNULL)
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
         if await proc.wait() == 0:
             return True
     return False
@@ -131,6 +148,7 @@ def qemu_pids() -> list[int]:
 
 
 # --- the VMs ---------------------------------------------------------------------------------
+
 
 @attrs.define(eq=False)
 class TestVM:
@@ -149,9 +167,14 @@ class TestVM:
     @classmethod
     async def boot(cls, image: GuestImage, machine: str) -> TestVM:
         try:
-            vm = await GuestVM.start(image, machine=machine,  # type: ignore[arg-type]
-                                     root_ports=8, vcpus=VCPUS, name=f"{PREFIX}-{machine}",
-                                     ready_timeout=120.0)
+            vm = await GuestVM.start(
+                image,
+                machine=machine,  # type: ignore[arg-type]
+                root_ports=8,
+                vcpus=VCPUS,
+                name=f"{PREFIX}-{machine}",
+                ready_timeout=120.0,
+            )
         except Exception as err:
             pytest.fail(f"the test guest did not boot on {machine}: {err}")
         manager = QMPClient(f"{PREFIX}-{machine}-manager")
@@ -238,8 +261,10 @@ class VMPool:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def pool(guest_image: GuestImage, request: pytest.FixtureRequest,
-               ) -> AsyncIterator[VMPool]:
+async def pool(
+    guest_image: GuestImage,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[VMPool]:
     vms = VMPool(guest_image)
     try:
         yield vms
@@ -264,8 +289,10 @@ def _print_timings(request: pytest.FixtureRequest) -> None:
             values = sorted(t[3] * 1000 for t in mine if t[1] == what and t[2] == machine)
             if values:
                 median = values[len(values) // 2]
-                lines.append(f"  {what:34} {machine:4} n={len(values):2} median "
-                             f"{median:7.1f}  min {values[0]:7.1f}  max {values[-1]:7.1f}")
+                lines.append(
+                    f"  {what:34} {machine:4} n={len(values):2} median "
+                    f"{median:7.1f}  min {values[0]:7.1f}  max {values[-1]:7.1f}"
+                )
     # Teardown output is captured; the figures are meant to be seen.
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         reporter.write_line("")
@@ -274,6 +301,7 @@ def _print_timings(request: pytest.FixtureRequest) -> None:
 
 
 # --- plugging with evidence ------------------------------------------------------------------
+
 
 @attrs.frozen
 class Plugged:
@@ -310,13 +338,18 @@ class Harness:
     def record(self, what: str, seconds: float) -> None:
         TIMINGS.append((self.module, what, self.vm.machine, seconds))
 
-    async def plug(self, desc: InterfaceDescription, host_side: Callable[[Endpoint], Any]
-                   | None = None, **kwargs: Any) -> Plugged:
+    async def plug(
+        self,
+        desc: InterfaceDescription,
+        host_side: Callable[[Endpoint], Any] | None = None,
+        **kwargs: Any,
+    ) -> Plugged:
         """Hot-plug; ``host_side`` then gives the host end its address; wait for the guest's
         NIC-ADD (our MAC), NIC-ADDR and PING markers."""
         since = self.vm.vm.console_cursor()
-        added = asyncio.create_task(self._marker(
-            rf"^QMPNET NIC-ADD .*\bmac={re.escape(desc.hw_addr)}\b", since))
+        added = asyncio.create_task(
+            self._marker(rf"^QMPNET NIC-ADD .*\bmac={re.escape(desc.hw_addr)}\b", since)
+        )
         try:
             endpoint = await self.state.add_interface(desc, **kwargs)
             if host_side is not None:
@@ -325,8 +358,10 @@ class Harness:
         finally:
             added.cancel()
         kind = kwargs.get("model")
-        self.record(f"device_add -> NIC-ADD ({kind.value if kind else 'default'})",
-                    seen - self.clock.last(Step.DEVICE_ADD, Phase.DONE, mac=endpoint.hardware_addr))
+        self.record(
+            f"device_add -> NIC-ADD ({kind.value if kind else 'default'})",
+            seen - self.clock.last(Step.DEVICE_ADD, Phase.DONE, mac=endpoint.hardware_addr),
+        )
         name = re.escape(nic["name"])
         addr, _ = await self._marker(rf"^QMPNET NIC-ADDR name={name}\b", since)
         ping, _ = await self._marker(rf"^QMPNET PING name={name}\b", since)
@@ -336,8 +371,9 @@ class Harness:
         """Unplug; returns the guest's NIC-DEL marker after QEMU announced DEVICE_DELETED."""
         since = self.vm.vm.console_cursor()
         mac = plugged.mac
-        gone = asyncio.create_task(self._marker(
-            rf"^QMPNET NIC-DEL .*\bmac={re.escape(mac)}\b", since))
+        gone = asyncio.create_task(
+            self._marker(rf"^QMPNET NIC-DEL .*\bmac={re.escape(mac)}\b", since)
+        )
         try:
             await self.state.remove_interface(mac)
             nic, _ = await gone
@@ -348,15 +384,18 @@ class Harness:
             deleted = await self.vm.wait_deleted(device)
         except TimeoutError:
             pytest.fail(f"the VM manager's monitor saw no DEVICE_DELETED for {device}")
-        self.record("device_del -> DEVICE_DELETED",
-                    deleted - self.clock.last(Step.DEVICE_DEL, Phase.BEGIN, mac=mac))
+        self.record(
+            "device_del -> DEVICE_DELETED",
+            deleted - self.clock.last(Step.DEVICE_DEL, Phase.BEGIN, mac=mac),
+        )
         return nic
 
     async def assert_gone(self, plugged: Plugged) -> None:
         """QEMU has no netdev/device of the NIC and its host link is gone (where it was)."""
         ep = plugged.endpoint
-        assert not [line for line in await self.vm.netdev_lines()
-                    if line.startswith(f"{ep.id}-net:")], "netdev still in 'info network'"
+        assert not [
+            line for line in await self.vm.netdev_lines() if line.startswith(f"{ep.id}-net:")
+        ], "netdev still in 'info network'"
         assert f"{ep.id}-dev" not in await self.vm.peripherals()
         netns = Path(ep.netns_path).name if ep.netns_path else ""
         assert host_link(ep) not in probe.links(netns)
@@ -364,11 +403,22 @@ class Harness:
 
 def tap_host_side(endpoint: Endpoint) -> None:
     """Give a host-namespace tap the guest's peer address ``169.254.B.1/24``."""
-    subprocess.run(["ip", "addr", "add", f"{host_ip_for_mac(endpoint.hardware_addr)}/24",
-                    "dev", host_link(endpoint)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "ip",
+            "addr",
+            "add",
+            f"{host_ip_for_mac(endpoint.hardware_addr)}/24",
+            "dev",
+            host_link(endpoint),
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
 # --- per-test fixtures -----------------------------------------------------------------------
+
 
 @pytest.fixture
 def state_dirs(tmp_path: Path) -> Iterator[Callable[[], Path]]:
@@ -390,14 +440,18 @@ def state_dirs(tmp_path: Path) -> Iterator[Callable[[], Path]]:
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def harness(pool: VMPool, state_dirs: Callable[[], Path], request: pytest.FixtureRequest,
-                  ) -> Callable[[str], Any]:
+async def harness(
+    pool: VMPool,
+    state_dirs: Callable[[], Path],
+    request: pytest.FixtureRequest,
+) -> Callable[[str], Any]:
     """``await harness(machine)``: qmpnet on that machine's module VM, with a fresh state."""
+
     async def make(machine: str) -> Harness:
         vm = await pool.get(machine)
-        state = NetworkState.open(state_dirs(), str(vm.vm.mgmt_qmp_path),
-                                  Config(timeouts=TIMEOUTS))
+        state = NetworkState.open(state_dirs(), str(vm.vm.mgmt_qmp_path), Config(timeouts=TIMEOUTS))
         return Harness(vm, state, request.module.__name__)
+
     return make
 
 
@@ -436,4 +490,3 @@ async def e2e_leak_check(pool: VMPool) -> AsyncIterator[None]:
                 await vm.stop()
                 del pool.vms[vm.machine]
         pytest.fail(f"the test left behind: {problems}")
-

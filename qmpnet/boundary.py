@@ -43,6 +43,7 @@ def _exact(kind: type, reason: str) -> Callable[[Any, Any], Any]:
         if type(value) is not kind:
             raise WrongType(value, reason)
         return value
+
     return structure
 
 
@@ -72,14 +73,17 @@ def _tuple_factory(kind: Any, conv: cattrs.Converter) -> Callable[[Any, Any], An
         if not isinstance(value, list | tuple):
             raise WrongType(value, "must be a list")
         return inner(value, kind)
+
     return structure
 
 
-def exact_converter(*, detailed_validation: bool = True,
-                    forbid_extra_keys: bool = True) -> cattrs.Converter:
+def exact_converter(
+    *, detailed_validation: bool = True, forbid_extra_keys: bool = True
+) -> cattrs.Converter:
     """The base every reader of outside or saved data shares: no coercion of any kind."""
-    conv = cattrs.Converter(forbid_extra_keys=forbid_extra_keys,
-                            detailed_validation=detailed_validation)
+    conv = cattrs.Converter(
+        forbid_extra_keys=forbid_extra_keys, detailed_validation=detailed_validation
+    )
     conv.register_structure_hook(str, _exact(str, "must be a string"))
     conv.register_structure_hook(int, _exact(int, "must be an integer"))
     conv.register_structure_hook(bool, _exact(bool, "must be true or false"))
@@ -102,8 +106,14 @@ class Boundary:
     ``key_field.format(container)``; ``mapping`` is what the document calls an object.
     """
 
-    def __init__(self, root: str, *, mapping: str = "an object", key_field: str = "{}",
-                 none_is_absent: bool = False) -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        mapping: str = "an object",
+        key_field: str = "{}",
+        none_is_absent: bool = False,
+    ) -> None:
         self.root = root
         self.mapping = mapping
         self.key_field = key_field
@@ -113,29 +123,41 @@ class Boundary:
         self._keys: dict[type, Mapping[str, str]] = {}
         # a free-form object (CNI's ipam, prevResult) is taken as it came: its keys are not ours
         self._conv.register_structure_hook_func(
-            lambda t: _origin(t) in (dict, Mapping), self._mapping)
+            lambda t: _origin(t) in (dict, Mapping), self._mapping
+        )
 
-    def register(self, cls: type, keys: Mapping[str, str] | None = None, *,
-                 forbid_extra_keys: bool = True,
-                 hooks: Mapping[str, Callable[[Any], Any]] | None = None,
-                 omit: Sequence[str] = (), reshape: Callable[[Any], Any] | None = None) -> None:
+    def register(
+        self,
+        cls: type,
+        keys: Mapping[str, str] | None = None,
+        *,
+        forbid_extra_keys: bool = True,
+        hooks: Mapping[str, Callable[[Any], Any]] | None = None,
+        omit: Sequence[str] = (),
+        reshape: Callable[[Any], Any] | None = None,
+    ) -> None:
         """Read ``cls`` with ``keys`` (attribute -> key; others keep their name).
 
         ``hooks`` structure one attribute's raw value; ``omit`` are attributes never read
         (set by the caller); ``reshape`` turns an accepted variant of the shape into the
         canonical one before reading. Register a class after the classes of its fields.
         """
-        keys = {a.name: (keys or {}).get(a.name, a.name) for a in attrs.fields(cls)
-                if a.name not in omit}
+        keys = {
+            a.name: (keys or {}).get(a.name, a.name)
+            for a in attrs.fields(cls)
+            if a.name not in omit
+        }
         self._keys[cls] = keys
         omitted: dict[str, Any] = {name: override(omit=True) for name in omit}
         fields: dict[str, Any] = {name: override(rename=key) for name, key in keys.items()}
         unstructure: Callable[[Any], Any] = make_dict_unstructure_fn(
-            cls, self._conv, **fields, **omitted)
+            cls, self._conv, **fields, **omitted
+        )
         for name, hook in (hooks or {}).items():
             fields[name] = override(rename=keys[name], struct_hook=_ignore_type(hook))
         structure: Callable[[Any, Any], Any] = make_dict_structure_fn(
-            cls, self._conv, **fields, **omitted, _cattrs_forbid_extra_keys=forbid_extra_keys)
+            cls, self._conv, **fields, **omitted, _cattrs_forbid_extra_keys=forbid_extra_keys
+        )
 
         def read(value: Any, _: Any) -> Any:
             if reshape is not None:
@@ -183,35 +205,54 @@ class Boundary:
             return self._explain_class(err, where, node)
         if isinstance(err, IterableValidationError):
             sub = err.exceptions[0]
-            index = next(n.index for n in getattr(sub, "__notes__", ())
-                         if isinstance(n, cattrs.IterableValidationNote))
+            index = next(
+                n.index
+                for n in getattr(sub, "__notes__", ())
+                if isinstance(n, cattrs.IterableValidationNote)
+            )
             item = node[index] if isinstance(node, Sequence) and isinstance(index, int) else None
             return self._explain(sub, (*where, index), item)
         if isinstance(err, InvalidInputError):
             # a vocabulary or a hook names its own field; cattrs' notes are of no use past here
-            err.__notes__ = [n for n in getattr(err, "__notes__", ()) if not isinstance(
-                n, cattrs.AttributeValidationNote | cattrs.IterableValidationNote)]
+            err.__notes__ = [
+                n
+                for n in getattr(err, "__notes__", ())
+                if not isinstance(n, cattrs.AttributeValidationNote | cattrs.IterableValidationNote)
+            ]
             return err
         if isinstance(err, WrongType):
             return InvalidInputError(self._name(where), err.value, err.reason)
         if isinstance(err, KeyError):
             entry = len(where) > 1 and isinstance(where[-2], int)
             container = self._name(where[:-1])
-            return InvalidInputError(self._name(where), None, "missing from " + (
-                f"an {container} entry" if entry else container))
+            return InvalidInputError(
+                self._name(where),
+                None,
+                "missing from " + (f"an {container} entry" if entry else container),
+            )
         return InvalidInputError(self._name(where), node, f"{type(err).__name__}: {err}")
 
-    def _explain_class(self, err: ClassValidationError, where: Path,
-                       node: object) -> InvalidInputError:
+    def _explain_class(
+        self, err: ClassValidationError, where: Path, node: object
+    ) -> InvalidInputError:
         keys = self._keys.get(err.cl, {})
         extra = [e for e in err.exceptions if isinstance(e, ForbiddenExtraKeysError)]
         if extra:
             key = sorted(extra[0].extra_fields, key=str)[0]
-            return InvalidInputError(self.key_field.format(self._name(where)), key,
-                                     "unknown key; known keys are " + ", ".join(keys.values()))
+            return InvalidInputError(
+                self.key_field.format(self._name(where)),
+                key,
+                "unknown key; known keys are " + ", ".join(keys.values()),
+            )
         sub = err.exceptions[0]
-        note = next((n for n in getattr(sub, "__notes__", ())
-                     if isinstance(n, cattrs.AttributeValidationNote)), None)
+        note = next(
+            (
+                n
+                for n in getattr(sub, "__notes__", ())
+                if isinstance(n, cattrs.AttributeValidationNote)
+            ),
+            None,
+        )
         if note is not None:
             key = keys.get(note.name, note.name)
             value = node.get(key) if isinstance(node, Mapping) else None

@@ -49,8 +49,12 @@ def exit_code_for(err: BaseException) -> int:
 
     if isinstance(err, errors.PlugError):
         return exit_code_for(err.cause)
-    if isinstance(err, errors.NetnsError) and err.errno in (None, errno.ENOENT, errno.ENOTDIR,
-                                                            errno.EINVAL):
+    if isinstance(err, errors.NetnsError) and err.errno in (
+        None,
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EINVAL,
+    ):
         return EXIT_INPUT  # a netns path that does not exist or is not a netns: bad input
     table: list[tuple[type[BaseException], int]] = [
         (errors.QmpTimeoutError, EXIT_TIMEOUT),
@@ -81,11 +85,14 @@ def default_state_dir(qmp: str | None) -> str:
 
 # --- logging ---------------------------------------------------------------------------------
 
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "time": round(record.created, 3), "level": record.levelname.lower(),
-            "logger": record.name, "msg": record.getMessage(),
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
         }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
@@ -113,6 +120,7 @@ def setup_logging(verbose: int, fmt: str) -> None:
 
 # --- argument parsing ------------------------------------------------------------------------
 
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -135,36 +143,62 @@ def _seconds(text: str) -> float:
 
 
 def _vm_options(p: argparse.ArgumentParser, qmp_required: bool = True) -> None:
-    p.add_argument("--qmp", required=qmp_required, metavar="SOCKET",
-                   help="the VM's QMP unix socket (a monitor free for qmpnet)")
-    p.add_argument("--state", metavar="DIR",
-                   help=f"state directory (default: $QMPNET_STATE_DIR or {STATE_ROOT}/vm-<hash "
-                   "of the socket path>)")
+    p.add_argument(
+        "--qmp",
+        required=qmp_required,
+        metavar="SOCKET",
+        help="the VM's QMP unix socket (a monitor free for qmpnet)",
+    )
+    p.add_argument(
+        "--state",
+        metavar="DIR",
+        help=f"state directory (default: $QMPNET_STATE_DIR or {STATE_ROOT}/vm-<hash "
+        "of the socket path>)",
+    )
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
     for name in ("connect", "command", "unplug", "guest"):
-        p.add_argument(f"--timeout-{name}", type=_seconds, metavar="SEC",
-                       help=f"deadline for {name} (seconds)")
+        p.add_argument(
+            f"--timeout-{name}", type=_seconds, metavar="SEC", help=f"deadline for {name} (seconds)"
+        )
 
 
 def _plug_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=["none", "tcfilter", "macvtap", "bridged", "default"],
-                   help="interworking model (default: from config, else tcfilter)")
-    p.add_argument("--netns", metavar="PATH", default="",
-                   help="network namespace of the interface (default: this one)")
-    p.add_argument("--queues", type=_positive_int, metavar="N",
-                   help="queue pairs (default: from config, else one per guest vCPU)")
+    p.add_argument(
+        "--model",
+        choices=["none", "tcfilter", "macvtap", "bridged", "default"],
+        help="interworking model (default: from config, else tcfilter)",
+    )
+    p.add_argument(
+        "--netns",
+        metavar="PATH",
+        default="",
+        help="network namespace of the interface (default: this one)",
+    )
+    p.add_argument(
+        "--queues",
+        type=_positive_int,
+        metavar="N",
+        help="queue pairs (default: from config, else one per guest vCPU)",
+    )
     p.add_argument("--no-vhost", action="store_true", help="never use vhost-net")
     p.add_argument("--tap-name", metavar="NAME", help="host tap name (default: tap{idx}_kata)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qmpnet", description="Hot-plug network interfaces into running QEMU VMs.",
+        prog="qmpnet",
+        description="Hot-plug network interfaces into running QEMU VMs.",
         epilog="exit codes: 0 ok, 1 internal, 2 usage, 3 bad input, 4 QEMU/QMP, 5 host, "
-               "6 timeout (unplug pending), 7 unsupported, 8 state, 9 reconcile incomplete")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-v info, -vv debug with QMP traffic, -vvv "
-                        "everything); give it before the command")
+        "6 timeout (unplug pending), 7 unsupported, 8 state, 9 reconcile incomplete",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging (-v info, -vv debug with QMP traffic, -vvv "
+        "everything); give it before the command",
+    )
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -172,16 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     add = sub.add_parser("add-iface", help="hot-plug an interface described by JSON")
     _vm_options(add)
     _plug_options(add)
-    add.add_argument("--wait-guest", action="store_true",
-                     help="return only when the guest driver has the NIC (DRIVER_OK)")
+    add.add_argument(
+        "--wait-guest",
+        action="store_true",
+        help="return only when the guest driver has the NIC (DRIVER_OK)",
+    )
     add.add_argument("file", metavar="FILE|-", help="interface JSON (Kata agent style)")
 
     rm = sub.add_parser("del-iface", help="unplug the interface with a MAC")
     _vm_options(rm)
     group = rm.add_mutually_exclusive_group(required=True)
     group.add_argument("--mac", help="MAC of the interface to remove")
-    group.add_argument("file", nargs="?", metavar="FILE|-",
-                       help="interface JSON; its hwAddr selects the interface")
+    group.add_argument(
+        "file", nargs="?", metavar="FILE|-", help="interface JSON; its hwAddr selects the interface"
+    )
 
     ls = sub.add_parser("list-ifaces", help="list the VM's interfaces from its saved state")
     _vm_options(ls, qmp_required=False)
@@ -194,18 +232,28 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="hot-plug every interface that appears in a netns")
     _vm_options(watch)
     watch.add_argument("--netns", required=True, metavar="PATH", help="netns to follow")
-    watch.add_argument("--model", choices=["tcfilter", "macvtap", "bridged", "default"],
-                       help="interworking model for the NetPairs")
-    watch.add_argument("--debounce", type=_seconds, default=0.5, metavar="SEC",
-                       help="ignore links that do not stay this long (default 0.5)")
-    watch.add_argument("--unplug-on-exit", action="store_true",
-                       help="unplug what was plugged when stopped")
+    watch.add_argument(
+        "--model",
+        choices=["tcfilter", "macvtap", "bridged", "default"],
+        help="interworking model for the NetPairs",
+    )
+    watch.add_argument(
+        "--debounce",
+        type=_seconds,
+        default=0.5,
+        metavar="SEC",
+        help="ignore links that do not stay this long (default 0.5)",
+    )
+    watch.add_argument(
+        "--unplug-on-exit", action="store_true", help="unplug what was plugged when stopped"
+    )
 
     sub.add_parser("demo", help="boot the bundled guest, hot-plug, prove traffic, unplug")
     return parser
 
 
 # --- commands --------------------------------------------------------------------------------
+
 
 def _config(args: argparse.Namespace) -> Config:
     import attrs
@@ -215,8 +263,12 @@ def _config(args: argparse.Namespace) -> Config:
 
     config = Config.load(args.config) if args.config else Config()
     timeouts = config.timeouts
-    for name, field in (("connect", "connect"), ("command", "command"),
-                        ("unplug", "unplug"), ("guest", "guest_ready")):
+    for name, field in (
+        ("connect", "connect"),
+        ("command", "command"),
+        ("unplug", "unplug"),
+        ("guest", "guest_ready"),
+    ):
         value = getattr(args, f"timeout_{name}", None)
         if value is not None:
             timeouts = attrs.evolve(timeouts, **{field: value})
@@ -262,9 +314,15 @@ async def cmd_add(args: argparse.Namespace) -> int:
     state = _state(args)
     started = time.perf_counter()
     endpoint = await state.add_interface(
-        desc, netns_path=args.netns, tap_name=args.tap_name, wait_guest=args.wait_guest)
-    log.info("plugged %s (%s) at %s in %.1f ms", endpoint.name, endpoint.hardware_addr,
-             endpoint.pci_path, (time.perf_counter() - started) * 1000)
+        desc, netns_path=args.netns, tap_name=args.tap_name, wait_guest=args.wait_guest
+    )
+    log.info(
+        "plugged %s (%s) at %s in %.1f ms",
+        endpoint.name,
+        endpoint.hardware_addr,
+        endpoint.pci_path,
+        (time.perf_counter() - started) * 1000,
+    )
     print(json.dumps(interface_of(endpoint).to_json(), indent=1))
     return EXIT_OK
 
@@ -294,18 +352,36 @@ async def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         from qmpnet.codec import dump_endpoint
 
-        print(json.dumps({"interfaces": [
-            {"status": e.status.value, "endpoint": dump_endpoint(e.endpoint)} for e in entries],
-            "unreadable": [{"reason": u.reason, "entry": u.raw} for u in unknown]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "interfaces": [
+                        {"status": e.status.value, "endpoint": dump_endpoint(e.endpoint)}
+                        for e in entries
+                    ],
+                    "unreadable": [{"reason": u.reason, "entry": u.raw} for u in unknown],
+                },
+                indent=1,
+            )
+        )
         return EXIT_OK
     rows = [("NAME", "TYPE", "MAC", "MODEL", "PCI", "QUEUES", "HOST LINK", "NETNS", "STATUS")]
     for e in entries:
         ep = e.endpoint
         pair = ep.network_pair
-        rows.append((ep.name, ep.type.value, ep.hardware_addr,
-                     pair.model.value if pair else "none", ep.pci_path or "-",
-                     str(ep.queues or "-"), host_link(ep) or "-",
-                     ep.netns_path or "(host)", e.status.value))
+        rows.append(
+            (
+                ep.name,
+                ep.type.value,
+                ep.hardware_addr,
+                pair.model.value if pair else "none",
+                ep.pci_path or "-",
+                str(ep.queues or "-"),
+                host_link(ep) or "-",
+                ep.netns_path or "(host)",
+                e.status.value,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -346,8 +422,14 @@ async def cmd_watch(args: argparse.Namespace) -> int:
     check_socket_path(args.qmp)  # fail fast (exit 4) rather than retry a typo forever
     state = _state(args)
     model = InterworkingModel.parse(args.model) if args.model else None
-    await watch(state, args.netns, model=model, debounce=args.debounce, stop=stop,
-                unplug_on_exit=args.unplug_on_exit)
+    await watch(
+        state,
+        args.netns,
+        model=model,
+        debounce=args.debounce,
+        stop=stop,
+        unplug_on_exit=args.unplug_on_exit,
+    )
     return EXIT_OK
 
 
@@ -358,8 +440,12 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "add-iface": cmd_add, "del-iface": cmd_del, "list-ifaces": cmd_list,
-    "reconcile": cmd_reconcile, "watch": cmd_watch, "demo": cmd_demo,
+    "add-iface": cmd_add,
+    "del-iface": cmd_del,
+    "list-ifaces": cmd_list,
+    "reconcile": cmd_reconcile,
+    "watch": cmd_watch,
+    "demo": cmd_demo,
 }
 
 
@@ -382,8 +468,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         kind = "internal error" if code == EXIT_INTERNAL else "error"
         if args.log_format == "json":
-            print(json.dumps({"level": "error", "error": type(err).__name__, "msg": str(err),
-                              "exit": code}), file=sys.stderr)
+            print(
+                json.dumps(
+                    {"level": "error", "error": type(err).__name__, "msg": str(err), "exit": code}
+                ),
+                file=sys.stderr,
+            )
         else:
             print(f"qmpnet: {kind}: {err}", file=sys.stderr)
         return code

@@ -49,7 +49,14 @@ def load_endpoint(data: object) -> Endpoint | UnknownEntry:
     body = {k: v for k, v in data.items() if k != "type"}
     try:
         endpoint: Endpoint = _converter.structure(body, REGISTRY[kind])
-    except (QmpnetError, cattrs.BaseValidationError, cattrs.errors.CattrsError, ValueError,
-            TypeError, KeyError, AttributeError) as err:
+    except (
+        QmpnetError,
+        cattrs.BaseValidationError,
+        cattrs.errors.CattrsError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+    ) as err:
         return UnknownEntry(data, f"{kind.value} endpoint: {type(err).__name__}: {err}")
     return endpoint

@@ -23,10 +23,12 @@ SECONDS_MAX = 3600
 
 def check_seconds(field: str, value: object) -> float:
     """A deadline: a number of seconds in (0, SECONDS_MAX]; ``true`` is not a number here."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or \
-            not 0 < value <= SECONDS_MAX:
-        raise InvalidInputError(field, value,
-                                f"must be a number of seconds in (0, {SECONDS_MAX}]")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value <= SECONDS_MAX
+    ):
+        raise InvalidInputError(field, value, f"must be a number of seconds in (0, {SECONDS_MAX}]")
     return float(value)
 
 
@@ -87,8 +89,9 @@ class Config:
             # keys beside [network] would be silently ignored: refuse them instead
             for key in data:
                 if key != "network":
-                    raise InvalidInputError("config key", key, "outside the [network] table; "
-                                            "move it into [network]")
+                    raise InvalidInputError(
+                        "config key", key, "outside the [network] table; move it into [network]"
+                    )
             if not isinstance(table, dict):
                 raise InvalidInputError("network", table, "must be a table")
         return TOML.structure(table, cls)

@@ -62,6 +62,7 @@ class DemoError(Exception):
 
 # --- reporting -------------------------------------------------------------------------------
 
+
 @attrs.define(eq=False)
 class Report:
     """Numbered steps with their duration; details are printed under the step they explain."""
@@ -89,8 +90,11 @@ class Report:
             yield details
         except BaseException as err:
             self.failed = True
-            reason = "interrupted" if isinstance(err, asyncio.CancelledError | KeyboardInterrupt) \
+            reason = (
+                "interrupted"
+                if isinstance(err, asyncio.CancelledError | KeyboardInterrupt)
                 else f"{type(err).__name__}: {err}"
+            )
             self.say(f" FAILED after {_dur(time.monotonic() - begin)}")
             for line in [*details, *self.notes, reason]:
                 self.say(f"           {line}")
@@ -138,15 +142,22 @@ def _dur(seconds: float) -> str:
 
 # --- host-side helpers -----------------------------------------------------------------------
 
+
 def prerequisites() -> str:
     """Fail with what is missing (``make setup`` installs it), before anything is made."""
     from qmpnet.testing.cni import CNI_BIN
 
     missing = [] if os.geteuid() == 0 else ["root (taps, netns and QEMU's fds need it)"]
-    missing += [f"{tool} (make setup)" for tool in ("qemu-system-x86_64", "busybox", "ip")
-                if shutil.which(tool) is None]
-    missing += [f"{CNI_BIN / p} (package containernetworking-plugins)"
-                for p in ("bridge", "host-local") if not (CNI_BIN / p).exists()]
+    missing += [
+        f"{tool} (make setup)"
+        for tool in ("qemu-system-x86_64", "busybox", "ip")
+        if shutil.which(tool) is None
+    ]
+    missing += [
+        f"{CNI_BIN / p} (package containernetworking-plugins)"
+        for p in ("bridge", "host-local")
+        if not (CNI_BIN / p).exists()
+    ]
     if not os.path.exists("/dev/net/tun"):
         missing.append("/dev/net/tun")
     if missing:
@@ -156,20 +167,32 @@ def prerequisites() -> str:
 
 async def _run(*cmd: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
     out, _ = await proc.communicate()
     return proc.returncode or 0, out.decode(errors="replace")
 
 
 def free_octets(count: int) -> list[int]:
     """``count`` distinct values of B for which no host address or route is in 169.254.B/24."""
-    link_local = ipaddress.ip_network("169.254.0.0/16")
-    nets = [ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}").network
-            for link in probe.ip_json("addr") for a in link.get("addr_info", [])]
-    nets += [ipaddress.ip_network(r["dst"]) for r in probe.ip_json("route")
-             if r.get("dst", "default") != "default"]
-    used = {int(net.network_address.packed[2]) for net in nets
-            if net.version == 4 and net.subnet_of(link_local) and net.prefixlen >= 24}  # type: ignore[arg-type]
+    link_local = ipaddress.IPv4Network("169.254.0.0/16")
+    nets = [
+        ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}").network
+        for link in probe.ip_json("addr")
+        for a in link.get("addr_info", [])
+    ]
+    nets += [
+        ipaddress.ip_network(r["dst"])
+        for r in probe.ip_json("route")
+        if r.get("dst", "default") != "default"
+    ]
+    used = {
+        int(net.network_address.packed[2])
+        for net in nets
+        if isinstance(net, ipaddress.IPv4Network)
+        and net.subnet_of(link_local)
+        and net.prefixlen >= 24
+    }
     free = [b for b in range(16, 250) if b not in used]
     if len(free) < count:
         raise DemoError("no free 169.254.B.0/24 subnet on this host")
@@ -196,6 +219,7 @@ async def host_ping(address: str, dev: str, tries: int = PING_TRIES) -> float:
 
 # --- guest-side helpers ----------------------------------------------------------------------
 
+
 @attrs.frozen
 class Seen:
     """A console marker line the guest printed, and when this process saw it."""
@@ -212,6 +236,7 @@ async def _watch(vm: Any, pattern: str, since: int) -> Seen:
 
 
 # --- the demo --------------------------------------------------------------------------------
+
 
 @attrs.define(eq=False)
 class Demo:
@@ -236,10 +261,13 @@ class Demo:
             image = await asyncio.to_thread(build_guest)
             info.append(f"kernel {image.kernel_version}, initrd {image.initrd}")
         with self.report.step("boot it in QEMU (q35, 2 vCPUs, 4 pcie-root-ports)") as info:
-            self.vm = await GuestVM.start(image, self.work, machine="q35", root_ports=4,
-                                          vcpus=2, name=f"{self.prefix}-vm")
-            info.append(f"qemu-system-x86_64 pid {self.vm.pid}, accel {self.vm.accel}; guest "
-                        f"printed READY; qmpnet uses the second monitor {self.vm.mgmt_qmp_path}")
+            self.vm = await GuestVM.start(
+                image, self.work, machine="q35", root_ports=4, vcpus=2, name=f"{self.prefix}-vm"
+            )
+            info.append(
+                f"qemu-system-x86_64 pid {self.vm.pid}, accel {self.vm.accel}; guest "
+                f"printed READY; qmpnet uses the second monitor {self.vm.mgmt_qmp_path}"
+            )
         from qemu.qmp import QMPClient
 
         self.manager = QMPClient(f"{self.prefix}-manager")
@@ -254,15 +282,21 @@ class Demo:
         found += [f"device {d}" for d in await monitor.peripherals() if d == f"{endpoint.id}-dev"]
         return found
 
-    async def plug(self, title: str, label: str, desc: InterfaceDescription,
-                   model: InterworkingModel, host_side: HostSide, **kwargs: Any) -> None:
+    async def plug(
+        self,
+        title: str,
+        label: str,
+        desc: InterfaceDescription,
+        model: InterworkingModel,
+        host_side: HostSide,
+        **kwargs: Any,
+    ) -> None:
         """Hot-plug, give the host side its address, and show what guest and host see."""
         assert self.state is not None
         mac = desc.hw_addr
         with self.report.step(title) as info:
             since = self.vm.console_cursor()
-            added = asyncio.create_task(_watch(self.vm, rf"^QMPNET NIC-ADD .*\bmac={mac}\b",
-                                               since))
+            added = asyncio.create_task(_watch(self.vm, rf"^QMPNET NIC-ADD .*\bmac={mac}\b", since))
             try:
                 endpoint = await self.state.add_interface(desc, model=model, **kwargs)
             except BaseException:
@@ -276,11 +310,15 @@ class Demo:
             ping = await _watch(self.vm, rf"^QMPNET PING name={name}\b", since)
             guest_sees = seen.at - self.clock.last(Step.DEVICE_ADD, Phase.DONE, mac=mac)
             self.timings.append((label, guest_sees, 0.0))
-            info.append(f"qmpnet: {endpoint.type.value} endpoint {endpoint.id}, guest PCI path "
-                        f"{endpoint.pci_path}; {peer}")
-            info.append(f"guest sees {name}: mac {seen.fields['mac']}, rx/tx queues "
-                        f"{seen.fields['rxq']}/{seen.fields['txq']}, {seen.fields['msix']} "
-                        f"MSI-X vectors, {_dur(guest_sees)} after device_add")
+            info.append(
+                f"qmpnet: {endpoint.type.value} endpoint {endpoint.id}, guest PCI path "
+                f"{endpoint.pci_path}; {peer}"
+            )
+            info.append(
+                f"guest sees {name}: mac {seen.fields['mac']}, rx/tx queues "
+                f"{seen.fields['rxq']}/{seen.fields['txq']}, {seen.fields['msix']} "
+                f"MSI-X vectors, {_dur(guest_sees)} after device_add"
+            )
             info.append(f"guest set {addr.fields['addr']}/24 on {name}")
             if ping.fields["result"] != "ok":
                 raise DemoError(f"the guest could not ping {ping.fields['peer']}")
@@ -290,15 +328,15 @@ class Demo:
             answered = probe.neighbour_mac(dev, guest_ip)
             if answered != mac:
                 raise DemoError(f"{guest_ip} answered from {answered or 'nowhere'}, not {mac}")
-            info.append(f"ping host -> guest {guest_ip}: ok, {rtt:.2f} ms, answered by the "
-                        f"guest's MAC")
+            info.append(
+                f"ping host -> guest {guest_ip}: ok, {rtt:.2f} ms, answered by the guest's MAC"
+            )
 
     async def unplug(self, mac: str) -> None:
         assert self.state is not None
         with self.report.step(f"unplug {mac}") as info:
             since = self.vm.console_cursor()
-            gone = asyncio.create_task(_watch(self.vm, rf"^QMPNET NIC-DEL .*\bmac={mac}\b",
-                                              since))
+            gone = asyncio.create_task(_watch(self.vm, rf"^QMPNET NIC-DEL .*\bmac={mac}\b", since))
             try:
                 await self.state.remove_interface(mac)
             except BaseException:
@@ -306,24 +344,30 @@ class Demo:
                 raise
             label, endpoint = self.plugged.pop(mac)
             seen = await gone
-            deleted = (self.clock.last(Step.DEVICE_DEL, Phase.DONE, mac=mac)
-                       - self.clock.last(Step.DEVICE_DEL, Phase.BEGIN, mac=mac))
+            deleted = self.clock.last(Step.DEVICE_DEL, Phase.DONE, mac=mac) - self.clock.last(
+                Step.DEVICE_DEL, Phase.BEGIN, mac=mac
+            )
             self.timings.append((label, 0.0, deleted))
-            info.append(f"device_del -> DEVICE_DELETED {_dur(deleted)}; guest reports "
-                        f"{seen.fields['name']} (mac {mac}) gone")
+            info.append(
+                f"device_del -> DEVICE_DELETED {_dur(deleted)}; guest reports "
+                f"{seen.fields['name']} (mac {mac}) gone"
+            )
             left = await self.qemu_has(endpoint)
             link, netns = host_link(endpoint), Path(endpoint.netns_path).name
             if link in probe.links(netns):
                 left.append(f"link {link}")
             if left:
                 raise DemoError(f"still there after the unplug: {', '.join(left)}")
-            info.append(f"QEMU ('info network', qom-list) has no {endpoint.id}-net/-dev; "
-                        f"{link} is gone from {'netns ' + netns if netns else 'the host'}")
+            info.append(
+                f"QEMU ('info network', qom-list) has no {endpoint.id}-net/-dev; "
+                f"{link} is gone from {'netns ' + netns if netns else 'the host'}"
+            )
 
     async def list_ifaces(self) -> None:
         with self.report.step("qmpnet list-ifaces (from the saved state)") as info:
-            status, out = await _run(sys.executable, "-m", "qmpnet.cli", "list-ifaces",
-                                     "--state", str(self.state_dir))
+            status, out = await _run(
+                sys.executable, "-m", "qmpnet.cli", "list-ifaces", "--state", str(self.state_dir)
+            )
             if status != 0:
                 raise DemoError(f"list-ifaces exited with {status}: {out.strip()}")
             info.extend(out.rstrip().splitlines())
@@ -350,8 +394,7 @@ def leftovers(prefix: str, pid: int | None, paths: list[Path], veths: list[str])
 
     Raises :class:`~qmpnet.testing.probe.ProbeError` when ``ip`` cannot tell.
     """
-    found = [f"link {name}" for name in probe.links()
-             if name.startswith(prefix) or name in veths]
+    found = [f"link {name}" for name in probe.links() if name.startswith(prefix) or name in veths]
     found += [f"netns {name}" for name in sorted(probe.netns_names()) if name.startswith(prefix)]
     found += [f"QEMU process {p}" for p in probe.qemu_pids(prefix)]
     if pid is not None and Path(f"/proc/{pid}").exists():
@@ -385,26 +428,45 @@ async def _steps(demo: Demo, stack: contextlib.AsyncExitStack, veths: list[str])
     tap_mac = mac_for(b_tap)
     await demo.plug(
         f"hot-plug a tap endpoint {prefix}tap (model none, host netns, 2 queues)",
-        "tap (none)", InterfaceDescription(name="eth0", hw_addr=tap_mac),
-        InterworkingModel.NONE, _tap_side, tap_name=f"{prefix}tap", queues=2)
+        "tap (none)",
+        InterfaceDescription(name="eth0", hw_addr=tap_mac),
+        InterworkingModel.NONE,
+        _tap_side,
+        tap_name=f"{prefix}tap",
+        queues=2,
+    )
 
     pod_mac, subnet = mac_for(b_pod), f"169.254.{b_pod}"
     with report.step("make a pod netns with Debian's CNI bridge + host-local") as info:
-        pod = await stack.enter_async_context(cni.pod_network(
-            f"{prefix}p", f"{subnet}.0/24", mac=pod_mac, range_start=f"{subnet}.10",
-            range_end=f"{subnet}.250", bridge_address=f"{subnet}.1/24"))
+        pod = await stack.enter_async_context(
+            cni.pod_network(
+                f"{prefix}p",
+                f"{subnet}.0/24",
+                mac=pod_mac,
+                range_start=f"{subnet}.10",
+                range_end=f"{subnet}.250",
+                bridge_address=f"{subnet}.1/24",
+            )
+        )
         veths.append(pod.host_veth)
         stack.push_async_callback(demo.unplug_leftovers)  # runs before the pod goes
-        info.append(f"netns {pod.netns}: {pod.ifname} mac {pod.mac}, CNI address "
-                    f"{', '.join(map(str, pod.ips))}; host side {pod.host_veth} on "
-                    f"bridge {pod.bridge} (given {subnet}.1/24)")
+        info.append(
+            f"netns {pod.netns}: {pod.ifname} mac {pod.mac}, CNI address "
+            f"{', '.join(map(str, pod.ips))}; host side {pod.host_veth} on "
+            f"bridge {pod.bridge} (given {subnet}.1/24)"
+        )
 
     async def pod_side(_: Endpoint) -> tuple[str, str]:
         return pod.bridge, f"{pod.bridge} (far side of the CNI veth) has {subnet}.1/24"
 
-    await demo.plug(f"hot-plug the pod's veth {pod.ifname} (model tcfilter)",
-                    "veth (tcfilter)", InterfaceDescription(name=pod.ifname, hw_addr=pod_mac),
-                    InterworkingModel.TCFILTER, pod_side, netns_path=pod.netns_path)
+    await demo.plug(
+        f"hot-plug the pod's veth {pod.ifname} (model tcfilter)",
+        "veth (tcfilter)",
+        InterfaceDescription(name=pod.ifname, hw_addr=pod_mac),
+        InterworkingModel.TCFILTER,
+        pod_side,
+        netns_path=pod.netns_path,
+    )
     await demo.list_ifaces()
     await demo.unplug(tap_mac)
     await demo.unplug(pod_mac)
@@ -423,8 +485,9 @@ async def run_demo(out: TextIO = sys.stdout) -> int:
     demo = Demo(report, prefix, work, work / "state")
     veths: list[str] = []
     interrupted: asyncio.CancelledError | None = None
-    report.say(f"qmpnet demo: hot-plug two NICs into a running VM and prove traffic "
-               f"(run prefix {prefix})")
+    report.say(
+        f"qmpnet demo: hot-plug two NICs into a running VM and prove traffic (run prefix {prefix})"
+    )
     with _notes_under_steps(report):
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -437,20 +500,26 @@ async def run_demo(out: TextIO = sys.stdout) -> int:
             report.failed = True
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    with contextlib.suppress(DemoError, probe.ProbeError), \
-            report.step("check that nothing is left on the host") as info:
-        left = leftovers(prefix, demo.vm.pid if demo.vm else None, [demo.state_dir, work],
-                         veths)
+    with (
+        contextlib.suppress(DemoError, probe.ProbeError),
+        report.step("check that nothing is left on the host") as info,
+    ):
+        left = leftovers(prefix, demo.vm.pid if demo.vm else None, [demo.state_dir, work], veths)
         if left:
             raise DemoError("left behind: " + ", ".join(left))
-        info.append(f"no link or netns named {prefix}*, no {' '.join(veths) or 'pod veth'}, "
-                    f"no QEMU process named {prefix}*, state dir {demo.state_dir} gone")
+        info.append(
+            f"no link or netns named {prefix}*, no {' '.join(veths) or 'pod veth'}, "
+            f"no QEMU process named {prefix}*, state dir {demo.state_dir} gone"
+        )
     _print_timings(report, demo.timings)
     if interrupted is not None:
         report.say("interrupted; everything was cleaned up")
         raise interrupted
-    report.say("demo FAILED" if report.failed else
-               f"demo passed in {time.monotonic() - report.started:.1f} s")
+    report.say(
+        "demo FAILED"
+        if report.failed
+        else f"demo passed in {time.monotonic() - report.started:.1f} s"
+    )
     return 1 if report.failed else 0
 
 

@@ -82,8 +82,11 @@ class HostError(QmpnetError):
         self.obj = obj
         self.errno = err
         self.detail = detail
-        why = detail or (errno_mod.errorcode.get(err, str(err)) + ": " + _strerror(err)
-                         if err is not None else "failed")
+        why = detail or (
+            errno_mod.errorcode.get(err, str(err)) + ": " + _strerror(err)
+            if err is not None
+            else "failed"
+        )
         super().__init__(f"{operation} {obj}: {why}")
 
 
@@ -91,8 +94,12 @@ class LinkExistsError(HostError):
     """A link with the requested name already exists; qmpnet refuses to reuse it."""
 
     def __init__(self, obj: str) -> None:
-        super().__init__("create link", obj, errno_mod.EEXIST,
-                         "a link with this name already exists and was left untouched")
+        super().__init__(
+            "create link",
+            obj,
+            errno_mod.EEXIST,
+            "a link with this name already exists and was left untouched",
+        )
 
 
 class NotOursError(HostError):
@@ -127,8 +134,7 @@ class ConnectFailure(enum.Enum):
 class QmpConnectError(QmpError):
     """The QMP monitor could not be reached; ``kind`` says why."""
 
-    def __init__(self, path: str, reason: str,
-                 kind: ConnectFailure = ConnectFailure.OTHER) -> None:
+    def __init__(self, path: str, reason: str, kind: ConnectFailure = ConnectFailure.OTHER) -> None:
         self.path = path
         self.reason = reason
         self.kind = kind
@@ -143,8 +149,9 @@ class QmpConnectError(QmpError):
 class QmpCommandError(QmpError):
     """QEMU answered a command with an error; its class and description are kept verbatim."""
 
-    def __init__(self, command: str, arguments: dict[str, Any], error_class: str,
-                 desc: str) -> None:
+    def __init__(
+        self, command: str, arguments: dict[str, Any], error_class: str, desc: str
+    ) -> None:
         self.command = command
         self.arguments = arguments
         self.error_class = error_class
@@ -175,8 +182,10 @@ class UnplugTimeoutError(QmpTimeoutError):
     def __init__(self, device_id: str, timeout: float) -> None:
         self.device_id = device_id
         QmpError.__init__(
-            self, f"device_del {device_id}: no DEVICE_DELETED within {timeout:g} s "
-            "(guest paused, busy or without hot-plug support); the unplug is pending")
+            self,
+            f"device_del {device_id}: no DEVICE_DELETED within {timeout:g} s "
+            "(guest paused, busy or without hot-plug support); the unplug is pending",
+        )
         self.command = "device_del"
         self.timeout = timeout
 

@@ -73,9 +73,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def file_lock(path: Path, *, timeout: float,
-                    busy: Callable[[], BaseException] | None = None,
-                    interval: float = 0.002, cap: float | None = 0.05) -> AsyncIterator[None]:
+async def file_lock(
+    path: Path,
+    *,
+    timeout: float,
+    busy: Callable[[], BaseException] | None = None,
+    interval: float = 0.002,
+    cap: float | None = 0.05,
+) -> AsyncIterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (made 0600 in a private directory).
 
     Polled from ``interval`` (doubling up to ``cap``; None: steady) until ``timeout``, then
@@ -85,6 +90,7 @@ async def file_lock(path: Path, *, timeout: float,
     ``flock`` is per open file: two tasks of one process exclude each other too, but poll to
     do it; serialize them with an ``asyncio.Lock`` around this.
     """
+
     def held() -> StateError:
         return StateError(str(path), f"held by another holder for more than {timeout:g} s")
 
@@ -96,8 +102,13 @@ async def file_lock(path: Path, *, timeout: float,
         except OSError as err:
             raise StateError(str(path.parent), f"cannot create: {err.strerror}") from err
         try:
-            await poll_until(functools.partial(_try_lock, fd, path), deadline=deadline,
-                             interval=interval, cap=cap, error=busy or held)
+            await poll_until(
+                functools.partial(_try_lock, fd, path),
+                deadline=deadline,
+                interval=interval,
+                cap=cap,
+                error=busy or held,
+            )
             if same_file(fd, path):
                 yield
                 return

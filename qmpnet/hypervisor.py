@@ -78,13 +78,22 @@ class Bridge:
 
 def free_slots(bridges: list[Bridge], root_used: set[int], root_hotplug: bool) -> list[Slot]:
     """Free hot-pluggable slots: empty root ports first, then pci.0, then pci-bridge slots."""
-    ports = [Slot(b.qdev_id, 0, f"{b.slot:02x}/00") for b in sorted(bridges, key=_by_slot)
-             if b.kind == "pcie-root-port" and not b.used]
+    ports = [
+        Slot(b.qdev_id, 0, f"{b.slot:02x}/00")
+        for b in sorted(bridges, key=_by_slot)
+        if b.kind == "pcie-root-port" and not b.used
+    ]
     # pc: slot 0 is the host bridge, 1 the PIIX3. On q35 pcie.0 cannot hot-plug at all.
-    root = [Slot("pci.0", s, f"{s:02x}") for s in range(2, 32)
-            if root_hotplug and s not in root_used]
-    behind = [Slot(b.qdev_id, s, f"{b.slot:02x}/{s:02x}") for b in sorted(bridges, key=_by_slot)
-              if b.kind == "pci-bridge" for s in range(1, 32) if s not in b.used]
+    root = [
+        Slot("pci.0", s, f"{s:02x}") for s in range(2, 32) if root_hotplug and s not in root_used
+    ]
+    behind = [
+        Slot(b.qdev_id, s, f"{b.slot:02x}/{s:02x}")
+        for b in sorted(bridges, key=_by_slot)
+        if b.kind == "pci-bridge"
+        for s in range(1, 32)
+        if s not in b.used
+    ]
     return ports + root + behind
 
 
@@ -107,8 +116,15 @@ class QemuHypervisor:
             self._vcpus = len(await self.qmp.execute("query-cpus-fast"))
         return self._vcpus
 
-    async def plug_tap(self, tap: TapInterface, fds: QueueFds, mac: str,
-                       op: Operation | None = None, *, wait_guest: bool = False) -> str:
+    async def plug_tap(
+        self,
+        tap: TapInterface,
+        fds: QueueFds,
+        mac: str,
+        op: Operation | None = None,
+        *,
+        wait_guest: bool = False,
+    ) -> str:
         """Hand ``tap``'s open queue fds to QEMU and plug a NIC on them; return its PCI path.
 
         All or nothing. Only the slot choice is serialized; fds and netdevs have names unique
@@ -117,8 +133,9 @@ class QemuHypervisor:
         stay the caller's: QEMU holds its own copies once this returns.
         """
         if not fds.tap:
-            raise UnsupportedError(f"tap {tap.tap_iface.name}", "hot-plug",
-                                   "no tap queue fds were opened")
+            raise UnsupportedError(
+                f"tap {tap.tap_iface.name}", "hot-plug", "no tap queue fds were opened"
+            )
         if op is not None:
             return await self._plug(tap, fds, mac, op, wait_guest)
         async with Operation(OpKind.HOT_PLUG, tap.name) as own:
@@ -126,8 +143,9 @@ class QemuHypervisor:
             own.commit()
         return path
 
-    async def _plug(self, tap: TapInterface, fds: QueueFds, mac: str, op: Operation,
-                    wait_guest: bool) -> str:
+    async def _plug(
+        self, tap: TapInterface, fds: QueueFds, mac: str, op: Operation, wait_guest: bool
+    ) -> str:
         names: list[str] = []
         tap_fds, vhost_fds = tuple(fds.tap), tuple(fds.vhost)
 
@@ -165,12 +183,21 @@ class QemuHypervisor:
             async with self._lock:
                 slots = await self.free_slots()
                 if not slots:
-                    raise UnsupportedError("this VM", "hot-plug", "no free hot-pluggable PCI "
-                                           "slot (launch q35 with more pcie-root-port devices)")
+                    raise UnsupportedError(
+                        "this VM",
+                        "hot-plug",
+                        "no free hot-pluggable PCI "
+                        "slot (launch q35 with more pcie-root-port devices)",
+                    )
                 slot = slots[0]
                 args: dict[str, Any] = {
-                    "driver": "virtio-net-pci", "id": device_id(tap), "netdev": netdev_id(tap),
-                    "mac": mac, "bus": slot.bus, "addr": hex(slot.addr), "romfile": "",
+                    "driver": "virtio-net-pci",
+                    "id": device_id(tap),
+                    "netdev": netdev_id(tap),
+                    "mac": mac,
+                    "bus": slot.bus,
+                    "addr": hex(slot.addr),
+                    "romfile": "",
                 }
                 if queues > 1:
                     args.update(mq=True, vectors=vectors_for(queues))
@@ -182,8 +209,9 @@ class QemuHypervisor:
 
         slot = await _qemu_step(op, Step.DEVICE_ADD, device_add, device_del)
         if wait_guest:
-            await op.step(Step.WAIT_GUEST, lambda: self.qmp.wait_driver_ok(
-                device_id(tap), self.guest_timeout))
+            await op.step(
+                Step.WAIT_GUEST, lambda: self.qmp.wait_driver_ok(device_id(tap), self.guest_timeout)
+            )
         return slot.pci_path
 
     async def unplug_tap(self, tap: TapInterface, op: Operation | None = None) -> None:
@@ -200,8 +228,9 @@ class QemuHypervisor:
 
     async def _unplug(self, tap: TapInterface, op: Operation) -> None:
         # No lock here: waiting for the guest must not hold up other plugs of this VM.
-        await op.step(Step.DEVICE_DEL, lambda: self.qmp.device_del(
-            device_id(tap), self.unplug_timeout))
+        await op.step(
+            Step.DEVICE_DEL, lambda: self.qmp.device_del(device_id(tap), self.unplug_timeout)
+        )
         await op.step(Step.NETDEV_DEL, lambda: self.qmp.netdev_del(netdev_id(tap)))
 
     async def release_fds(self, tap: TapInterface) -> None:
@@ -222,26 +251,34 @@ class QemuHypervisor:
         are pipelined, and a root port's child is not read at all (one slot: any child takes
         it), so the search costs about one round trip per bridge however many NICs are in.
         """
-        peripherals, pci = await _all(self.qmp.qom_list("/machine/peripheral"),
-                                      self.qmp.query_pci())
-        bridges = await _all(*(self._bridge(c["name"], kind) for c in peripherals
-                               if (kind := c["type"].removeprefix("child<").removesuffix(">"))
-                               in BRIDGE_TYPES))
+        peripherals, pci = await _all(
+            self.qmp.qom_list("/machine/peripheral"), self.qmp.query_pci()
+        )
+        bridges = await _all(
+            *(
+                self._bridge(c["name"], kind)
+                for c in peripherals
+                if (kind := c["type"].removeprefix("child<").removesuffix(">")) in BRIDGE_TYPES
+            )
+        )
         root = [d for bus in pci if bus.get("bus") == 0 for d in bus.get("devices", [])]
         q35 = any(d["id"]["device"] == Q35_HOST_BRIDGE for d in root)
         return free_slots(bridges, {d["slot"] for d in root}, root_hotplug=not q35)
 
     async def _bridge(self, name: str, kind: str) -> Bridge:
         path = f"/machine/peripheral/{name}"
-        addr, links = await _all(self.qmp.qom_get(path, "addr"),
-                                 self.qmp.qom_list(f"{path}/{name}"))
-        children = [f"{path}/{name}/{link['name']}" for link in links
-                    if link["name"].startswith("child[")]
+        addr, links = await _all(
+            self.qmp.qom_get(path, "addr"), self.qmp.qom_list(f"{path}/{name}")
+        )
+        children = [
+            f"{path}/{name}/{link['name']}" for link in links if link["name"].startswith("child[")
+        ]
         if kind == "pcie-root-port":
             used = frozenset({0}) if children else frozenset()
         else:
-            used = frozenset(int(a) >> 3 for a in await _all(
-                *(self.qmp.qom_get(c, "addr") for c in children)))
+            used = frozenset(
+                int(a) >> 3 for a in await _all(*(self.qmp.qom_get(c, "addr") for c in children))
+            )
         return Bridge(name, kind, int(addr) >> 3, used)
 
     async def device_present(self, tap: TapInterface) -> bool:
@@ -256,20 +293,29 @@ class QemuHypervisor:
         return None
 
     async def peripheral_ids(self) -> set[str]:
-        return {c["name"] for c in await self.qmp.qom_list("/machine/peripheral")
-                if c["type"].startswith("child<")}
+        return {
+            c["name"]
+            for c in await self.qmp.qom_list("/machine/peripheral")
+            if c["type"].startswith("child<")
+        }
+
 
 T = TypeVar("T")
 
 
-async def _qemu_step(op: Operation, step: Step, action: Callable[[], Awaitable[T]],
-                     undo: Callable[[], Awaitable[None]]) -> T:
+async def _qemu_step(
+    op: Operation,
+    step: Step,
+    action: Callable[[], Awaitable[T]],
+    undo: Callable[[], Awaitable[None]],
+) -> T:
     """Run a QEMU command that creates something, and undo it also when its outcome is unknown.
 
     A command that timed out or lost its connection may still run in QEMU: its undo is
     registered then too (deleting what is not there is harmless). One QEMU refused did
     nothing, and the id it names may be someone else's: nothing to undo.
     """
+
     async def undo_result(_: T) -> None:
         await undo()
 
@@ -299,6 +345,7 @@ async def _all(*calls: Awaitable[Any]) -> list[Any]:
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
 
+
 def pci_device_ids(pci: list[dict[str, Any]]) -> set[str]:
     found: set[str] = set()
 
@@ -307,10 +354,19 @@ def pci_device_ids(pci: list[dict[str, Any]]) -> set[str]:
             if dev.get("qdev_id"):
                 found.add(dev["qdev_id"])
             walk(dev.get("pci_bridge", {}).get("devices", []))
+
     for bus in pci:
         walk(bus.get("devices", []))
     return found
 
 
-__all__ = ["Bridge", "QemuHypervisor", "QmpnetError", "Slot", "device_id", "fd_name",
-           "free_slots", "netdev_id"]
+__all__ = [
+    "Bridge",
+    "QemuHypervisor",
+    "QmpnetError",
+    "Slot",
+    "device_id",
+    "fd_name",
+    "free_slots",
+    "netdev_id",
+]

@@ -111,8 +111,12 @@ class Operation:
             if inspect.isawaitable(result):
                 await result
 
-    async def step(self, step: Step, action: Callable[[], Awaitable[T]],
-                   undo: Callable[[T], Awaitable[None]] | None = None) -> T:
+    async def step(
+        self,
+        step: Step,
+        action: Callable[[], Awaitable[T]],
+        undo: Callable[[T], Awaitable[None]] | None = None,
+    ) -> T:
         """Run one step; register its undo at once; wrap a failure as PlugError(step)."""
         await self._notify(step, Phase.BEGIN)
         try:
@@ -129,12 +133,15 @@ class Operation:
 
     def on_undo(self, step: Step, undo: Callable[[], Awaitable[None]]) -> None:
         """Register an undo for work done outside :meth:`step` (e.g. a resource opened)."""
+
         async def call(_: None) -> None:
             await undo()
+
         self._stack.push_async_callback(self._run_undo, step, call, None)
 
-    async def _run_undo(self, step: Step, undo: Callable[[Any], Awaitable[None]],
-                        result: Any) -> None:
+    async def _run_undo(
+        self, step: Step, undo: Callable[[Any], Awaitable[None]], result: Any
+    ) -> None:
         try:
             await undo(result)
         except Exception as err:  # keep unwinding: one failed undo must not stop the others
@@ -148,7 +155,6 @@ class Operation:
             # journal is kept for the next operation; the later undos still run (the exit
             # stack goes on) and the cancellation propagates.
             self.undo_errors.append(err)
-            log.error("%s of %s: undo of %s interrupted: %r", self.kind, self.endpoint, step,
-                      err)
+            log.error("%s of %s: undo of %s interrupted: %r", self.kind, self.endpoint, step, err)
             raise
         await self._notify(step, Phase.UNDO)

@@ -63,7 +63,7 @@ class LinkInfo:
     @property
     def owner(self) -> str | None:
         """The owner id from qmpnet's mark, or None for a link qmpnet did not make."""
-        return self.alias[len(MARK_PREFIX):] if self.alias.startswith(MARK_PREFIX) else None
+        return self.alias[len(MARK_PREFIX) :] if self.alias.startswith(MARK_PREFIX) else None
 
 
 @attrs.frozen(kw_only=True)
@@ -88,15 +88,21 @@ def mark(owner: str) -> str:
 
 def _info(msg: Any) -> LinkInfo:
     return LinkInfo(
-        index=msg["index"], name=msg.get("ifname"), mac=msg.get("address") or "",
-        mtu=msg.get("mtu") or 0, up=bool(msg["flags"] & 1), alias=msg.get("ifalias") or "",
-        kind=msg.get(("linkinfo", "kind")) or "", master=msg.get("master") or 0)
-
+        index=msg["index"],
+        name=msg.get("ifname"),
+        mac=msg.get("address") or "",
+        mtu=msg.get("mtu") or 0,
+        up=bool(msg["flags"] & 1),
+        alias=msg.get("ifalias") or "",
+        kind=msg.get(("linkinfo", "kind")) or "",
+        master=msg.get("master") or 0,
+    )
 
 
 def staging_name(owner: str) -> str | None:
     """The name a link of ``owner`` carries until it is marked (None: no such name)."""
     return owner if re.fullmatch(r"qn[0-9a-f]{10}", owner) else None
+
 
 class Links:
     """Typed netlink operations in one network namespace; use :meth:`open`."""
@@ -107,9 +113,14 @@ class Links:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, netns: str = "", *, link_events: bool = False,
-                   ) -> AsyncIterator[Links]:
+    async def open(
+        cls,
+        netns: str = "",
+        *,
+        link_events: bool = False,
+    ) -> AsyncIterator[Links]:
         """Links of ``netns``; ``link_events`` also subscribes to :meth:`events`."""
+
         def make() -> socket.socket:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
             if link_events:
@@ -182,24 +193,37 @@ class Links:
                     if kind in (RTM_NEWLINK, RTM_DELLINK):
                         yield LinkEvent(present=kind == RTM_NEWLINK, link=_info(msg))
             except _FAILURES as err:
-                raise HostError("read link events of", self.netns or "the host netns",
-                                _errno(err)) from err
+                raise HostError(
+                    "read link events of", self.netns or "the host netns", _errno(err)
+                ) from err
 
     async def wait_for(self, name: str, present: bool = True, timeout: float = 5.0) -> None:
         """Poll until the link is (or is no longer) visible; a netlink change may lag a syscall."""
+
         async def settled() -> bool:
             return (await self.lookup(name) is not None) == present
 
         def still() -> HostError:
-            return HostError("wait for link", self._where(name), None,
-                             f"still {'missing' if present else 'present'} after {timeout} s")
+            return HostError(
+                "wait for link",
+                self._where(name),
+                None,
+                f"still {'missing' if present else 'present'} after {timeout} s",
+            )
 
         await poll_until(settled, timeout=timeout, interval=0.001, cap=0.05, error=still)
 
     # --- changing a link -------------------------------------------------------------------
 
-    async def configure(self, name: str, *, mtu: int | None = None, mac: str | None = None,
-                        up: bool | None = None, owner: str | None = None) -> None:
+    async def configure(
+        self,
+        name: str,
+        *,
+        mtu: int | None = None,
+        mac: str | None = None,
+        up: bool | None = None,
+        owner: str | None = None,
+    ) -> None:
         """Set MTU, MAC, alias mark and state, in that order, in one place."""
         index = (await self.get(name)).index
         attrs_: dict[str, Any] = {}
@@ -212,8 +236,11 @@ class Links:
         if attrs_:
             await self._call("configure link", name, self._ipr.link("set", index=index, **attrs_))
         if up is not None:
-            await self._call("set link state", name,
-                             self._ipr.link("set", index=index, state="up" if up else "down"))
+            await self._call(
+                "set link state",
+                name,
+                self._ipr.link("set", index=index, state="up" if up else "down"),
+            )
 
     async def set_mtu(self, name: str, mtu: int) -> None:
         await self.configure(name, mtu=mtu)
@@ -230,8 +257,9 @@ class Links:
     async def set_master(self, name: str, master: str | None) -> None:
         index = (await self.get(name)).index
         master_index = (await self.get(master)).index if master else 0
-        await self._call("set master of", name,
-                         self._ipr.link("set", index=index, master=master_index))
+        await self._call(
+            "set master of", name, self._ipr.link("set", index=index, master=master_index)
+        )
 
     # --- creating and deleting -------------------------------------------------------------
 
@@ -242,8 +270,15 @@ class Links:
     async def add_macvtap(self, name: str, parent: str, mac: str, owner: str) -> LinkInfo:
         """A bridge-mode macvtap on ``parent`` carrying ``mac``, marked as ours."""
         parent_index = (await self.get(parent)).index
-        return await self._create("macvtap", name, owner, kind="macvtap", link=parent_index,
-                                  macvtap_mode="bridge", address=mac)
+        return await self._create(
+            "macvtap",
+            name,
+            owner,
+            kind="macvtap",
+            link=parent_index,
+            macvtap_mode="bridge",
+            address=mac,
+        )
 
     async def add_bridge(self, name: str, owner: str, mtu: int | None = None) -> LinkInfo:
         extra: dict[str, Any] = {"mtu": mtu} if mtu else {}
@@ -267,8 +302,9 @@ class Links:
         info = await self._mark_new(staging, owner)
         if staging != name:
             try:
-                await self._call(f"rename {what}", name,
-                                 self._ipr.link("set", index=info.index, ifname=name))
+                await self._call(
+                    f"rename {what}", name, self._ipr.link("set", index=info.index, ifname=name)
+                )
             except HostError:
                 with contextlib.suppress(*_FAILURES):
                     await self._ipr.link("del", index=info.index)
@@ -324,14 +360,31 @@ class Links:
         added: list[int] = []
         try:
             for src, dst, name in ((ia, ib, a), (ib, ia, b)):
-                await self._call("add ingress qdisc on", name,
-                                 self._ipr.tc("add", "ingress", src, INGRESS))
+                await self._call(
+                    "add ingress qdisc on", name, self._ipr.tc("add", "ingress", src, INGRESS)
+                )
                 added.append(src)
-                await self._call("add mirred filter on", name, self._ipr.tc(
-                    "add-filter", "u32", src, ":1", parent=INGRESS, protocol=ETH_P_ALL,
-                    prio=MIRROR_PRIO, target=0x10000, keys=["0x0/0x0+0"],
-                    action={"kind": "mirred", "direction": "egress", "action": "redirect",
-                            "ifindex": dst}))
+                await self._call(
+                    "add mirred filter on",
+                    name,
+                    self._ipr.tc(
+                        "add-filter",
+                        "u32",
+                        src,
+                        ":1",
+                        parent=INGRESS,
+                        protocol=ETH_P_ALL,
+                        prio=MIRROR_PRIO,
+                        target=0x10000,
+                        keys=["0x0/0x0+0"],
+                        action={
+                            "kind": "mirred",
+                            "direction": "egress",
+                            "action": "redirect",
+                            "ifindex": dst,
+                        },
+                    ),
+                )
         except HostError:
             # Half a mirror is worse than none: take back the qdiscs made here (and only them).
             for index in added:
@@ -349,21 +402,23 @@ class Links:
         if info is None or not await self.has_tc_ingress(name):
             return
         if not await self.tc_ingress_ours(name):
-            log.warning("%s: the ingress qdisc holds filters qmpnet did not make; left as is",
-                        self._where(name))
+            log.warning(
+                "%s: the ingress qdisc holds filters qmpnet did not make; left as is",
+                self._where(name),
+            )
             return
         try:
             await self._ipr.tc("del", "ingress", info.index, INGRESS)
         except _FAILURES as err:
             if _errno(err) not in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
-                raise HostError("delete ingress qdisc on", self._where(name),
-                                _errno(err)) from err
+                raise HostError("delete ingress qdisc on", self._where(name), _errno(err)) from err
 
     async def tc_ingress_ours(self, name: str) -> bool:
         """Whether the ingress qdisc of ``name`` holds qmpnet's mirred filter and only that."""
         info = await self.get(name)
-        filters = await self._dump("list filters of", name,
-                                   self._ipr.get_filters(index=info.index, parent=INGRESS))
+        filters = await self._dump(
+            "list filters of", name, self._ipr.get_filters(index=info.index, parent=INGRESS)
+        )
         return bool(filters) and all(f["info"] >> 16 == MIRROR_PRIO for f in filters)
 
     async def has_tc_ingress(self, name: str) -> bool:

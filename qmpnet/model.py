@@ -87,6 +87,7 @@ def _parse_enum(cls: type[_E], field: str, value: object) -> _E:
 
 # --- field checks: each raises InvalidInputError(field, value, reason) -------------------------
 
+
 def check_ifname(field: str, value: object) -> str:
     """A Linux interface name, as the kernel's dev_valid_name() accepts it."""
     if not isinstance(value, str):
@@ -98,8 +99,9 @@ def check_ifname(field: str, value: object) -> str:
     if not 1 <= len(raw) <= IFNAME_MAX:
         raise InvalidInputError(field, value, f"must be 1 to {IFNAME_MAX} bytes (IFNAMSIZ)")
     if value in (".", "..") or any(c in value for c in "/:\0") or any(c.isspace() for c in value):
-        raise InvalidInputError(field, value, "must not be '.' or '..' nor contain '/', ':', "
-                                "NUL or white space")
+        raise InvalidInputError(
+            field, value, "must not be '.' or '..' nor contain '/', ':', NUL or white space"
+        )
     return value
 
 
@@ -137,16 +139,21 @@ def check_pci_path(field: str, value: object) -> str:
     """A guest PCI path: slot numbers from the root bus down, like ``02/00`` (may be empty)."""
     if value == "":
         return ""
-    if not isinstance(value, str) or not _PCI_PATH_RE.fullmatch(value.lower()) or any(
-            int(s, 16) > 0x1F for s in value.split("/")):
+    if (
+        not isinstance(value, str)
+        or not _PCI_PATH_RE.fullmatch(value.lower())
+        or any(int(s, 16) > 0x1F for s in value.split("/"))
+    ):
         raise InvalidInputError(field, value, "must be slots 00..1f joined by '/', like 02/00")
     return value.lower()
 
 
 def checked_by(check: Callable[[str, object], object]) -> Callable[[Any, Any, Any], None]:
     """An attrs validator running ``check`` on the value, naming the attribute."""
+
     def validate(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         check(attribute.alias or attribute.name, value)
+
     return validate
 
 
@@ -157,6 +164,7 @@ def checked_if_set(check: Callable[[str, object], object]) -> Callable[[Any, Any
     def validate(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         if value not in (None, ""):
             inner(inst, attribute, value)
+
     return validate
 
 
@@ -165,6 +173,7 @@ def lowered(value: object) -> object:
 
 
 # --- data ---------------------------------------------------------------------------------------
+
 
 @attrs.frozen(kw_only=True)
 class IPAddress:
@@ -185,14 +194,18 @@ class IPAddress:
         except ValueError as err:
             raise InvalidInputError("address", self.address, "not an IP address") from err
         if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
-            raise InvalidInputError("address", self.address,
-                                    "a zone index (%...) cannot be set on an interface")
+            raise InvalidInputError(
+                "address", self.address, "a zone index (%...) cannot be set on an interface"
+            )
         if addr.version != self.family:
-            raise InvalidInputError("address", self.address,
-                                    f"is not an IPv{self.family} address")
+            raise InvalidInputError("address", self.address, f"is not an IPv{self.family} address")
         limit = 32 if self.family == 4 else 128
-        if not (isinstance(self.mask, str) and self.mask.isascii() and self.mask.isdigit() and
-                0 <= int(self.mask) <= limit):
+        if not (
+            isinstance(self.mask, str)
+            and self.mask.isascii()
+            and self.mask.isdigit()
+            and 0 <= int(self.mask) <= limit
+        ):
             raise InvalidInputError("mask", self.mask, f"must be a prefix length 0..{limit}")
 
     @property
@@ -216,8 +229,9 @@ class LinkAttrs:
     """The attributes of a host link that qmpnet reads and sets."""
 
     name: str = attrs.field(validator=checked_by(check_ifname))
-    hardware_addr: str = attrs.field(default="", converter=lowered,
-                                     validator=checked_if_set(check_mac))
+    hardware_addr: str = attrs.field(
+        default="", converter=lowered, validator=checked_if_set(check_mac)
+    )
     mtu: int = attrs.field(default=1500, validator=checked_by(check_mtu))
 
 
@@ -285,8 +299,13 @@ class InterfaceDescription:
 
     #: JSON key -> attribute name, in the agent's spelling.
     JSON_KEYS: ClassVar[Mapping[str, str]] = {
-        "device": "device", "name": "name", "IPAddresses": "ip_addresses", "mtu": "mtu",
-        "hwAddr": "hw_addr", "pciPath": "pci_path", "linkType": "link_type",
+        "device": "device",
+        "name": "name",
+        "IPAddresses": "ip_addresses",
+        "mtu": "mtu",
+        "hwAddr": "hw_addr",
+        "pciPath": "pci_path",
+        "linkType": "link_type",
         "raw_flags": "raw_flags",
     }
 

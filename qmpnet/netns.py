@@ -54,8 +54,9 @@ def _enter(path: str) -> None:
         os.close(fd)
 
 
-async def run_in_netns(path: str, fn: Callable[[], T],
-                       on_abandon: Callable[[T], object] | None = None) -> T:
+async def run_in_netns(
+    path: str, fn: Callable[[], T], on_abandon: Callable[[T], object] | None = None
+) -> T:
     """Run ``fn`` in the netns at ``path`` (``""``: the current one) on a dedicated thread.
 
     If the caller is cancelled while ``fn`` runs, its result reaches nobody: ``on_abandon``

@@ -52,10 +52,14 @@ def interface_of(endpoint: Endpoint) -> InterfaceDescription:
     """The agent-style description of a plugged endpoint, with its guest PCI path."""
     info = endpoint.properties
     return InterfaceDescription(
-        device=endpoint.name, name=endpoint.name,
-        ip_addresses=info.addrs if info else (), mtu=info.iface.mtu if info else 1500,
-        hw_addr=endpoint.hardware_addr, pci_path=endpoint.pci_path,
-        link_type=info.link_type if info else "")
+        device=endpoint.name,
+        name=endpoint.name,
+        ip_addresses=info.addrs if info else (),
+        mtu=info.iface.mtu if info else 1500,
+        hw_addr=endpoint.hardware_addr,
+        pci_path=endpoint.pci_path,
+        link_type=info.link_type if info else "",
+    )
 
 
 @attrs.define(eq=False)
@@ -70,16 +74,21 @@ class NetworkState:
     _hypervisor: QemuHypervisor | None = None
 
     @classmethod
-    def open(cls, state_dir: str | Path, qmp_path: str, config: Config | None = None,
-             ) -> NetworkState:
+    def open(
+        cls,
+        state_dir: str | Path,
+        qmp_path: str,
+        config: Config | None = None,
+    ) -> NetworkState:
         return cls(Store(state_dir), qmp_path, config or Config())
 
     # --- the QMP connection ----------------------------------------------------------------
 
     async def _session(self) -> QmpSession:
         t = self.config.timeouts
-        return await QmpSession.connect(self.qmp_path, connect_timeout=t.connect,
-                                        command_timeout=t.command)
+        return await QmpSession.connect(
+            self.qmp_path, connect_timeout=t.connect, command_timeout=t.command
+        )
 
     def _adapter(self, session: QmpSession) -> QemuHypervisor:
         t = self.config.timeouts
@@ -108,13 +117,19 @@ class NetworkState:
     def _journal(self, started: float) -> Observer:
         async def observe(op: Operation, step: Step, phase: Phase) -> None:
             if phase is Phase.BEGIN and op.subject is not None:
-                await self.store.journal_begin(op.subject.id, op.kind, step.value, op.subject,
-                                               started)
+                await self.store.journal_begin(
+                    op.subject.id, op.kind, step.value, op.subject, started
+                )
+
         return observe
 
     def _operation(self, kind: OpKind, endpoint: Endpoint) -> Operation:
-        return Operation(kind, endpoint.name, subject=endpoint,
-                         observers=[self._journal(time.time()), *self.observers])
+        return Operation(
+            kind,
+            endpoint.name,
+            subject=endpoint,
+            observers=[self._journal(time.time()), *self.observers],
+        )
 
     async def _recover(self) -> None:
         """Finish or roll back what an interrupted operation left (caller holds the lock)."""
@@ -138,10 +153,16 @@ class NetworkState:
     async def list_interfaces(self) -> list[Entry]:
         return list(self.store.load().entries)
 
-    async def add_interface(self, desc: InterfaceDescription, *,
-                            model: InterworkingModel | None = None, netns_path: str = "",
-                            queues: int = 0, tap_name: str | None = None,
-                            wait_guest: bool = False) -> Endpoint:
+    async def add_interface(
+        self,
+        desc: InterfaceDescription,
+        *,
+        model: InterworkingModel | None = None,
+        netns_path: str = "",
+        queues: int = 0,
+        tap_name: str | None = None,
+        wait_guest: bool = False,
+    ) -> Endpoint:
         """Hot-plug the described interface; returns the plugged endpoint. All or nothing."""
         model = model or self.config.internetworking_model
         if queues:
@@ -151,21 +172,30 @@ class NetworkState:
         async with self.store.locked():
             await self._recover()
             snap = self.store.load()
-            if desc.hw_addr and any(e.endpoint.hardware_addr == desc.hw_addr
-                                    for e in snap.entries):
-                raise InvalidInputError("hwAddr", desc.hw_addr,
-                                        "the VM already has an interface with this MAC")
+            if desc.hw_addr and any(e.endpoint.hardware_addr == desc.hw_addr for e in snap.entries):
+                raise InvalidInputError(
+                    "hwAddr", desc.hw_addr, "the VM already has an interface with this MAC"
+                )
             idx = _free_index(snap, self.config.tap_name)
             name = tap_name or self.config.tap_name.format(idx=idx)
-            endpoint = create_endpoint(net_info_from_interface(desc, model), idx, model,
-                                       netns_path=netns_path, tap_name=name, queues=queues)
+            endpoint = create_endpoint(
+                net_info_from_interface(desc, model),
+                idx,
+                model,
+                netns_path=netns_path,
+                tap_name=name,
+                queues=queues,
+            )
             async with self.hypervisor() as hv:
                 if endpoint.hardware_addr:
                     # another state directory (or someone else) may have plugged it already
                     holder = await hv.nic_with_mac(endpoint.hardware_addr)
                     if holder:
-                        raise InvalidInputError("hwAddr", endpoint.hardware_addr,
-                                                f"QEMU already has NIC {holder} with this MAC")
+                        raise InvalidInputError(
+                            "hwAddr",
+                            endpoint.hardware_addr,
+                            f"QEMU already has NIC {holder} with this MAC",
+                        )
                 op = self._operation(OpKind.HOT_PLUG, endpoint)
                 try:
                     async with op:
@@ -179,6 +209,7 @@ class NetworkState:
                             # The state file is the commit point: a cancellation or a failing
                             # observer after the save must not undo a NIC the state records.
                             op.commit()
+
                         await op.step(Step.PERSIST, persist)
                 finally:
                     # An undo that failed (QEMU gone, guest not releasing the device) keeps
@@ -217,6 +248,7 @@ class NetworkState:
                         async def forget() -> None:
                             await self._save(attrs.evolve(snap, entries=rest))
                             op.commit()  # saved: the unplug is done, whatever comes next
+
                         await op.step(Step.FORGET, forget)
                 except BaseException:
                     # Also on cancellation: the device_del may be under way in the guest.

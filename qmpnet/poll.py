@@ -18,26 +18,44 @@ T = TypeVar("T")
 
 
 @overload
-async def poll_until(probe: Callable[[], Awaitable[T]], *, error: Callable[[], BaseException],
-                     timeout: float | None = ..., deadline: float | None = ...,
-                     interval: float, cap: float | None = ...,
-                     pause: Callable[[float], Awaitable[object]] = ...,
-                     pause_first: bool = ...) -> T: ...
+async def poll_until(
+    probe: Callable[[], Awaitable[T]],
+    *,
+    error: Callable[[], BaseException],
+    timeout: float | None = ...,
+    deadline: float | None = ...,
+    interval: float,
+    cap: float | None = ...,
+    pause: Callable[[float], Awaitable[object]] = ...,
+    pause_first: bool = ...,
+) -> T: ...
 
 
 @overload
-async def poll_until(probe: Callable[[], T], *, error: Callable[[], BaseException],
-                     timeout: float | None = ..., deadline: float | None = ...,
-                     interval: float, cap: float | None = ...,
-                     pause: Callable[[float], Awaitable[object]] = ...,
-                     pause_first: bool = ...) -> T: ...
+async def poll_until(
+    probe: Callable[[], T],
+    *,
+    error: Callable[[], BaseException],
+    timeout: float | None = ...,
+    deadline: float | None = ...,
+    interval: float,
+    cap: float | None = ...,
+    pause: Callable[[float], Awaitable[object]] = ...,
+    pause_first: bool = ...,
+) -> T: ...
 
 
-async def poll_until(probe: Callable[[], Any], *, error: Callable[[], BaseException],
-                     timeout: float | None = None, deadline: float | None = None,
-                     interval: float, cap: float | None = None,
-                     pause: Callable[[float], Awaitable[object]] = asyncio.sleep,
-                     pause_first: bool = False) -> Any:
+async def poll_until(
+    probe: Callable[[], Any],
+    *,
+    error: Callable[[], BaseException],
+    timeout: float | None = None,
+    deadline: float | None = None,
+    interval: float,
+    cap: float | None = None,
+    pause: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    pause_first: bool = False,
+) -> Any:
     """Call ``probe`` (sync or async) until it returns a truthy value, and return that.
 
     Give either ``timeout`` (seconds from now) or ``deadline`` (a ``time.monotonic()``

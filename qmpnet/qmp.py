@@ -46,8 +46,9 @@ def check_socket_path(path: str) -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError as err:
-        raise QmpConnectError(path, "no such socket: QEMU is not running, or the path is "
-                              "wrong", ConnectFailure.ABSENT) from err
+        raise QmpConnectError(
+            path, "no such socket: QEMU is not running, or the path is wrong", ConnectFailure.ABSENT
+        ) from err
     except OSError as err:
         raise QmpConnectError(path, f"cannot stat: {err.strerror}") from err
     if not stat.S_ISSOCK(mode):
@@ -57,8 +58,9 @@ def check_socket_path(path: str) -> None:
 class QmpSession:
     """One connection to one QEMU monitor. Fd passing is serialized on the connection."""
 
-    def __init__(self, client: QMPClient, path: str, command_timeout: float,
-                 logger: logging.Logger) -> None:
+    def __init__(
+        self, client: QMPClient, path: str, command_timeout: float, logger: logging.Logger
+    ) -> None:
         self._client = client
         self.path = path
         self.command_timeout = command_timeout
@@ -66,8 +68,14 @@ class QmpSession:
         self._fd_lock = asyncio.Lock()
 
     @classmethod
-    async def connect(cls, path: str, *, connect_timeout: float = 5.0,
-                      command_timeout: float = 10.0, name: str | None = None) -> QmpSession:
+    async def connect(
+        cls,
+        path: str,
+        *,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 10.0,
+        name: str | None = None,
+    ) -> QmpSession:
         """Connect with a deadline. A monitor serves one client at a time: a hang means busy."""
         check_socket_path(path)
         label = name or path.rstrip("/").rsplit("/", 2)[-2 if path.count("/") > 1 else -1]
@@ -76,24 +84,32 @@ class QmpSession:
             await asyncio.wait_for(_connect_clean(client, path), connect_timeout)
         except TimeoutError as err:
             await _quiet_disconnect(client)
-            raise QmpConnectError(path, f"no QMP greeting within {connect_timeout:g} s: the "
-                                  "monitor is busy with another client or QEMU is stuck",
-                                  ConnectFailure.BUSY) from err
+            raise QmpConnectError(
+                path,
+                f"no QMP greeting within {connect_timeout:g} s: the "
+                "monitor is busy with another client or QEMU is stuck",
+                ConnectFailure.BUSY,
+            ) from err
         except ConnectionRefusedError as err:
             await _quiet_disconnect(client)
-            raise QmpConnectError(path, "connection refused: QEMU is not running",
-                                  ConnectFailure.ABSENT) from err
+            raise QmpConnectError(
+                path, "connection refused: QEMU is not running", ConnectFailure.ABSENT
+            ) from err
         except (OSError, _QMPError) as err:
             await _quiet_disconnect(client)
             # qemu.qmp wraps the socket error in ConnectError(.exc): a refusal means QEMU is gone.
             inner = getattr(err, "exc", None)
             if isinstance(inner, ConnectionRefusedError):
-                raise QmpConnectError(path, "connection refused: QEMU is not running",
-                                      ConnectFailure.ABSENT) from inner
+                raise QmpConnectError(
+                    path, "connection refused: QEMU is not running", ConnectFailure.ABSENT
+                ) from inner
             if isinstance(inner, ConnectionResetError | EOFError):
                 # a QEMU being killed can still accept, then drops the connection
-                raise QmpConnectError(path, "connection closed before the QMP greeting: QEMU "
-                                      "is exiting or gone", ConnectFailure.CLOSED) from inner
+                raise QmpConnectError(
+                    path,
+                    "connection closed before the QMP greeting: QEMU is exiting or gone",
+                    ConnectFailure.CLOSED,
+                ) from inner
             raise QmpConnectError(path, f"cannot connect: {err}", _failure(inner or err)) from err
         return cls(client, path, command_timeout, log.getChild(label))
 
@@ -112,8 +128,9 @@ class QmpSession:
 
     # --- commands --------------------------------------------------------------------------
 
-    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
-                      timeout: float | None = None) -> Any:
+    async def execute(
+        self, command: str, arguments: Mapping[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
         args = dict(arguments or {})
         deadline = self.command_timeout if timeout is None else timeout
         self.log.debug("--> %s %s", command, args)
@@ -152,8 +169,9 @@ class QmpSession:
             raise
         return True
 
-    async def netdev_add_tap(self, netdev_id: str, fd_names: list[str],
-                             vhost_fd_names: list[str]) -> None:
+    async def netdev_add_tap(
+        self, netdev_id: str, fd_names: list[str], vhost_fd_names: list[str]
+    ) -> None:
         args: dict[str, Any] = {"type": "tap", "id": netdev_id}
         if len(fd_names) == 1:
             args["fd"] = fd_names[0]
@@ -188,6 +206,7 @@ class QmpSession:
         Returns False when there was no such device. Raises :class:`UnplugTimeoutError` when
         the event does not come: the request stays with QEMU and may still complete later.
         """
+
         def ours(event: Mapping[str, Any]) -> bool:
             return bool(event.get("data", {}).get("device") == device_id)
 
@@ -206,8 +225,7 @@ class QmpSession:
             await self._wait_deleted(listener, device_id, timeout)
         return True
 
-    async def _wait_deleted(self, listener: EventListener, device_id: str,
-                            timeout: float) -> None:
+    async def _wait_deleted(self, listener: EventListener, device_id: str, timeout: float) -> None:
         """Wait for DEVICE_DELETED, or for the device to be gone from QOM.
 
         An event QEMU sent while no client listened (a crashed driver, an earlier session)
@@ -231,8 +249,15 @@ class QmpSession:
                 return True
             return False
 
-        await poll_until(deleted, timeout=timeout, interval=0.05, cap=0.5, pause=wait_event,
-                         pause_first=True, error=lambda: UnplugTimeoutError(device_id, timeout))
+        await poll_until(
+            deleted,
+            timeout=timeout,
+            interval=0.05,
+            cap=0.5,
+            pause=wait_event,
+            pause_first=True,
+            error=lambda: UnplugTimeoutError(device_id, timeout),
+        )
 
     async def query_pci(self) -> list[dict[str, Any]]:
         reply = await self.execute("query-pci")
@@ -256,7 +281,8 @@ class QmpSession:
 
     async def virtio_status(self, device_id: str) -> int:
         reply = await self.execute(
-            "x-query-virtio-status", {"path": f"/machine/peripheral/{device_id}/virtio-backend"})
+            "x-query-virtio-status", {"path": f"/machine/peripheral/{device_id}/virtio-backend"}
+        )
         status = reply.get("status", {})
         # 7.2 answers with decoded status bits.
         if isinstance(status, dict):
@@ -266,11 +292,17 @@ class QmpSession:
 
     async def wait_driver_ok(self, device_id: str, timeout: float) -> None:
         """Poll virtio status until the guest driver has set DRIVER_OK."""
+
         async def driver_ok() -> bool:
             return bool(await self.virtio_status(device_id) & VIRTIO_CONFIG_S_DRIVER_OK)
 
-        await poll_until(driver_ok, timeout=timeout, interval=0.005, cap=0.1, error=lambda:
-                         QmpTimeoutError(f"wait for guest driver of {device_id}", timeout))
+        await poll_until(
+            driver_ok,
+            timeout=timeout,
+            interval=0.005,
+            cap=0.1,
+            error=lambda: QmpTimeoutError(f"wait for guest driver of {device_id}", timeout),
+        )
 
 
 #: Handshakes tried before an event-broken handshake is reported (the race is rare).

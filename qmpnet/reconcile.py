@@ -87,25 +87,43 @@ class _Auditor(Settler):
         elif dev not in present:
             await self.remove(ep)
             await self.put(ep.id, None)
-            self.act(Outcome.DROPPED_DEVICE_GONE, ep,
-                     detail=f"QEMU has no device {dev} (unplugged by someone else)")
+            self.act(
+                Outcome.DROPPED_DEVICE_GONE,
+                ep,
+                detail=f"QEMU has no device {dev} (unplugged by someone else)",
+            )
         else:
             self.consistent.append(ep.id)
 
     async def _find_orphans(self) -> None:
         assert self.hv is not None
         known = {e.endpoint.id for e in self.snapshot().entries}
-        known |= {r.endpoint.id for r in self.store.journal().values()
-                  if not isinstance(r.endpoint, UnknownEntry)}
+        known |= {
+            r.endpoint.id
+            for r in self.store.journal().values()
+            if not isinstance(r.endpoint, UnknownEntry)
+        }
         found = [(qid, "device") for qid in await self.hv.peripheral_ids()]
         found += [(qid, "netdev") for qid in await self.hv.qmp.netdevs()]
         for qid, kind in sorted(found):
             match = OUR_QEMU_ID.match(qid)
             if match and match.group(1) not in known:
-                self.actions.append(Action(
-                    outcome=Outcome.ORPHAN, endpoint_id=qid,
-                    detail=f"QEMU {kind} with qmpnet's id pattern but no record; left as is"))
+                self.actions.append(
+                    Action(
+                        outcome=Outcome.ORPHAN,
+                        endpoint_id=qid,
+                        detail=f"QEMU {kind} with qmpnet's id pattern but no record; left as is",
+                    )
+                )
 
 
-__all__ = ["OUR_QEMU_ID", "Action", "Outcome", "ReconcileReport", "host_residue", "qemu_gone",
-           "reconcile", "recover_journal"]
+__all__ = [
+    "OUR_QEMU_ID",
+    "Action",
+    "Outcome",
+    "ReconcileReport",
+    "host_residue",
+    "qemu_gone",
+    "reconcile",
+    "recover_journal",
+]

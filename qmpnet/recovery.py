@@ -99,16 +99,20 @@ class ReconcileReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "qmp": self.qmp_path, "qemu": "running" if self.qemu_running else "gone",
+            "qmp": self.qmp_path,
+            "qemu": "running" if self.qemu_running else "gone",
             "actions": [a.to_json() for a in self.actions],
-            "consistent": list(self.consistent), "errors": list(self.errors),
+            "consistent": list(self.consistent),
+            "errors": list(self.errors),
         }
 
     def lines(self) -> list[str]:
         """A human summary, one line per action."""
         state = "running" if self.qemu_running else "gone"
-        out = [f"reconcile {self.qmp_path}: QEMU {state}, {len(self.actions)} action(s), "
-               f"{len(self.consistent)} interface(s) consistent"]
+        out = [
+            f"reconcile {self.qmp_path}: QEMU {state}, {len(self.actions)} action(s), "
+            f"{len(self.consistent)} interface(s) consistent"
+        ]
         for a in self.actions:
             who = " ".join(x for x in (a.name, a.mac) if x)
             what = f" ({a.operation} at {a.step})" if a.operation else ""
@@ -162,16 +166,28 @@ class Settler:
         return self.vm.store
 
     def report(self) -> ReconcileReport:
-        return ReconcileReport(qmp_path=self.vm.qmp_path, qemu_running=self.hv is not None,
-                               actions=tuple(self.actions), consistent=tuple(self.consistent),
-                               errors=tuple(self.errors))
+        return ReconcileReport(
+            qmp_path=self.vm.qmp_path,
+            qemu_running=self.hv is not None,
+            actions=tuple(self.actions),
+            consistent=tuple(self.consistent),
+            errors=tuple(self.errors),
+        )
 
-    def act(self, outcome: Outcome, ep: Endpoint, rec: JournalRecord | None = None,
-            detail: str = "") -> None:
-        self.actions.append(Action(
-            outcome=outcome, endpoint_id=ep.id, name=ep.name, mac=ep.hardware_addr,
-            operation=rec.operation if rec else "", step=rec.step if rec else "",
-            detail=detail))
+    def act(
+        self, outcome: Outcome, ep: Endpoint, rec: JournalRecord | None = None, detail: str = ""
+    ) -> None:
+        self.actions.append(
+            Action(
+                outcome=outcome,
+                endpoint_id=ep.id,
+                name=ep.name,
+                mac=ep.hardware_addr,
+                operation=rec.operation if rec else "",
+                step=rec.step if rec else "",
+                detail=detail,
+            )
+        )
 
     # --- what to do: overridden by the audit ---------------------------------------------
 
@@ -204,9 +220,15 @@ class Settler:
         """The record's endpoint; one this version cannot read is reported, kept, and None."""
         if not isinstance(rec.endpoint, UnknownEntry):
             return rec.endpoint
-        self.actions.append(Action(outcome=Outcome.UNREADABLE, endpoint_id=key,
-                                   operation=rec.operation, step=rec.step,
-                                   detail=rec.endpoint.reason))
+        self.actions.append(
+            Action(
+                outcome=Outcome.UNREADABLE,
+                endpoint_id=key,
+                operation=rec.operation,
+                step=rec.step,
+                detail=rec.endpoint.reason,
+            )
+        )
         return None
 
     # --- the journal, with QEMU -------------------------------------------------------------
@@ -230,8 +252,12 @@ class Settler:
                 self.act(Outcome.ROLLED_BACK, ep, rec)
             else:
                 await self.put(ep.id, Entry(ep, Status.UNPLUG_PENDING))
-                self.act(Outcome.PENDING_KEPT, ep, rec, "the guest has not released the "
-                         "device added before the interruption")
+                self.act(
+                    Outcome.PENDING_KEPT,
+                    ep,
+                    rec,
+                    "the guest has not released the device added before the interruption",
+                )
         elif rec.operation == OpKind.UNPLUG:
             target = saved.endpoint if saved is not None else ep
             if await self.remove(target):
@@ -239,8 +265,7 @@ class Settler:
                 self.act(Outcome.COMPLETED, ep, rec)
             else:
                 await self.put(ep.id, Entry(target, Status.UNPLUG_PENDING))
-                self.act(Outcome.PENDING_KEPT, ep, rec, "the guest has not released the "
-                         "device yet")
+                self.act(Outcome.PENDING_KEPT, ep, rec, "the guest has not released the device yet")
         else:
             self.act(Outcome.UNREADABLE, ep, rec, f"unknown operation {rec.operation!r}")
             return
@@ -272,8 +297,7 @@ class Settler:
             if await self.drop_host_side(saved.endpoint if saved else ep, rec, reason):
                 await self.store.journal_end(key)
 
-    async def drop_host_side(self, ep: Endpoint, rec: JournalRecord | None,
-                             reason: str) -> bool:
+    async def drop_host_side(self, ep: Endpoint, rec: JournalRecord | None, reason: str) -> bool:
         try:
             await self.clean_host(ep)
         except QmpnetError as err:
@@ -326,8 +350,10 @@ async def host_residue(ep: Endpoint) -> list[str]:
     return problems
 
 
-async def settle(vm: Vm, make: Callable[[Vm, QemuHypervisor | None], Settler] = Settler,
-                 ) -> ReconcileReport:
+async def settle(
+    vm: Vm,
+    make: Callable[[Vm, QemuHypervisor | None], Settler] = Settler,
+) -> ReconcileReport:
     """Run a settler against the VM's QEMU, or without it when QEMU is gone.
 
     A kept session whose QEMU went away is dropped and one fresh connection is tried.
@@ -348,8 +374,7 @@ async def settle(vm: Vm, make: Callable[[Vm, QemuHypervisor | None], Settler] = 
         except QmpConnectError as err:
             if not qemu_gone(err):
                 raise
-            log.warning("QEMU of %s is gone (%s): cleaning the host side", vm.qmp_path,
-                        err.reason)
+            log.warning("QEMU of %s is gone (%s): cleaning the host side", vm.qmp_path, err.reason)
             job = make(vm, None)
             await job.offline(err.reason)
             return job.report()
@@ -364,5 +389,15 @@ async def recover_journal(vm: Vm) -> ReconcileReport:
     return report
 
 
-__all__ = ["Action", "Outcome", "ReconcileReport", "Settler", "Vm", "host_residue",
-           "qemu_gone", "recover_journal", "settle", "teardown"]
+__all__ = [
+    "Action",
+    "Outcome",
+    "ReconcileReport",
+    "Settler",
+    "Vm",
+    "host_residue",
+    "qemu_gone",
+    "recover_journal",
+    "settle",
+    "teardown",
+]

@@ -69,9 +69,11 @@ class Store:
 
     async def _off_loop(self, write: Callable[[], None]) -> None:
         """Run a file write on a thread; writes of this store keep their order."""
+
         def serial() -> None:
             with self._writing:
                 write()
+
         await asyncio.to_thread(serial)
 
     @property
@@ -90,14 +92,16 @@ class Store:
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[None]:
         """Hold the VM's lock: one operation at a time across tasks and processes."""
+
         def busy() -> StateError:
-            return StateError(str(self.dir), "another process holds the VM's lock for more "
-                              f"than {self.lock_timeout:g} s")
+            return StateError(
+                str(self.dir),
+                f"another process holds the VM's lock for more than {self.lock_timeout:g} s",
+            )
 
         # remove_all() may take the lock file away while we wait on it: file_lock then
         # starts again on the new file.
-        async with self._local, file_lock(self.dir / "lock", timeout=self.lock_timeout,
-                                          busy=busy):
+        async with self._local, file_lock(self.dir / "lock", timeout=self.lock_timeout, busy=busy):
             yield
 
     # --- files -----------------------------------------------------------------------------
@@ -124,25 +128,35 @@ class Store:
         if not isinstance(data, dict) or not isinstance(data.get("endpoints"), list):
             raise StateError(str(self.state_path), "not a qmpnet state file")
         if data.get("version") != STATE_VERSION:
-            raise StateError(str(self.state_path),
-                             f"state version {data.get('version')!r} is not {STATE_VERSION}")
+            raise StateError(
+                str(self.state_path),
+                f"state version {data.get('version')!r} is not {STATE_VERSION}",
+            )
         entries: list[Entry] = []
         unknown: list[UnknownEntry] = []
         for item in data["endpoints"]:
             status_text = item.get("status") if isinstance(item, dict) else None
             loaded = load_endpoint(item.get("endpoint") if isinstance(item, dict) else item)
-            if isinstance(loaded, UnknownEntry) or not isinstance(status_text, str) or \
-                    status_text not in Status._value2member_map_:
-                reason = loaded.reason if isinstance(loaded, UnknownEntry) else \
-                    f"unknown status {status_text!r}"
+            if (
+                isinstance(loaded, UnknownEntry)
+                or not isinstance(status_text, str)
+                or status_text not in Status._value2member_map_
+            ):
+                reason = (
+                    loaded.reason
+                    if isinstance(loaded, UnknownEntry)
+                    else f"unknown status {status_text!r}"
+                )
                 unknown.append(UnknownEntry(item, reason))
             else:
                 entries.append(Entry(loaded, Status(str(status_text))))
         return Snapshot(tuple(entries), tuple(unknown))
 
     async def save(self, snapshot: Snapshot) -> None:
-        items: list[Any] = [{"status": e.status.value, "endpoint": dump_endpoint(e.endpoint)}
-                            for e in snapshot.entries]
+        items: list[Any] = [
+            {"status": e.status.value, "endpoint": dump_endpoint(e.endpoint)}
+            for e in snapshot.entries
+        ]
         items.extend(u.raw for u in snapshot.unknown)
         data = {"version": STATE_VERSION, "endpoints": items}
         await self._off_loop(lambda: self._write(self.state_path, data))
@@ -161,20 +175,29 @@ class Store:
                 # kept and reported (a reconcile says it cannot read it), never dropped
                 out[key] = JournalRecord("", "", UnknownEntry(rec, "not a JSON object"), 0.0)
                 continue
-            out[key] = JournalRecord(str(rec.get("operation")), str(rec.get("step")),
-                                     load_endpoint(rec.get("endpoint")),
-                                     _seconds(rec.get("started")))
+            out[key] = JournalRecord(
+                str(rec.get("operation")),
+                str(rec.get("step")),
+                load_endpoint(rec.get("endpoint")),
+                _seconds(rec.get("started")),
+            )
         return out
 
-    async def journal_begin(self, key: str, operation: str, step: str, endpoint: Endpoint,
-                            started: float) -> None:
-        record = {"operation": str(operation), "step": step,
-                  "endpoint": dump_endpoint(endpoint), "started": started}
+    async def journal_begin(
+        self, key: str, operation: str, step: str, endpoint: Endpoint, started: float
+    ) -> None:
+        record = {
+            "operation": str(operation),
+            "step": step,
+            "endpoint": dump_endpoint(endpoint),
+            "started": started,
+        }
 
         def write() -> None:
             data = self._read(self.journal_path) or {}
             data[key] = record
             self._write(self.journal_path, data)
+
         await self._off_loop(write)
 
     async def journal_end(self, key: str) -> None:
@@ -186,16 +209,19 @@ class Store:
                 else:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.journal_path)
+
         await self._off_loop(write)
 
     async def remove_all(self) -> None:
         """Delete the state directory's files (after the VM is gone and reconciled)."""
+
         def remove() -> None:
             for name in ("state.json", "journal.json", "lock"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.dir / name)
             with contextlib.suppress(OSError):
                 self.dir.rmdir()
+
         await self._off_loop(remove)
 
 

@@ -106,8 +106,9 @@ def open_macvtap_queues(name: str, queues: int) -> list[int]:
     check_queues("queues", queues)
     index = socket.if_nametoindex(name)
     try:
-        major, minor = (int(x) for x in _read_sysfs_net(f"{name}/macvtap/tap{index}/dev")
-                        .split(":"))
+        major, minor = (
+            int(x) for x in _read_sysfs_net(f"{name}/macvtap/tap{index}/dev").split(":")
+        )
     except OSError as err:
         raise HostError("find macvtap device", name, err.errno) from err
     fds: list[int] = []

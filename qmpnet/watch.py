@@ -57,6 +57,7 @@ NETNS_CHECK = 1.0
 
 # --- debouncing (pure) -------------------------------------------------------------------------
 
+
 @attrs.define
 class Debouncer(Generic[K]):
     """Keys that have been quiet for ``window`` seconds since their last touch.
@@ -90,8 +91,9 @@ class Debouncer(Generic[K]):
 
     def pop_due(self, now: float) -> list[K]:
         """The keys whose deadline has passed, earliest first; they are forgotten."""
-        ready = sorted((due, n, key) for n, (key, due) in enumerate(self._due.items())
-                       if due <= now)
+        ready = sorted(
+            (due, n, key) for n, (key, due) in enumerate(self._due.items()) if due <= now
+        )
         for _, _, key in ready:
             del self._due[key]
             del self._first[key]
@@ -112,6 +114,7 @@ class Debouncer(Generic[K]):
 
 
 # --- deciding (pure) ---------------------------------------------------------------------------
+
 
 class Action(enum.StrEnum):
     NOTHING = "nothing"
@@ -142,8 +145,7 @@ def ignore_reason(link: LinkInfo, by_index: Mapping[int, LinkInfo]) -> str | Non
     return None
 
 
-def plan(link: LinkInfo | None, ignored: str | None, entry: Entry | None,
-         attached: bool) -> Action:
+def plan(link: LinkInfo | None, ignored: str | None, entry: Entry | None, attached: bool) -> Action:
     """What to do with one link name, given the link now, and the NIC saved under that name.
 
     ``attached``: the saved NIC is plugged and its tap is still joined to this very link.
@@ -157,6 +159,7 @@ def plan(link: LinkInfo | None, ignored: str | None, entry: Entry | None,
 
 
 # --- what the watcher reports ------------------------------------------------------------------
+
 
 class WatchEventKind(enum.StrEnum):
     #: the links present at start (or after a reopen) have all been dealt with.
@@ -209,6 +212,7 @@ def _same_netns(a: str, b: str) -> bool:
 
 # --- the watcher ---------------------------------------------------------------------------------
 
+
 @attrs.define(eq=False)
 class _Watcher:
     state: NetworkState
@@ -249,8 +253,10 @@ class _Watcher:
 
     async def run(self) -> None:
         while not self.stop.is_set():
-            async with Links.open(self.netns, link_events=True) as events, \
-                    Links.open(self.netns) as links:
+            async with (
+                Links.open(self.netns, link_events=True) as events,
+                Links.open(self.netns) as links,
+            ):
                 # Subscribed before the first look: nothing between the two is missed.
                 reader = asyncio.create_task(self._read(events))
                 try:
@@ -265,8 +271,7 @@ class _Watcher:
             if self._netns_gone():
                 self.gone = True
                 return
-            log.error("watch %s: %s; reopening and looking at every link again",
-                      self.netns, lost)
+            log.error("watch %s: %s; reopening and looking at every link again", self.netns, lost)
             self.emit(WatchEventKind.RESYNC, detail=str(lost))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), REOPEN_DELAY)
@@ -319,13 +324,17 @@ class _Watcher:
                         raise err
                     return HostError("read link events of", self.netns, None, "stream ended")
                 due = self.debouncer.next_due()
-                timeout = NETNS_CHECK if due is None else \
-                    min(NETNS_CHECK, max(0.0, due - loop.time()))
+                timeout = (
+                    NETNS_CHECK if due is None else min(NETNS_CHECK, max(0.0, due - loop.time()))
+                )
                 self._wake.clear()
                 woken = asyncio.create_task(self._wake.wait())
                 try:
-                    await asyncio.wait({woken, stopping, reader}, timeout=timeout,
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        {woken, stopping, reader},
+                        timeout=timeout,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
                 finally:
                     woken.cancel()
                 if self._netns_gone():
@@ -347,8 +356,12 @@ class _Watcher:
         try:
             await _finish(self.state.recover())
         except (QmpnetError, OSError) as err:
-            log.error("watch %s: recovering interrupted operations failed: %s (the next "
-                      "operation tries again)", self.netns, err)
+            log.error(
+                "watch %s: recovering interrupted operations failed: %s (the next "
+                "operation tries again)",
+                self.netns,
+                err,
+            )
             self.emit(WatchEventKind.FAILED, detail=str(err))
 
     # --- one link ------------------------------------------------------------------------
@@ -368,13 +381,21 @@ class _Watcher:
         link = next((x for x in present if x.name == name), None)
         entry = next((e for e in await self._entries() if e.endpoint.name == name), None)
         ignored = None if link is None else ignore_reason(link, by_index)
-        attached = (entry is not None and link is not None
-                    and await self._attached(links, entry, link, by_index))
+        attached = (
+            entry is not None
+            and link is not None
+            and await self._attached(links, entry, link, by_index)
+        )
         action = plan(link, ignored, entry, attached)
         if action is Action.KEEP:
             assert entry is not None
-            self.emit(WatchEventKind.KEPT, name, mac=entry.endpoint.hardware_addr,
-                      endpoint_id=entry.endpoint.id, pci_path=entry.endpoint.pci_path)
+            self.emit(
+                WatchEventKind.KEPT,
+                name,
+                mac=entry.endpoint.hardware_addr,
+                endpoint_id=entry.endpoint.id,
+                pci_path=entry.endpoint.pci_path,
+            )
         elif action is Action.NOTHING:
             why = "absent" if link is None else ignored or ""
             log.debug("watch %s: %s ignored: %s", self.netns, name, why)
@@ -386,8 +407,9 @@ class _Watcher:
             assert link is not None
             await self._plug(link)
 
-    async def _attached(self, links: Links, entry: Entry, link: LinkInfo,
-                        by_index: Mapping[int, LinkInfo]) -> bool:
+    async def _attached(
+        self, links: Links, entry: Entry, link: LinkInfo, by_index: Mapping[int, LinkInfo]
+    ) -> bool:
         pair = entry.endpoint.network_pair
         if entry.status is not Status.PLUGGED or pair is None:
             return False
@@ -397,16 +419,30 @@ class _Watcher:
         return await pair_model(pair.model).attached(pair, links, link, by_index)
 
     async def _plug(self, link: LinkInfo) -> None:
-        desc = InterfaceDescription(name=link.name, hw_addr=link.mac, mtu=link.mtu,
-                                    link_type=PLUGGED_KINDS[link.kind])
+        desc = InterfaceDescription(
+            name=link.name, hw_addr=link.mac, mtu=link.mtu, link_type=PLUGGED_KINDS[link.kind]
+        )
         log.info("watch %s: plugging %s (mac %s)", self.netns, link.name, link.mac)
         self.emit(WatchEventKind.PLUGGING, link.name, mac=link.mac)
-        ep: Endpoint = await _finish(self.state.add_interface(
-            desc, model=self.model, netns_path=self.netns, queues=self._queues()))
-        log.info("watch %s: plugged %s as %s at guest PCI path %s", self.netns, link.name,
-                 ep.id, ep.pci_path)
-        self.emit(WatchEventKind.PLUGGED, link.name, mac=ep.hardware_addr, endpoint_id=ep.id,
-                  pci_path=ep.pci_path)
+        ep: Endpoint = await _finish(
+            self.state.add_interface(
+                desc, model=self.model, netns_path=self.netns, queues=self._queues()
+            )
+        )
+        log.info(
+            "watch %s: plugged %s as %s at guest PCI path %s",
+            self.netns,
+            link.name,
+            ep.id,
+            ep.pci_path,
+        )
+        self.emit(
+            WatchEventKind.PLUGGED,
+            link.name,
+            mac=ep.hardware_addr,
+            endpoint_id=ep.id,
+            pci_path=ep.pci_path,
+        )
 
     def _queues(self) -> int:
         """Queue pairs for a new NIC: as configured, except one for the macvtap model.
@@ -421,15 +457,21 @@ class _Watcher:
 
     async def _unplug(self, entry: Entry) -> None:
         ep = entry.endpoint
-        log.info("watch %s: unplugging %s (%s, mac %s)", self.netns, ep.name, ep.id,
-                 ep.hardware_addr)
+        log.info(
+            "watch %s: unplugging %s (%s, mac %s)", self.netns, ep.name, ep.id, ep.hardware_addr
+        )
         self.emit(WatchEventKind.UNPLUGGING, ep.name, mac=ep.hardware_addr, endpoint_id=ep.id)
         # A recovered journal (or another process) may have finished this unplug meanwhile.
         with contextlib.suppress(NoSuchInterfaceError):
             await _finish(self.state.remove_interface(ep.hardware_addr))
         log.info("watch %s: unplugged %s (%s)", self.netns, ep.name, ep.id)
-        self.emit(WatchEventKind.UNPLUGGED, ep.name, mac=ep.hardware_addr, endpoint_id=ep.id,
-                  pci_path=ep.pci_path)
+        self.emit(
+            WatchEventKind.UNPLUGGED,
+            ep.name,
+            mac=ep.hardware_addr,
+            endpoint_id=ep.id,
+            pci_path=ep.pci_path,
+        )
 
     def _failed(self, name: str, err: BaseException) -> None:
         tries = self._failures.get(name, 0) + 1
@@ -474,10 +516,16 @@ async def _finish(coro: Awaitable[T]) -> T:
         return result
 
 
-async def watch(state: NetworkState, netns_path: str, *,
-                model: InterworkingModel | None = None, debounce: float = 0.5,
-                stop: asyncio.Event | None = None, on_event: OnEvent | None = None,
-                unplug_on_exit: bool = False) -> None:
+async def watch(
+    state: NetworkState,
+    netns_path: str,
+    *,
+    model: InterworkingModel | None = None,
+    debounce: float = 0.5,
+    stop: asyncio.Event | None = None,
+    on_event: OnEvent | None = None,
+    unplug_on_exit: bool = False,
+) -> None:
     """Keep the VM's NICs in step with the links of ``netns_path`` until ``stop`` is set.
 
     ``model`` (default: the state's configured model, ``tcfilter`` by default) joins each
@@ -490,19 +538,29 @@ async def watch(state: NetworkState, netns_path: str, *,
     resolved = (model or state.config.internetworking_model).resolved()
     pair_model(resolved)  # model none (a bare tap) cannot join a link: refuse before watching
     if not netns_path:
-        raise InvalidInputError("netns", netns_path, "give the netns to follow; the host's "
-                                "own namespace is never watched")
+        raise InvalidInputError(
+            "netns",
+            netns_path,
+            "give the netns to follow; the host's own namespace is never watched",
+        )
     check_netns(netns_path)
     st = os.stat(netns_path)
-    watcher = _Watcher(state=state, netns=netns_path, model=resolved,
-                       stop=stop or asyncio.Event(), on_event=on_event,
-                       debouncer=Debouncer(debounce), identity=(st.st_dev, st.st_ino))
-    log.info("watch %s: following links (model %s, debounce %g s)", netns_path, resolved,
-             debounce)
+    watcher = _Watcher(
+        state=state,
+        netns=netns_path,
+        model=resolved,
+        stop=stop or asyncio.Event(),
+        on_event=on_event,
+        debouncer=Debouncer(debounce),
+        identity=(st.st_dev, st.st_ino),
+    )
+    log.info("watch %s: following links (model %s, debounce %g s)", netns_path, resolved, debounce)
     await watcher.run()
     if watcher.gone:
-        log.warning("watch %s: the netns was deleted; stopping (its NICs stay plugged "
-                    "until unplugged)", netns_path)
+        log.warning(
+            "watch %s: the netns was deleted; stopping (its NICs stay plugged until unplugged)",
+            netns_path,
+        )
     if unplug_on_exit:
         await watcher.unplug_all()
     log.info("watch %s: stopped", netns_path)

@@ -31,24 +31,36 @@ from qmpnet.model import InterworkingModel
 
 PREV = {
     "cniVersion": "1.0.0",
-    "interfaces": [{"name": "br0", "mac": "aa:bb:cc:00:00:01"},
-                   {"name": "vethx", "mac": "aa:bb:cc:00:00:02"},
-                   {"name": "eth0", "mac": "52:54:00:00:00:05", "sandbox": "/run/netns/p"}],
+    "interfaces": [
+        {"name": "br0", "mac": "aa:bb:cc:00:00:01"},
+        {"name": "vethx", "mac": "aa:bb:cc:00:00:02"},
+        {"name": "eth0", "mac": "52:54:00:00:00:05", "sandbox": "/run/netns/p"},
+    ],
     "ips": [{"interface": 2, "address": "169.254.5.100/24", "gateway": "169.254.5.1"}],
     "dns": {},
 }
 
 
 def environ(command: str = "ADD", **extra: str) -> dict[str, str]:
-    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": "pod1", "CNI_NETNS": "/run/netns/p",
-           "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni"}
+    env = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": "pod1",
+        "CNI_NETNS": "/run/netns/p",
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": "/usr/lib/cni",
+    }
     env.update(extra)
     return {k: v for k, v in env.items() if v != "-"}
 
 
 def conf(**fields: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"cniVersion": "1.0.0", "name": "podnet", "type": "qmpnet-cni",
-                            "qmpSocket": "/run/vm/{containerId}/qmp2.sock", "prevResult": PREV}
+    data: dict[str, Any] = {
+        "cniVersion": "1.0.0",
+        "name": "podnet",
+        "type": "qmpnet-cni",
+        "qmpSocket": "/run/vm/{containerId}/qmp2.sock",
+        "prevResult": PREV,
+    }
     data.update(fields)
     return {k: v for k, v in data.items() if v is not None}
 
@@ -69,10 +81,18 @@ def run_error(stdin: bytes, env: dict[str, str]) -> dict[str, Any]:
 
 # --- environment ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("command", "missing"), [
-    ("ADD", "CNI_CONTAINERID"), ("ADD", "CNI_NETNS"), ("ADD", "CNI_IFNAME"),
-    ("DEL", "CNI_CONTAINERID"), ("DEL", "CNI_IFNAME"), ("CHECK", "CNI_NETNS"),
-])
+
+@pytest.mark.parametrize(
+    ("command", "missing"),
+    [
+        ("ADD", "CNI_CONTAINERID"),
+        ("ADD", "CNI_NETNS"),
+        ("ADD", "CNI_IFNAME"),
+        ("DEL", "CNI_CONTAINERID"),
+        ("DEL", "CNI_IFNAME"),
+        ("CHECK", "CNI_NETNS"),
+    ],
+)
 def test_a_missing_required_variable_is_error_4(command: str, missing: str) -> None:
     reply = run_error(raw(conf()), environ(command, **{missing: "-"}))
     assert reply["code"] == 4
@@ -84,18 +104,29 @@ def test_del_does_not_need_the_netns() -> None:
     assert env.netns == ""
 
 
-@pytest.mark.parametrize("env", [
-    {"CNI_COMMAND": "ATTACH"}, {"CNI_COMMAND": "-"}, {"CNI_IFNAME": "a/b"},
-    {"CNI_IFNAME": "x" * 16}, {"CNI_CONTAINERID": "../etc"}, {"CNI_CONTAINERID": "-lead"},
-    {"CNI_NETNS": "relative/path"}, {"CNI_ARGS": "IgnoreUnknown=1;novalue"},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"CNI_COMMAND": "ATTACH"},
+        {"CNI_COMMAND": "-"},
+        {"CNI_IFNAME": "a/b"},
+        {"CNI_IFNAME": "x" * 16},
+        {"CNI_CONTAINERID": "../etc"},
+        {"CNI_CONTAINERID": "-lead"},
+        {"CNI_NETNS": "relative/path"},
+        {"CNI_ARGS": "IgnoreUnknown=1;novalue"},
+    ],
+)
 def test_bad_environment_is_error_4(env: dict[str, str]) -> None:
     assert run_error(raw(conf()), environ(**env))["code"] == 4
 
 
 def test_cni_args_are_key_value_pairs_and_unknown_keys_are_ignored() -> None:
     assert cni.parse_cni_args("IgnoreUnknown=1;K8S_POD_NAME=web;QMPNET_QMP=/a=b;;") == {
-        "IgnoreUnknown": "1", "K8S_POD_NAME": "web", "QMPNET_QMP": "/a=b"}
+        "IgnoreUnknown": "1",
+        "K8S_POD_NAME": "web",
+        "QMPNET_QMP": "/a=b",
+    }
     with pytest.raises(CniError) as info:
         cni.parse_cni_args("=x")
     assert info.value.code == Code.INVALID_ENV
@@ -108,23 +139,40 @@ def test_cni_path_is_split_like_path() -> None:
 
 # --- configuration -------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("stdin", "code"), [
-    (b"{not json", 6), (b"\xff\xfe", 6), (b"[1, 2]", 6), (b"", 6),
-    (raw(conf(cniVersion="0.2.0")), 1), (raw(conf(cniVersion="2.0.0")), 1),
-    (raw(conf(cniVersion=None)), 1),
-    (raw(conf(name=None)), 7), (raw(conf(name="-bad")), 7), (raw(conf(type=None)), 7),
-    (raw(conf(model="enlightened")), 7), (raw(conf(model="ovs")), 7),
-    (raw(conf(queues=0.5)), 7), (raw(conf(queues=1000)), 7), (raw(conf(queues=True)), 7),
-    (raw(conf(disableVhost="yes")), 7), (raw(conf(qmpSocket="relative.sock")), 7),
-    (raw(conf(stateDir="/run/x")), 7), (raw(conf(stateDir="relative/{containerId}")), 7),
-    (raw(conf(timeouts={"unplug": 0})), 7), (raw(conf(timeouts={"later": 1})), 7),
-    (raw(conf(prevResult=None)), 7), (raw(conf(prevResult=[])), 7),
-    (raw(conf(ipam={"type": "host-local"})), 7),
-    (raw(conf(model="none", ipam={"type": "../bin/sh"}, prevResult=None)), 7),
-    (raw(conf(model="none", mac="01:00:5e:00:00:01", prevResult=None)), 7),
-    (raw(conf(model="none")), 7),
-    (raw(conf(**{"cni.dev/valid-attachments": [{"containerID": 1}]})), 7),
-])
+
+@pytest.mark.parametrize(
+    ("stdin", "code"),
+    [
+        (b"{not json", 6),
+        (b"\xff\xfe", 6),
+        (b"[1, 2]", 6),
+        (b"", 6),
+        (raw(conf(cniVersion="0.2.0")), 1),
+        (raw(conf(cniVersion="2.0.0")), 1),
+        (raw(conf(cniVersion=None)), 1),
+        (raw(conf(name=None)), 7),
+        (raw(conf(name="-bad")), 7),
+        (raw(conf(type=None)), 7),
+        (raw(conf(model="enlightened")), 7),
+        (raw(conf(model="ovs")), 7),
+        (raw(conf(queues=0.5)), 7),
+        (raw(conf(queues=1000)), 7),
+        (raw(conf(queues=True)), 7),
+        (raw(conf(disableVhost="yes")), 7),
+        (raw(conf(qmpSocket="relative.sock")), 7),
+        (raw(conf(stateDir="/run/x")), 7),
+        (raw(conf(stateDir="relative/{containerId}")), 7),
+        (raw(conf(timeouts={"unplug": 0})), 7),
+        (raw(conf(timeouts={"later": 1})), 7),
+        (raw(conf(prevResult=None)), 7),
+        (raw(conf(prevResult=[])), 7),
+        (raw(conf(ipam={"type": "host-local"})), 7),
+        (raw(conf(model="none", ipam={"type": "../bin/sh"}, prevResult=None)), 7),
+        (raw(conf(model="none", mac="01:00:5e:00:00:01", prevResult=None)), 7),
+        (raw(conf(model="none")), 7),
+        (raw(conf(**{"cni.dev/valid-attachments": [{"containerID": 1}]})), 7),
+    ],
+)
 def test_bad_configuration_gets_its_code(stdin: bytes, code: int) -> None:
     reply = run_error(stdin, environ())
     assert reply["code"] == code, reply
@@ -137,8 +185,9 @@ def test_error_json_speaks_the_configurations_version() -> None:
     assert run_error(b"{", environ())["cniVersion"] == cni.LATEST
 
 
-@pytest.mark.parametrize(("command", "version"), [
-    ("CHECK", "0.3.1"), ("STATUS", "1.0.0"), ("GC", "1.0.0")])
+@pytest.mark.parametrize(
+    ("command", "version"), [("CHECK", "0.3.1"), ("STATUS", "1.0.0"), ("GC", "1.0.0")]
+)
 def test_commands_newer_than_the_configuration_are_refused(command: str, version: str) -> None:
     reply = run_error(raw(conf(cniVersion=version)), environ(command))
     assert reply["code"] == 1
@@ -146,11 +195,19 @@ def test_commands_newer_than_the_configuration_are_refused(command: str, version
 
 
 def test_a_good_configuration_is_parsed_once_into_typed_fields() -> None:
-    data = conf(model="macvtap", queues=4, disableVhost=True, waitGuest=True,
-                timeouts={"unplug": 20, "guestReady": 90},
-                stateDir="/var/lib/q/{containerId}/net", logFile="/tmp/cni.log",
-                runtimeConfig={"qmpSocket": "/vm/{containerId}.sock"}, args={"labels": {}},
-                capabilities={"qmpSocket": True}, unknownKey="ignored")
+    data = conf(
+        model="macvtap",
+        queues=4,
+        disableVhost=True,
+        waitGuest=True,
+        timeouts={"unplug": 20, "guestReady": 90},
+        stateDir="/var/lib/q/{containerId}/net",
+        logFile="/tmp/cni.log",
+        runtimeConfig={"qmpSocket": "/vm/{containerId}.sock"},
+        args={"labels": {}},
+        capabilities={"qmpSocket": True},
+        unknownKey="ignored",
+    )
     parsed = NetConf.parse(raw(data), "ADD")
     assert parsed.model is InterworkingModel.MACVTAP
     assert (parsed.queues, parsed.disable_vhost, parsed.wait_guest) == (4, True, True)
@@ -167,8 +224,9 @@ def test_a_good_configuration_is_parsed_once_into_typed_fields() -> None:
 def test_model_default_means_tcfilter_and_none_is_main_mode() -> None:
     assert NetConf.parse(raw(conf()), "ADD").model is InterworkingModel.TCFILTER
     assert NetConf.parse(raw(conf(model="default")), "ADD").model is InterworkingModel.TCFILTER
-    main = NetConf.parse(raw(conf(model="none", prevResult=None,
-                                  ipam={"type": "host-local"})), "ADD")
+    main = NetConf.parse(
+        raw(conf(model="none", prevResult=None, ipam={"type": "host-local"})), "ADD"
+    )
     assert main.main
     assert main.ipam_type == "host-local"
 
@@ -185,6 +243,7 @@ def test_gc_takes_the_valid_attachments_under_either_key() -> None:
 
 
 # --- what the configuration and the environment resolve to ---------------------------------
+
 
 def request(data: dict[str, Any], **env: str) -> Request:
     return Request(Env.from_environ(environ(**env)), NetConf.parse(raw(data), "ADD"))
@@ -229,24 +288,28 @@ def test_state_dirs_finds_every_container_of_the_template(tmp_path: Path) -> Non
 
 # --- error mapping -------------------------------------------------------------------------
 
+
 def _caused(err: BaseException, cause: BaseException) -> BaseException:
     err.__cause__ = cause
     return err
 
 
-@pytest.mark.parametrize(("err", "code"), [
-    (InvalidInputError("hwAddr", "x", "bad"), 7),
-    (UnsupportedError("ipvlan endpoint x", "hot-plug", "no"), 102),
-    (NetnsError("open netns", "/run/netns/x", 2), 3),
-    (HostError("create link", "tap0", 17), 101),
-    (StateError("/s", "write: No space left on device"), 5),
-    (QmpCommandError("device_add", {}, "GenericError", "Bus 'rp0' not found"), 100),
-    (_caused(QmpConnectError("/q", "cannot stat"), FileNotFoundError()), 100),
-    (QmpConnectError("/q", "no such socket", ConnectFailure.ABSENT), 100),
-    (QmpConnectError("/q", "no QMP greeting within 5 s", ConnectFailure.BUSY), 11),
-    (UnplugTimeoutError("qn1-dev", 5), 11),
-    (RuntimeError("boom"), 199),
-])
+@pytest.mark.parametrize(
+    ("err", "code"),
+    [
+        (InvalidInputError("hwAddr", "x", "bad"), 7),
+        (UnsupportedError("ipvlan endpoint x", "hot-plug", "no"), 102),
+        (NetnsError("open netns", "/run/netns/x", 2), 3),
+        (HostError("create link", "tap0", 17), 101),
+        (StateError("/s", "write: No space left on device"), 5),
+        (QmpCommandError("device_add", {}, "GenericError", "Bus 'rp0' not found"), 100),
+        (_caused(QmpConnectError("/q", "cannot stat"), FileNotFoundError()), 100),
+        (QmpConnectError("/q", "no such socket", ConnectFailure.ABSENT), 100),
+        (QmpConnectError("/q", "no QMP greeting within 5 s", ConnectFailure.BUSY), 11),
+        (UnplugTimeoutError("qn1-dev", 5), 11),
+        (RuntimeError("boom"), 199),
+    ],
+)
 def test_errors_map_onto_cni_codes(err: BaseException, code: int) -> None:
     mapped = cni.to_cni_error(err)
     assert mapped.code == code
@@ -259,13 +322,15 @@ def test_a_failed_step_keeps_its_causes_code_and_names_the_step() -> None:
     assert mapped.code == Code.QEMU
     assert "no free slot" in mapped.msg
     assert "device-add" in mapped.details
-    pending = cni.to_cni_error(PlugError("unplug", "device-del", "eth0",
-                                         UnplugTimeoutError("qn1-dev", 5)))
+    pending = cni.to_cni_error(
+        PlugError("unplug", "device-del", "eth0", UnplugTimeoutError("qn1-dev", 5))
+    )
     assert pending.code == Code.TRY_AGAIN
 
 
 def test_an_unexpected_exception_becomes_error_199_never_a_traceback(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     async def broken(_req: Request) -> None:
         raise ZeroDivisionError("oops")
 
@@ -285,6 +350,7 @@ def test_logs_reach_stderr_only_in_debug_mode(capsys: pytest.CaptureFixture[str]
 
 
 # --- results -------------------------------------------------------------------------------
+
 
 def test_version_lists_the_supported_versions() -> None:
     status, out = cni.run(raw({"cniVersion": "1.0.0"}), {"CNI_COMMAND": "VERSION"})
@@ -306,33 +372,48 @@ def test_chained_result_adds_the_nic_when_the_main_plugin_did_not_list_it() -> N
     prev = {"cniVersion": "1.1.0", "ips": [{"address": "169.254.5.9/24"}]}
     parsed = NetConf.parse(raw(conf(cniVersion="1.1.0", prevResult=prev)), "ADD")
     result = cni.chained_result(parsed, Env.from_environ(environ()), "52:54:00:00:00:05", 9000)
-    assert result["interfaces"] == [{"name": "eth0", "mac": "52:54:00:00:00:05",
-                                     "sandbox": "/run/netns/p", "mtu": 9000}]
+    assert result["interfaces"] == [
+        {"name": "eth0", "mac": "52:54:00:00:00:05", "sandbox": "/run/netns/p", "mtu": 9000}
+    ]
     assert result["ips"] == prev["ips"]
     assert "interfaces" not in prev  # the input is not modified
 
 
 def test_main_result_reports_the_ipam_addresses_on_the_nic() -> None:
-    parsed = NetConf.parse(raw(conf(model="none", prevResult=None, dns={"nameservers": ["x"]},
-                                    ipam={"type": "host-local"})), "ADD")
-    got = {"cniVersion": "1.0.0", "ips": [{"address": "169.254.9.4/24",
-                                           "gateway": "169.254.9.1"}],
-           "routes": [{"dst": "0.0.0.0/0"}]}
+    parsed = NetConf.parse(
+        raw(
+            conf(
+                model="none",
+                prevResult=None,
+                dns={"nameservers": ["x"]},
+                ipam={"type": "host-local"},
+            )
+        ),
+        "ADD",
+    )
+    got = {
+        "cniVersion": "1.0.0",
+        "ips": [{"address": "169.254.9.4/24", "gateway": "169.254.9.1"}],
+        "routes": [{"dst": "0.0.0.0/0"}],
+    }
     result = cni.main_result(parsed, Env.from_environ(environ()), "52:54:00:00:00:09", got)
     assert result == {
         "cniVersion": "1.0.0",
         "interfaces": [{"name": "eth0", "mac": "52:54:00:00:00:09", "sandbox": "/run/netns/p"}],
         "ips": [{"address": "169.254.9.4/24", "gateway": "169.254.9.1", "interface": 0}],
-        "routes": [{"dst": "0.0.0.0/0"}], "dns": {"nameservers": ["x"]},
+        "routes": [{"dst": "0.0.0.0/0"}],
+        "dns": {"nameservers": ["x"]},
     }
 
 
-@pytest.mark.parametrize(("version", "family"), [("0.3.1", "4"), ("0.4.0", "4"),
-                                                   ("1.0.0", None)])
-def test_main_result_addresses_say_their_family_before_1_0(version: str,
-                                                           family: str | None) -> None:
-    parsed = NetConf.parse(raw(conf(cniVersion=version, model="none", prevResult=None,
-                                    ipam={"type": "host-local"})), "ADD")
+@pytest.mark.parametrize(("version", "family"), [("0.3.1", "4"), ("0.4.0", "4"), ("1.0.0", None)])
+def test_main_result_addresses_say_their_family_before_1_0(
+    version: str, family: str | None
+) -> None:
+    parsed = NetConf.parse(
+        raw(conf(cniVersion=version, model="none", prevResult=None, ipam={"type": "host-local"})),
+        "ADD",
+    )
     got = {"cniVersion": "1.0.0", "ips": [{"address": "169.254.9.4/24"}]}
     result = cni.main_result(parsed, Env.from_environ(environ()), "52:54:00:00:00:09", got)
     assert result["ips"][0].get("version") == family
@@ -349,8 +430,15 @@ def test_prev_result_addresses_of_the_nic_become_its_description() -> None:
 
 def test_attachment_records_round_trip_and_keep_what_they_cannot_read(tmp_path: Path) -> None:
     book = cni.Book(tmp_path)
-    one = cni.Attachment(network="n", container_id="c", ifname="eth0", netns="/run/netns/p",
-                         mac="52:54:00:00:00:01", qmp_socket="/q", ipam=True)
+    one = cni.Attachment(
+        network="n",
+        container_id="c",
+        ifname="eth0",
+        netns="/run/netns/p",
+        mac="52:54:00:00:00:01",
+        qmp_socket="/q",
+        ipam=True,
+    )
     strange = {"from": "a later version"}
     asyncio.run(book.save(cni.Records((one,), (strange,))))
     assert book.load() == cni.Records((one,), (strange,))

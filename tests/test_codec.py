@@ -48,33 +48,63 @@ from qmpnet.store import Entry, Snapshot, Status, Store
 # --- strategies: valid values of every model type --------------------------------------------
 
 ifname = st.from_regex(r"[a-z][a-z0-9_.-]{0,14}", fullmatch=True).filter(
-    lambda n: n not in (".", ".."))
+    lambda n: n not in (".", "..")
+)
 mac = st.binary(min_size=6, max_size=6).map(
-    lambda b: ":".join(f"{x:02x}" for x in bytes([b[0] & 0xFE | 0x02]) + b[1:]))
-ipv4 = st.builds(lambda a, m: IPAddress(family=4, address=str(a), mask=str(m)),
-                 st.ip_addresses(v=4), st.integers(0, 32))
-ipv6 = st.builds(lambda a, m: IPAddress(family=6, address=str(a), mask=str(m)),
-                 st.ip_addresses(v=6), st.integers(0, 128))
+    lambda b: ":".join(f"{x:02x}" for x in bytes([b[0] & 0xFE | 0x02]) + b[1:])
+)
+ipv4 = st.builds(
+    lambda a, m: IPAddress(family=4, address=str(a), mask=str(m)),
+    st.ip_addresses(v=4),
+    st.integers(0, 32),
+)
+ipv6 = st.builds(
+    lambda a, m: IPAddress(family=6, address=str(a), mask=str(m)),
+    st.ip_addresses(v=6),
+    st.integers(0, 128),
+)
 addrs = st.lists(ipv4 | ipv6, max_size=3).map(tuple)
-route = st.builds(Route, dest=st.text(max_size=20), gateway=st.text(max_size=20),
-                  device=st.text(max_size=15), source=st.text(max_size=20),
-                  scope=st.integers(0, 255))
-net_info = st.builds(NetworkInfo, iface=st.builds(
-    LinkAttrs, name=ifname, hardware_addr=st.just("") | mac, mtu=st.integers(68, 65535)),
-    link_type=st.text(max_size=12), addrs=addrs, routes=st.lists(route, max_size=2).map(tuple))
-iface = st.builds(NetworkInterface, name=st.just("") | ifname, hard_addr=st.just("") | mac,
-                  addrs=addrs)
+route = st.builds(
+    Route,
+    dest=st.text(max_size=20),
+    gateway=st.text(max_size=20),
+    device=st.text(max_size=15),
+    source=st.text(max_size=20),
+    scope=st.integers(0, 255),
+)
+net_info = st.builds(
+    NetworkInfo,
+    iface=st.builds(
+        LinkAttrs, name=ifname, hardware_addr=st.just("") | mac, mtu=st.integers(68, 65535)
+    ),
+    link_type=st.text(max_size=12),
+    addrs=addrs,
+    routes=st.lists(route, max_size=2).map(tuple),
+)
+iface = st.builds(
+    NetworkInterface, name=st.just("") | ifname, hard_addr=st.just("") | mac, addrs=addrs
+)
 ids = st.from_regex(r"qn[0-9a-f]{10}", fullmatch=True)
 tap_interface = st.builds(TapInterface, id=ids, name=st.just("") | ifname, tap_iface=iface)
-pair = st.builds(NetworkInterfacePair, tap_interface=tap_interface, virt_iface=iface,
-                 model=st.sampled_from(list(InterworkingModel)))
+pair = st.builds(
+    NetworkInterfacePair,
+    tap_interface=tap_interface,
+    virt_iface=iface,
+    model=st.sampled_from(list(InterworkingModel)),
+)
 pci_path = st.just("") | st.lists(st.integers(0, 31), min_size=1, max_size=8).map(
-    lambda slots: "/".join(f"{s:02x}" for s in slots))
+    lambda slots: "/".join(f"{s:02x}" for s in slots)
+)
 
 #: field name -> strategy; every field of every registered endpoint class must be here.
 FIELDS: dict[str, st.SearchStrategy[Any]] = {
-    "net_pair": pair, "tap_interface": tap_interface, "iface": iface, "endpoint_id": ids,
-    "properties": st.none() | net_info, "pci_path": pci_path, "netns_path": st.text(max_size=30),
+    "net_pair": pair,
+    "tap_interface": tap_interface,
+    "iface": iface,
+    "endpoint_id": ids,
+    "properties": st.none() | net_info,
+    "pci_path": pci_path,
+    "netns_path": st.text(max_size=30),
     "queues": st.integers(0, 256),
 }
 
@@ -115,11 +145,11 @@ def test_load_never_raises_on_damaged_entries(endpoint: Endpoint, data: st.DataO
     """Drop, retype or replace one field: the answer is an endpoint or an UnknownEntry."""
     dumped = dump_endpoint(endpoint)
     key = data.draw(st.sampled_from(sorted(dumped)))
-    junk = data.draw(st.none() | st.integers() | st.text(max_size=5) | st.lists(st.integers(),
-                                                                              max_size=2))
+    junk = data.draw(
+        st.none() | st.integers() | st.text(max_size=5) | st.lists(st.integers(), max_size=2)
+    )
     replace = data.draw(st.booleans())
-    damaged = {**dumped, key: junk} if replace else \
-        {k: v for k, v in dumped.items() if k != key}
+    damaged = {**dumped, key: junk} if replace else {k: v for k, v in dumped.items() if k != key}
     loaded = load_endpoint(damaged)
     if isinstance(loaded, UnknownEntry):
         assert loaded.raw is damaged
@@ -130,11 +160,20 @@ def test_load_never_raises_on_damaged_entries(endpoint: Endpoint, data: st.DataO
             assert dump_endpoint(loaded) == damaged
 
 
-@pytest.mark.parametrize("raw", [
-    {"type": "vxlan", "vni": 42}, {"type": None}, {"name": "eth0"}, [1, 2], "tap", 7, None,
-    {"type": "tap", "tap_interface": {"id": "qn1", "name": "eth0"}, "extra": 1},
-    {"type": "virtual", "net_pair": {}},
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"type": "vxlan", "vni": 42},
+        {"type": None},
+        {"name": "eth0"},
+        [1, 2],
+        "tap",
+        7,
+        None,
+        {"type": "tap", "tap_interface": {"id": "qn1", "name": "eth0"}, "extra": 1},
+        {"type": "virtual", "net_pair": {}},
+    ],
+)
 def test_unreadable_entries_come_back_verbatim(raw: Any) -> None:
     loaded = load_endpoint(raw)
     assert isinstance(loaded, UnknownEntry)
@@ -147,12 +186,16 @@ def test_unreadable_entries_come_back_verbatim(raw: Any) -> None:
 
 
 def _cni_endpoint(link_type: str, mac_addr: str) -> Endpoint:
-    desc = InterfaceDescription(name="eth1", hw_addr=mac_addr, link_type=link_type,
-                                ip_addresses=(IPAddress(family=4, address="169.254.3.2",
-                                                        mask="24"),))
+    desc = InterfaceDescription(
+        name="eth1",
+        hw_addr=mac_addr,
+        link_type=link_type,
+        ip_addresses=(IPAddress(family=4, address="169.254.3.2", mask="24"),),
+    )
     info = net_info_from_interface(desc, InterworkingModel.TCFILTER)
-    endpoint = create_endpoint(info, 1, InterworkingModel.TCFILTER,
-                               netns_path="/run/netns/pod1", tap_name="tap1_kata")
+    endpoint = create_endpoint(
+        info, 1, InterworkingModel.TCFILTER, netns_path="/run/netns/pod1", tap_name="tap1_kata"
+    )
     return attrs.evolve(endpoint, pci_path="02/00")  # type: ignore[misc]
 
 
@@ -178,8 +221,14 @@ def test_unknown_entries_are_reported_and_written_back_unchanged(tmp_path: Path)
     bad_status = {"status": "frozen", "endpoint": dump_endpoint(known)}
     odd_status = {"status": ["plugged"], "endpoint": dump_endpoint(known)}
     odd = ["not", "an", "object"]
-    items = [{"status": "plugged", "endpoint": dump_endpoint(known)}, future, bad_status,
-             odd_status, odd, 5]
+    items = [
+        {"status": "plugged", "endpoint": dump_endpoint(known)},
+        future,
+        bad_status,
+        odd_status,
+        odd,
+        5,
+    ]
     store.dir.mkdir(mode=0o700)
     store.state_path.write_text(json.dumps({"version": 1, "endpoints": items}))
 
@@ -197,8 +246,9 @@ def test_unknown_entries_are_reported_and_written_back_unchanged(tmp_path: Path)
 
 @settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(endpoints, st.sampled_from(list(Status))), max_size=5))
-def test_any_snapshot_survives_the_store(tmp_path: Path,
-                                         entries: list[tuple[Endpoint, Status]]) -> None:
+def test_any_snapshot_survives_the_store(
+    tmp_path: Path, entries: list[tuple[Endpoint, Status]]
+) -> None:
     store = Store(tmp_path / "prop")
     snap = Snapshot(tuple(Entry(e, s) for e, s in entries))
     asyncio.run(store.save(snap))
@@ -214,10 +264,14 @@ def test_files_are_private_and_writes_leave_no_temp_files(tmp_path: Path) -> Non
     assert sorted(p.name for p in directory.iterdir()) == ["state.json"]
 
 
-@pytest.mark.parametrize(("content", "why"), [
-    ("{", "not valid JSON"), ("[]", "not a qmpnet state file"),
-    ('{"version": 2, "endpoints": []}', "version 2"),
-])
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("{", "not valid JSON"),
+        ("[]", "not a qmpnet state file"),
+        ('{"version": 2, "endpoints": []}', "version 2"),
+    ],
+)
 def test_unreadable_state_file_is_a_state_error(tmp_path: Path, content: str, why: str) -> None:
     store = Store(tmp_path / "vm")
     store.dir.mkdir()
@@ -236,7 +290,11 @@ def test_journal_records_the_step_and_the_endpoint(tmp_path: Path) -> None:
     asyncio.run(store.journal_begin(macvlan.id, "hot-plug", "netdev-add", macvlan, 12.5))
     record = store.journal()[macvlan.id]
     assert (record.operation, record.step, record.endpoint, record.started) == (
-        "hot-plug", "netdev-add", macvlan, 12.5)
+        "hot-plug",
+        "netdev-add",
+        macvlan,
+        12.5,
+    )
     asyncio.run(store.journal_end(macvlan.id))
     assert store.journal() == {}
     assert not store.journal_path.exists()

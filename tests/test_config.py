@@ -27,7 +27,8 @@ def test_load_reads_a_network_table(tmp_path: Path) -> None:
     path = tmp_path / "qmpnet.toml"
     path.write_text(
         '[network]\ninternetworking_model = "macvtap"\ndisable_vhost_net = true\n'
-        'queues = 4\ntap_name = "vm7tap{idx}"\n[network.timeouts]\nunplug = 1.5\nconnect = 2\n')
+        'queues = 4\ntap_name = "vm7tap{idx}"\n[network.timeouts]\nunplug = 1.5\nconnect = 2\n'
+    )
     cfg = Config.load(path)
     assert cfg.model is InterworkingModel.MACVTAP
     assert (cfg.disable_vhost_net, cfg.queues, cfg.tap_name) == (True, 4, "vm7tap{idx}")
@@ -50,23 +51,35 @@ def test_load_reports_missing_and_broken_files(tmp_path: Path) -> None:
         Config.load(bad)
 
 
-@pytest.mark.parametrize(("table", "field"), [
-    ({"queues": QUEUES_MAX + 1}, "queues"), ({"queues": -1}, "queues"),
-    ({"queues": 0.0}, "queues"), ({"queues": False}, "queues"), ({"queues": "4"}, "queues"),
-    ({"disable_vhost_net": 1}, "disable_vhost_net"),
-    ({"internetworking_model": "enlightend"}, "interworking model"),
-    ({"tap_name": "tap"}, "tap_name"), ({"tap_name": "{idx}" + "x" * 13}, "tap_name"),
-    ({"tap_name": "t{idx}{x}"}, "tap_name"), ({"tap_name": "t{idx}{"}, "tap_name"),
-    ({"tap_name": "t{idx}{0}"}, "tap_name"), ({"tap_name": "t{{idx}}"}, "tap_name"),
-    ({"tap_name": "t/{idx}"}, "tap_name"), ({"tap_name": 5}, "tap_name"),
-    ({"timeouts": {"unplug": 0}}, "timeouts.unplug"),
-    ({"timeouts": {"unplug": math.inf}}, "timeouts.unplug"),
-    ({"timeouts": {"unplug": True}}, "timeouts.unplug"),
-    ({"timeouts": {"connect": 3601}}, "timeouts.connect"),
-    ({"timeouts": {"later": 1}}, "timeouts key"), ({"timeouts": 5}, "timeouts"),
-    ({"vhost": True}, "config key"), ({"network": 1}, "network"),
-    ({"queues": 4, "network": {"tap_name": "t{idx}"}}, "config key"),
-])
+@pytest.mark.parametrize(
+    ("table", "field"),
+    [
+        ({"queues": QUEUES_MAX + 1}, "queues"),
+        ({"queues": -1}, "queues"),
+        ({"queues": 0.0}, "queues"),
+        ({"queues": False}, "queues"),
+        ({"queues": "4"}, "queues"),
+        ({"disable_vhost_net": 1}, "disable_vhost_net"),
+        ({"internetworking_model": "enlightend"}, "interworking model"),
+        ({"tap_name": "tap"}, "tap_name"),
+        ({"tap_name": "{idx}" + "x" * 13}, "tap_name"),
+        ({"tap_name": "t{idx}{x}"}, "tap_name"),
+        ({"tap_name": "t{idx}{"}, "tap_name"),
+        ({"tap_name": "t{idx}{0}"}, "tap_name"),
+        ({"tap_name": "t{{idx}}"}, "tap_name"),
+        ({"tap_name": "t/{idx}"}, "tap_name"),
+        ({"tap_name": 5}, "tap_name"),
+        ({"timeouts": {"unplug": 0}}, "timeouts.unplug"),
+        ({"timeouts": {"unplug": math.inf}}, "timeouts.unplug"),
+        ({"timeouts": {"unplug": True}}, "timeouts.unplug"),
+        ({"timeouts": {"connect": 3601}}, "timeouts.connect"),
+        ({"timeouts": {"later": 1}}, "timeouts key"),
+        ({"timeouts": 5}, "timeouts"),
+        ({"vhost": True}, "config key"),
+        ({"network": 1}, "network"),
+        ({"queues": 4, "network": {"tap_name": "t{idx}"}}, "config key"),
+    ],
+)
 def test_each_key_is_checked(table: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidInputError) as caught:
         Config.from_mapping(table)
@@ -81,16 +94,51 @@ def test_unknown_model_names_the_valid_ones() -> None:
     assert set(caught.value.valid) == {m.value for m in InterworkingModel}
 
 
-_keys = st.sampled_from(["internetworking_model", "disable_vhost_net", "queues", "tap_name",
-                         "timeouts", "network", "other"])
-_scalar = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
-           | st.sampled_from(["tcfilter", "none", "enlightened", "tap{idx}", "t{idx}{",
-                              "{idx}{0}", "{{idx}}", "x{idx:>20}", "{idx.real}", "{idx[0]}"])
-           | st.sampled_from([0, 1, 4, 256, 257, 0.0, 0.5, 3600, 3601]))
-_value = st.recursive(_scalar, lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(_keys | st.sampled_from(
-                          ["connect", "command", "unplug", "guest_ready"]), inner, max_size=4),
-                      max_leaves=10)
+_keys = st.sampled_from(
+    [
+        "internetworking_model",
+        "disable_vhost_net",
+        "queues",
+        "tap_name",
+        "timeouts",
+        "network",
+        "other",
+    ]
+)
+_scalar = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from(
+        [
+            "tcfilter",
+            "none",
+            "enlightened",
+            "tap{idx}",
+            "t{idx}{",
+            "{idx}{0}",
+            "{{idx}}",
+            "x{idx:>20}",
+            "{idx.real}",
+            "{idx[0]}",
+        ]
+    )
+    | st.sampled_from([0, 1, 4, 256, 257, 0.0, 0.5, 3600, 3601])
+)
+_value = st.recursive(
+    _scalar,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            _keys | st.sampled_from(["connect", "command", "unplug", "guest_ready"]),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=10,
+)
 _table = st.dictionaries(_keys, _value, max_size=5)
 
 
@@ -112,13 +160,17 @@ def test_any_table_gives_a_valid_config_or_a_named_error(table: dict[str, object
     assert isinstance(cfg.internetworking_model, InterworkingModel)
     assert type(cfg.disable_vhost_net) is bool
     assert type(cfg.queues) is int
-    assert (cfg.queues == 0 or 1 <= cfg.queues <= QUEUES_MAX)
+    assert cfg.queues == 0 or 1 <= cfg.queues <= QUEUES_MAX
     names = {cfg.tap_name.format(idx=i) for i in range(3)}
     assert len(names) == 3  # distinct names per index
     for idx in (0, 999):
         check_ifname("tap", cfg.tap_name.format(idx=idx))
-    for value in (cfg.timeouts.connect, cfg.timeouts.command, cfg.timeouts.unplug,
-                  cfg.timeouts.guest_ready):
+    for value in (
+        cfg.timeouts.connect,
+        cfg.timeouts.command,
+        cfg.timeouts.unplug,
+        cfg.timeouts.guest_ready,
+    ):
         assert type(value) is float
         assert 0 < value <= 3600
 

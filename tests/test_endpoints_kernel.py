@@ -30,11 +30,17 @@ pytestmark = [pytest.mark.kernel]
 B, D, F, U = Phase.BEGIN, Phase.DONE, Phase.FAILED, Phase.UNDO
 
 
-def _endpoint(veth: Any, model: InterworkingModel, tap: str | None = None,
-              virt: str | None = None) -> NetPairEndpoint:
+def _endpoint(
+    veth: Any, model: InterworkingModel, tap: str | None = None, virt: str | None = None
+) -> NetPairEndpoint:
     desc = InterfaceDescription(name=virt or veth.inner, hw_addr=veth.mac)
-    endpoint = create_endpoint(net_info_from_interface(desc, model), 0, model,
-                               netns_path=veth.sandbox, tap_name=tap or unique("t"))
+    endpoint = create_endpoint(
+        net_info_from_interface(desc, model),
+        0,
+        model,
+        netns_path=veth.sandbox,
+        tap_name=tap or unique("t"),
+    )
     assert isinstance(endpoint, NetPairEndpoint)
     return endpoint
 
@@ -62,13 +68,16 @@ def _ingress(host: Any, netns: str, dev: str) -> bool:
 @pytest.mark.parametrize("queues", [1, 4])
 async def test_tcfilter_connect_and_detach(cni_veth: Any, host: Any, queues: int) -> None:
     veth = cni_veth(mac="52:54:00:00:00:41")
-    host.sh("ip", "-n", host.ns_name(veth.sandbox), "link", "set", veth.inner, "mtu",
-                    "1420")
+    host.sh("ip", "-n", host.ns_name(veth.sandbox), "link", "set", veth.inner, "mtu", "1420")
     ep = _endpoint(veth, InterworkingModel.TCFILTER)
     fds, op = await _connect(ep, queues)
     try:
-        assert op.history == [(Step.OPEN_QUEUES, B), (Step.OPEN_QUEUES, D),
-                              (Step.PREPARE_LINKS, B), (Step.PREPARE_LINKS, D)]
+        assert op.history == [
+            (Step.OPEN_QUEUES, B),
+            (Step.OPEN_QUEUES, D),
+            (Step.PREPARE_LINKS, B),
+            (Step.PREPARE_LINKS, D),
+        ]
         assert len(fds.tap) == queues
         assert fds.vhost == []
         seen = host.links(veth.sandbox)
@@ -80,8 +89,7 @@ async def test_tcfilter_connect_and_detach(cni_veth: Any, host: Any, queues: int
         assert "UP" in seen[veth.inner]["flags"]
         assert seen[veth.inner]["address"] == veth.mac  # the veth keeps its MAC
         assert _ingress(host, veth.sandbox, veth.inner)
-        assert _ingress(host, veth.sandbox,
-                                                                     ep.tap_name)
+        assert _ingress(host, veth.sandbox, ep.tap_name)
     finally:
         fds.close()  # QEMU would hold them from here on; the tap lives while someone does
     op = await _detach(ep)
@@ -113,22 +121,28 @@ async def test_a_failed_join_undoes_the_queues(cni_veth: Any, host: Any) -> None
             await MODELS[InterworkingModel.TCFILTER].connect(ep, op, 2, fds)
     assert caught.value.step == "prepare-links"
     assert getattr(caught.value.cause, "errno", None) == errno.ENODEV
-    assert op.history == [(Step.OPEN_QUEUES, B), (Step.OPEN_QUEUES, D), (Step.PREPARE_LINKS, B),
-                          (Step.PREPARE_LINKS, F), (Step.OPEN_QUEUES, U)]
+    assert op.history == [
+        (Step.OPEN_QUEUES, B),
+        (Step.OPEN_QUEUES, D),
+        (Step.PREPARE_LINKS, B),
+        (Step.PREPARE_LINKS, F),
+        (Step.OPEN_QUEUES, U),
+    ]
     assert fds.tap == []
     host.wait_until(lambda: ep.tap_name not in host.links(veth.sandbox), what="tap gone")
     assert sorted(host.links(veth.sandbox)) == sorted(["lo", veth.inner])
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("model", [InterworkingModel.TCFILTER, InterworkingModel.BRIDGED,
-                                   InterworkingModel.MACVTAP])
-async def test_an_existing_tap_name_is_refused_and_survives(cni_veth: Any, host: Any,
-                                                            model: InterworkingModel) -> None:
+@pytest.mark.parametrize(
+    "model", [InterworkingModel.TCFILTER, InterworkingModel.BRIDGED, InterworkingModel.MACVTAP]
+)
+async def test_an_existing_tap_name_is_refused_and_survives(
+    cni_veth: Any, host: Any, model: InterworkingModel
+) -> None:
     veth = cni_veth(mac="52:54:00:00:00:44")
     taken = unique("t")
-    host.sh("ip", "-n", host.ns_name(veth.sandbox), "tuntap", "add", "dev", taken,
-                    "mode", "tap")
+    host.sh("ip", "-n", host.ns_name(veth.sandbox), "tuntap", "add", "dev", taken, "mode", "tap")
     before = {name: host.stable(link) for name, link in host.links(veth.sandbox).items()}
     ep = _endpoint(veth, model, tap=taken)
     fds = tuntap.QueueFds()
@@ -148,8 +162,12 @@ async def test_macvtap_model(cni_veth: Any, host: Any) -> None:
     ep = _endpoint(veth, InterworkingModel.MACVTAP)
     fds, op = await _connect(ep, 2)
     try:
-        assert op.history == [(Step.PREPARE_LINKS, B), (Step.PREPARE_LINKS, D),
-                              (Step.OPEN_QUEUES, B), (Step.OPEN_QUEUES, D)]
+        assert op.history == [
+            (Step.PREPARE_LINKS, B),
+            (Step.PREPARE_LINKS, D),
+            (Step.OPEN_QUEUES, B),
+            (Step.OPEN_QUEUES, D),
+        ]
         assert len(fds.tap) == 2
         seen = host.links(veth.sandbox)
         mvt = seen[ep.tap_name]
@@ -177,8 +195,12 @@ async def test_bridged_model(cni_veth: Any, host: Any) -> None:
     bridge = bridge_name(ep.network_pair)
     fds, op = await _connect(ep, 1)
     try:
-        assert op.history == [(Step.OPEN_QUEUES, B), (Step.OPEN_QUEUES, D),
-                              (Step.PREPARE_LINKS, B), (Step.PREPARE_LINKS, D)]
+        assert op.history == [
+            (Step.OPEN_QUEUES, B),
+            (Step.OPEN_QUEUES, D),
+            (Step.PREPARE_LINKS, B),
+            (Step.PREPARE_LINKS, D),
+        ]
         seen = host.links(veth.sandbox)
         assert seen[bridge]["linkinfo"]["info_kind"] == "bridge"
         assert seen[bridge]["ifalias"] == f"qmpnet:{ep.id}"
@@ -200,14 +222,23 @@ async def test_bridged_model(cni_veth: Any, host: Any) -> None:
 async def test_mac_settles_on_the_links_own(cni_veth: Any) -> None:
     veth = cni_veth(mac="52:54:00:00:00:47")
     ep = _endpoint(veth, InterworkingModel.TCFILTER)
-    blank = attrs.evolve(ep, net_pair=attrs.evolve(
-        ep.net_pair, virt_iface=attrs.evolve(ep.net_pair.virt_iface, hard_addr="")))
+    blank = attrs.evolve(
+        ep,
+        net_pair=attrs.evolve(
+            ep.net_pair, virt_iface=attrs.evolve(ep.net_pair.virt_iface, hard_addr="")
+        ),
+    )
     settled = await blank._settle_mac()
     assert settled.hardware_addr == veth.mac
-    wrong = attrs.evolve(ep, net_pair=attrs.evolve(
-        ep.net_pair, virt_iface=attrs.evolve(ep.net_pair.virt_iface,
-                                             hard_addr="52:54:00:00:00:99")))
+    wrong = attrs.evolve(
+        ep,
+        net_pair=attrs.evolve(
+            ep.net_pair,
+            virt_iface=attrs.evolve(ep.net_pair.virt_iface, hard_addr="52:54:00:00:00:99"),
+        ),
+    )
     from qmpnet.errors import InvalidInputError
+
     with pytest.raises(InvalidInputError, match="the guest must use the link's own MAC"):
         await wrong._settle_mac()
 
@@ -215,7 +246,8 @@ async def test_mac_settles_on_the_links_own(cni_veth: Any) -> None:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("model", [InterworkingModel.MACVTAP, InterworkingModel.BRIDGED])
 async def test_a_link_that_replaced_the_sandbox_veth_keeps_its_mac(
-        cni_veth: Any, host: Any, model: InterworkingModel) -> None:
+    cni_veth: Any, host: Any, model: InterworkingModel
+) -> None:
     """While plugged the veth wears the MAC qmpnet parked it on. If it is deleted and a new
     link takes its name, the unplug must not give the new link the old veth's MAC."""
     veth = cni_veth(mac="52:54:00:00:00:48")
@@ -235,8 +267,9 @@ async def test_a_link_that_replaced_the_sandbox_veth_keeps_its_mac(
 
 
 @pytest.mark.asyncio
-async def test_a_bridge_name_too_long_fails_before_anything_is_made(cni_veth: Any,
-                                                                      host: Any) -> None:
+async def test_a_bridge_name_too_long_fails_before_anything_is_made(
+    cni_veth: Any, host: Any
+) -> None:
     veth = cni_veth(mac="52:54:00:00:00:49")
     ep = _endpoint(veth, InterworkingModel.BRIDGED, tap=unique("x") + "a" * 8)  # 15 bytes
     fds = tuntap.QueueFds()
@@ -251,8 +284,7 @@ async def test_a_bridge_name_too_long_fails_before_anything_is_made(cni_veth: An
 
 
 @pytest.mark.asyncio
-async def test_a_foreign_ingress_qdisc_survives_a_tcfilter_detach(cni_veth: Any,
-                                                                   host: Any) -> None:
+async def test_a_foreign_ingress_qdisc_survives_a_tcfilter_detach(cni_veth: Any, host: Any) -> None:
     """What a reconcile does for a plug that crashed before it joined the links: detach.
     The ingress qdisc on the veth belongs to another tool (its filter is not qmpnet's)."""
     veth = cni_veth(mac="52:54:00:00:00:4a")
@@ -260,20 +292,45 @@ async def test_a_foreign_ingress_qdisc_survives_a_tcfilter_detach(cni_veth: Any,
     host.sh("tc", "-n", ns, "qdisc", "add", "dev", veth.inner, "ingress")
     other = unique("w")  # another tool's mirror (the kernel here has mirred, not gact)
     host.sh("ip", "-n", ns, "link", "add", other, "type", "veth", "peer", "name", unique("w"))
-    host.sh("tc", "-n", ns, "filter", "add", "dev", veth.inner, "parent", "ffff:", "prio",
-            "5", "protocol", "all", "u32", "match", "u32", "0", "0", "action", "mirred",
-            "egress", "redirect", "dev", other)
+    host.sh(
+        "tc",
+        "-n",
+        ns,
+        "filter",
+        "add",
+        "dev",
+        veth.inner,
+        "parent",
+        "ffff:",
+        "prio",
+        "5",
+        "protocol",
+        "all",
+        "u32",
+        "match",
+        "u32",
+        "0",
+        "0",
+        "action",
+        "mirred",
+        "egress",
+        "redirect",
+        "dev",
+        other,
+    )
     ep = _endpoint(veth, InterworkingModel.TCFILTER)
     await _detach(ep)
     assert _ingress(host, veth.sandbox, veth.inner)
-    filters = json.loads(host.sh("tc", "-j", "-n", ns, "filter", "show", "dev", veth.inner,
-                                 "ingress").stdout)
+    filters = json.loads(
+        host.sh("tc", "-j", "-n", ns, "filter", "show", "dev", veth.inner, "ingress").stdout
+    )
     assert {f.get("pref") for f in filters} == {5}
 
 
 @pytest.mark.asyncio
-async def test_a_refused_bridged_plug_leaves_the_veth_in_its_own_bridge(cni_veth: Any,
-                                                                         host: Any) -> None:
+async def test_a_refused_bridged_plug_leaves_the_veth_in_its_own_bridge(
+    cni_veth: Any, host: Any
+) -> None:
     veth = cni_veth(mac="52:54:00:00:00:4b")
     ns = host.ns_name(veth.sandbox)
     theirs = unique("b")
@@ -295,7 +352,8 @@ async def test_a_refused_bridged_plug_leaves_the_veth_in_its_own_bridge(cni_veth
 @pytest.mark.asyncio
 @pytest.mark.parametrize("model", [InterworkingModel.MACVTAP, InterworkingModel.BRIDGED])
 async def test_links_are_made_under_a_staging_name_that_reconcile_removes(
-        cni_veth: Any, host: Any, model: InterworkingModel) -> None:
+    cni_veth: Any, host: Any, model: InterworkingModel
+) -> None:
     """A persistent link is created as ``<endpoint id>``, marked, then renamed: a crash
     between create and mark leaves a link named after the endpoint, which reconcile's host
     check deletes (nobody else names a link ``qn`` + 10 hex digits)."""

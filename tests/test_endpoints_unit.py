@@ -41,19 +41,33 @@ from qmpnet.model import (
 from qmpnet.qmp import QmpSession
 
 DESC = InterfaceDescription(
-    device="eth3", name="eth3", mtu=1450, hw_addr="52:54:00:00:00:09",
-    ip_addresses=(IPAddress(family=4, address="169.254.9.2", mask="24"),))
+    device="eth3",
+    name="eth3",
+    mtu=1450,
+    hw_addr="52:54:00:00:00:09",
+    ip_addresses=(IPAddress(family=4, address="169.254.9.2", mask="24"),),
+)
 
 
-@pytest.mark.parametrize(("model", "link_type"), [
-    (InterworkingModel.NONE, "tap"), (InterworkingModel.DEFAULT, "veth"),
-    (InterworkingModel.TCFILTER, "veth"), (InterworkingModel.MACVTAP, "veth"),
-    (InterworkingModel.BRIDGED, "veth"), (InterworkingModel.ENLIGHTENED, "veth")])
+@pytest.mark.parametrize(
+    ("model", "link_type"),
+    [
+        (InterworkingModel.NONE, "tap"),
+        (InterworkingModel.DEFAULT, "veth"),
+        (InterworkingModel.TCFILTER, "veth"),
+        (InterworkingModel.MACVTAP, "veth"),
+        (InterworkingModel.BRIDGED, "veth"),
+        (InterworkingModel.ENLIGHTENED, "veth"),
+    ],
+)
 def test_net_info_link_type_follows_the_model(model: InterworkingModel, link_type: str) -> None:
     info = net_info_from_interface(DESC, model)
     assert info.link_type == link_type
     assert (info.iface.name, info.iface.hardware_addr, info.iface.mtu) == (
-        "eth3", "52:54:00:00:00:09", 1450)
+        "eth3",
+        "52:54:00:00:00:09",
+        1450,
+    )
     assert info.addrs == DESC.ip_addresses
 
 
@@ -69,10 +83,17 @@ def test_net_info_needs_a_name() -> None:
 
 
 EXPECTED = {
-    "tap": TapEndpoint, "veth": VethEndpoint, "virtual": VethEndpoint,
-    "macvlan": MacvlanEndpoint, "macvtap": MacvtapEndpoint, "ipvlan": IpvlanEndpoint,
-    "tuntap": TuntapEndpoint, "tun": TuntapEndpoint, "physical": PhysicalEndpoint,
-    "device": PhysicalEndpoint, "vhost-user": VhostUserEndpoint,
+    "tap": TapEndpoint,
+    "veth": VethEndpoint,
+    "virtual": VethEndpoint,
+    "macvlan": MacvlanEndpoint,
+    "macvtap": MacvtapEndpoint,
+    "ipvlan": IpvlanEndpoint,
+    "tuntap": TuntapEndpoint,
+    "tun": TuntapEndpoint,
+    "physical": PhysicalEndpoint,
+    "device": PhysicalEndpoint,
+    "vhost-user": VhostUserEndpoint,
 }
 
 
@@ -82,16 +103,26 @@ def test_link_type_table_is_complete() -> None:
 
 
 @pytest.mark.parametrize(("link_type", "cls"), sorted(EXPECTED.items()))
-def test_create_endpoint_picks_the_type_from_the_link_type(link_type: str,
-                                                           cls: type[object]) -> None:
+def test_create_endpoint_picks_the_type_from_the_link_type(
+    link_type: str, cls: type[object]
+) -> None:
     desc = attrs.evolve(DESC, link_type=link_type)
     info = net_info_from_interface(desc, InterworkingModel.TCFILTER)
-    endpoint = create_endpoint(info, 3, InterworkingModel.TCFILTER, netns_path="/run/netns/p",
-                               tap_name="tap3_kata", queues=2)
+    endpoint = create_endpoint(
+        info,
+        3,
+        InterworkingModel.TCFILTER,
+        netns_path="/run/netns/p",
+        tap_name="tap3_kata",
+        queues=2,
+    )
     assert type(endpoint) is cls
     assert endpoint.type is cls.type
     assert (endpoint.name, endpoint.hardware_addr, endpoint.netns_path) == (
-        "eth3", "52:54:00:00:00:09", "/run/netns/p")
+        "eth3",
+        "52:54:00:00:00:09",
+        "/run/netns/p",
+    )
     assert endpoint.properties == info
     assert endpoint.pci_path == ""
     assert endpoint.id.startswith("qn")
@@ -108,18 +139,21 @@ def test_create_endpoint_picks_the_type_from_the_link_type(link_type: str,
 
 
 def test_create_endpoint_refuses_unknown_link_types_and_negative_index() -> None:
-    info = net_info_from_interface(attrs.evolve(DESC, link_type="vxlan"),
-                                   InterworkingModel.TCFILTER)
+    info = net_info_from_interface(
+        attrs.evolve(DESC, link_type="vxlan"), InterworkingModel.TCFILTER
+    )
     with pytest.raises(InvalidInputError, match=r"unsupported link type; known:.*macvlan"):
         create_endpoint(info, 0, InterworkingModel.TCFILTER)
     with pytest.raises(InvalidInputError, match="index"):
-        create_endpoint(net_info_from_interface(DESC, InterworkingModel.NONE), -1,
-                        InterworkingModel.NONE)
+        create_endpoint(
+            net_info_from_interface(DESC, InterworkingModel.NONE), -1, InterworkingModel.NONE
+        )
 
 
 def test_netpair_model_default_is_stored_resolved() -> None:
-    endpoint = create_endpoint(net_info_from_interface(DESC, InterworkingModel.DEFAULT), 0,
-                               InterworkingModel.DEFAULT)
+    endpoint = create_endpoint(
+        net_info_from_interface(DESC, InterworkingModel.DEFAULT), 0, InterworkingModel.DEFAULT
+    )
     assert endpoint.network_pair is not None
     assert endpoint.network_pair.model is InterworkingModel.TCFILTER
     assert endpoint.network_pair.tap_interface.tap_iface.name == "tap0_kata"
@@ -149,7 +183,10 @@ def test_tap_endpoint_default_names(idx: int) -> None:
 def test_tap_endpoint_name_overrides() -> None:
     endpoint = create_tap_endpoint(2, "net1", tap_name="vmtap2", mac="52:54:00:00:00:aa")
     assert (endpoint.name, endpoint.host_link, endpoint.hardware_addr) == (
-        "net1", "vmtap2", "52:54:00:00:00:aa")
+        "net1",
+        "vmtap2",
+        "52:54:00:00:00:aa",
+    )
     assert create_tap_endpoint(2).id != create_tap_endpoint(2).id
 
 
@@ -179,15 +216,21 @@ def test_ids_and_macs_are_fresh_and_well_formed() -> None:
 
 
 def test_bridge_names() -> None:
-    endpoint = create_endpoint(net_info_from_interface(DESC, InterworkingModel.BRIDGED), 4,
-                               InterworkingModel.BRIDGED)
+    endpoint = create_endpoint(
+        net_info_from_interface(DESC, InterworkingModel.BRIDGED), 4, InterworkingModel.BRIDGED
+    )
     assert bridge_name(endpoint.network_pair) == "br4_kata"  # type: ignore[arg-type]
-    other = create_endpoint(net_info_from_interface(DESC, InterworkingModel.BRIDGED), 4,
-                            InterworkingModel.BRIDGED, tap_name="qa1t9")
+    other = create_endpoint(
+        net_info_from_interface(DESC, InterworkingModel.BRIDGED),
+        4,
+        InterworkingModel.BRIDGED,
+        tap_name="qa1t9",
+    )
     assert bridge_name(other.network_pair) == "br-qa1t9"  # type: ignore[arg-type]
 
 
 # --- refusals that need no host ------------------------------------------------------------
+
 
 def _ctx() -> PlugContext:
     # A session that never connects: these paths must refuse before they would need QEMU.
@@ -199,8 +242,9 @@ def _ctx() -> PlugContext:
 @pytest.mark.parametrize("link_type", ["tap", "veth", "macvlan", "tuntap"])
 async def test_cold_plug_is_refused_with_a_clear_message(link_type: str) -> None:
     model = InterworkingModel.NONE if link_type == "tap" else InterworkingModel.TCFILTER
-    endpoint = create_endpoint(net_info_from_interface(attrs.evolve(DESC, link_type=link_type),
-                                                       model), 0, model)
+    endpoint = create_endpoint(
+        net_info_from_interface(attrs.evolve(DESC, link_type=link_type), model), 0, model
+    )
     with pytest.raises(UnsupportedError, match="cold plug") as caught:
         await endpoint.attach(_ctx())
     if link_type == "tap":
@@ -210,13 +254,19 @@ async def test_cold_plug_is_refused_with_a_clear_message(link_type: str) -> None
 @pytest.mark.asyncio
 @pytest.mark.parametrize("link_type", ["physical", "vhost-user", "macvtap", "ipvlan"])
 async def test_unpluggable_types_say_why(link_type: str) -> None:
-    endpoint = create_endpoint(net_info_from_interface(attrs.evolve(DESC, link_type=link_type),
-                                                       InterworkingModel.TCFILTER), 0,
-                               InterworkingModel.TCFILTER)
+    endpoint = create_endpoint(
+        net_info_from_interface(
+            attrs.evolve(DESC, link_type=link_type), InterworkingModel.TCFILTER
+        ),
+        0,
+        InterworkingModel.TCFILTER,
+    )
     reason = type(endpoint).reason  # type: ignore[attr-defined]
-    for call, what in ((endpoint.hot_attach(_ctx()), "hot-plug"),
-                       (endpoint.hot_detach(_ctx()), "hot-unplug"),
-                       (endpoint.attach(_ctx()), "cold plug")):
+    for call, what in (
+        (endpoint.hot_attach(_ctx()), "hot-plug"),
+        (endpoint.hot_detach(_ctx()), "hot-unplug"),
+        (endpoint.attach(_ctx()), "cold plug"),
+    ):
         with pytest.raises(UnsupportedError) as caught:
             await call
         assert caught.value.operation == what

@@ -41,8 +41,10 @@ def _all_classes() -> list[type[QmpnetError]]:
     """Every error class qmpnet defines, wherever it is defined (all modules imported)."""
     for module in pkgutil.walk_packages(qmpnet.__path__, "qmpnet."):
         importlib.import_module(module.name)
-    return [QmpnetError, *(c for c in _subclasses(QmpnetError)
-                           if c.__module__.startswith("qmpnet."))]
+    return [
+        QmpnetError,
+        *(c for c in _subclasses(QmpnetError) if c.__module__.startswith("qmpnet.")),
+    ]
 
 
 #: class name -> constructor arguments of samples, as qmpnet builds them (every argument used).
@@ -52,43 +54,59 @@ SAMPLES: dict[str, list[tuple[Any, ...]]] = {
     "UnknownValueError": [("model", "vdpa", ("macvtap", "tcfilter"))],
     "NoSuchInterfaceError": [("mac", "52:54:00:00:00:01", "no interface has this MAC")],
     "UnsupportedError": [("tap endpoint tap0", "cold plug", "taps are hot-plugged only")],
-    "HostError": [("create link", "tap0 (netns /run/netns/x)", errno.EPERM),
-                  ("wait for link", "eth1", None, "still missing after 5 s")],
+    "HostError": [
+        ("create link", "tap0 (netns /run/netns/x)", errno.EPERM),
+        ("wait for link", "eth1", None, "still missing after 5 s"),
+    ],
     "LinkExistsError": [("tap0",)],
     "NotOursError": [("delete link", "eth0")],
     "NetnsError": [("open netns", "/run/netns/gone", errno.ENOENT)],
     "QmpError": [("something between us and QEMU",)],
-    "QmpConnectError": [("/run/vm/qmp.sock", "no such socket", ConnectFailure.ABSENT),
-                        ("/run/vm/qmp.sock", "cannot connect")],
-    "QmpCommandError": [("device_add", {"id": "qn1", "bus": "rp0"}, "GenericError",
-                         "Bus 'rp0' not found")],
+    "QmpConnectError": [
+        ("/run/vm/qmp.sock", "no such socket", ConnectFailure.ABSENT),
+        ("/run/vm/qmp.sock", "cannot connect"),
+    ],
+    "QmpCommandError": [
+        ("device_add", {"id": "qn1", "bus": "rp0"}, "GenericError", "Bus 'rp0' not found")
+    ],
     "QmpDisconnectedError": [("netdev_add", "EOFError")],
     "QmpTimeoutError": [("query-pci", 2.5)],
     "UnplugTimeoutError": [("qn1-dev", 5)],
     "PlugError": [
-        ("hot-plug", "device_add", "eth1",
-         QmpCommandError("device_add", {}, "GenericError", "no slot")),
+        (
+            "hot-plug",
+            "device_add",
+            "eth1",
+            QmpCommandError("device_add", {}, "GenericError", "no slot"),
+        ),
         ("unplug", "delete link", "eth2", OSError(errno.EBUSY, "Device or resource busy")),
-        ("hot-plug", "wait guest", "eth3",
-         PlugError("hot-plug", "inner", "eth3", UnplugTimeoutError("d", 1))),
+        (
+            "hot-plug",
+            "wait guest",
+            "eth3",
+            PlugError("hot-plug", "inner", "eth3", UnplugTimeoutError("d", 1)),
+        ),
     ],
     "StateError": [("/var/lib/qmpnet/vm/state.json", "write: No space left on device")],
     "CniError": [(11, "the QMP monitor is busy", "try again later"), (7, "bad config")],
 }
 
 ALL_CLASSES = _all_classes()
-CASES = [pytest.param(cls, args, id=f"{cls.__name__}-{i}")
-         for cls in ALL_CLASSES for i, args in enumerate(SAMPLES.get(cls.__name__, [None]))]
+CASES = [
+    pytest.param(cls, args, id=f"{cls.__name__}-{i}")
+    for cls in ALL_CLASSES
+    for i, args in enumerate(SAMPLES.get(cls.__name__, [None]))
+]
 
 
 def _same(a: Any, b: Any) -> bool:
     """Equal values; errors (which compare by identity) by type, args and fields."""
     if isinstance(a, BaseException):
-        return (type(a) is type(b) and a.args == b.args and str(a) == str(b)
-                and _same(vars(a), vars(b)))
+        return (
+            type(a) is type(b) and a.args == b.args and str(a) == str(b) and _same(vars(a), vars(b))
+        )
     if isinstance(a, dict):
-        return (isinstance(b, dict) and a.keys() == b.keys()
-                and all(_same(a[k], b[k]) for k in a))
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, tuple | list):
         return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
     return bool(a == b)
@@ -97,13 +115,16 @@ def _same(a: Any, b: Any) -> bool:
 def test_every_error_class_has_a_sample() -> None:
     assert [c.__name__ for c in ALL_CLASSES if c.__name__ not in SAMPLES] == []
     assert {c.__name__ for c in ALL_CLASSES} >= {
-        name for name, value in vars(errors).items()
-        if isinstance(value, type) and issubclass(value, QmpnetError)}
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, QmpnetError)
+    }
 
 
 @pytest.mark.parametrize(("cls", "args"), CASES)
-def test_error_pickles_with_message_and_fields(cls: type[QmpnetError],
-                                               args: tuple[Any, ...] | None) -> None:
+def test_error_pickles_with_message_and_fields(
+    cls: type[QmpnetError], args: tuple[Any, ...] | None
+) -> None:
     assert args is not None, f"no sample for {cls.__name__} in SAMPLES"
     err = cls(*args)
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
@@ -127,21 +148,27 @@ def test_plug_error_cause_survives_with_its_own_fields() -> None:
 
 
 def test_messages_are_unchanged() -> None:
-    assert str(UnknownValueError("model", "x", ("a", "b"))) == \
-        "Unknown model x: valid values are a, b"
+    assert (
+        str(UnknownValueError("model", "x", ("a", "b"))) == "Unknown model x: valid values are a, b"
+    )
     assert str(UnplugTimeoutError("d1", 5)) == (
         "device_del d1: no DEVICE_DELETED within 5 s (guest paused, busy or without "
-        "hot-plug support); the unplug is pending")
-    assert str(HostError("create link", "t", errno.EEXIST)) == \
-        "create link t: EEXIST: File exists"
+        "hot-plug support); the unplug is pending"
+    )
+    assert str(HostError("create link", "t", errno.EEXIST)) == "create link t: EEXIST: File exists"
     assert str(QmpConnectError("/q", "busy", ConnectFailure.BUSY)) == "QMP monitor /q: busy"
 
 
-@pytest.mark.parametrize(("kind", "gone"), [
-    (ConnectFailure.ABSENT, True), (ConnectFailure.CLOSED, True),
-    (ConnectFailure.BUSY, False), (ConnectFailure.NOT_A_SOCKET, False),
-    (ConnectFailure.OTHER, False),
-])
+@pytest.mark.parametrize(
+    ("kind", "gone"),
+    [
+        (ConnectFailure.ABSENT, True),
+        (ConnectFailure.CLOSED, True),
+        (ConnectFailure.BUSY, False),
+        (ConnectFailure.NOT_A_SOCKET, False),
+        (ConnectFailure.OTHER, False),
+    ],
+)
 def test_connect_failure_says_whether_qemu_is_gone(kind: ConnectFailure, gone: bool) -> None:
     err = QmpConnectError("/q", "why", kind)
     assert err.gone is gone

@@ -11,28 +11,63 @@ import pytest
 
 EXPECTED = {
     "qmpnet": [
-        "Config", "EndpointType", "HostError", "IPAddress", "InterfaceDescription",
-        "InterworkingModel", "InvalidInputError", "NetworkState", "PlugError",
-        "QemuHypervisor", "QmpError", "QmpSession", "QmpnetError", "StateError", "Timeouts",
-        "UnplugTimeoutError", "UnsupportedError", "create_endpoint", "create_tap_endpoint",
+        "Config",
+        "EndpointType",
+        "HostError",
+        "IPAddress",
+        "InterfaceDescription",
+        "InterworkingModel",
+        "InvalidInputError",
+        "NetworkState",
+        "PlugError",
+        "QemuHypervisor",
+        "QmpError",
+        "QmpSession",
+        "QmpnetError",
+        "StateError",
+        "Timeouts",
+        "UnplugTimeoutError",
+        "UnsupportedError",
+        "create_endpoint",
+        "create_tap_endpoint",
         "interface_of",
     ],
     "qmpnet.endpoints": [
-        "REGISTRY", "Endpoint", "IpvlanEndpoint", "MacvlanEndpoint", "MacvtapEndpoint",
-        "NetPairEndpoint", "PhysicalEndpoint", "PlugContext", "TapEndpoint", "TuntapEndpoint",
-        "VethEndpoint", "VhostUserEndpoint", "create_endpoint", "create_tap_endpoint",
+        "REGISTRY",
+        "Endpoint",
+        "IpvlanEndpoint",
+        "MacvlanEndpoint",
+        "MacvtapEndpoint",
+        "NetPairEndpoint",
+        "PhysicalEndpoint",
+        "PlugContext",
+        "TapEndpoint",
+        "TuntapEndpoint",
+        "VethEndpoint",
+        "VhostUserEndpoint",
+        "create_endpoint",
+        "create_tap_endpoint",
         "net_info_from_interface",
     ],
     "qmpnet.testing": [
-        "GuestBuildError", "GuestImage", "GuestVM", "GuestVMError", "build_guest",
-        "guest_ip_for_mac", "host_ip_for_mac", "marker_fields",
+        "GuestBuildError",
+        "GuestImage",
+        "GuestVM",
+        "GuestVMError",
+        "build_guest",
+        "guest_ip_for_mac",
+        "host_ip_for_mac",
+        "marker_fields",
     ],
 }
 
 #: what other code depends on: (module, name, attributes it must keep)
 DEPENDED_ON = [
-    ("qmpnet", "NetworkState",
-     ["open", "connect", "close", "add_interface", "remove_interface", "list_interfaces"]),
+    (
+        "qmpnet",
+        "NetworkState",
+        ["open", "connect", "close", "add_interface", "remove_interface", "list_interfaces"],
+    ),
     ("qmpnet", "InterfaceDescription", ["from_json"]),
     ("qmpnet", "Config", []),
     ("qmpnet.testing", "build_guest", []),
@@ -52,8 +87,9 @@ def test_all_is_the_expected_list_and_resolves(module: str) -> None:
         assert getattr(mod, name) is not None, f"{module}.{name}"
 
 
-@pytest.mark.parametrize(("module", "name", "attributes"), DEPENDED_ON,
-                         ids=[f"{m}.{n}" for m, n, _ in DEPENDED_ON])
+@pytest.mark.parametrize(
+    ("module", "name", "attributes"), DEPENDED_ON, ids=[f"{m}.{n}" for m, n, _ in DEPENDED_ON]
+)
 def test_depended_on_names_stay(module: str, name: str, attributes: list[str]) -> None:
     value = getattr(importlib.import_module(module), name)
     for attribute in attributes:
@@ -72,11 +108,12 @@ def test_guest_vm_has_both_monitor_paths() -> None:
 def test_the_kit_imports_without_pytest() -> None:
     """``qmpnet.testing`` ships in the package: only its pytest plugin may need pytest."""
     imports = ", ".join(["qmpnet.testing", *(f"qmpnet.testing.{m}" for m in KIT_MODULES)])
-    code = (f"import {imports}; import sys; "
-            "assert 'pytest' not in sys.modules, 'pytest was imported'; "
-            "assert '_pytest' not in sys.modules, '_pytest was imported'")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=False)
+    code = (
+        f"import {imports}; import sys; "
+        "assert 'pytest' not in sys.modules, 'pytest was imported'; "
+        "assert '_pytest' not in sys.modules, '_pytest was imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
 
 

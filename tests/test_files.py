@@ -39,8 +39,7 @@ def test_atomic_write_replaces_the_content_with_mode_0600(tmp_path: Path) -> Non
     assert _leftovers(tmp_path, "state.json") == []
 
 
-def test_atomic_write_syncs_the_directory(tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_write_syncs_the_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[Path] = []
     monkeypatch.setattr(files, "_fsync_dir", synced.append)
     atomic_write(tmp_path / "f", "x")
@@ -48,7 +47,8 @@ def test_atomic_write_syncs_the_directory(tmp_path: Path,
 
 
 def test_a_failed_write_keeps_the_old_file_and_removes_the_temp(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "journal.json"
     path.write_text("old")
 

@@ -75,8 +75,9 @@ async def test_other_types_are_not_supported(link_type: str) -> None:
     assert endpoint.tap is None
     session = RecordingSession()
     with pytest.raises(UnsupportedError) as caught:
-        await endpoint.hot_attach(PlugContext(QemuHypervisor(session), Config(),
-                                              Operation("hot-plug", endpoint.name)))
+        await endpoint.hot_attach(
+            PlugContext(QemuHypervisor(session), Config(), Operation("hot-plug", endpoint.name))
+        )
     assert caught.value.operation == "hot-plug"
     assert str(endpoint.type) in caught.value.what
     assert session.sent == []
@@ -115,19 +116,23 @@ class RecordingSession(QmpSession):
         super().__init__(None, "recording", 1.0, logging.getLogger("test"))  # type: ignore[arg-type]
         self.sent: list[tuple[str, dict[str, Any]]] = []
 
-    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
-                      timeout: float | None = None) -> Any:
+    async def execute(
+        self, command: str, arguments: Mapping[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
         self.sent.append((command, dict(arguments or {})))
         return {}
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("queues", "vhost", "expected"), [
-    (1, 0, {"fd": "n-fd0"}),
-    (4, 0, {"fds": "n-fd0:n-fd1:n-fd2:n-fd3"}),
-    (1, 1, {"fd": "n-fd0", "vhost": True, "vhostfd": "n-vhost0"}),
-    (2, 2, {"fds": "n-fd0:n-fd1", "vhost": True, "vhostfds": "n-vhost0:n-vhost1"}),
-])
+@pytest.mark.parametrize(
+    ("queues", "vhost", "expected"),
+    [
+        (1, 0, {"fd": "n-fd0"}),
+        (4, 0, {"fds": "n-fd0:n-fd1:n-fd2:n-fd3"}),
+        (1, 1, {"fd": "n-fd0", "vhost": True, "vhostfd": "n-vhost0"}),
+        (2, 2, {"fds": "n-fd0:n-fd1", "vhost": True, "vhostfds": "n-vhost0:n-vhost1"}),
+    ],
+)
 async def test_netdev_add_arguments(queues: int, vhost: int, expected: dict[str, Any]) -> None:
     session = RecordingSession()
     fds = [f"n-fd{i}" for i in range(queues)]
@@ -141,12 +146,17 @@ async def test_netdev_add_arguments(queues: int, vhost: int, expected: dict[str,
 
 # --- slots ---------------------------------------------------------------------------------
 
+
 def test_empty_root_ports_first_in_slot_order() -> None:
-    bridges = [Bridge("rp2", "pcie-root-port", 3, frozenset()),
-               Bridge("rp0", "pcie-root-port", 1, frozenset({0})),
-               Bridge("rp1", "pcie-root-port", 2, frozenset())]
+    bridges = [
+        Bridge("rp2", "pcie-root-port", 3, frozenset()),
+        Bridge("rp0", "pcie-root-port", 1, frozenset({0})),
+        Bridge("rp1", "pcie-root-port", 2, frozenset()),
+    ]
     assert free_slots(bridges, {0, 1, 2, 3, 31}, root_hotplug=False) == [
-        Slot("rp1", 0, "02/00"), Slot("rp2", 0, "03/00")]
+        Slot("rp1", 0, "02/00"),
+        Slot("rp2", 0, "03/00"),
+    ]
 
 
 def test_q35_without_free_ports_has_no_slot() -> None:
@@ -168,12 +178,22 @@ def test_pc_uses_pci0_from_slot_2_then_bridge_slots() -> None:
     assert behind[0] == Slot("br0", 3, "05/03")
 
 
-@given(st.lists(st.tuples(st.integers(1, 31), st.sampled_from(["pcie-root-port", "pci-bridge"]),
-                          st.frozensets(st.integers(0, 31), max_size=4)), max_size=6,
-                unique_by=lambda t: t[0]),
-       st.sets(st.integers(0, 31)), st.booleans())
-def test_free_slots_are_free_unique_and_well_formed(spec: list[Any], root_used: set[int],
-                                                     root_hotplug: bool) -> None:
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 31),
+            st.sampled_from(["pcie-root-port", "pci-bridge"]),
+            st.frozensets(st.integers(0, 31), max_size=4),
+        ),
+        max_size=6,
+        unique_by=lambda t: t[0],
+    ),
+    st.sets(st.integers(0, 31)),
+    st.booleans(),
+)
+def test_free_slots_are_free_unique_and_well_formed(
+    spec: list[Any], root_used: set[int], root_hotplug: bool
+) -> None:
     bridges = [Bridge(f"b{slot}", kind, slot, used) for slot, kind, used in spec]
     slots = free_slots(bridges, root_used | {s for s, _, _ in spec}, root_hotplug)
     assert len(set(slots)) == len(slots)
@@ -194,9 +214,18 @@ def test_free_slots_are_free_unique_and_well_formed(spec: list[Any], root_used: 
 
 
 def test_pci_device_ids_walks_bridges() -> None:
-    pci = [{"bus": 0, "devices": [
-        {"qdev_id": "", "slot": 0},
-        {"qdev_id": "rp0", "slot": 1, "pci_bridge": {"devices": [
-            {"qdev_id": "qn1-dev", "slot": 0}]}},
-        {"qdev_id": "rp1", "slot": 2, "pci_bridge": {"bus": {}}}]}]
+    pci = [
+        {
+            "bus": 0,
+            "devices": [
+                {"qdev_id": "", "slot": 0},
+                {
+                    "qdev_id": "rp0",
+                    "slot": 1,
+                    "pci_bridge": {"devices": [{"qdev_id": "qn1-dev", "slot": 0}]},
+                },
+                {"qdev_id": "rp1", "slot": 2, "pci_bridge": {"bus": {}}},
+            ],
+        }
+    ]
     assert pci_device_ids(pci) == {"rp0", "rp1", "qn1-dev"}

@@ -30,21 +30,25 @@ class Recorder:
         self.seen.append((step, phase))
 
 
-def _ok(value: object = None, log: list[str] | None = None,
-        name: str = "") -> Callable[[], Awaitable[object]]:
+def _ok(
+    value: object = None, log: list[str] | None = None, name: str = ""
+) -> Callable[[], Awaitable[object]]:
     async def action() -> object:
         if log is not None:
             log.append(f"do {name}")
         return value
+
     return action
 
 
-def _undo(log: list[str], name: str,
-          fail: BaseException | None = None) -> Callable[[object], Awaitable[None]]:
+def _undo(
+    log: list[str], name: str, fail: BaseException | None = None
+) -> Callable[[object], Awaitable[None]]:
     async def undo(result: object) -> None:
         log.append(f"undo {name} {result}")
         if fail is not None:
             raise fail
+
     return undo
 
 
@@ -61,8 +65,14 @@ async def test_success_runs_steps_in_order_and_commit_drops_the_undos() -> None:
         await op.step(Step.DEVICE_ADD, _ok("01/00", log, "d"), _undo(log, "d"))
         op.commit()
     assert log == ["do q", "do n", "do d"]  # no undo ran
-    assert rec.seen == [(Step.OPEN_QUEUES, B), (Step.OPEN_QUEUES, D), (Step.NETDEV_ADD, B),
-                        (Step.NETDEV_ADD, D), (Step.DEVICE_ADD, B), (Step.DEVICE_ADD, D)]
+    assert rec.seen == [
+        (Step.OPEN_QUEUES, B),
+        (Step.OPEN_QUEUES, D),
+        (Step.NETDEV_ADD, B),
+        (Step.NETDEV_ADD, D),
+        (Step.DEVICE_ADD, B),
+        (Step.DEVICE_ADD, D),
+    ]
     assert op.history == rec.seen
     assert op.undo_errors == []
 
@@ -91,9 +101,18 @@ async def test_failure_undoes_earlier_steps_in_reverse_and_names_the_step() -> N
     assert "Bus 'rp0' is full" in str(err)
     assert log == ["undo netdev net", "undo fds names", "undo queues fds"]
     assert rec.seen == [
-        (Step.OPEN_QUEUES, B), (Step.OPEN_QUEUES, D), (Step.PASS_FDS, B), (Step.PASS_FDS, D),
-        (Step.NETDEV_ADD, B), (Step.NETDEV_ADD, D), (Step.DEVICE_ADD, B), (Step.DEVICE_ADD, F),
-        (Step.NETDEV_ADD, U), (Step.PASS_FDS, U), (Step.OPEN_QUEUES, U)]
+        (Step.OPEN_QUEUES, B),
+        (Step.OPEN_QUEUES, D),
+        (Step.PASS_FDS, B),
+        (Step.PASS_FDS, D),
+        (Step.NETDEV_ADD, B),
+        (Step.NETDEV_ADD, D),
+        (Step.DEVICE_ADD, B),
+        (Step.DEVICE_ADD, F),
+        (Step.NETDEV_ADD, U),
+        (Step.PASS_FDS, U),
+        (Step.OPEN_QUEUES, U),
+    ]
 
 
 @pytest.mark.asyncio
@@ -126,7 +145,8 @@ async def test_on_undo_is_registered_before_its_step_runs() -> None:
 
 @pytest.mark.asyncio
 async def test_failed_undos_are_collected_and_do_not_hide_the_cause(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     log: list[str] = []
     cause = HostError("open tap queue", "tap0", errno.EBUSY)
     undo_err = HostError("delete link", "tap0", errno.EPERM)
@@ -139,8 +159,10 @@ async def test_failed_undos_are_collected_and_do_not_hide_the_cause(
             await op.step(Step.OPEN_VHOST, _ok(3), _undo(log, "c", fail=RuntimeError("boom")))
             await op.step(Step.OPEN_QUEUES, lambda: _fail(cause))
 
-    with caplog.at_level(logging.ERROR, logger="qmpnet.lifecycle"), \
-            pytest.raises(PlugError) as caught:
+    with (
+        caplog.at_level(logging.ERROR, logger="qmpnet.lifecycle"),
+        pytest.raises(PlugError) as caught,
+    ):
         await plug()
     assert caught.value.cause is cause  # not an undo error
     assert caught.value.step == "open-queues"
@@ -148,15 +170,23 @@ async def test_failed_undos_are_collected_and_do_not_hide_the_cause(
     first, second = op.undo_errors  # in unwinding order
     assert isinstance(first, RuntimeError)
     assert second is undo_err
-    assert op.history[-4:] == [(Step.OPEN_QUEUES, F), (Step.OPEN_VHOST, UF),
-                               (Step.PREPARE_LINKS, UF), (Step.VALIDATE, U)]
+    assert op.history[-4:] == [
+        (Step.OPEN_QUEUES, F),
+        (Step.OPEN_VHOST, UF),
+        (Step.PREPARE_LINKS, UF),
+        (Step.VALIDATE, U),
+    ]
     assert sum("undo of" in r.message for r in caplog.records) == 2
 
 
 @pytest.mark.asyncio
 async def test_a_plug_error_from_a_nested_step_is_not_wrapped_twice() -> None:
-    inner = PlugError("hot-plug", "netdev-add", "eth0", QmpCommandError(
-        "netdev_add", {}, "GenericError", "Duplicate ID"))
+    inner = PlugError(
+        "hot-plug",
+        "netdev-add",
+        "eth0",
+        QmpCommandError("netdev_add", {}, "GenericError", "Duplicate ID"),
+    )
     with pytest.raises(PlugError) as caught:
         async with Operation("hot-plug", "eth0") as op:
             await op.step(Step.DEVICE_ADD, lambda: _fail(inner))
@@ -193,8 +223,9 @@ async def test_leaving_without_commit_undoes(caplog: pytest.LogCaptureFixture) -
 @pytest.mark.asyncio
 async def test_sync_observers_are_called_too() -> None:
     seen = []
-    async with Operation("hot-plug", "eth0",
-                         observers=[lambda op, s, p: seen.append((s, p))]) as op:
+    async with Operation(
+        "hot-plug", "eth0", observers=[lambda op, s, p: seen.append((s, p))]
+    ) as op:
         await op.step(Step.PERSIST, _ok())
         op.commit()
     assert seen == [(Step.PERSIST, B), (Step.PERSIST, D)]

@@ -31,13 +31,11 @@ ETH_P_IP = 0x0800
 
 
 def _ip(netns: str, *args: str) -> None:
-    subprocess.run(["ip", "-n", os.path.basename(netns), *args], check=True,
-                   capture_output=True)
+    subprocess.run(["ip", "-n", os.path.basename(netns), *args], check=True, capture_output=True)
 
 
 def _tc(netns: str, *args: str) -> None:
-    subprocess.run(["tc", "-n", os.path.basename(netns), *args], check=True,
-                   capture_output=True)
+    subprocess.run(["tc", "-n", os.path.basename(netns), *args], check=True, capture_output=True)
 
 
 @pytest.mark.asyncio
@@ -112,6 +110,7 @@ async def test_created_links_carry_the_mark(netns: str, host: Any) -> None:
 
 # --- tc mirroring: frames really cross -------------------------------------------------------
 
+
 def _packet_socket(ifname: str) -> socket.socket:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     sock.bind((ifname, 0))
@@ -124,9 +123,16 @@ def _mac_bytes(mac: str) -> bytes:
 
 def _arp_request(src_mac: str, src_ip: str, dst_ip: str) -> bytes:
     mac = _mac_bytes(src_mac)
-    return (b"\xff" * 6 + mac + struct.pack("!H", ETH_P_ARP)
-            + struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, 1) + mac + socket.inet_aton(src_ip)
-            + bytes(6) + socket.inet_aton(dst_ip))
+    return (
+        b"\xff" * 6
+        + mac
+        + struct.pack("!H", ETH_P_ARP)
+        + struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, 1)
+        + mac
+        + socket.inet_aton(src_ip)
+        + bytes(6)
+        + socket.inet_aton(dst_ip)
+    )
 
 
 def _read_frame(fd: int, want: Any, timeout: float = 10.0) -> bytes:
@@ -135,7 +141,7 @@ def _read_frame(fd: int, want: Any, timeout: float = 10.0) -> bytes:
     while (left := deadline - time.monotonic()) > 0:
         ready, _, _ = select.select([fd], [], [], left)
         if ready:
-            frame = os.read(fd, 65536)[len(VNET_HDR):]
+            frame = os.read(fd, 65536)[len(VNET_HDR) :]
             if want(frame):
                 return frame
     pytest.fail("no matching frame read from the tap")
@@ -156,7 +162,8 @@ def _recv_frame(sock: socket.socket, want: Any, timeout: float = 10.0) -> bytes:
 
 @pytest.mark.asyncio
 async def test_tc_mirror_carries_frames_both_ways_and_detach_leaves_nothing(
-        cni_veth: Any, host: Any) -> None:
+    cni_veth: Any, host: Any
+) -> None:
     veth = cni_veth(mac="52:54:00:00:00:17")
     guest_mac, guest_ip = "52:54:00:00:17:02", "169.254.23.2"
     far_ip = veth.far_ip  # 169.254.23.1
@@ -177,27 +184,45 @@ async def test_tc_mirror_carries_frames_both_ways_and_detach_leaves_nothing(
         request = _arp_request(guest_mac, guest_ip, far_ip)
         os.write(fds[0], VNET_HDR + request)
         seen = _recv_frame(sniffer, lambda f: f[6:12] == _mac_bytes(guest_mac))
-        assert seen[:len(request)] == request
+        assert seen[: len(request)] == request
         # ... and the far side's ARP reply comes back through the tap
-        reply = _read_frame(fds[0], lambda f: f[12:14] == struct.pack("!H", ETH_P_ARP)
-                            and f[20:22] == b"\x00\x02")
+        reply = _read_frame(
+            fds[0], lambda f: f[12:14] == struct.pack("!H", ETH_P_ARP) and f[20:22] == b"\x00\x02"
+        )
         assert reply[:6] == _mac_bytes(guest_mac)
         assert reply[28:32] == socket.inet_aton(far_ip)
 
         # veth -> tap: a ping from the far side arrives as an ICMP echo request
         _ip(veth.far, "neigh", "replace", guest_ip, "lladdr", guest_mac, "dev", veth.outer)
         ping = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", os.path.basename(veth.far), "busybox", "ping", "-c", "3",
-            "-W", "1", guest_ip, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            "ip",
+            "netns",
+            "exec",
+            os.path.basename(veth.far),
+            "busybox",
+            "ping",
+            "-c",
+            "3",
+            "-W",
+            "1",
+            guest_ip,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
-            echo = _read_frame(fds[0], lambda f: f[12:14] == struct.pack("!H", ETH_P_IP)
-                               and f[23] == socket.IPPROTO_ICMP and f[34] == 8)
+            echo = _read_frame(
+                fds[0],
+                lambda f: (
+                    f[12:14] == struct.pack("!H", ETH_P_IP)
+                    and f[23] == socket.IPPROTO_ICMP
+                    and f[34] == 8
+                ),
+            )
         finally:
             ping.kill()
             await ping.wait()
         assert echo[:6] == _mac_bytes(guest_mac)
-        assert (echo[26:30], echo[30:34]) == (socket.inet_aton(far_ip),
-                                              socket.inet_aton(guest_ip))
+        assert (echo[26:30], echo[30:34]) == (socket.inet_aton(far_ip), socket.inet_aton(guest_ip))
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -219,7 +244,8 @@ async def test_tc_mirror_carries_frames_both_ways_and_detach_leaves_nothing(
 
 @pytest.mark.asyncio
 async def test_tc_mirror_on_a_link_with_someone_elses_ingress_is_refused(
-        cni_veth: Any, host: Any) -> None:
+    cni_veth: Any, host: Any
+) -> None:
     veth = cni_veth()
     _ip(veth.sandbox, "link", "set", veth.inner, "up")
     _tc(veth.sandbox, "qdisc", "add", "dev", veth.inner, "ingress")
@@ -234,8 +260,9 @@ async def test_tc_mirror_on_a_link_with_someone_elses_ingress_is_refused(
         for fd in fds:
             os.close(fd)
     # theirs is still there
-    assert [q["kind"] for q in host.qdiscs(veth.sandbox, veth.inner)
-            if q["kind"] == "ingress"] == ["ingress"]
+    assert [q["kind"] for q in host.qdiscs(veth.sandbox, veth.inner) if q["kind"] == "ingress"] == [
+        "ingress"
+    ]
 
 
 @pytest.mark.asyncio
@@ -259,6 +286,7 @@ async def test_tc_mirror_half_made_is_taken_back(cni_veth: Any, host: Any) -> No
 
 
 # --- every netlink failure is a HostError --------------------------------------------------
+
 
 @pytest.mark.asyncio
 async def test_tc_queries_on_a_missing_link_are_host_errors(netns: str) -> None:
@@ -298,40 +326,70 @@ class _Breaking:
 
 
 def _failures() -> list[Any]:
-    return [pytest.param(lambda: NetlinkError(errno.EPERM), errno.EPERM, id="netlink"),
-            pytest.param(lambda: OSError(errno.EBADF, os.strerror(errno.EBADF)), errno.EBADF,
-                         id="socket")]
+    return [
+        pytest.param(lambda: NetlinkError(errno.EPERM), errno.EPERM, id="netlink"),
+        pytest.param(
+            lambda: OSError(errno.EBADF, os.strerror(errno.EBADF)), errno.EBADF, id="socket"
+        ),
+    ]
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("make_err", "code"), _failures())
-@pytest.mark.parametrize(("method", "mid_dump", "call"), [
-    pytest.param("get_links", False, lambda links, name: links.list(), id="list"),
-    pytest.param("get_links", True, lambda links, name: links.list(), id="list-mid-dump"),
-    pytest.param("get_links", False, lambda links, name: links.lookup(name), id="lookup"),
-    pytest.param("get_links", True, lambda links, name: links.get(name), id="get-mid-dump"),
-    pytest.param("get_links", False, lambda links, name: links.wait_for(name, present=False),
-                 id="wait_for"),
-    pytest.param("get_qdiscs", False, lambda links, name: links.has_tc_ingress(name),
-                 id="has_tc_ingress"),
-    pytest.param("get_qdiscs", True, lambda links, name: links.has_tc_ingress(name),
-                 id="has_tc_ingress-mid-dump"),
-    pytest.param("get_filters", False, lambda links, name: links.tc_ingress_ours(name),
-                 id="tc_ingress_ours"),
-    pytest.param("get_filters", True, lambda links, name: links.tc_ingress_ours(name),
-                 id="tc_ingress_ours-mid-dump"),
-    pytest.param("link", False, lambda links, name: links.set_mtu(name, 1400), id="set_mtu"),
-    pytest.param("link", False, lambda links, name: links.set_up(name), id="set_up"),
-    pytest.param("link", False, lambda links, name: links.set_master(name, None),
-                 id="set_master"),
-    pytest.param("link", False, lambda links, name: links.delete(name), id="delete"),
-    pytest.param("link", False, lambda links, name: links.add_bridge(unique("b"), "qn0123456789"),
-                 id="add_bridge"),
-    pytest.param("tc", False, lambda links, name: links.add_tc_mirror(name, "lo"),
-                 id="add_tc_mirror"),
-])
-async def test_no_netlink_error_leaves_links(netns: str, method: str, mid_dump: bool,
-                                            call: Any, make_err: Any, code: int) -> None:
+@pytest.mark.parametrize(
+    ("method", "mid_dump", "call"),
+    [
+        pytest.param("get_links", False, lambda links, name: links.list(), id="list"),
+        pytest.param("get_links", True, lambda links, name: links.list(), id="list-mid-dump"),
+        pytest.param("get_links", False, lambda links, name: links.lookup(name), id="lookup"),
+        pytest.param("get_links", True, lambda links, name: links.get(name), id="get-mid-dump"),
+        pytest.param(
+            "get_links",
+            False,
+            lambda links, name: links.wait_for(name, present=False),
+            id="wait_for",
+        ),
+        pytest.param(
+            "get_qdiscs", False, lambda links, name: links.has_tc_ingress(name), id="has_tc_ingress"
+        ),
+        pytest.param(
+            "get_qdiscs",
+            True,
+            lambda links, name: links.has_tc_ingress(name),
+            id="has_tc_ingress-mid-dump",
+        ),
+        pytest.param(
+            "get_filters",
+            False,
+            lambda links, name: links.tc_ingress_ours(name),
+            id="tc_ingress_ours",
+        ),
+        pytest.param(
+            "get_filters",
+            True,
+            lambda links, name: links.tc_ingress_ours(name),
+            id="tc_ingress_ours-mid-dump",
+        ),
+        pytest.param("link", False, lambda links, name: links.set_mtu(name, 1400), id="set_mtu"),
+        pytest.param("link", False, lambda links, name: links.set_up(name), id="set_up"),
+        pytest.param(
+            "link", False, lambda links, name: links.set_master(name, None), id="set_master"
+        ),
+        pytest.param("link", False, lambda links, name: links.delete(name), id="delete"),
+        pytest.param(
+            "link",
+            False,
+            lambda links, name: links.add_bridge(unique("b"), "qn0123456789"),
+            id="add_bridge",
+        ),
+        pytest.param(
+            "tc", False, lambda links, name: links.add_tc_mirror(name, "lo"), id="add_tc_mirror"
+        ),
+    ],
+)
+async def test_no_netlink_error_leaves_links(
+    netns: str, method: str, mid_dump: bool, call: Any, make_err: Any, code: int
+) -> None:
     async with Links.open(netns) as links:
         name = unique("b")
         await links.add_bridge(name, "qn00000000aa")

@@ -51,7 +51,15 @@ def test_endpoint_type_round_trips(kind: EndpointType) -> None:
 
 def test_endpoint_type_set_is_closed() -> None:
     assert {str(k) for k in EndpointType} == {
-        "physical", "virtual", "vhost-user", "macvlan", "macvtap", "tap", "tuntap", "ipvlan"}
+        "physical",
+        "virtual",
+        "vhost-user",
+        "macvlan",
+        "macvtap",
+        "tap",
+        "tuntap",
+        "ipvlan",
+    }
 
 
 @pytest.mark.parametrize("bad", ["veth", "TAP", "", " tap", "macvtap0", None, 3, ["tap"]])
@@ -73,7 +81,13 @@ def test_interworking_model_round_trips(model: InterworkingModel) -> None:
 
 def test_interworking_model_set_and_default() -> None:
     assert {str(m) for m in InterworkingModel} == {
-        "default", "bridged", "macvtap", "enlightened", "tcfilter", "none"}
+        "default",
+        "bridged",
+        "macvtap",
+        "enlightened",
+        "tcfilter",
+        "none",
+    }
     assert InterworkingModel.DEFAULT.resolved() is InterworkingModel.TCFILTER
     for model in InterworkingModel:
         if model is not InterworkingModel.DEFAULT:
@@ -122,9 +136,25 @@ def test_ifname_accepts(name: str) -> None:
     assert check_ifname("name", name) == name
 
 
-@pytest.mark.parametrize("name", [
-    "", "x" * (IFNAME_MAX + 1), "é" * 8,  # 16 bytes
-    "a/b", "a:b", "a\0b", "a b", "a\tb", "a\nb", ".", "..", "\ud800", 5, None])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "x" * (IFNAME_MAX + 1),
+        "é" * 8,  # 16 bytes
+        "a/b",
+        "a:b",
+        "a\0b",
+        "a b",
+        "a\tb",
+        "a\nb",
+        ".",
+        "..",
+        "\ud800",
+        5,
+        None,
+    ],
+)
 def test_ifname_refuses(name: object) -> None:
     with pytest.raises(InvalidInputError) as caught:
         check_ifname("name", name)
@@ -132,10 +162,21 @@ def test_ifname_refuses(name: object) -> None:
     assert repr(name) in str(caught.value)
 
 
-@pytest.mark.parametrize(("mtu", "ok"), [
-    (MTU_MIN, True), (MTU_MAX, True), (1500, True), (MTU_MIN - 1, False),
-    (MTU_MAX + 1, False), (0, False), (-1, False), (1500.0, False), ("1500", False),
-    (True, False)])
+@pytest.mark.parametrize(
+    ("mtu", "ok"),
+    [
+        (MTU_MIN, True),
+        (MTU_MAX, True),
+        (1500, True),
+        (MTU_MIN - 1, False),
+        (MTU_MAX + 1, False),
+        (0, False),
+        (-1, False),
+        (1500.0, False),
+        ("1500", False),
+        (True, False),
+    ],
+)
 def test_mtu_range(mtu: object, ok: bool) -> None:
     if ok:
         assert check_mtu("mtu", mtu) == mtu
@@ -144,9 +185,20 @@ def test_mtu_range(mtu: object, ok: bool) -> None:
             check_mtu("mtu", mtu)
 
 
-@pytest.mark.parametrize(("queues", "ok"), [
-    (1, True), (4, True), (QUEUES_MAX, True), (0, False), (QUEUES_MAX + 1, False),
-    (-2, False), (2.0, False), (True, False), ("4", False)])
+@pytest.mark.parametrize(
+    ("queues", "ok"),
+    [
+        (1, True),
+        (4, True),
+        (QUEUES_MAX, True),
+        (0, False),
+        (QUEUES_MAX + 1, False),
+        (-2, False),
+        (2.0, False),
+        (True, False),
+        ("4", False),
+    ],
+)
 def test_queue_range(queues: object, ok: bool) -> None:
     if ok:
         assert check_queues("queues", queues) == queues
@@ -155,30 +207,58 @@ def test_queue_range(queues: object, ok: bool) -> None:
             check_queues("queues", queues)
 
 
-@pytest.mark.parametrize(("mac", "normal"), [
-    ("52:54:00:12:34:56", "52:54:00:12:34:56"), ("52:54:00:AB:cd:EF", "52:54:00:ab:cd:ef"),
-    ("02:00:00:00:00:00", "02:00:00:00:00:00"), ("fe:ff:ff:ff:ff:ff", "fe:ff:ff:ff:ff:ff")])
+@pytest.mark.parametrize(
+    ("mac", "normal"),
+    [
+        ("52:54:00:12:34:56", "52:54:00:12:34:56"),
+        ("52:54:00:AB:cd:EF", "52:54:00:ab:cd:ef"),
+        ("02:00:00:00:00:00", "02:00:00:00:00:00"),
+        ("fe:ff:ff:ff:ff:ff", "fe:ff:ff:ff:ff:ff"),
+    ],
+)
 def test_mac_accepts_unicast_and_lowers(mac: str, normal: str) -> None:
     assert check_mac("hwAddr", mac) == normal
 
 
-@pytest.mark.parametrize(("mac", "why"), [
-    ("00:00:00:00:00:00", "all zeros"), ("01:00:5e:00:00:01", "multicast"),
-    ("ff:ff:ff:ff:ff:ff", "multicast"), ("53:54:00:12:34:56", "multicast"),
-    ("52:54:00:12:34", "six hex bytes"), ("52-54-00-12-34-56", "six hex bytes"),
-    ("52:54:00:12:34:5g", "six hex bytes"), ("52:54:00:12:34:56\n", "six hex bytes"),
-    ("525400123456", "six hex bytes"), (" 52:54:00:12:34:56", "six hex bytes"),
-    (None, "six hex bytes")])
+@pytest.mark.parametrize(
+    ("mac", "why"),
+    [
+        ("00:00:00:00:00:00", "all zeros"),
+        ("01:00:5e:00:00:01", "multicast"),
+        ("ff:ff:ff:ff:ff:ff", "multicast"),
+        ("53:54:00:12:34:56", "multicast"),
+        ("52:54:00:12:34", "six hex bytes"),
+        ("52-54-00-12-34-56", "six hex bytes"),
+        ("52:54:00:12:34:5g", "six hex bytes"),
+        ("52:54:00:12:34:56\n", "six hex bytes"),
+        ("525400123456", "six hex bytes"),
+        (" 52:54:00:12:34:56", "six hex bytes"),
+        (None, "six hex bytes"),
+    ],
+)
 def test_mac_refuses(mac: object, why: str) -> None:
     with pytest.raises(InvalidInputError, match=why) as caught:
         check_mac("hwAddr", mac)
     assert caught.value.value == mac
 
 
-@pytest.mark.parametrize(("path", "ok"), [
-    ("", True), ("02", True), ("02/00", True), ("1F/1f", True), ("01/02/03/04/05/06/07/08", True),
-    ("20", False), ("2", False), ("02/", False), ("/02", False), ("02\n", False),
-    ("01/02/03/04/05/06/07/08/09", False), ("0x02", False)])
+@pytest.mark.parametrize(
+    ("path", "ok"),
+    [
+        ("", True),
+        ("02", True),
+        ("02/00", True),
+        ("1F/1f", True),
+        ("01/02/03/04/05/06/07/08", True),
+        ("20", False),
+        ("2", False),
+        ("02/", False),
+        ("/02", False),
+        ("02\n", False),
+        ("01/02/03/04/05/06/07/08/09", False),
+        ("0x02", False),
+    ],
+)
 def test_pci_path(path: str, ok: bool) -> None:
     if ok:
         assert check_pci_path("pciPath", path) == path.lower()
@@ -187,13 +267,23 @@ def test_pci_path(path: str, ok: bool) -> None:
             check_pci_path("pciPath", path)
 
 
-@pytest.mark.parametrize(("family", "address", "mask", "field"), [
-    (4, "169.254.1.2", "33", "mask"), (6, "fd00::1", "129", "mask"),
-    (4, "169.254.1.2", "-1", "mask"), (4, "169.254.1.2", "²", "mask"),
-    (4, "169.254.1.2", "", "mask"), (4, "fd00::1", "64", "address"),
-    (6, "169.254.1.2", "24", "address"), (4, "169.254.1.256", "24", "address"),
-    (4, "not-an-ip", "24", "address"), (5, "169.254.1.2", "24", "family"),
-    (6, "fe80::1%eth0", "64", "address"), (4, 5, "24", "address")])
+@pytest.mark.parametrize(
+    ("family", "address", "mask", "field"),
+    [
+        (4, "169.254.1.2", "33", "mask"),
+        (6, "fd00::1", "129", "mask"),
+        (4, "169.254.1.2", "-1", "mask"),
+        (4, "169.254.1.2", "²", "mask"),
+        (4, "169.254.1.2", "", "mask"),
+        (4, "fd00::1", "64", "address"),
+        (6, "169.254.1.2", "24", "address"),
+        (4, "169.254.1.256", "24", "address"),
+        (4, "not-an-ip", "24", "address"),
+        (5, "169.254.1.2", "24", "family"),
+        (6, "fe80::1%eth0", "64", "address"),
+        (4, 5, "24", "address"),
+    ],
+)
 def test_ip_address_refuses(family: int, address: object, mask: str, field: str) -> None:
     with pytest.raises(InvalidInputError) as caught:
         IPAddress(family=family, address=address, mask=mask)
@@ -207,8 +297,10 @@ def test_ip_address_limits() -> None:
 
 
 def test_link_attrs_check_at_construction() -> None:
-    assert LinkAttrs(name="eth0", hardware_addr="52:54:00:AA:00:01").hardware_addr == \
-        "52:54:00:aa:00:01"
+    assert (
+        LinkAttrs(name="eth0", hardware_addr="52:54:00:AA:00:01").hardware_addr
+        == "52:54:00:aa:00:01"
+    )
     with pytest.raises(InvalidInputError, match="name"):
         LinkAttrs(name="x" * 16)
     with pytest.raises(InvalidInputError, match="mtu"):
@@ -220,10 +312,17 @@ def test_link_attrs_check_at_construction() -> None:
 # --- InterfaceDescription.from_json --------------------------------------------------------
 
 FULL = {
-    "device": "eth0", "name": "eth0", "mtu": 1400, "hwAddr": "52:54:00:00:00:07",
-    "pciPath": "02/00", "linkType": "veth", "raw_flags": 0,
-    "IPAddresses": [{"family": 4, "address": "169.254.7.2", "mask": "24"},
-                    {"family": 6, "address": "fd00::7", "mask": "64"}],
+    "device": "eth0",
+    "name": "eth0",
+    "mtu": 1400,
+    "hwAddr": "52:54:00:00:00:07",
+    "pciPath": "02/00",
+    "linkType": "veth",
+    "raw_flags": 0,
+    "IPAddresses": [
+        {"family": 4, "address": "169.254.7.2", "mask": "24"},
+        {"family": 6, "address": "fd00::7", "mask": "64"},
+    ],
 }
 
 
@@ -236,31 +335,43 @@ def test_from_json_reads_the_agent_shape_and_round_trips() -> None:
 
 
 def test_from_json_accepts_protobuf_families_and_integer_masks() -> None:
-    desc = InterfaceDescription.from_json({"IPAddresses": [
-        {"family": 0, "address": "169.254.1.2", "mask": 24},
-        {"family": 1, "address": "fd00::2", "mask": "64"}]})
+    desc = InterfaceDescription.from_json(
+        {
+            "IPAddresses": [
+                {"family": 0, "address": "169.254.1.2", "mask": 24},
+                {"family": 1, "address": "fd00::2", "mask": "64"},
+            ]
+        }
+    )
     assert [(a.family, a.mask) for a in desc.ip_addresses] == [(4, "24"), (6, "64")]
 
 
-@pytest.mark.parametrize(("patch", "field", "value"), [
-    ({"name": "x" * 16}, "name", "x" * 16),
-    ({"device": "a/b"}, "device", "a/b"),
-    ({"mtu": 65536}, "mtu", 65536),
-    ({"mtu": "1500"}, "mtu", "1500"),
-    ({"hwAddr": "01:00:00:00:00:00"}, "hwAddr", "01:00:00:00:00:00"),
-    ({"pciPath": "40"}, "pciPath", "40"),
-    ({"raw_flags": 1.5}, "raw_flags", 1.5),
-    ({"linkType": 4}, "linkType", 4),
-    ({"bogus": 1}, "interface", "bogus"),
-    ({"IPAddresses": "169.254.1.2/24"}, "IPAddresses", "169.254.1.2/24"),
-    ({"IPAddresses": [{"family": True, "address": "fd00::1", "mask": "64"}]}, "family", True),
-    ({"IPAddresses": [{"family": 4, "address": "169.254.1.2", "mask": "40"}]}, "mask", "40"),
-    ({"IPAddresses": [{"family": 4, "address": "169.254.1.2", "mask": "24", "extra": 1}]},
-     "IPAddresses", "extra"),
-    ({"IPAddresses": [{"family": 4, "address": "169.254.1.2"}]}, "mask", None),
-])
-def test_from_json_names_the_field_and_value(patch: dict[str, Any], field: str,
-                                             value: object) -> None:
+@pytest.mark.parametrize(
+    ("patch", "field", "value"),
+    [
+        ({"name": "x" * 16}, "name", "x" * 16),
+        ({"device": "a/b"}, "device", "a/b"),
+        ({"mtu": 65536}, "mtu", 65536),
+        ({"mtu": "1500"}, "mtu", "1500"),
+        ({"hwAddr": "01:00:00:00:00:00"}, "hwAddr", "01:00:00:00:00:00"),
+        ({"pciPath": "40"}, "pciPath", "40"),
+        ({"raw_flags": 1.5}, "raw_flags", 1.5),
+        ({"linkType": 4}, "linkType", 4),
+        ({"bogus": 1}, "interface", "bogus"),
+        ({"IPAddresses": "169.254.1.2/24"}, "IPAddresses", "169.254.1.2/24"),
+        ({"IPAddresses": [{"family": True, "address": "fd00::1", "mask": "64"}]}, "family", True),
+        ({"IPAddresses": [{"family": 4, "address": "169.254.1.2", "mask": "40"}]}, "mask", "40"),
+        (
+            {"IPAddresses": [{"family": 4, "address": "169.254.1.2", "mask": "24", "extra": 1}]},
+            "IPAddresses",
+            "extra",
+        ),
+        ({"IPAddresses": [{"family": 4, "address": "169.254.1.2"}]}, "mask", None),
+    ],
+)
+def test_from_json_names_the_field_and_value(
+    patch: dict[str, Any], field: str, value: object
+) -> None:
     with pytest.raises(InvalidInputError) as caught:
         InterfaceDescription.from_json({**FULL, **patch})
     assert (caught.value.field, caught.value.value) == (field, value)
@@ -278,25 +389,69 @@ def test_from_json_refuses_non_objects() -> None:
 # Text that reaches the awkward corners: separators, white space, non-ASCII digits, lone
 # surrogates (valid JSON escapes), long strings.
 _text = st.text(st.characters(codec=None, categories=None), max_size=20) | st.sampled_from(
-    ["eth0", "x" * 15, "x" * 16, "a/b", "a b", ".", "..", "²", "٣", "\ud800", "02/00", "1f",
-     "52:54:00:12:34:56", "01:00:00:00:00:00", "00:00:00:00:00:00", "52:54:00:12:34:56\n",
-     "169.254.1.2", "fd00::1", "fe80::1%eth0", "24", "64", "129", " 1"])
+    [
+        "eth0",
+        "x" * 15,
+        "x" * 16,
+        "a/b",
+        "a b",
+        ".",
+        "..",
+        "²",
+        "٣",
+        "\ud800",
+        "02/00",
+        "1f",
+        "52:54:00:12:34:56",
+        "01:00:00:00:00:00",
+        "00:00:00:00:00:00",
+        "52:54:00:12:34:56\n",
+        "169.254.1.2",
+        "fd00::1",
+        "fe80::1%eth0",
+        "24",
+        "64",
+        "129",
+        " 1",
+    ]
+)
 _int = st.integers() | st.sampled_from([0, 1, 4, 6, 67, 68, 1500, 65535, 65536, -1])
 _json = st.recursive(
     st.none() | st.booleans() | _int | st.floats(allow_nan=False) | _text,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
-    max_leaves=8)
-_address = st.fixed_dictionaries({}, optional={
-    "family": st.sampled_from([0, 1, 4, 6, 5, True, "4"]) | _json,
-    "address": _text | _json, "mask": _text | _int | _json}) | _json
-_description = st.fixed_dictionaries({}, optional={
-    "device": _text | _json, "name": _text | _json, "mtu": _int | _json,
-    "hwAddr": _text | _json, "pciPath": _text | _json, "linkType": _text | _json,
-    "raw_flags": _int | _json, "IPAddresses": st.lists(_address, max_size=3) | _json,
-}) | st.dictionaries(_text, _json, max_size=3) | _json
+    max_leaves=8,
+)
+_address = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "family": st.sampled_from([0, 1, 4, 6, 5, True, "4"]) | _json,
+            "address": _text | _json,
+            "mask": _text | _int | _json,
+        },
+    )
+    | _json
+)
+_description = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "device": _text | _json,
+            "name": _text | _json,
+            "mtu": _int | _json,
+            "hwAddr": _text | _json,
+            "pciPath": _text | _json,
+            "linkType": _text | _json,
+            "raw_flags": _int | _json,
+            "IPAddresses": st.lists(_address, max_size=3) | _json,
+        },
+    )
+    | st.dictionaries(_text, _json, max_size=3)
+    | _json
+)
 
-def _outcome(parse: Callable[[Any], T], data: object) -> tuple[T | None,
-                                                             InvalidInputError | None]:
+
+def _outcome(parse: Callable[[Any], T], data: object) -> tuple[T | None, InvalidInputError | None]:
     """The parsed object, or the InvalidInputError; any other exception fails the test."""
     try:
         return parse(data), None
@@ -315,8 +470,9 @@ def _assert_valid(desc: InterfaceDescription) -> None:
             assert not any(c.isspace() for c in name)
     assert MTU_MIN <= desc.mtu <= MTU_MAX
     assert type(desc.mtu) is int
-    assert desc.hw_addr == "" or (_MAC.fullmatch(desc.hw_addr) and
-                                  not int(desc.hw_addr[:2], 16) & 1)
+    assert desc.hw_addr == "" or (
+        _MAC.fullmatch(desc.hw_addr) and not int(desc.hw_addr[:2], 16) & 1
+    )
     assert desc.pci_path == "" or re.fullmatch(r"[01][0-9a-f](/[01][0-9a-f]){0,7}", desc.pci_path)
     for addr in desc.ip_addresses:
         assert addr.family in (4, 6)
@@ -348,14 +504,23 @@ def test_from_json_gives_a_valid_object_or_a_named_error(data: object) -> None:
     _assert_valid(desc)
 
 
-@given(st.builds(
-    InterfaceDescription,
-    name=st.from_regex(r"[a-z][a-z0-9_]{0,14}", fullmatch=True),
-    mtu=st.integers(MTU_MIN, MTU_MAX),
-    hw_addr=st.binary(min_size=6, max_size=6).map(
-        lambda b: ":".join(f"{x:02x}" for x in bytes([b[0] & 0xFE | 0x02]) + b[1:])),
-    ip_addresses=st.lists(st.builds(
-        lambda a, m: IPAddress(family=4, address=str(a), mask=str(m)),
-        st.ip_addresses(v=4), st.integers(0, 32)), max_size=3).map(tuple)))
+@given(
+    st.builds(
+        InterfaceDescription,
+        name=st.from_regex(r"[a-z][a-z0-9_]{0,14}", fullmatch=True),
+        mtu=st.integers(MTU_MIN, MTU_MAX),
+        hw_addr=st.binary(min_size=6, max_size=6).map(
+            lambda b: ":".join(f"{x:02x}" for x in bytes([b[0] & 0xFE | 0x02]) + b[1:])
+        ),
+        ip_addresses=st.lists(
+            st.builds(
+                lambda a, m: IPAddress(family=4, address=str(a), mask=str(m)),
+                st.ip_addresses(v=4),
+                st.integers(0, 32),
+            ),
+            max_size=3,
+        ).map(tuple),
+    )
+)
 def test_valid_descriptions_round_trip(desc: InterfaceDescription) -> None:
     assert InterfaceDescription.from_json(json.loads(json.dumps(desc.to_json()))) == desc

@@ -90,10 +90,13 @@ async def test_missing_path_is_an_error_and_is_not_created(make_netns: Any, tmp_
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("path", "why"), [
-    ("/etc/hostname", "not a namespace file"),
-    ("/proc/self/ns/uts", "not a network namespace"),
-])
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("/etc/hostname", "not a namespace file"),
+        ("/proc/self/ns/uts", "not a network namespace"),
+    ],
+)
 async def test_a_file_that_is_not_a_netns_is_refused(path: str, why: str) -> None:
     with pytest.raises(NetnsError, match=why):
         await run_in_netns(path, _my_netns)

@@ -46,8 +46,9 @@ def _answers(*values: object) -> Callable[[], object]:
 @pytest.mark.asyncio
 async def test_returns_the_first_truthy_value_of_a_sync_probe() -> None:
     pauses = Pauses()
-    got = await poll_until(_answers(0, "", None, "yes"), timeout=60, interval=0.01,
-                           error=Late, pause=pauses)
+    got = await poll_until(
+        _answers(0, "", None, "yes"), timeout=60, interval=0.01, error=Late, pause=pauses
+    )
     assert got == "yes"
     assert pauses.asked == [0.01, 0.01, 0.01]  # steady without a cap
 
@@ -67,8 +68,9 @@ async def test_an_async_probe_is_awaited() -> None:
 @pytest.mark.asyncio
 async def test_the_interval_doubles_up_to_the_cap() -> None:
     pauses = Pauses()
-    await poll_until(_answers(*[False] * 6, True), timeout=60, interval=0.01, cap=0.05,
-                     error=Late, pause=pauses)
+    await poll_until(
+        _answers(*[False] * 6, True), timeout=60, interval=0.01, cap=0.05, error=Late, pause=pauses
+    )
     assert pauses.asked == pytest.approx([0.01, 0.02, 0.04, 0.05, 0.05, 0.05])
 
 
@@ -83,8 +85,9 @@ async def test_past_the_deadline_the_callers_error_is_raised() -> None:
 
     started = time.monotonic()
     with pytest.raises(Late, match="too late"):
-        await poll_until(never, timeout=0.05, interval=0.005, cap=0.01,
-                         error=lambda: Late("too late"))
+        await poll_until(
+            never, timeout=0.05, interval=0.005, cap=0.01, error=lambda: Late("too late")
+        )
     assert time.monotonic() - started >= 0.05
     assert probes > 2
 
@@ -92,11 +95,11 @@ async def test_past_the_deadline_the_callers_error_is_raised() -> None:
 @pytest.mark.asyncio
 async def test_the_probe_runs_once_even_with_no_time_left() -> None:
     pauses = Pauses()
-    assert await poll_until(_answers(True), timeout=0, interval=1, error=Late,
-                            pause=pauses) is True
+    assert await poll_until(_answers(True), timeout=0, interval=1, error=Late, pause=pauses) is True
     with pytest.raises(Late):
-        await poll_until(_answers(False), deadline=time.monotonic() - 1, interval=1,
-                         error=Late, pause=pauses)
+        await poll_until(
+            _answers(False), deadline=time.monotonic() - 1, interval=1, error=Late, pause=pauses
+        )
     assert pauses.asked == []
 
 
@@ -120,8 +123,9 @@ async def test_pause_first_waits_before_the_first_probe() -> None:
         events.append("probe")
         return len(events) > 3
 
-    await poll_until(probe, timeout=60, interval=0.05, cap=0.5, pause=pause, pause_first=True,
-                     error=Late)
+    await poll_until(
+        probe, timeout=60, interval=0.05, cap=0.5, pause=pause, pause_first=True, error=Late
+    )
     assert events == ["pause 0.05", "probe", "pause 0.1", "probe"]
 
 
@@ -139,5 +143,4 @@ async def test_exactly_one_of_timeout_and_deadline() -> None:
     with pytest.raises(TypeError):
         await poll_until(lambda: True, interval=0, error=Late)
     with pytest.raises(TypeError):
-        await poll_until(lambda: True, timeout=1, deadline=time.monotonic(), interval=0,
-                         error=Late)
+        await poll_until(lambda: True, timeout=1, deadline=time.monotonic(), interval=0, error=Late)

@@ -36,10 +36,16 @@ GUEST_VCPUS = 2
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def booted_vm(guest_image: GuestImage,
-                    tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GuestVM]:
-    vm = await GuestVM.start(guest_image, tmp_path_factory.mktemp("vm"), root_ports=4,
-                             vcpus=GUEST_VCPUS, name=f"{RUN}-boot")
+async def booted_vm(
+    guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[GuestVM]:
+    vm = await GuestVM.start(
+        guest_image,
+        tmp_path_factory.mktemp("vm"),
+        root_ports=4,
+        vcpus=GUEST_VCPUS,
+        name=f"{RUN}-boot",
+    )
     try:
         yield vm
     finally:
@@ -57,10 +63,12 @@ async def _qemu_view(vm: GuestVM) -> dict[str, Any]:
     async with await QmpSession.connect(str(vm.mgmt_qmp_path)) as qmp:
         return {
             "pci": await qmp.query_pci(),
-            "peripherals": {c["name"]: c["type"] for c in
-                            await qmp.qom_list("/machine/peripheral")},
-            "network": str(await qmp.execute("human-monitor-command",
-                                             {"command-line": "info network"})),
+            "peripherals": {
+                c["name"]: c["type"] for c in await qmp.qom_list("/machine/peripheral")
+            },
+            "network": str(
+                await qmp.execute("human-monitor-command", {"command-line": "info network"})
+            ),
         }
 
 
@@ -72,32 +80,38 @@ async def _qom(vm: GuestVM, path: str, prop: str) -> Any:
 def _pci_device(pci: list[dict[str, Any]], pci_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The root-bus bridge at the path's first slot and the device at its second."""
     port_slot, dev_slot = (int(s, 16) for s in pci_path.split("/"))
-    port = next(d for bus in pci if bus["bus"] == 0 for d in bus["devices"]
-                if d["slot"] == port_slot)
+    port = next(
+        d for bus in pci if bus["bus"] == 0 for d in bus["devices"] if d["slot"] == port_slot
+    )
     devices = port.get("pci_bridge", {}).get("devices", [])
     return port, next(d for d in devices if d["slot"] == dev_slot)
 
 
 def _netdev_fds(network: str, netdev: str) -> list[int]:
     """The fd of each queue of ``netdev`` as ``info network`` shows it."""
-    return [int(m) for m in re.findall(rf"{re.escape(netdev)}: index=\d+,type=tap,fd=(\d+)",
-                                       network)]
+    return [
+        int(m) for m in re.findall(rf"{re.escape(netdev)}: index=\d+,type=tap,fd=(\d+)", network)
+    ]
 
 
 async def _unplugged_cleanly(vm: GuestVM, host: Any, endpoint_id: str, tun_before: int) -> None:
     view = await _qemu_view(vm)
     assert f"{endpoint_id}-dev" not in view["peripherals"]
     assert f"{endpoint_id}-net" not in view["network"]
-    assert not any(d.get("qdev_id") == f"{endpoint_id}-dev" for bus in view["pci"]
-                   for port in bus["devices"]
-                   for d in port.get("pci_bridge", {}).get("devices", []))
+    assert not any(
+        d.get("qdev_id") == f"{endpoint_id}-dev"
+        for bus in view["pci"]
+        for port in bus["devices"]
+        for d in port.get("pci_bridge", {}).get("devices", [])
+    )
     host.wait_until(lambda: len(host.tun_fds(vm.pid)) == tun_before, what="QEMU closed the fds")
 
 
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize(("queues", "expected"), [(1, 1), (4, 4), (0, GUEST_VCPUS)])
-async def test_tap_endpoint(booted_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path,
-                            queues: int, expected: int) -> None:
+async def test_tap_endpoint(
+    booted_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path, queues: int, expected: int
+) -> None:
     vm = booted_vm
     mac = f"52:54:00:00:00:{0x50 + queues:02x}"
     tap = host_link_names("t")
@@ -109,7 +123,11 @@ async def test_tap_endpoint(booted_vm: GuestVM, host: Any, host_link_names: Any,
 
     endpoint = await state.add_interface(
         InterfaceDescription(name="eth0", hw_addr=mac, mtu=1400),
-        model=InterworkingModel.NONE, queues=queues, tap_name=tap, wait_guest=True)
+        model=InterworkingModel.NONE,
+        queues=queues,
+        tap_name=tap,
+        wait_guest=True,
+    )
     report(clock, f"tap plug, {expected} queue(s), booted q35")
     dev_id, net_id = f"{endpoint.id}-dev", f"{endpoint.id}-net"
     assert re.fullmatch(r"0[1-4]/00", endpoint.pci_path)
@@ -163,8 +181,9 @@ async def test_tap_endpoint(booted_vm: GuestVM, host: Any, host_link_names: Any,
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_veth_tcfilter_endpoint(booted_vm: GuestVM, host: Any, cni_veth: Any,
-                                      state_dir: Path) -> None:
+async def test_veth_tcfilter_endpoint(
+    booted_vm: GuestVM, host: Any, cni_veth: Any, state_dir: Path
+) -> None:
     """A CNI-like veth in a sandbox netns, joined by tc to the tap: the guest pings the far
     end of the veth through it."""
     vm = booted_vm
@@ -178,7 +197,11 @@ async def test_veth_tcfilter_endpoint(booted_vm: GuestVM, host: Any, cni_veth: A
 
     endpoint = await state.add_interface(
         InterfaceDescription(name=veth.inner, hw_addr=veth.mac),
-        model=InterworkingModel.TCFILTER, netns_path=veth.sandbox, queues=2, tap_name=tap)
+        model=InterworkingModel.TCFILTER,
+        netns_path=veth.sandbox,
+        queues=2,
+        tap_name=tap,
+    )
     report(clock, "veth/tcfilter plug, 2 queues, booted q35")
     dev_id = f"{endpoint.id}-dev"
     assert endpoint.name == veth.inner
@@ -198,10 +221,12 @@ async def test_veth_tcfilter_endpoint(booted_vm: GuestVM, host: Any, cni_veth: A
         assert "ingress" in [q["kind"] for q in host.qdiscs(veth.sandbox, dev_name)]
     assert tap not in host.links()  # made in the sandbox, not on the host
 
-    added = marker_fields(await vm.wait_for(rf"^QMPNET NIC-ADD .*mac={veth.mac}", 60,
-                                            since=cursor))
-    ping = marker_fields(await vm.wait_for(
-        rf"^QMPNET PING name={added['name']} peer={re.escape(veth.far_ip)} ", 90, since=cursor))
+    added = marker_fields(await vm.wait_for(rf"^QMPNET NIC-ADD .*mac={veth.mac}", 60, since=cursor))
+    ping = marker_fields(
+        await vm.wait_for(
+            rf"^QMPNET PING name={added['name']} peer={re.escape(veth.far_ip)} ", 90, since=cursor
+        )
+    )
     assert ping["result"] == "ok"
 
     clock = StepRecorder()

@@ -65,18 +65,26 @@ class Watch:
             self.took[step.value] = (now - self.began[step]) * 1000
 
     def report(self, label: str) -> None:
-        print(f"\n[qmp timings] {label}: "
-              + ", ".join(f"{k} {v:.1f} ms" for k, v in self.took.items()))
+        print(
+            f"\n[qmp timings] {label}: "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in self.took.items())
+        )
 
 
 async def _snapshot(vm: GuestVM, host: Any) -> dict[str, Any]:
     async with await QmpSession.connect(str(vm.mgmt_qmp_path)) as qmp:
-        peripherals = sorted(c["name"] for c in await qmp.qom_list("/machine/peripheral")
-                             if c["type"].startswith("child<"))
-        network = str(await qmp.execute("human-monitor-command",
-                                         {"command-line": "info network"}))
-    return {"peripherals": peripherals, "network": network, "tun": len(host.tun_fds(vm.pid)),
-            "links": sorted(host.links())}
+        peripherals = sorted(
+            c["name"]
+            for c in await qmp.qom_list("/machine/peripheral")
+            if c["type"].startswith("child<")
+        )
+        network = str(await qmp.execute("human-monitor-command", {"command-line": "info network"}))
+    return {
+        "peripherals": peripherals,
+        "network": network,
+        "tun": len(host.tun_fds(vm.pid)),
+        "links": sorted(host.links()),
+    }
 
 
 async def _fd_names_held(vm: GuestVM, endpoint_id: str, queues: int) -> list[str]:
@@ -90,39 +98,51 @@ async def _fd_names_held(vm: GuestVM, endpoint_id: str, queues: int) -> list[str
 
 
 def _plug_args(tap: str, mac: str, queues: int = 2) -> dict[str, Any]:
-    return {"desc": InterfaceDescription(name="eth0", hw_addr=mac),
-            "model": InterworkingModel.NONE, "queues": queues, "tap_name": tap}
+    return {
+        "desc": InterfaceDescription(name="eth0", hw_addr=mac),
+        "model": InterworkingModel.NONE,
+        "queues": queues,
+        "tap_name": tap,
+    }
 
 
 async def _add(state: NetworkState, args: dict[str, Any]) -> Any:
-    return await state.add_interface(args["desc"], model=args["model"],
-                                     queues=args["queues"], tap_name=args["tap_name"])
+    return await state.add_interface(
+        args["desc"], model=args["model"], queues=args["queues"], tap_name=args["tap_name"]
+    )
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("queues", [1, 4])
-async def test_paused_plug_and_the_unplug_deadline(paused_vm: GuestVM, host: Any, state_dir: Path,
-                                                   queues: int) -> None:
+async def test_paused_plug_and_the_unplug_deadline(
+    paused_vm: GuestVM, host: Any, state_dir: Path, queues: int
+) -> None:
     vm = paused_vm
     # the tap name comes from the configured template; QEMU holds the tap until it is
     # killed at teardown, which removes the (non-persistent) tap
     tap = f"{RUN}p0"
     mac = "52:54:00:00:00:71"
     watch = Watch()
-    state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path),
-                              Config(tap_name=f"{RUN}p{{idx}}", timeouts=Timeouts(unplug=1.0)))
+    state = NetworkState.open(
+        state_dir,
+        str(vm.mgmt_qmp_path),
+        Config(tap_name=f"{RUN}p{{idx}}", timeouts=Timeouts(unplug=1.0)),
+    )
     state.observers.append(watch)
     before = await _snapshot(vm, host)
 
-    endpoint = await state.add_interface(InterfaceDescription(name="eth0", hw_addr=mac),
-                                         model=InterworkingModel.NONE, queues=queues)
+    endpoint = await state.add_interface(
+        InterfaceDescription(name="eth0", hw_addr=mac), model=InterworkingModel.NONE, queues=queues
+    )
     assert getattr(endpoint, "host_link", None) == tap
     watch.report(f"tap plug, {queues} queue(s), paused q35")
     after = await _snapshot(vm, host)
     assert f"{endpoint.id}-dev" in after["peripherals"]
     # the fds string QEMU parsed: one tap client per queue, each a tun fd of QEMU
-    fds = [int(m) for m in re.findall(
-        rf"{endpoint.id}-net: index=\d+,type=tap,fd=(\d+)", after["network"])]
+    fds = [
+        int(m)
+        for m in re.findall(rf"{endpoint.id}-net: index=\d+,type=tap,fd=(\d+)", after["network"])
+    ]
     assert len(fds) == queues
     assert all(os.readlink(f"/proc/{vm.pid}/fd/{fd}") == "/dev/net/tun" for fd in fds)
     assert "vhost" not in after["network"].split(f"{endpoint.id}-net")[1].split("\n")[0]
@@ -134,8 +154,10 @@ async def test_paused_plug_and_the_unplug_deadline(paused_vm: GuestVM, host: Any
     started = time.monotonic()
     with pytest.raises(PlugError) as caught:
         await state.remove_interface(mac)
-    print(f"[qmp timings] unplug deadline (1 s) fired after "
-          f"{(time.monotonic() - started) * 1000:.0f} ms")
+    print(
+        f"[qmp timings] unplug deadline (1 s) fired after "
+        f"{(time.monotonic() - started) * 1000:.0f} ms"
+    )
     err = caught.value
     assert err.step == "device-del"
     assert isinstance(err.cause, UnplugTimeoutError)
@@ -153,11 +175,13 @@ async def test_paused_plug_and_the_unplug_deadline(paused_vm: GuestVM, host: Any
 
 
 @pytest.mark.asyncio
-async def test_device_add_failure_no_free_slot(guest_image: GuestImage, tmp_path: Path, host: Any,
-                                               host_link_names: Any, state_dir: Path) -> None:
+async def test_device_add_failure_no_free_slot(
+    guest_image: GuestImage, tmp_path: Path, host: Any, host_link_names: Any, state_dir: Path
+) -> None:
     """One root port: the second NIC has no slot. Its netdev and fds must be undone."""
-    async with await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=1,
-                                   name=f"{RUN}-rp1") as vm:
+    async with await GuestVM.start(
+        guest_image, tmp_path, paused=True, root_ports=1, name=f"{RUN}-rp1"
+    ) as vm:
         watch = Watch()
         state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path), Config())
         state.observers.append(watch)
@@ -176,15 +200,20 @@ async def test_device_add_failure_no_free_slot(guest_image: GuestImage, tmp_path
         assert "no free hot-pluggable PCI slot" in str(caught.value)
         second_id = watch.ids[-1]
         assert second_id != first.id
-        assert watch.history[-4:] == [(Step.DEVICE_ADD, F), (Step.NETDEV_ADD, U),
-                                      (Step.PASS_FDS, U), (Step.OPEN_QUEUES, U)]
+        assert watch.history[-4:] == [
+            (Step.DEVICE_ADD, F),
+            (Step.NETDEV_ADD, U),
+            (Step.PASS_FDS, U),
+            (Step.OPEN_QUEUES, U),
+        ]
 
         await _nothing_left(vm, host, state, before, second_id, second_tap, [first])
 
 
 @pytest.mark.asyncio
-async def test_device_add_refused_by_qemu(paused_vm: GuestVM, host: Any, host_link_names: Any,
-                                          state_dir: Path) -> None:
+async def test_device_add_refused_by_qemu(
+    paused_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path
+) -> None:
     """QEMU itself refuses device_add (the id is taken by the VM manager's device): the
     rollback leaves nothing of ours, and the manager's device is left alone."""
     vm = paused_vm
@@ -192,10 +221,12 @@ async def test_device_add_refused_by_qemu(paused_vm: GuestVM, host: Any, host_li
     tap = host_link_names("t")
 
     async with await QmpSession.connect(str(vm.qmp_path)) as manager:
+
         async def take_the_id(op: Operation, step: Step, phase: Phase) -> None:
             if (step, phase) == (Step.DEVICE_ADD, B):
-                await manager.device_add({"driver": "virtio-net-pci", "bus": "rp3",
-                                          "id": f"{op.subject.id}-dev"})
+                await manager.device_add(
+                    {"driver": "virtio-net-pci", "bus": "rp3", "id": f"{op.subject.id}-dev"}
+                )
 
         state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path), Config())
         state.observers += [watch, take_the_id]
@@ -209,25 +240,32 @@ async def test_device_add_refused_by_qemu(paused_vm: GuestVM, host: Any, host_li
     assert err.cause.command == "device_add"
     assert "Duplicate" in err.cause.desc  # QEMU's own words
     endpoint_id = watch.ids[-1]
-    assert watch.history[-4:] == [(Step.DEVICE_ADD, F), (Step.NETDEV_ADD, U),
-                                  (Step.PASS_FDS, U), (Step.OPEN_QUEUES, U)]
+    assert watch.history[-4:] == [
+        (Step.DEVICE_ADD, F),
+        (Step.NETDEV_ADD, U),
+        (Step.PASS_FDS, U),
+        (Step.OPEN_QUEUES, U),
+    ]
     before["peripherals"] = sorted([*before["peripherals"], f"{endpoint_id}-dev"])
     await _nothing_left(vm, host, state, before, endpoint_id, tap, [], queues=4)
 
 
 @pytest.mark.asyncio
-async def test_netdev_add_refused_by_qemu(paused_vm: GuestVM, host: Any, host_link_names: Any,
-                                          state_dir: Path) -> None:
+async def test_netdev_add_refused_by_qemu(
+    paused_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path
+) -> None:
     """The netdev id is taken (by the VM manager): netdev_add fails; the fds QEMU was given
     are released, the tap goes, and the manager's netdev survives."""
     vm = paused_vm
     watch = Watch()
     tap = host_link_names("t")
     async with await QmpSession.connect(str(vm.qmp_path)) as manager:
+
         async def take_the_id(op: Operation, step: Step, phase: Phase) -> None:
             if (step, phase) == (Step.NETDEV_ADD, B):
-                await manager.execute("netdev_add", {"type": "hubport", "hubid": 0,
-                                                     "id": f"{op.subject.id}-net"})
+                await manager.execute(
+                    "netdev_add", {"type": "hubport", "hubid": 0, "id": f"{op.subject.id}-net"}
+                )
 
         state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path), Config())
         state.observers += [watch, take_the_id]
@@ -240,8 +278,7 @@ async def test_netdev_add_refused_by_qemu(paused_vm: GuestVM, host: Any, host_li
     assert isinstance(err.cause, QmpCommandError)
     assert err.cause.command == "netdev_add"
     endpoint_id = watch.ids[-1]
-    assert watch.history[-3:] == [(Step.NETDEV_ADD, F), (Step.PASS_FDS, U),
-                                  (Step.OPEN_QUEUES, U)]
+    assert watch.history[-3:] == [(Step.NETDEV_ADD, F), (Step.PASS_FDS, U), (Step.OPEN_QUEUES, U)]
     snap = await _snapshot(vm, host)
     # theirs survives (a hub port: listed under its hub), and no tap client of that name
     assert re.search(rf"^hub 0\s+\\ {endpoint_id}-net\s*$", snap["network"], re.M)
@@ -253,8 +290,16 @@ async def test_netdev_add_refused_by_qemu(paused_vm: GuestVM, host: Any, host_li
     assert not state.store.journal_path.exists()
 
 
-async def _nothing_left(vm: GuestVM, host: Any, state: NetworkState, before: dict[str, Any],
-                        endpoint_id: str, tap: str, entries: list[Any], queues: int = 2) -> None:
+async def _nothing_left(
+    vm: GuestVM,
+    host: Any,
+    state: NetworkState,
+    before: dict[str, Any],
+    endpoint_id: str,
+    tap: str,
+    entries: list[Any],
+    queues: int = 2,
+) -> None:
     after = await _snapshot(vm, host)
     assert f"{endpoint_id}-net" not in after["network"]
     assert after["peripherals"] == before["peripherals"]
@@ -268,11 +313,13 @@ async def _nothing_left(vm: GuestVM, host: Any, state: NetworkState, before: dic
 
 @pytest.mark.asyncio
 async def test_a_busy_monitor_is_a_typed_error_and_nothing_is_made(
-        paused_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path) -> None:
+    paused_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path
+) -> None:
     tap = host_link_names("t")
     async with await QmpSession.connect(str(paused_vm.mgmt_qmp_path)):  # someone holds it
-        state = NetworkState.open(state_dir, str(paused_vm.mgmt_qmp_path),
-                                  Config(timeouts=Timeouts(connect=1.0)))
+        state = NetworkState.open(
+            state_dir, str(paused_vm.mgmt_qmp_path), Config(timeouts=Timeouts(connect=1.0))
+        )
         with pytest.raises(QmpConnectError, match="busy"):
             await _add(state, _plug_args(tap, "52:54:00:00:00:76"))
     assert tap not in host.links()
@@ -282,8 +329,8 @@ async def test_a_busy_monitor_is_a_typed_error_and_nothing_is_made(
 @pytest.mark.asyncio
 @pytest.mark.parametrize("where", [Step.NETDEV_ADD, Step.PERSIST])
 async def test_a_cancelled_plug_is_undone_before_the_save_and_kept_after(
-        paused_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path,
-        where: Step) -> None:
+    paused_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path, where: Step
+) -> None:
     """The state file is the commit point. A caller cancelling while an (async) observer
     sees ``where`` done: before the save everything is undone; once the state records the
     NIC, QEMU keeps it too, so the three views agree either way. (The guest is paused, so a
@@ -321,7 +368,8 @@ async def test_a_cancelled_plug_is_undone_before_the_save_and_kept_after(
 
 @pytest.mark.asyncio
 async def test_a_cancelled_unplug_is_pending_not_plugged(
-        paused_vm: GuestVM, host_link_names: Any, state_dir: Path) -> None:
+    paused_vm: GuestVM, host_link_names: Any, state_dir: Path
+) -> None:
     """Cancelled while waiting for DEVICE_DELETED: QEMU is unplugging the NIC, so the state
     must say unplug-pending (a later call completes it), never plugged."""
     tap = host_link_names("t")
@@ -331,8 +379,9 @@ async def test_a_cancelled_unplug_is_pending_not_plugged(
         if (step, phase) == (Step.DEVICE_DEL, B):
             reached.set()
 
-    state = NetworkState.open(state_dir, str(paused_vm.mgmt_qmp_path),
-                              Config(timeouts=Timeouts(unplug=30.0)))
+    state = NetworkState.open(
+        state_dir, str(paused_vm.mgmt_qmp_path), Config(timeouts=Timeouts(unplug=30.0))
+    )
     await _add(state, _plug_args(tap, "52:54:00:00:00:7b"))
     state.observers.append(watch)
     task = asyncio.create_task(state.remove_interface("52:54:00:00:00:7b"))
@@ -348,7 +397,8 @@ async def test_a_cancelled_unplug_is_pending_not_plugged(
 
 @pytest.mark.asyncio
 async def test_a_second_cancel_during_the_undo_keeps_the_journal(
-        paused_vm: GuestVM, host_link_names: Any, state_dir: Path) -> None:
+    paused_vm: GuestVM, host_link_names: Any, state_dir: Path
+) -> None:
     """Cancelled at wait-guest, the undo's device_del waits for a guest that never answers;
     cancelled again there, the undo is unfinished, so the journal must keep the plug for
     the next operation or a reconcile (QEMU still has the device)."""
@@ -361,13 +411,18 @@ async def test_a_second_cancel_during_the_undo_keeps_the_journal(
         if (step, phase) == (Step.WAIT_GUEST, B):
             waiting.set()
 
-    state = NetworkState.open(state_dir, str(paused_vm.mgmt_qmp_path),
-                              Config(timeouts=Timeouts(unplug=30.0, guest_ready=60.0)))
+    state = NetworkState.open(
+        state_dir,
+        str(paused_vm.mgmt_qmp_path),
+        Config(timeouts=Timeouts(unplug=30.0, guest_ready=60.0)),
+    )
     state.observers.append(watch)
     args = _plug_args(tap, "52:54:00:00:00:7c")
-    task = asyncio.create_task(state.add_interface(
-        args["desc"], model=args["model"], queues=args["queues"], tap_name=tap,
-        wait_guest=True))
+    task = asyncio.create_task(
+        state.add_interface(
+            args["desc"], model=args["model"], queues=args["queues"], tap_name=tap, wait_guest=True
+        )
+    )
     await asyncio.wait_for(waiting.wait(), 30)
     task.cancel()
     await asyncio.sleep(0.5)  # the undo's device_del is waiting for the guest
@@ -379,13 +434,15 @@ async def test_a_second_cancel_during_the_undo_keeps_the_journal(
     assert len(journal) == 1, phases
     (endpoint_id,) = journal
     async with await QmpSession.connect(str(paused_vm.qmp_path)) as qmp:
-        assert f"{endpoint_id}-dev" in {c["name"] for c in
-                                        await qmp.qom_list("/machine/peripheral")}
+        assert f"{endpoint_id}-dev" in {
+            c["name"] for c in await qmp.qom_list("/machine/peripheral")
+        }
 
 
 @pytest.mark.asyncio
 async def test_a_mac_the_vm_already_has_is_refused_across_state_directories(
-        paused_vm: GuestVM, host: Any, host_link_names: Any, tmp_path: Path) -> None:
+    paused_vm: GuestVM, host: Any, host_link_names: Any, tmp_path: Path
+) -> None:
     """Two state directories (the CLI's and a CNI plugin's, say) for one VM: the second plug
     of one MAC is refused from QEMU's own view, before anything is made."""
     first, second = host_link_names("t"), host_link_names("t")
@@ -405,7 +462,8 @@ async def test_a_mac_the_vm_already_has_is_refused_across_state_directories(
 
 @pytest.mark.asyncio
 async def test_a_plug_cancelled_while_qemu_runs_netdev_add_is_undone_after(
-        paused_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path) -> None:
+    paused_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path
+) -> None:
     """Cancelled while ``netdev_add`` is in flight (QEMU is stopped with SIGSTOP, so it has
     the command but has not answered): once QEMU runs again it creates the netdev, and the
     undo registered for that unknown outcome must delete it. Nothing is left afterwards."""
@@ -441,7 +499,8 @@ async def test_a_plug_cancelled_while_qemu_runs_netdev_add_is_undone_after(
 
 @pytest.mark.asyncio
 async def test_concurrent_plugs_through_one_session_take_different_slots(
-        paused_vm: GuestVM, host: Any, host_link_names: Any) -> None:
+    paused_vm: GuestVM, host: Any, host_link_names: Any
+) -> None:
     """Two plugs racing through one hypervisor: the slot choice and the device_add that
     takes it are one critical section, so each NIC gets its own root port."""
     taps = [host_link_names("c") for _ in range(3)]
@@ -449,11 +508,16 @@ async def test_concurrent_plugs_through_one_session_take_different_slots(
     try:
         async with await QmpSession.connect(str(paused_vm.mgmt_qmp_path)) as session:
             hv = QemuHypervisor(session)
-            taps_of = [create_tap_endpoint(i, "eth0", tap_name=name).tap_interface
-                       for i, name in enumerate(taps)]
-            paths = await asyncio.gather(*(
-                hv.plug_tap(tap, fd, f"52:54:00:00:01:{i:02x}")
-                for i, (tap, fd) in enumerate(zip(taps_of, fds, strict=True))))
+            taps_of = [
+                create_tap_endpoint(i, "eth0", tap_name=name).tap_interface
+                for i, name in enumerate(taps)
+            ]
+            paths = await asyncio.gather(
+                *(
+                    hv.plug_tap(tap, fd, f"52:54:00:00:01:{i:02x}")
+                    for i, (tap, fd) in enumerate(zip(taps_of, fds, strict=True))
+                )
+            )
             assert len(set(paths)) == 3, paths
             present = await hv.peripheral_ids()
             assert {device_id(t) for t in taps_of} <= present

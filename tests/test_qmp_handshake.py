@@ -19,8 +19,11 @@ from qmpnet.errors import QmpConnectError
 from qmpnet.qmp import _HANDSHAKE_ATTEMPTS, QmpSession
 from qmpnet.testing.fakeqemu import Client, FakeQemu
 
-EVENT = {"event": "NIC_RX_FILTER_CHANGED", "data": {"path": "/machine/peripheral/n/virtio-backend"},
-         "timestamp": {"seconds": 1, "microseconds": 2}}
+EVENT = {
+    "event": "NIC_RX_FILTER_CHANGED",
+    "data": {"path": "/machine/peripheral/n/virtio-backend"},
+    "timestamp": {"seconds": 1, "microseconds": 2},
+}
 
 
 def breaking_peer(path: Path, broken: int, where: str) -> FakeQemu:
@@ -53,7 +56,8 @@ class _Keep(logging.Handler):
 @pytest.mark.asyncio
 @pytest.mark.parametrize("where", ["before-greeting", "before-capabilities-reply"])
 async def test_a_broken_handshake_is_retried_quietly(
-        tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
     socket_path = tmp_path / "qmp.sock"
     caplog.set_level(logging.DEBUG)
     with breaking_peer(socket_path, broken=2, where=where) as peer:
@@ -92,15 +96,20 @@ async def test_a_retried_handshake_prints_nothing_where_debug_is_off(tmp_path: P
 
 @pytest.mark.asyncio
 async def test_a_handshake_broken_every_time_is_a_connect_error(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     socket_path = tmp_path / "qmp.sock"
     caplog.set_level(logging.DEBUG)
-    with breaking_peer(socket_path, broken=99, where="before-capabilities-reply") as peer, \
-            pytest.raises(QmpConnectError) as caught:
+    with (
+        breaking_peer(socket_path, broken=99, where="before-capabilities-reply") as peer,
+        pytest.raises(QmpConnectError) as caught,
+    ):
         await QmpSession.connect(str(socket_path), connect_timeout=10)
     assert peer.connections == _HANDSHAKE_ATTEMPTS
     assert str(socket_path) in str(caught.value)
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert errors, "the attempt that is not retried keeps qemu.qmp's ERROR lines"
-    assert all("Negotiation failed" in r.getMessage() or "Failed to establish" in r.getMessage()
-               for r in errors)
+    assert all(
+        "Negotiation failed" in r.getMessage() or "Failed to establish" in r.getMessage()
+        for r in errors
+    )

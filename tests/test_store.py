@@ -24,8 +24,12 @@ from qmpnet.store import Entry, Snapshot, Status, Store
 
 def _veth() -> object:
     desc = InterfaceDescription(name="eth1", hw_addr="52:54:00:00:05:01")
-    return create_endpoint(net_info_from_interface(desc, InterworkingModel.MACVTAP), 1,
-                           InterworkingModel.MACVTAP, netns_path="/run/netns/x")
+    return create_endpoint(
+        net_info_from_interface(desc, InterworkingModel.MACVTAP),
+        1,
+        InterworkingModel.MACVTAP,
+        netns_path="/run/netns/x",
+    )
 
 
 def test_round_trip_keeps_every_field_and_status(tmp_path: Path) -> None:
@@ -56,16 +60,18 @@ def test_unknown_entries_are_kept_verbatim(tmp_path: Path) -> None:
     assert written[1:] == [alien, odd_status, 7]
 
 
-@pytest.mark.parametrize(("content", "reason"), [
-    (b"{", "not valid JSON"),
-    (b"\xff\xfe", "not valid JSON"),
-    (b"[" * 100_000, "not valid JSON"),
-    (b"[]", "not a qmpnet state file"),
-    (b'{"version": 1}', "not a qmpnet state file"),
-    (b'{"version": 2, "endpoints": []}', "state version 2 is not 1"),
-])
-def test_damaged_state_file_is_a_state_error(tmp_path: Path, content: bytes,
-                                             reason: str) -> None:
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"{", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[" * 100_000, "not valid JSON"),
+        (b"[]", "not a qmpnet state file"),
+        (b'{"version": 1}', "not a qmpnet state file"),
+        (b'{"version": 2, "endpoints": []}', "state version 2 is not 1"),
+    ],
+)
+def test_damaged_state_file_is_a_state_error(tmp_path: Path, content: bytes, reason: str) -> None:
     store = Store(tmp_path)
     store.state_path.write_bytes(content)
     with pytest.raises(StateError) as info:
@@ -122,12 +128,20 @@ def test_journal_records_and_ends(tmp_path: Path) -> None:
 
 def test_damaged_journal_records_are_kept_not_fatal(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    store.journal_path.write_text(json.dumps({
-        "a": {"operation": "hot-plug", "step": "x", "endpoint": {"type": "nope"},
-              "started": "yesterday"},
-        "b": [1, 2],
-        "c": {"started": 1e400},
-    }))
+    store.journal_path.write_text(
+        json.dumps(
+            {
+                "a": {
+                    "operation": "hot-plug",
+                    "step": "x",
+                    "endpoint": {"type": "nope"},
+                    "started": "yesterday",
+                },
+                "b": [1, 2],
+                "c": {"started": 1e400},
+            }
+        )
+    )
     records = store.journal()
     assert set(records) == {"a", "b", "c"}
     assert isinstance(records["a"].endpoint, UnknownEntry)
@@ -154,18 +168,20 @@ async def test_lock_serializes_tasks(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_lock_held_by_another_process_times_out_with_a_clear_error(
-        tmp_path: Path) -> None:
+async def test_lock_held_by_another_process_times_out_with_a_clear_error(tmp_path: Path) -> None:
     store = Store(tmp_path / "s", lock_timeout=0.3)
     await store.save(Snapshot())
     holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c",
+        sys.executable,
+        "-c",
         "import fcntl, os, sys\n"
         f"fd = os.open({str(store.dir / 'lock')!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
         "print('held', flush=True)\n"
         "sys.stdin.read()\n",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
     assert holder.stdin is not None
     assert holder.stdout is not None
     try:
@@ -183,8 +199,11 @@ async def test_lock_held_by_another_process_times_out_with_a_clear_error(
 def test_remove_all(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
     asyncio.run(store.save(Snapshot()))
-    asyncio.run(store.journal_begin("k", "hot-plug", "validate",
-                        create_tap_endpoint(0, "eth0", tap_name="t0"), 0.0))
+    asyncio.run(
+        store.journal_begin(
+            "k", "hot-plug", "validate", create_tap_endpoint(0, "eth0", tap_name="t0"), 0.0
+        )
+    )
     asyncio.run(store.remove_all())
     assert not store.dir.exists()
 
@@ -209,20 +228,26 @@ async def test_reconcile_reports_an_unreadable_entry_and_keeps_it(tmp_path: Path
 
 
 @pytest.mark.asyncio
-async def test_reconcile_reports_an_unreadable_journal_record_and_keeps_it(
-        tmp_path: Path) -> None:
+async def test_reconcile_reports_an_unreadable_journal_record_and_keeps_it(tmp_path: Path) -> None:
     from qmpnet.config import Config
     from qmpnet.network import NetworkState
     from qmpnet.reconcile import Outcome, reconcile
 
     store = Store(tmp_path / "s")
     store.dir.mkdir()
-    record = {"operation": "hot-plug", "step": "device-add", "started": 1.0,
-              "endpoint": {"type": "wireguard", "peer": "x"}}
+    record = {
+        "operation": "hot-plug",
+        "step": "device-add",
+        "started": 1.0,
+        "endpoint": {"type": "wireguard", "peer": "x"},
+    }
     (store.dir / "journal.json").write_text(json.dumps({"qn0123456789": record}))
     state = NetworkState.open(store.dir, str(tmp_path / "gone.sock"), Config())
     report = await reconcile(state)
     [action] = report.actions
     assert (action.outcome, action.endpoint_id, action.step) == (
-        Outcome.UNREADABLE, "qn0123456789", "device-add")
+        Outcome.UNREADABLE,
+        "qn0123456789",
+        "device-add",
+    )
     assert list(store.journal()) == ["qn0123456789"]

@@ -37,8 +37,12 @@ async def test_step_recorder_sees_the_sequence_and_times_it() -> None:
         await op.step(Step.VALIDATE, nothing)
         await op.step(Step.DEVICE_ADD, nothing)
         op.commit()
-    assert clock.history() == [(Step.VALIDATE, Phase.BEGIN), (Step.VALIDATE, Phase.DONE),
-                               (Step.DEVICE_ADD, Phase.BEGIN), (Step.DEVICE_ADD, Phase.DONE)]
+    assert clock.history() == [
+        (Step.VALIDATE, Phase.BEGIN),
+        (Step.VALIDATE, Phase.DONE),
+        (Step.DEVICE_ADD, Phase.BEGIN),
+        (Step.DEVICE_ADD, Phase.DONE),
+    ]
     assert clock.history(kind="unplug") == []
     assert clock.history(mac="52:54:00:00:00:08") == []
     assert [s for s, _ in clock.durations("hot-plug")] == [Step.VALIDATE, Step.DEVICE_ADD]
@@ -74,18 +78,26 @@ def test_demo_leftovers_raises_when_ip_fails() -> None:
 
 
 @pytest.mark.usefixtures("failing_ip")
-@pytest.mark.parametrize("view", [
-    probe.links, lambda: probe.links("somens"), probe.netns_names,
-    lambda: probe.qdiscs("", "lo"), lambda: probe.ip_json("addr"),
-    lambda: probe.neighbour_mac("lo", "127.0.0.1"),
-], ids=["links", "links-netns", "netns", "qdiscs", "ip_json", "neighbour"])
+@pytest.mark.parametrize(
+    "view",
+    [
+        probe.links,
+        lambda: probe.links("somens"),
+        probe.netns_names,
+        lambda: probe.qdiscs("", "lo"),
+        lambda: probe.ip_json("addr"),
+        lambda: probe.neighbour_mac("lo", "127.0.0.1"),
+    ],
+    ids=["links", "links-netns", "netns", "qdiscs", "ip_json", "neighbour"],
+)
 def test_probes_raise_when_the_tool_fails(view: Callable[[], object]) -> None:
     with pytest.raises(probe.ProbeError):
         view()
 
 
-def test_probe_raises_when_the_tool_is_missing(monkeypatch: pytest.MonkeyPatch,
-                                               tmp_path: Path) -> None:
+def test_probe_raises_when_the_tool_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(probe.ProbeError):
         probe.netns_names()

@@ -71,8 +71,9 @@ async def test_configure_applies_mtu_mac_alias_and_state(netns: str, host: Any) 
         before = host.links(netns)[name]
         assert "UP" not in before["flags"]
         async with Links.open(netns) as links:
-            await links.configure(name, mtu=1400, mac="52:54:00:AB:00:01", up=True,
-                                  owner="qn0000000001")
+            await links.configure(
+                name, mtu=1400, mac="52:54:00:AB:00:01", up=True, owner="qn0000000001"
+            )
             info = await links.get(name)
         after = host.links(netns)[name]
         assert after["mtu"] == 1400
@@ -80,7 +81,12 @@ async def test_configure_applies_mtu_mac_alias_and_state(netns: str, host: Any) 
         assert after["ifalias"] == "qmpnet:qn0000000001"
         assert "UP" in after["flags"]
         assert (info.mtu, info.mac, info.up, info.owner, info.kind) == (
-            1400, "52:54:00:ab:00:01", True, "qn0000000001", "tun")
+            1400,
+            "52:54:00:ab:00:01",
+            True,
+            "qn0000000001",
+            "tun",
+        )
         async with Links.open(netns) as links:
             await links.set_up(name, False)
         assert "UP" not in host.links(netns)[name]["flags"]
@@ -91,16 +97,16 @@ async def test_configure_applies_mtu_mac_alias_and_state(netns: str, host: Any) 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("kind", ["bridge", "persistent tap"])
-async def test_an_existing_link_name_is_refused_and_survives(netns: str, host: Any,
-                                                             kind: str) -> None:
+async def test_an_existing_link_name_is_refused_and_survives(
+    netns: str, host: Any, kind: str
+) -> None:
     """A persistent tap of that name is the dangerous case: TUNSETIFF would join it."""
     name = unique("t")
     ns = host.ns_name(netns)
     if kind == "bridge":
         host.sh("ip", "-n", ns, "link", "add", name, "type", "bridge")
     else:
-        host.sh("ip", "-n", ns, "tuntap", "add", "dev", name, "mode", "tap",
-                        "multi_queue")
+        host.sh("ip", "-n", ns, "tuntap", "add", "dev", name, "mode", "tap", "multi_queue")
     host.sh("ip", "-n", ns, "link", "set", name, "mtu", "1300")
     before = host.stable(host.links(netns)[name])
     with pytest.raises(LinkExistsError) as caught:
@@ -110,11 +116,13 @@ async def test_an_existing_link_name_is_refused_and_survives(netns: str, host: A
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("name", "queues", "field"), [
-    ("x" * 16, 1, "tap name"), ("a b", 1, "tap name"), ("ok", 0, "queues"),
-    ("ok", 257, "queues")])
+@pytest.mark.parametrize(
+    ("name", "queues", "field"),
+    [("x" * 16, 1, "tap name"), ("a b", 1, "tap name"), ("ok", 0, "queues"), ("ok", 257, "queues")],
+)
 async def test_bad_arguments_are_refused_before_anything_is_made(
-        netns: str, host: Any, name: str, queues: int, field: str) -> None:
+    netns: str, host: Any, name: str, queues: int, field: str
+) -> None:
     with pytest.raises(InvalidInputError) as caught:
         await run_in_netns(netns, lambda: tuntap.open_tap_queues(name, queues))
     assert caught.value.field == field
@@ -127,8 +135,10 @@ def test_flags() -> None:
 
 
 def test_queue_fds_close_is_idempotent() -> None:
-    fds = tuntap.QueueFds(tap=[os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)],
-                          vhost=[os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)])
+    fds = tuntap.QueueFds(
+        tap=[os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)],
+        vhost=[os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)],
+    )
     held = fds.tap + fds.vhost
     fds.close()
     fds.close()
@@ -144,13 +154,15 @@ def test_queue_fds_close_is_idempotent() -> None:
 # same behaviour is tested on a host that has one. The warning is said once per process:
 # each test starts from "not said yet".
 
+
 @pytest.fixture(autouse=True)
 def _vhost_warning_not_said(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tuntap, "_warned_vhost", False, raising=False)
 
 
 def test_vhost_missing_falls_back_with_a_warning(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(tuntap, "VHOST_NET_PATH", str(tmp_path / "vhost-net"))
     with caplog.at_level(logging.WARNING, logger="qmpnet.tuntap"):
         assert tuntap.vhost_available(disabled=False) is False
@@ -165,8 +177,9 @@ def test_vhost_missing_falls_back_with_a_warning(
     assert caught.value.errno == 2
 
 
-def test_vhost_disabled_is_quiet(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_vhost_disabled_is_quiet(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(tuntap, "VHOST_NET_PATH", str(tmp_path / "vhost-net"))
     with caplog.at_level(logging.WARNING, logger="qmpnet.tuntap"):
         assert tuntap.vhost_available(disabled=True) is False
@@ -197,7 +210,8 @@ def test_vhost_fds_one_per_queue_cloexec(monkeypatch: pytest.MonkeyPatch) -> Non
 
 @pytest.mark.asyncio
 async def test_plumbing_opens_no_vhost_fds_without_the_device(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from qmpnet.config import Config
     from qmpnet.endpoints.plumbing import open_vhost
     from qmpnet.lifecycle import Operation

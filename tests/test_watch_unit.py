@@ -22,13 +22,23 @@ from qmpnet.watch import (
 )
 
 
-def link(name: str = "eth0", *, index: int = 5, kind: str = "veth", up: bool = True,
-         mac: str = "02:00:00:00:00:21", alias: str = "", master: int = 0) -> LinkInfo:
-    return LinkInfo(index=index, name=name, mac=mac, mtu=1500, up=up, alias=alias, kind=kind,
-                    master=master)
+def link(
+    name: str = "eth0",
+    *,
+    index: int = 5,
+    kind: str = "veth",
+    up: bool = True,
+    mac: str = "02:00:00:00:00:21",
+    alias: str = "",
+    master: int = 0,
+) -> LinkInfo:
+    return LinkInfo(
+        index=index, name=name, mac=mac, mtu=1500, up=up, alias=alias, kind=kind, master=master
+    )
 
 
 # --- Debouncer ---------------------------------------------------------------------------------
+
 
 def test_a_key_is_due_only_after_a_quiet_window() -> None:
     d: Debouncer[str] = Debouncer(0.5)
@@ -77,13 +87,13 @@ def test_keys_are_independent_and_come_out_earliest_first() -> None:
 
 def test_a_retry_delay_never_postpones_a_look_already_due_sooner() -> None:
     d: Debouncer[str] = Debouncer(0.5)
-    d.touch("eth0", now=0.0)                 # an event: due at 0.5
-    d.touch("eth0", now=0.1, delay=30.0)     # a retry scheduled meanwhile
+    d.touch("eth0", now=0.0)  # an event: due at 0.5
+    d.touch("eth0", now=0.1, delay=30.0)  # a retry scheduled meanwhile
     assert d.next_due() == pytest.approx(0.5)
     d.pop_due(0.5)
-    d.touch("eth0", now=1.0, delay=5.0)      # a retry alone: due later than a window
+    d.touch("eth0", now=1.0, delay=5.0)  # a retry alone: due later than a window
     assert d.next_due() == pytest.approx(6.0)
-    d.touch("eth0", now=2.0)                 # a new event brings the look forward
+    d.touch("eth0", now=2.0)  # a new event brings the look forward
     assert d.next_due() == pytest.approx(2.5)
 
 
@@ -102,6 +112,7 @@ def test_a_negative_window_is_refused() -> None:
 
 
 # --- which links are plugged ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["veth", "macvlan", "tun"])
 def test_up_links_of_pluggable_kinds_are_plugged(kind: str) -> None:
@@ -135,13 +146,15 @@ def test_ports_are_ignored_whoever_owns_the_bridge() -> None:
 
 # --- what is done with one link name -------------------------------------------------------------
 
+
 def _entry() -> Entry:
     from qmpnet.endpoints import create_endpoint, net_info_from_interface
 
     desc = InterfaceDescription(name="eth0", hw_addr="02:00:00:00:00:21")
     model = InterworkingModel.TCFILTER
-    return Entry(create_endpoint(net_info_from_interface(desc, model), 0, model,
-                                 netns_path="/run/netns/x"))
+    return Entry(
+        create_endpoint(net_info_from_interface(desc, model), 0, model, netns_path="/run/netns/x")
+    )
 
 
 @pytest.mark.parametrize(
@@ -163,15 +176,27 @@ def _entry() -> Entry:
         (True, "down", True, False, Action.UNPLUG),
     ],
 )
-def test_plan(present: bool, ignored: str | None, saved: bool, attached: bool,
-              action: Action) -> None:
-    assert plan(link() if present else None, ignored, _entry() if saved else None,
-                attached) is action
+def test_plan(
+    present: bool, ignored: str | None, saved: bool, attached: bool, action: Action
+) -> None:
+    assert (
+        plan(link() if present else None, ignored, _entry() if saved else None, attached) is action
+    )
 
 
 def test_events_serialize_without_empty_fields() -> None:
-    event = WatchEvent(kind=WatchEventKind.PLUGGED, link="eth0", mac="02:00:00:00:00:21",
-                       endpoint_id="qn0123456789", pci_path="02/00")
-    assert event.to_json() == {"kind": "plugged", "link": "eth0", "mac": "02:00:00:00:00:21",
-                               "endpoint_id": "qn0123456789", "pci_path": "02/00"}
+    event = WatchEvent(
+        kind=WatchEventKind.PLUGGED,
+        link="eth0",
+        mac="02:00:00:00:00:21",
+        endpoint_id="qn0123456789",
+        pci_path="02/00",
+    )
+    assert event.to_json() == {
+        "kind": "plugged",
+        "link": "eth0",
+        "mac": "02:00:00:00:00:21",
+        "endpoint_id": "qn0123456789",
+        "pci_path": "02/00",
+    }
     assert WatchEvent(kind=WatchEventKind.STOPPED).to_json() == {"kind": "stopped"}

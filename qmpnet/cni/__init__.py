@@ -63,7 +63,25 @@ from qmpnet.cni.spec import (
 )
 
 __all__ = [
-    "COMMANDS", "GC_KEYS", "LATEST", "LOCK_FILE", "SUPPORTED_VERSIONS", "Attachment", "Book",
-    "CniError", "Code", "Env", "NetConf", "Records", "Request", "chained_result", "ips_of",
-    "main", "main_result", "parse_cni_args", "run", "state_dirs", "to_cni_error",
+    "COMMANDS",
+    "GC_KEYS",
+    "LATEST",
+    "LOCK_FILE",
+    "SUPPORTED_VERSIONS",
+    "Attachment",
+    "Book",
+    "CniError",
+    "Code",
+    "Env",
+    "NetConf",
+    "Records",
+    "Request",
+    "chained_result",
+    "ips_of",
+    "main",
+    "main_result",
+    "parse_cni_args",
+    "run",
+    "state_dirs",
+    "to_cni_error",
 ]

@@ -55,8 +55,12 @@ log = logging.getLogger("qmpnet.cni")
 def vm_gone(err: QmpConnectError) -> bool:
     """The monitor's socket is missing or refuses: QEMU is not running (any more)."""
     return err.kind is ConnectFailure.ABSENT  # closed before the greeting: maybe still exiting
+
+
 def _entry_for(state: NetworkState, mac: str) -> Entry | None:
     return next((e for e in state.store.load().entries if e.endpoint.hardware_addr == mac), None)
+
+
 async def _forget(state: NetworkState, entry: Entry) -> None:
     """The VM is gone with its device: undo the host side and drop the state entry.
 
@@ -66,8 +70,13 @@ async def _forget(state: NetworkState, entry: Entry) -> None:
     await teardown(entry.endpoint)
     async with state.store.locked():
         snap = state.store.load()
-        await state.store.save(attrs.evolve(snap, entries=tuple(
-            e for e in snap.entries if e.endpoint.id != entry.endpoint.id)))
+        await state.store.save(
+            attrs.evolve(
+                snap, entries=tuple(e for e in snap.entries if e.endpoint.id != entry.endpoint.id)
+            )
+        )
+
+
 async def unplug(attachment: Attachment, state_dir: Path, config: Config) -> None:
     """Unplug one attachment; success when the VM, the device or the state is already gone."""
     state = NetworkState.open(state_dir, attachment.qmp_socket, config)
@@ -77,8 +86,11 @@ async def unplug(attachment: Attachment, state_dir: Path, config: Config) -> Non
         report = await state.recover()
         if report is not None:
             if not report.ok:
-                raise CniError(Code.TRY_AGAIN, f"{attachment.ifname}: the rollback of its "
-                               "failed ADD is not finished", "; ".join(report.errors))
+                raise CniError(
+                    Code.TRY_AGAIN,
+                    f"{attachment.ifname}: the rollback of its failed ADD is not finished",
+                    "; ".join(report.errors),
+                )
             return
         log.info("%s has no state entry: nothing to unplug", attachment.ifname)
         return
@@ -89,22 +101,28 @@ async def unplug(attachment: Attachment, state_dir: Path, config: Config) -> Non
     except QmpConnectError as err:
         if not vm_gone(err):
             raise
-        log.info("the VM is gone (%s): removing the host side of %s only", err,
-                 attachment.ifname)
+        log.info("the VM is gone (%s): removing the host side of %s only", err, attachment.ifname)
         await _forget(state, entry)
+
+
 async def sandbox_link(netns: str, ifname: str) -> tuple[str, int, str]:
     """MAC, MTU and kind of the link the main plugin made, as the kernel reports them."""
     async with Links.open(netns) as links:
         info = await links.lookup(ifname)
     if info is None:
-        raise CniError(Code.NO_INTERFACE, f"no interface {ifname} in {netns}",
-                       "the main plugin of the chain must create CNI_IFNAME in CNI_NETNS")
+        raise CniError(
+            Code.NO_INTERFACE,
+            f"no interface {ifname} in {netns}",
+            "the main plugin of the chain must create CNI_IFNAME in CNI_NETNS",
+        )
     try:
         mac = check_mac(f"MAC of {ifname}", info.mac)
     except InvalidInputError as err:
         raise CniError(Code.UNSUPPORTED, str(err)) from err
     # No kind: a plain device (moved in by host-device, say), refused with the reason.
     return mac, info.mtu, info.kind or "device"
+
+
 async def cmd_add(req: Request) -> dict[str, Any]:
     env, conf = req.env, req.conf
     check_netns(env.netns)
@@ -113,9 +131,12 @@ async def cmd_add(req: Request) -> dict[str, Any]:
     async with book.locked():
         records = book.load()
         if records.find(req.key) is not None:
-            raise CniError(Code.ATTACHMENT_EXISTS, f"{env.ifname} of container "
-                           f"{env.container_id} is already attached to network {conf.name}",
-                           "DEL it first")
+            raise CniError(
+                Code.ATTACHMENT_EXISTS,
+                f"{env.ifname} of container "
+                f"{env.container_id} is already attached to network {conf.name}",
+                "DEL it first",
+            )
         state = NetworkState.open(req.state_dir, qmp, conf.config())
         try:
             if conf.main:
@@ -123,41 +144,76 @@ async def cmd_add(req: Request) -> dict[str, Any]:
             return await _add_chained(req, book, records, state)
         finally:
             await book.remove_if_unused(state)
-async def _add_chained(req: Request, book: Book, records: Records,
-                       state: NetworkState) -> dict[str, Any]:
+
+
+async def _add_chained(
+    req: Request, book: Book, records: Records, state: NetworkState
+) -> dict[str, Any]:
     env, conf = req.env, req.conf
     mac, mtu, kind = await sandbox_link(env.netns, env.ifname)
     index, _ = prev_interface(conf, env)
     addrs = ips_of(conf.prev_result or {}, index) if index is not None else ()
-    desc = InterfaceDescription(device=env.ifname, name=env.ifname, hw_addr=mac, mtu=mtu,
-                                ip_addresses=addrs, link_type=kind)
-    record = Attachment(network=conf.name, container_id=env.container_id, ifname=env.ifname,
-                        netns=env.netns, mac=mac, qmp_socket=state.qmp_path)
+    desc = InterfaceDescription(
+        device=env.ifname, name=env.ifname, hw_addr=mac, mtu=mtu, ip_addresses=addrs, link_type=kind
+    )
+    record = Attachment(
+        network=conf.name,
+        container_id=env.container_id,
+        ifname=env.ifname,
+        netns=env.netns,
+        mac=mac,
+        qmp_socket=state.qmp_path,
+    )
     # The record goes first: a crash after the plug leaves something DEL can find.
     await book.save(Records((*records.known, record), records.unknown))
     try:
-        plugged = await state.add_interface(desc, model=conf.model, netns_path=env.netns,
-                                            queues=conf.queues, wait_guest=conf.wait_guest)
+        plugged = await state.add_interface(
+            desc,
+            model=conf.model,
+            netns_path=env.netns,
+            queues=conf.queues,
+            wait_guest=conf.wait_guest,
+        )
     except BaseException:
         await _forget_failed_add(book, records, state)
         raise
     return chained_result(conf, env, sandbox_mac(plugged), mtu)
-async def _add_main(req: Request, book: Book, records: Records,
-                    state: NetworkState) -> dict[str, Any]:
+
+
+async def _add_main(
+    req: Request, book: Book, records: Records, state: NetworkState
+) -> dict[str, Any]:
     env, conf = req.env, req.conf
     mac = req.mac() or random_mac()
     got = await ipam(req, "ADD") if conf.ipam else None
-    record = Attachment(network=conf.name, container_id=env.container_id, ifname=env.ifname,
-                        netns=env.netns, mac=mac, qmp_socket=state.qmp_path,
-                        ipam=conf.ipam is not None)
+    record = Attachment(
+        network=conf.name,
+        container_id=env.container_id,
+        ifname=env.ifname,
+        netns=env.netns,
+        mac=mac,
+        qmp_socket=state.qmp_path,
+        ipam=conf.ipam is not None,
+    )
     try:
         addrs = ips_of(got, None) if got else ()
-        desc = InterfaceDescription(device=env.ifname, name=env.ifname, hw_addr=mac,
-                                    mtu=conf.mtu, ip_addresses=addrs, link_type="tap")
+        desc = InterfaceDescription(
+            device=env.ifname,
+            name=env.ifname,
+            hw_addr=mac,
+            mtu=conf.mtu,
+            ip_addresses=addrs,
+            link_type="tap",
+        )
         await book.save(Records((*records.known, record), records.unknown))
-        await state.add_interface(desc, model=InterworkingModel.NONE, netns_path=env.netns,
-                                  tap_name=env.ifname, queues=conf.queues,
-                                  wait_guest=conf.wait_guest)
+        await state.add_interface(
+            desc,
+            model=InterworkingModel.NONE,
+            netns_path=env.netns,
+            tap_name=env.ifname,
+            queues=conf.queues,
+            wait_guest=conf.wait_guest,
+        )
     except BaseException:
         await _forget_failed_add(book, records, state)
         if conf.ipam:
@@ -167,11 +223,15 @@ async def _add_main(req: Request, book: Book, records: Records,
                 log.error("releasing the address of %s after a failed ADD: %s", env.ifname, err)
         raise
     return main_result(conf, env, mac, got)
+
+
 async def _forget_failed_add(book: Book, records: Records, state: NetworkState) -> None:
     """Drop the record of an ADD that undid itself; keep it when its undo could not finish
     (the journal still holds the plug), so the runtime's DEL finds the VM and settles it."""
     if not state.store.journal():
         await book.save(records)
+
+
 async def cmd_del(req: Request) -> None:
     """Unplug and forget; every "already gone" is success, as the spec demands."""
     conf = req.conf
@@ -188,29 +248,38 @@ async def cmd_del(req: Request) -> None:
             await book.remove_if_unused(state)
     if conf.main and conf.ipam:
         await ipam(req, "DEL")
+
+
 async def cmd_check(req: Request) -> None:
     """The attachment is recorded, in qmpnet's state, in QEMU with its MAC, and on the host."""
     env, conf = req.env, req.conf
     check_netns(env.netns)
     book = Book(req.state_dir)
     if not book.path.exists():
-        raise CniError(Code.CHECK_FAILED, f"no attachment of {env.ifname} is recorded in "
-                       f"{req.state_dir}")
+        raise CniError(
+            Code.CHECK_FAILED, f"no attachment of {env.ifname} is recorded in {req.state_dir}"
+        )
     async with book.locked():
         found = book.load().find(req.key)
         if found is None:
-            raise CniError(Code.CHECK_FAILED, f"no attachment of {env.ifname} to network "
-                           f"{conf.name} is recorded")
+            raise CniError(
+                Code.CHECK_FAILED,
+                f"no attachment of {env.ifname} to network {conf.name} is recorded",
+            )
         state = NetworkState.open(req.state_dir, found.qmp_socket, conf.config())
         entry = _entry_for(state, found.mac)
         if entry is None or entry.status is not Status.PLUGGED:
-            raise CniError(Code.CHECK_FAILED, f"qmpnet's state has no plugged NIC with MAC "
-                           f"{found.mac} for {env.ifname}")
+            raise CniError(
+                Code.CHECK_FAILED,
+                f"qmpnet's state has no plugged NIC with MAC {found.mac} for {env.ifname}",
+            )
         await _check_qemu(state, entry.endpoint, found.mac)
         await _check_host(entry.endpoint, found, conf.main)
     _check_prev_result(conf, env, entry.endpoint, found)
     if conf.main and conf.ipam:
         await ipam(req, "CHECK")
+
+
 def _check_prev_result(conf: NetConf, env: Env, endpoint: Endpoint, found: Attachment) -> None:
     """prevResult (what ADD returned) must still describe the attachment: its MAC, and in
     main mode the addresses the VM's NIC was given."""
@@ -220,15 +289,22 @@ def _check_prev_result(conf: NetConf, env: Env, endpoint: Endpoint, found: Attac
     # main mode reports the VM NIC's MAC (the tap is only its wire); chained the link's
     expected = found.mac if conf.main else sandbox_mac(endpoint)
     if str(prev.get("mac", expected)).lower() != expected:
-        raise CniError(Code.CHECK_FAILED, f"prevResult gives {env.ifname} MAC "
-                       f"{prev.get('mac')}, it has {expected}")
+        raise CniError(
+            Code.CHECK_FAILED,
+            f"prevResult gives {env.ifname} MAC {prev.get('mac')}, it has {expected}",
+        )
     if conf.main:
         given = {a.cidr for a in ips_of(conf.prev_result or {}, index)}
         info = endpoint.properties
         have = {a.cidr for a in info.addrs} if info is not None else set()
         if given != have:
-            raise CniError(Code.CHECK_FAILED, f"prevResult gives {env.ifname} the addresses "
-                           f"{sorted(given)}, the VM's NIC was given {sorted(have)}")
+            raise CniError(
+                Code.CHECK_FAILED,
+                f"prevResult gives {env.ifname} the addresses "
+                f"{sorted(given)}, the VM's NIC was given {sorted(have)}",
+            )
+
+
 async def _check_qemu(state: NetworkState, endpoint: Endpoint, mac: str) -> None:
     if endpoint.tap is None:
         raise CniError(Code.CHECK_FAILED, f"{endpoint.name} is not a hot-plugged NIC")
@@ -239,40 +315,53 @@ async def _check_qemu(state: NetworkState, endpoint: Endpoint, mac: str) -> None
         got = str(await hv.qmp.qom_get(f"/machine/peripheral/{dev}", "mac")).lower()
     if got != mac:
         raise CniError(Code.CHECK_FAILED, f"QEMU's device {dev} has MAC {got}, not {mac}")
+
+
 async def _check_host(endpoint: Endpoint, found: Attachment, main: bool) -> None:
     names = [host_link(endpoint)] if main else [found.ifname, host_link(endpoint)]
     async with Links.open(found.netns) as links:
         for name in filter(None, names):
             if await links.lookup(name) is None:
                 raise CniError(Code.CHECK_FAILED, f"{name} is missing from {found.netns}")
+
+
 async def cmd_status(req: Request) -> None:
     """Ready when taps can be made and, in main mode, the IPAM plugin is there and ready."""
     try:
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
     except OSError as err:
-        raise CniError(Code.NOT_AVAILABLE, f"plugin not available: {TUN_PATH}: "
-                       f"{err.strerror}", "qmpnet needs the tun driver to make taps") from err
+        raise CniError(
+            Code.NOT_AVAILABLE,
+            f"plugin not available: {TUN_PATH}: {err.strerror}",
+            "qmpnet needs the tun driver to make taps",
+        ) from err
     os.close(fd)
     if req.conf.main and req.conf.ipam:
         try:
             find_plugin(req.conf.ipam_type, req.env.path)
         except CniError as err:
-            raise CniError(Code.NOT_AVAILABLE, f"plugin not available: {err.msg}",
-                           err.details) from err
+            raise CniError(
+                Code.NOT_AVAILABLE, f"plugin not available: {err.msg}", err.details
+            ) from err
         try:
             await ipam_config(req)
         except CniError as err:
-            raise CniError(Code.NOT_AVAILABLE, f"plugin not available: {err.msg}",
-                           err.details) from err
+            raise CniError(
+                Code.NOT_AVAILABLE, f"plugin not available: {err.msg}", err.details
+            ) from err
         if await ipam_speaks(req, LATEST):
             await ipam(req, "STATUS")
+
+
 def state_dirs(template: str) -> Iterator[tuple[Path, str]]:
     """Every existing state directory the template names, with its container id."""
     prefix, _, suffix = template.partition(CONTAINER_ID)
     for found in sorted(glob.glob(glob.escape(prefix) + "*" + glob.escape(suffix))):
-        container = found[len(prefix):len(found) - len(suffix)]
+        container = found[len(prefix) : len(found) - len(suffix)]
         if NAME_RE.match(container) and os.path.isdir(found):
             yield Path(found), container
+
+
 async def cmd_gc(req: Request) -> None:
     """Unplug this network's attachments that are not in the valid list; the rest stays."""
     conf = req.conf
@@ -288,10 +377,16 @@ async def cmd_gc(req: Request) -> None:
     if conf.main and conf.ipam and await ipam_speaks(req, LATEST):
         await ipam(req, "GC")
     if failures:
-        raise CniError(failures[0].code, f"GC could not remove {len(failures)} attachment(s): "
-                       + failures[0].msg, "; ".join(f.msg for f in failures))
-async def _gc_directory(req: Request, directory: Path, valid: set[tuple[str, str]],
-                        failures: list[CniError]) -> None:
+        raise CniError(
+            failures[0].code,
+            f"GC could not remove {len(failures)} attachment(s): " + failures[0].msg,
+            "; ".join(f.msg for f in failures),
+        )
+
+
+async def _gc_directory(
+    req: Request, directory: Path, valid: set[tuple[str, str]], failures: list[CniError]
+) -> None:
     conf = req.conf
     book = Book(directory)
     async with book.locked():
@@ -310,6 +405,8 @@ async def _gc_directory(req: Request, directory: Path, valid: set[tuple[str, str
             await book.save(records)
             log.info("GC removed %s of container %s", found.ifname, found.container_id)
         await book.remove_if_unused(NetworkState.open(directory, "", conf.config()))
+
+
 def cmd_version(raw: bytes) -> dict[str, Any]:
     asked: object = None
     if raw.strip():
@@ -317,6 +414,8 @@ def cmd_version(raw: bytes) -> dict[str, Any]:
             asked = decode(raw).get("cniVersion")
     version = asked if isinstance(asked, str) and asked in SUPPORTED_VERSIONS else LATEST
     return {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
 #: CNI_COMMAND -> its handler; VERSION needs no configuration and is answered before.
 COMMANDS: Mapping[str, Callable[[Request], Coroutine[Any, Any, dict[str, Any] | None]]] = {
     "ADD": cmd_add,

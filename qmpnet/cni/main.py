@@ -25,8 +25,11 @@ from qmpnet.cni.spec import (
 log = logging.getLogger("qmpnet.cni")
 
 
-_FORMAT = logging.Formatter("%(asctime)s qmpnet-cni[%(process)d] %(levelname)s %(name)s: "
-                            "%(message)s")
+_FORMAT = logging.Formatter(
+    "%(asctime)s qmpnet-cni[%(process)d] %(levelname)s %(name)s: %(message)s"
+)
+
+
 class _Logs:
     """qmpnet's log handlers for one invocation: stderr in debug mode, ``logFile`` if set.
 
@@ -62,12 +65,16 @@ class _Logs:
             self.logger.removeHandler(handler)
             handler.close()
         self.logger.setLevel(self._level)
+
+
 def _error_version(raw: bytes) -> str:
     with contextlib.suppress(Exception):
         version = json.loads(raw).get("cniVersion")
         if isinstance(version, str) and version in SUPPORTED_VERSIONS:
             return version  # answer in the caller's version, if it is one we speak
     return LATEST
+
+
 def run(raw: bytes, environ: Mapping[str, str]) -> tuple[int, str]:
     """One invocation: (exit status, what goes to stdout). Never raises, never prints."""
     logs = _Logs(environ.get(DEBUG_ENV) == "1")
@@ -75,6 +82,8 @@ def run(raw: bytes, environ: Mapping[str, str]) -> tuple[int, str]:
         return _run(raw, environ, logs)
     finally:
         logs.close()
+
+
 def _run(raw: bytes, environ: Mapping[str, str], logs: _Logs) -> tuple[int, str]:
     try:
         env = Env.from_environ(environ)
@@ -83,29 +92,45 @@ def _run(raw: bytes, environ: Mapping[str, str], logs: _Logs) -> tuple[int, str]
         conf = NetConf.parse(raw, env.command)
         if conf.log_file:
             logs.to_file(conf.log_file)
-        log.info("%s container=%s ifname=%s netns=%s network=%s model=%s", env.command,
-                 env.container_id, env.ifname, env.netns, conf.name, conf.model)
+        log.info(
+            "%s container=%s ifname=%s netns=%s network=%s model=%s",
+            env.command,
+            env.container_id,
+            env.ifname,
+            env.netns,
+            conf.name,
+            conf.model,
+        )
         # Anything printed by accident lands on stderr: stdout carries only the answer.
         with contextlib.redirect_stdout(sys.stderr):
             result: dict[str, Any] | None = asyncio.run(COMMANDS[env.command](Request(env, conf)))
     except Exception as err:  # every failure becomes the spec's error JSON, never a traceback
         cni_err = to_cni_error(err)
         level = logging.ERROR if cni_err.code != Code.INTERNAL else logging.CRITICAL
-        log.log(level, "%s failed: code %d: %s", environ.get("CNI_COMMAND", "?"),
-                cni_err.code, cni_err.msg)
+        log.log(
+            level,
+            "%s failed: code %d: %s",
+            environ.get("CNI_COMMAND", "?"),
+            cni_err.code,
+            cni_err.msg,
+        )
         log.debug("traceback", exc_info=True)
         return 1, json.dumps(cni_err.to_json(_error_version(raw)))
     if result is None:
         return 0, ""
     return 0, json.dumps(result)
+
+
 def main() -> None:
     """The ``qmpnet-cni`` console script."""
     try:
         raw = sys.stdin.buffer.read()
     except OSError as err:
         raw = b""
-        status, out = 1, json.dumps(CniError(Code.IO_FAILURE, f"reading stdin: {err}")
-                                    .to_json(LATEST))
+        status, out = (
+            1,
+            json.dumps(CniError(Code.IO_FAILURE, f"reading stdin: {err}").to_json(LATEST)),
+        )
     else:
         status, out = run(raw, os.environ)
     if out:

@@ -55,8 +55,11 @@ class Attachment:
 
 #: the attachment file's records; keys a later version adds are ignored, as before.
 RECORDS = Boundary("attachment")
-RECORDS.register(Attachment, {"container_id": "containerID", "qmp_socket": "qmpSocket"},
-                 forbid_extra_keys=False)
+RECORDS.register(
+    Attachment, {"container_id": "containerID", "qmp_socket": "qmpSocket"}, forbid_extra_keys=False
+)
+
+
 @attrs.frozen
 class Records:
     known: tuple[Attachment, ...] = ()
@@ -68,6 +71,8 @@ class Records:
 
     def without(self, attachment: Attachment) -> Records:
         return Records(tuple(a for a in self.known if a != attachment), self.unknown)
+
+
 class Book:
     """The attachment records kept in a VM's state directory, under the plugin's own lock."""
 
@@ -83,12 +88,16 @@ class Book:
         waiter that then gets the lock of the removed file starts over on a fresh one, so
         two invocations never both hold "the" lock.
         """
-        def busy() -> CniError:
-            return CniError(Code.TRY_AGAIN, f"another qmpnet-cni holds {self.dir} for more "
-                            f"than {LOCK_TIMEOUT:g} s")
 
-        async with file_lock(self.dir / LOCK_FILE, timeout=LOCK_TIMEOUT, busy=busy,
-                             interval=0.02, cap=None):
+        def busy() -> CniError:
+            return CniError(
+                Code.TRY_AGAIN,
+                f"another qmpnet-cni holds {self.dir} for more than {LOCK_TIMEOUT:g} s",
+            )
+
+        async with file_lock(
+            self.dir / LOCK_FILE, timeout=LOCK_TIMEOUT, busy=busy, interval=0.02, cap=None
+        ):
             yield
 
     def load(self) -> Records:
@@ -116,8 +125,13 @@ class Book:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             return
-        text = json.dumps({"version": 1, "attachments": [
-            *(a.to_json() for a in records.known), *records.unknown]}, indent=1)
+        text = json.dumps(
+            {
+                "version": 1,
+                "attachments": [*(a.to_json() for a in records.known), *records.unknown],
+            },
+            indent=1,
+        )
         await asyncio.to_thread(atomic_write, self.path, text)
 
     async def remove_if_unused(self, state: NetworkState) -> None:

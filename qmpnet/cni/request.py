@@ -45,6 +45,8 @@ REQUIRED_ENV: Mapping[str, tuple[str, ...]] = {
     "STATUS": (),
     "GC": (),
 }
+
+
 def parse_cni_args(text: str) -> dict[str, str]:
     """``K=V;K=V`` as runtimes pass CNI_ARGS; keys qmpnet does not know are ignored."""
     out: dict[str, str] = {}
@@ -56,6 +58,8 @@ def parse_cni_args(text: str) -> dict[str, str]:
             raise CniError(Code.INVALID_ENV, f"CNI_ARGS: {pair!r} is not KEY=VALUE")
         out[key] = value
     return out
+
+
 @attrs.frozen(kw_only=True)
 class Env:
     """The ``CNI_*`` variables of one invocation, checked."""
@@ -73,15 +77,20 @@ class Env:
     def from_environ(cls, environ: Mapping[str, str]) -> Env:
         command = environ.get("CNI_COMMAND", "")
         if command not in REQUIRED_ENV:
-            raise CniError(Code.INVALID_ENV, f"CNI_COMMAND {command!r} is not one of "
-                           + ", ".join(REQUIRED_ENV))
+            raise CniError(
+                Code.INVALID_ENV,
+                f"CNI_COMMAND {command!r} is not one of " + ", ".join(REQUIRED_ENV),
+            )
         for var in REQUIRED_ENV[command]:
             if not environ.get(var):
                 raise CniError(Code.INVALID_ENV, f"{var} is required for {command}")
         container_id = environ.get("CNI_CONTAINERID", "")
         if container_id and not NAME_RE.match(container_id):
-            raise CniError(Code.INVALID_ENV, f"CNI_CONTAINERID {container_id!r}: must be "
-                           "letters, digits, '_', '.' or '-', starting with a letter or digit")
+            raise CniError(
+                Code.INVALID_ENV,
+                f"CNI_CONTAINERID {container_id!r}: must be "
+                "letters, digits, '_', '.' or '-', starting with a letter or digit",
+            )
         netns = environ.get("CNI_NETNS", "")
         if netns and not os.path.isabs(netns):
             raise CniError(Code.INVALID_ENV, f"CNI_NETNS {netns!r}: must be an absolute path")
@@ -92,31 +101,55 @@ class Env:
             except InvalidInputError as err:
                 raise CniError(Code.INVALID_ENV, str(err)) from err
         path = tuple(p for p in environ.get("CNI_PATH", "").split(os.pathsep) if p)
-        return cls(command=command, container_id=container_id, netns=netns, ifname=ifname,
-                   args=parse_cni_args(environ.get("CNI_ARGS", "")), path=path,
-                   environ=dict(environ))
+        return cls(
+            command=command,
+            container_id=container_id,
+            netns=netns,
+            ifname=ifname,
+            args=parse_cni_args(environ.get("CNI_ARGS", "")),
+            path=path,
+            environ=dict(environ),
+        )
+
+
 def bad_config(key: str, value: object, why: str) -> CniError:
     return CniError(Code.INVALID_CONFIG, f"invalid network configuration: {key} {value!r}: {why}")
+
+
 def _check_path(field: str, value: object) -> str:
     if not isinstance(value, str) or not os.path.isabs(value):
         raise InvalidInputError(field, value, "must be an absolute path")
     return value
+
+
 def _check_state_dir(field: str, value: object) -> str:
     if _check_path(field, value).count(CONTAINER_ID) != 1:
-        raise InvalidInputError(field, value, f"must contain {CONTAINER_ID} exactly once "
-                                "(one VM per pod)")
+        raise InvalidInputError(
+            field, value, f"must contain {CONTAINER_ID} exactly once (one VM per pod)"
+        )
     return str(value)
+
+
 def _check_name(field: str, value: object) -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
-        raise InvalidInputError(field, value, "must be letters, digits, '_', '.' or '-', "
-                                "starting with a letter or digit")
+        raise InvalidInputError(
+            field,
+            value,
+            "must be letters, digits, '_', '.' or '-', starting with a letter or digit",
+        )
     return value
+
+
 _CNI_MODELS = ("tcfilter", "macvtap", "bridged", "none", "default")
+
+
 def _cni_model(value: object) -> InterworkingModel:
     """The models a CNI configuration may name (not ``enlightened``), ``default`` resolved."""
     if not isinstance(value, str) or value not in _CNI_MODELS:
         raise InvalidInputError("model", value, "valid values are " + ", ".join(_CNI_MODELS[:4]))
     return InterworkingModel.parse(value).resolved()
+
+
 def _valid_attachments(data: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
     key = next((k for k in GC_KEYS if k in data), None)
     if key is None:
@@ -126,11 +159,16 @@ def _valid_attachments(data: Mapping[str, Any]) -> tuple[tuple[str, str], ...] |
         raise bad_config(key, items, "must be a list")
     out = []
     for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("containerID"), str) \
-                or not isinstance(item.get("ifname"), str):
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("containerID"), str)
+            or not isinstance(item.get("ifname"), str)
+        ):
             raise bad_config(key, item, 'each entry must be {"containerID": ..., "ifname": ...}')
         out.append((item["containerID"], item["ifname"]))
     return tuple(out)
+
+
 @attrs.frozen(kw_only=True)
 class NetConf:
     """The network configuration, checked once; ``raw`` is exactly what came on stdin."""
@@ -164,8 +202,12 @@ class NetConf:
         return str(self.ipam["type"]) if self.ipam else ""
 
     def config(self) -> Config:
-        return Config(internetworking_model=self.model, disable_vhost_net=self.disable_vhost,
-                      queues=self.queues, timeouts=self.timeouts)
+        return Config(
+            internetworking_model=self.model,
+            disable_vhost_net=self.disable_vhost,
+            queues=self.queues,
+            timeouts=self.timeouts,
+        )
 
     @classmethod
     def parse(cls, raw: bytes, command: str) -> NetConf:
@@ -180,31 +222,54 @@ class NetConf:
         model, ipam, prev = conf.model, conf.ipam, conf.prev_result
         if model is InterworkingModel.NONE:
             if prev is not None and command == "ADD":
-                raise CniError(Code.INVALID_CONFIG, "invalid network configuration: model "
-                               "none makes its own tap: it must be the first plugin of the "
-                               "list, not chained after another (prevResult is set)")
-            if ipam is not None and (not isinstance(ipam.get("type"), str)
-                                     or not NAME_RE.match(ipam["type"])):
+                raise CniError(
+                    Code.INVALID_CONFIG,
+                    "invalid network configuration: model "
+                    "none makes its own tap: it must be the first plugin of the "
+                    "list, not chained after another (prevResult is set)",
+                )
+            if ipam is not None and (
+                not isinstance(ipam.get("type"), str) or not NAME_RE.match(ipam["type"])
+            ):
                 raise bad_config("ipam.type", ipam.get("type"), "must name an IPAM plugin binary")
         elif ipam is not None:
-            raise CniError(Code.INVALID_CONFIG, "invalid network configuration: ipam is set "
-                           f"but model {model} chains after a main plugin, which does the "
-                           "IPAM; only model none delegates IPAM itself")
+            raise CniError(
+                Code.INVALID_CONFIG,
+                "invalid network configuration: ipam is set "
+                f"but model {model} chains after a main plugin, which does the "
+                "IPAM; only model none delegates IPAM itself",
+            )
         elif prev is None and command in ("ADD", "CHECK"):
-            raise CniError(Code.INVALID_CONFIG, f"invalid network configuration: model {model} "
-                           "plugs the veth a main plugin made, but there is no prevResult: "
-                           "chain it after one (or use model none)")
+            raise CniError(
+                Code.INVALID_CONFIG,
+                f"invalid network configuration: model {model} "
+                "plugs the veth a main plugin made, but there is no prevResult: "
+                "chain it after one (or use model none)",
+            )
         return attrs.evolve(conf, valid_attachments=_valid_attachments(data), raw=raw)
 
 
 #: the network configuration on stdin: unknown keys are the runtime's, and ignored.
 CNI = Boundary("network configuration", none_is_absent=True)
 CNI.register(Timeouts, {"guest_ready": "guestReady"})
-CNI.register(NetConf, {
-    "cni_version": "cniVersion", "qmp_socket": "qmpSocket", "state_dir": "stateDir",
-    "disable_vhost": "disableVhost", "wait_guest": "waitGuest", "log_file": "logFile",
-    "prev_result": "prevResult", "runtime_config": "runtimeConfig",
-}, forbid_extra_keys=False, hooks={"model": _cni_model}, omit=("valid_attachments", "raw"))
+CNI.register(
+    NetConf,
+    {
+        "cni_version": "cniVersion",
+        "qmp_socket": "qmpSocket",
+        "state_dir": "stateDir",
+        "disable_vhost": "disableVhost",
+        "wait_guest": "waitGuest",
+        "log_file": "logFile",
+        "prev_result": "prevResult",
+        "runtime_config": "runtimeConfig",
+    },
+    forbid_extra_keys=False,
+    hooks={"model": _cni_model},
+    omit=("valid_attachments", "raw"),
+)
+
+
 @attrs.frozen
 class Request:
     """One invocation: its environment and configuration, and what follows from both."""
@@ -225,23 +290,30 @@ class Request:
         runtime = self.conf.runtime_config.get("qmpSocket")
         if runtime is not None and not isinstance(runtime, str):
             raise bad_config("runtimeConfig.qmpSocket", runtime, "must be a path")
-        for source, value in (("runtimeConfig.qmpSocket", runtime),
-                              (f"CNI_ARGS {ARG_QMP}", self.env.args.get(ARG_QMP)),
-                              ("qmpSocket", self.conf.qmp_socket)):
+        for source, value in (
+            ("runtimeConfig.qmpSocket", runtime),
+            (f"CNI_ARGS {ARG_QMP}", self.env.args.get(ARG_QMP)),
+            ("qmpSocket", self.conf.qmp_socket),
+        ):
             if value:
                 path = value.replace(CONTAINER_ID, self.env.container_id)
                 if not os.path.isabs(path):
                     raise bad_config(source, value, "must be an absolute path")
                 return path
-        raise CniError(Code.INVALID_CONFIG, "no QMP socket for the VM: set qmpSocket (a path, "
-                       f"{CONTAINER_ID} is replaced), runtimeConfig.qmpSocket or CNI_ARGS "
-                       f"{ARG_QMP}=PATH")
+        raise CniError(
+            Code.INVALID_CONFIG,
+            "no QMP socket for the VM: set qmpSocket (a path, "
+            f"{CONTAINER_ID} is replaced), runtimeConfig.qmpSocket or CNI_ARGS "
+            f"{ARG_QMP}=PATH",
+        )
 
     def mac(self) -> str:
         """Main mode's MAC: runtimeConfig.mac, CNI_ARGS MAC, the configuration, or none."""
-        for source, value in (("runtimeConfig.mac", self.conf.runtime_config.get("mac")),
-                              (f"CNI_ARGS {ARG_MAC}", self.env.args.get(ARG_MAC)),
-                              ("mac", self.conf.mac)):
+        for source, value in (
+            ("runtimeConfig.mac", self.conf.runtime_config.get("mac")),
+            (f"CNI_ARGS {ARG_MAC}", self.env.args.get(ARG_MAC)),
+            ("mac", self.conf.mac),
+        ):
             if value:
                 try:
                     return check_mac(source, value)

@@ -30,16 +30,24 @@ def ips_of(result: Mapping[str, Any], interface: int | None) -> tuple[IPAddress,
         try:
             iface = ipaddress.ip_interface(str(ip.get("address")))
         except ValueError as err:
-            raise CniError(Code.DECODE, f"result address {ip.get('address')!r} is not "
-                           "an address with a prefix") from err
-        out.append(IPAddress(family=iface.version, address=str(iface.ip),
-                             mask=str(iface.network.prefixlen)))
+            raise CniError(
+                Code.DECODE, f"result address {ip.get('address')!r} is not an address with a prefix"
+            ) from err
+        out.append(
+            IPAddress(
+                family=iface.version, address=str(iface.ip), mask=str(iface.network.prefixlen)
+            )
+        )
     return tuple(out)
+
+
 def interface_entry(version: str, name: str, mac: str, sandbox: str, mtu: int) -> dict[str, Any]:
     entry: dict[str, Any] = {"name": name, "mac": mac, "sandbox": sandbox}
     if version_key(version) >= (1, 1, 0):
         entry["mtu"] = mtu  # a 1.1 field
     return entry
+
+
 def sandbox_mac(endpoint: Endpoint) -> str:
     """The MAC ``CNI_IFNAME`` wears while plugged: macvtap and bridged park the pod's link on
     another one (the VM's NIC has the pod's), tcfilter leaves it as it was."""
@@ -47,6 +55,8 @@ def sandbox_mac(endpoint: Endpoint) -> str:
     if pair is not None and pair_model(pair.model).parks_mac:
         return parked_mac(endpoint.id)
     return endpoint.hardware_addr
+
+
 def chained_result(conf: NetConf, env: Env, mac: str, mtu: int) -> dict[str, Any]:
     """prevResult passed on, in the configuration's version, with our interface as it now is
     (``mac``: what the link in the netns wears, so a later plugin's CHECK agrees)."""
@@ -55,25 +65,39 @@ def chained_result(conf: NetConf, env: Env, mac: str, mtu: int) -> dict[str, Any
     interfaces = result.setdefault("interfaces", [])
     if not isinstance(interfaces, list):
         raise CniError(Code.DECODE, "prevResult interfaces must be a list")
-    ours = [i for i in interfaces if isinstance(i, dict) and i.get("name") == env.ifname
-            and i.get("sandbox") == env.netns]
+    ours = [
+        i
+        for i in interfaces
+        if isinstance(i, dict) and i.get("name") == env.ifname and i.get("sandbox") == env.netns
+    ]
     for entry in ours:
         entry["mac"] = mac
     if not ours:
         interfaces.append(interface_entry(conf.cni_version, env.ifname, mac, env.netns, mtu))
     return result
+
+
 def prev_interface(conf: NetConf, env: Env) -> tuple[int | None, Mapping[str, Any] | None]:
     """Index and entry of CNI_IFNAME in prevResult's interfaces, if listed."""
     interfaces = (conf.prev_result or {}).get("interfaces") or []
     if not isinstance(interfaces, list):
         raise CniError(Code.DECODE, "prevResult interfaces must be a list")
     for index, iface in enumerate(interfaces):
-        if isinstance(iface, dict) and iface.get("name") == env.ifname and \
-                iface.get("sandbox", env.netns) == env.netns:
+        if (
+            isinstance(iface, dict)
+            and iface.get("name") == env.ifname
+            and iface.get("sandbox", env.netns) == env.netns
+        ):
             return index, iface
     return None, None
-def main_result(conf: NetConf, env: Env, mac: str, ipam_result: Mapping[str, Any] | None,
-                ) -> dict[str, Any]:
+
+
+def main_result(
+    conf: NetConf,
+    env: Env,
+    mac: str,
+    ipam_result: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     result: dict[str, Any] = {
         "cniVersion": conf.cni_version,
         "interfaces": [interface_entry(conf.cni_version, env.ifname, mac, env.netns, conf.mtu)],

@@ -40,6 +40,8 @@ ARG_MAC = "MAC"
 GC_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _SEMVER_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+
+
 class Code(enum.IntEnum):
     """CNI error codes: 1-99 are the spec's, 100+ qmpnet's own (see the module docstring)."""
 
@@ -60,6 +62,8 @@ class Code(enum.IntEnum):
     NO_INTERFACE = 105
     ATTACHMENT_EXISTS = 106
     INTERNAL = 199
+
+
 class CniError(QmpnetError):
     """An error in the CNI protocol's terms: a code, a short message and optional details."""
 
@@ -74,6 +78,8 @@ class CniError(QmpnetError):
         if self.details:
             out["details"] = self.details
         return out
+
+
 #: qmpnet error class -> CNI code; the most specific class in an error's MRO wins.
 ERROR_CODES: Mapping[type[BaseException], Code] = {
     InvalidInputError: Code.INVALID_CONFIG,
@@ -84,6 +90,8 @@ ERROR_CODES: Mapping[type[BaseException], Code] = {
     QmpTimeoutError: Code.TRY_AGAIN,
     StateError: Code.IO_FAILURE,
 }
+
+
 def to_cni_error(err: BaseException) -> CniError:
     """The CNI error for any failure; a failed step keeps its cause's code and names the step."""
     if isinstance(err, CniError):
@@ -99,8 +107,13 @@ def to_cni_error(err: BaseException) -> CniError:
         code = ERROR_CODES.get(cls)
         if code is not None:
             return CniError(code, str(err), _causes(err))
-    return CniError(Code.INTERNAL, f"internal error: {type(err).__name__}: {err}",
-                    "this is a bug in qmpnet-cni; run with QMPNET_CNI_DEBUG=1 for a traceback")
+    return CniError(
+        Code.INTERNAL,
+        f"internal error: {type(err).__name__}: {err}",
+        "this is a bug in qmpnet-cni; run with QMPNET_CNI_DEBUG=1 for a traceback",
+    )
+
+
 def _causes(err: BaseException) -> str:
     chain: list[str] = []
     cause = err.__cause__
@@ -108,25 +121,38 @@ def _causes(err: BaseException) -> str:
         chain.append(f"{type(cause).__name__}: {cause}")
         cause = cause.__cause__
     return "caused by " + " <- ".join(chain) if chain else ""
+
+
 #: The first spec version that has each command.
 MIN_VERSION: Mapping[str, str] = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
+
+
 def version_key(version: str) -> tuple[int, int, int]:
     match = _SEMVER_RE.match(version)
     if not match:
         raise CniError(Code.INCOMPATIBLE_VERSION, f"cniVersion {version!r} is not a version")
     major, minor, patch = (int(g) for g in match.groups())
     return major, minor, patch
+
+
 def check_version(version: object, command: str) -> str:
     """The configuration's cniVersion, if this plugin speaks it and it has ``command``."""
     if not isinstance(version, str) or version not in SUPPORTED_VERSIONS:
-        raise CniError(Code.INCOMPATIBLE_VERSION, f"incompatible CNI version {version!r}",
-                       "supported versions are " + ", ".join(SUPPORTED_VERSIONS))
+        raise CniError(
+            Code.INCOMPATIBLE_VERSION,
+            f"incompatible CNI version {version!r}",
+            "supported versions are " + ", ".join(SUPPORTED_VERSIONS),
+        )
     first = MIN_VERSION.get(command)
     if first is not None and version_key(version) < version_key(first):
-        raise CniError(Code.INCOMPATIBLE_VERSION,
-                       f"configuration version {version} does not allow {command}",
-                       f"{command} needs cniVersion {first} or later")
+        raise CniError(
+            Code.INCOMPATIBLE_VERSION,
+            f"configuration version {version} does not allow {command}",
+            f"{command} needs cniVersion {first} or later",
+        )
     return version
+
+
 def decode(raw: bytes) -> dict[str, Any]:
     """stdin as a JSON object (error 6 otherwise)."""
     try:

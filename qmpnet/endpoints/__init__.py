@@ -22,8 +22,19 @@ from qmpnet.endpoints.unpluggable import (
 )
 
 __all__ = [
-    "REGISTRY", "Endpoint", "IpvlanEndpoint", "MacvlanEndpoint", "MacvtapEndpoint",
-    "NetPairEndpoint", "PhysicalEndpoint", "PlugContext", "TapEndpoint", "TuntapEndpoint",
-    "VethEndpoint", "VhostUserEndpoint", "create_endpoint", "create_tap_endpoint",
+    "REGISTRY",
+    "Endpoint",
+    "IpvlanEndpoint",
+    "MacvlanEndpoint",
+    "MacvtapEndpoint",
+    "NetPairEndpoint",
+    "PhysicalEndpoint",
+    "PlugContext",
+    "TapEndpoint",
+    "TuntapEndpoint",
+    "VethEndpoint",
+    "VhostUserEndpoint",
+    "create_endpoint",
+    "create_tap_endpoint",
     "net_info_from_interface",
 ]

@@ -47,8 +47,7 @@ class PlugContext:
         return await queue_pairs(requested, self.config.queues, self.hypervisor.vcpus)
 
 
-async def queue_pairs(requested: int, configured: int,
-                      vcpus: Callable[[], Awaitable[int]]) -> int:
+async def queue_pairs(requested: int, configured: int, vcpus: Callable[[], Awaitable[int]]) -> int:
     """Queue pairs: as requested, else as configured, else one per guest vCPU (asked last)."""
     if requested:
         return requested
@@ -101,8 +100,16 @@ class Endpoint(Protocol):
         ...
 
     @classmethod
-    def create(cls, *, net_info: NetworkInfo, idx: int, model: InterworkingModel,
-               netns_path: str, tap_name: str | None, queues: int) -> Self: ...
+    def create(
+        cls,
+        *,
+        net_info: NetworkInfo,
+        idx: int,
+        model: InterworkingModel,
+        netns_path: str,
+        tap_name: str | None,
+        queues: int,
+    ) -> Self: ...
 
     async def attach(self, ctx: PlugContext) -> Self:
         """Cold plug; qmpnet plugs into running VMs, so every type refuses with its reason."""
@@ -151,7 +158,8 @@ def net_info_from_interface(desc: InterfaceDescription, model: InterworkingModel
     link_type = desc.link_type or default
     return NetworkInfo(
         iface=LinkAttrs(name=desc.name, hardware_addr=desc.hw_addr, mtu=desc.mtu),
-        link_type=link_type, addrs=desc.ip_addresses,
+        link_type=link_type,
+        addrs=desc.ip_addresses,
     )
 
 
@@ -170,24 +178,37 @@ LINK_TYPES: dict[str, EndpointType] = {
     "vhost-user": EndpointType.VHOST_USER,
 }
 
+
 def endpoint_type_for(link_type: str) -> EndpointType:
     try:
         return LINK_TYPES[link_type]
     except KeyError:
-        raise InvalidInputError("linkType", link_type, "unsupported link type; known: "
-                                + ", ".join(sorted(LINK_TYPES))) from None
+        raise InvalidInputError(
+            "linkType", link_type, "unsupported link type; known: " + ", ".join(sorted(LINK_TYPES))
+        ) from None
 
 
-
-def create_endpoint(net_info: NetworkInfo, idx: int, model: InterworkingModel, *,
-                    netns_path: str = "", tap_name: str | None = None,
-                    queues: int = 0) -> Endpoint:
+def create_endpoint(
+    net_info: NetworkInfo,
+    idx: int,
+    model: InterworkingModel,
+    *,
+    netns_path: str = "",
+    tap_name: str | None = None,
+    queues: int = 0,
+) -> Endpoint:
     """An endpoint for ``net_info``, its type picked from the interface's link type."""
     if idx < 0:
         raise InvalidInputError("index", idx, "must be >= 0")
     kind = endpoint_type_for(net_info.link_type)
-    return REGISTRY[kind].create(net_info=net_info, idx=idx, model=model,
-                                 netns_path=netns_path, tap_name=tap_name, queues=queues)
+    return REGISTRY[kind].create(
+        net_info=net_info,
+        idx=idx,
+        model=model,
+        netns_path=netns_path,
+        tap_name=tap_name,
+        queues=queues,
+    )
 
 
 def unsupported(endpoint: Endpoint, operation: str, reason: str) -> UnsupportedError:

@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 #: Runs a model's host plumbing for one plug: ``(endpoint, op, queues, fds)``.
 Connect = Callable[["NetPairEndpoint", Operation, int, tuntap.QueueFds], Awaitable[None]]
 #: Whether a saved NIC's sandbox link is still joined: ``(pair, links, link, by_index)``.
-Attached = Callable[[NetworkInterfacePair, Links, LinkInfo, Mapping[int, LinkInfo]],
-                    Awaitable[bool]]
+Attached = Callable[
+    [NetworkInterfacePair, Links, LinkInfo, Mapping[int, LinkInfo]], Awaitable[bool]
+]
 #: What a model's plumbing left on the sandbox link ``(pair, links, link)``, as sentences.
 Leftover = Callable[[NetworkInterfacePair, Links, LinkInfo], Awaitable[list[str]]]
 
@@ -69,14 +70,15 @@ class PairModel:
     #: the sandbox link wears :func:`parked_mac` while the guest's NIC uses its own MAC
     parks_mac: bool
 
-    async def residue(self, pair: NetworkInterfacePair, links: Links,
-                      virt: LinkInfo) -> list[str]:
+    async def residue(self, pair: NetworkInterfacePair, links: Links, virt: LinkInfo) -> list[str]:
         """What is left on the sandbox link after a disconnect that did not finish."""
         problems = await self.leftover(pair, links, virt)
         tap = pair.tap_interface
         if self.parks_mac and virt.mac == parked_mac(tap.id):
-            problems.append(f"{virt.name} still has the MAC {virt.mac} qmpnet set, not its own "
-                            f"{tap.tap_iface.hard_addr}")
+            problems.append(
+                f"{virt.name} still has the MAC {virt.mac} qmpnet set, not its own "
+                f"{tap.tap_iface.hard_addr}"
+            )
         return problems
 
 
@@ -98,8 +100,10 @@ def bridge_name(pair: NetworkInterfacePair) -> str:
 
 # --- tcfilter --------------------------------------------------------------------------------
 
-async def _tc_connect(ep: NetPairEndpoint, op: Operation, queues: int,
-                      fds: tuntap.QueueFds) -> None:
+
+async def _tc_connect(
+    ep: NetPairEndpoint, op: Operation, queues: int, fds: tuntap.QueueFds
+) -> None:
     await plumbing.open_tap(op, ep.netns_path, ep.tap_name, queues, fds)
 
     async def join() -> None:
@@ -115,8 +119,9 @@ async def _tc_connect(ep: NetPairEndpoint, op: Operation, queues: int,
     await op.step(Step.PREPARE_LINKS, join, undo)
 
 
-async def _tc_attached(pair: NetworkInterfacePair, links: Links, link: LinkInfo,
-                       by_index: Mapping[int, LinkInfo]) -> bool:
+async def _tc_attached(
+    pair: NetworkInterfacePair, links: Links, link: LinkInfo, by_index: Mapping[int, LinkInfo]
+) -> bool:
     # A new link of the same name has no ingress qdisc: the mirror went with the old one.
     return await links.has_tc_ingress(link.name) and await links.tc_ingress_ours(link.name)
 
@@ -127,8 +132,7 @@ async def _tc_leftover(pair: NetworkInterfacePair, links: Links, virt: LinkInfo)
     return []
 
 
-async def _nothing_left(pair: NetworkInterfacePair, links: Links,
-                        virt: LinkInfo) -> list[str]:
+async def _nothing_left(pair: NetworkInterfacePair, links: Links, virt: LinkInfo) -> list[str]:
     return []  # everything it makes is a marked link, which the residue check deletes
 
 
@@ -152,8 +156,10 @@ async def _tc_disconnect(ep: NetPairEndpoint) -> None:
 
 # --- macvtap ---------------------------------------------------------------------------------
 
-async def _macvtap_connect(ep: NetPairEndpoint, op: Operation, queues: int,
-                           fds: tuntap.QueueFds) -> None:
+
+async def _macvtap_connect(
+    ep: NetPairEndpoint, op: Operation, queues: int, fds: tuntap.QueueFds
+) -> None:
     async def create() -> None:
         async with Links.open(ep.netns_path) as links:
             virt = await links.get(ep.virt_name)
@@ -168,8 +174,9 @@ async def _macvtap_connect(ep: NetPairEndpoint, op: Operation, queues: int,
     await plumbing.open_macvtap(op, ep.netns_path, ep.tap_name, queues, fds)
 
 
-async def _macvtap_attached(pair: NetworkInterfacePair, links: Links, link: LinkInfo,
-                            by_index: Mapping[int, LinkInfo]) -> bool:
+async def _macvtap_attached(
+    pair: NetworkInterfacePair, links: Links, link: LinkInfo, by_index: Mapping[int, LinkInfo]
+) -> bool:
     # The kernel deletes a macvtap with its parent: the tap's presence is the proof.
     return True
 
@@ -186,16 +193,21 @@ async def _restore_mac(links: Links, ep: NetPairEndpoint) -> None:
     if virt is None or virt.mac == ep.hardware_addr:
         return
     if virt.mac != parked_mac(ep.id):
-        log.warning("%s has MAC %s, not the one qmpnet set: a new link took its name, "
-                    "left alone", ep.virt_name, virt.mac)
+        log.warning(
+            "%s has MAC %s, not the one qmpnet set: a new link took its name, left alone",
+            ep.virt_name,
+            virt.mac,
+        )
         return
     await links.set_mac(ep.virt_name, ep.hardware_addr)
 
 
 # --- bridged ---------------------------------------------------------------------------------
 
-async def _bridge_connect(ep: NetPairEndpoint, op: Operation, queues: int,
-                          fds: tuntap.QueueFds) -> None:
+
+async def _bridge_connect(
+    ep: NetPairEndpoint, op: Operation, queues: int, fds: tuntap.QueueFds
+) -> None:
     bridge = bridge_name(ep.net_pair)  # a name too long fails before anything is made
     await plumbing.open_tap(op, ep.netns_path, ep.tap_name, queues, fds)
 
@@ -214,11 +226,15 @@ async def _bridge_connect(ep: NetPairEndpoint, op: Operation, queues: int,
     await op.step(Step.PREPARE_LINKS, join)
 
 
-async def _bridge_attached(pair: NetworkInterfacePair, links: Links, link: LinkInfo,
-                           by_index: Mapping[int, LinkInfo]) -> bool:
+async def _bridge_attached(
+    pair: NetworkInterfacePair, links: Links, link: LinkInfo, by_index: Mapping[int, LinkInfo]
+) -> bool:
     master = by_index.get(link.master)
-    return master is not None and master.name == bridge_name(pair) and \
-        master.owner == pair.tap_interface.id
+    return (
+        master is not None
+        and master.name == bridge_name(pair)
+        and master.owner == pair.tap_interface.id
+    )
 
 
 async def _bridge_disconnect(ep: NetPairEndpoint) -> None:
@@ -226,8 +242,7 @@ async def _bridge_disconnect(ep: NetPairEndpoint) -> None:
         virt = await links.lookup(ep.virt_name)
         if virt is not None and virt.master:
             # only out of qmpnet's own bridge: the sandbox link may be in someone else's
-            master = next((link for link in await links.list() if link.index == virt.master),
-                          None)
+            master = next((link for link in await links.list() if link.index == virt.master), None)
             if master is not None and master.owner == ep.id:
                 await links.set_master(ep.virt_name, None)
         await _delete_ours(links, bridge_name(ep.net_pair), ep.id)
@@ -236,27 +251,34 @@ async def _bridge_disconnect(ep: NetPairEndpoint) -> None:
 
 
 MODELS: Mapping[InterworkingModel, PairModel] = {
-    InterworkingModel.TCFILTER: PairModel(_tc_connect, _tc_disconnect, _tc_attached,
-                                          _tc_leftover, parks_mac=False),
-    InterworkingModel.MACVTAP: PairModel(_macvtap_connect, _macvtap_disconnect,
-                                         _macvtap_attached, _nothing_left, parks_mac=True),
-    InterworkingModel.BRIDGED: PairModel(_bridge_connect, _bridge_disconnect, _bridge_attached,
-                                         _nothing_left, parks_mac=True),
+    InterworkingModel.TCFILTER: PairModel(
+        _tc_connect, _tc_disconnect, _tc_attached, _tc_leftover, parks_mac=False
+    ),
+    InterworkingModel.MACVTAP: PairModel(
+        _macvtap_connect, _macvtap_disconnect, _macvtap_attached, _nothing_left, parks_mac=True
+    ),
+    InterworkingModel.BRIDGED: PairModel(
+        _bridge_connect, _bridge_disconnect, _bridge_attached, _nothing_left, parks_mac=True
+    ),
 }
 
 
 def pair_model(model: InterworkingModel) -> PairModel:
     resolved = model.resolved()
     if resolved is InterworkingModel.NONE:
-        raise InvalidInputError("interworking model", model.value,
-                                "model none plugs a tap endpoint; a NetPair needs tcfilter, "
-                                "macvtap or bridged")
+        raise InvalidInputError(
+            "interworking model",
+            model.value,
+            "model none plugs a tap endpoint; a NetPair needs tcfilter, macvtap or bridged",
+        )
     try:
         return MODELS[resolved]
     except KeyError:
-        raise UnsupportedError(f"interworking model {model.value}", "NetPair plumbing",
-                               "this model has no defined plumbing; use tcfilter, macvtap "
-                               "or bridged") from None
+        raise UnsupportedError(
+            f"interworking model {model.value}",
+            "NetPair plumbing",
+            "this model has no defined plumbing; use tcfilter, macvtap or bridged",
+        ) from None
 
 
 @attrs.frozen(kw_only=True)
@@ -308,21 +330,35 @@ class NetPairEndpoint:
         return pair_model(self.net_pair.model)
 
     @classmethod
-    def create(cls, *, net_info: NetworkInfo, idx: int, model: InterworkingModel,
-               netns_path: str, tap_name: str | None, queues: int) -> Self:
+    def create(
+        cls,
+        *,
+        net_info: NetworkInfo,
+        idx: int,
+        model: InterworkingModel,
+        netns_path: str,
+        tap_name: str | None,
+        queues: int,
+    ) -> Self:
         if idx < 0:
             raise InvalidInputError("index", idx, "must be >= 0")
         pair_model(model)  # an unusable model is refused before anything is made
         virt_name = net_info.iface.name or f"eth{idx}"
         tap = TapInterface(
-            id=new_id(), name=virt_name,
-            tap_iface=NetworkInterface(name=check_ifname("tap name",
-                                                         tap_name or f"tap{idx}_kata"),
-                                       hard_addr=net_info.iface.hardware_addr))
+            id=new_id(),
+            name=virt_name,
+            tap_iface=NetworkInterface(
+                name=check_ifname("tap name", tap_name or f"tap{idx}_kata"),
+                hard_addr=net_info.iface.hardware_addr,
+            ),
+        )
         pair = NetworkInterfacePair(
-            tap_interface=tap, model=model.resolved(),
-            virt_iface=NetworkInterface(name=virt_name, hard_addr=net_info.iface.hardware_addr,
-                                        addrs=net_info.addrs))
+            tap_interface=tap,
+            model=model.resolved(),
+            virt_iface=NetworkInterface(
+                name=virt_name, hard_addr=net_info.iface.hardware_addr, addrs=net_info.addrs
+            ),
+        )
         return cls(net_pair=pair, properties=net_info, netns_path=netns_path, queues=queues)
 
     async def attach(self, ctx: PlugContext) -> Self:
@@ -334,13 +370,18 @@ class NetPairEndpoint:
             virt = await links.get(self.virt_name)
         given = self.net_pair.virt_iface.hard_addr
         if given and given != virt.mac:
-            raise InvalidInputError("hwAddr", given, f"{self.virt_name} in the netns has MAC "
-                                    f"{virt.mac}; the guest must use the link's own MAC")
+            raise InvalidInputError(
+                "hwAddr",
+                given,
+                f"{self.virt_name} in the netns has MAC "
+                f"{virt.mac}; the guest must use the link's own MAC",
+            )
         tap = self.net_pair.tap_interface
         tap = attrs.evolve(tap, tap_iface=attrs.evolve(tap.tap_iface, hard_addr=virt.mac))
         virt_iface = attrs.evolve(self.net_pair.virt_iface, hard_addr=virt.mac)
-        return attrs.evolve(self, net_pair=attrs.evolve(self.net_pair, tap_interface=tap,
-                                                        virt_iface=virt_iface))
+        return attrs.evolve(
+            self, net_pair=attrs.evolve(self.net_pair, tap_interface=tap, virt_iface=virt_iface)
+        )
 
     async def hot_attach(self, ctx: PlugContext) -> Self:
         model = self.pair_model
@@ -352,8 +393,9 @@ class NetPairEndpoint:
         async def open_host(queues: int, fds: tuntap.QueueFds) -> None:
             await model.connect(ep, ctx.op, queues, fds)
 
-        pci_path, queues = await plumbing.plug_queues(ctx, ep.tap, ep.hardware_addr,
-                                                      self.queues, open_host)
+        pci_path, queues = await plumbing.plug_queues(
+            ctx, ep.tap, ep.hardware_addr, self.queues, open_host
+        )
         return attrs.evolve(ep, pci_path=pci_path, queues=queues)
 
     async def hot_detach(self, ctx: PlugContext) -> None:
@@ -362,8 +404,12 @@ class NetPairEndpoint:
 
     async def teardown(self, op: Operation) -> None:
         disconnect = self.pair_model.disconnect
-        await op.step(Step.REMOVE_LINKS, lambda: plumbing.best_effort(
-            f"removing the NetPair of {self.name}", lambda: disconnect(self)))
+        await op.step(
+            Step.REMOVE_LINKS,
+            lambda: plumbing.best_effort(
+                f"removing the NetPair of {self.name}", lambda: disconnect(self)
+            ),
+        )
 
 
 @register

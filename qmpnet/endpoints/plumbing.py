@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 OpenHost = Callable[[int, tuntap.QueueFds], Awaitable[None]]
 
 
-async def plug_queues(ctx: PlugContext, tap: TapInterface, mac: str, requested: int,
-                      open_host: OpenHost) -> tuple[str, int]:
+async def plug_queues(
+    ctx: PlugContext, tap: TapInterface, mac: str, requested: int, open_host: OpenHost
+) -> tuple[str, int]:
     """Open the host side and its queues, add vhost fds, plug into QEMU: (PCI path, queues).
 
     The fds are closed here in every case: QEMU holds its own copies once the plug is done,
@@ -37,19 +38,21 @@ async def plug_queues(ctx: PlugContext, tap: TapInterface, mac: str, requested: 
     try:
         await open_host(queues, fds)
         await open_vhost(ctx.op, ctx.config, queues, fds)
-        pci_path = await ctx.hypervisor.plug_tap(tap, fds, mac, ctx.op,
-                                                 wait_guest=ctx.wait_guest)
+        pci_path = await ctx.hypervisor.plug_tap(tap, fds, mac, ctx.op, wait_guest=ctx.wait_guest)
     finally:
         fds.close()
     return pci_path, queues
 
 
-async def open_tap(op: Operation, netns: str, name: str, queues: int,
-                   fds: tuntap.QueueFds) -> None:
+async def open_tap(op: Operation, netns: str, name: str, queues: int, fds: tuntap.QueueFds) -> None:
     """Create tap ``name`` with its queues in ``netns``; undo closes them (the tap goes too)."""
+
     async def action() -> None:
-        fds.tap.extend(await run_in_netns(netns, lambda: tuntap.open_tap_queues(name, queues),
-                                          on_abandon=tuntap.close_all))
+        fds.tap.extend(
+            await run_in_netns(
+                netns, lambda: tuntap.open_tap_queues(name, queues), on_abandon=tuntap.close_all
+            )
+        )
 
     async def undo(_: None) -> None:
         fds.close()
@@ -57,11 +60,15 @@ async def open_tap(op: Operation, netns: str, name: str, queues: int,
     await op.step(Step.OPEN_QUEUES, action, undo)
 
 
-async def open_macvtap(op: Operation, netns: str, name: str, queues: int,
-                       fds: tuntap.QueueFds) -> None:
+async def open_macvtap(
+    op: Operation, netns: str, name: str, queues: int, fds: tuntap.QueueFds
+) -> None:
     async def action() -> None:
-        fds.tap.extend(await run_in_netns(
-            netns, lambda: tuntap.open_macvtap_queues(name, queues), on_abandon=tuntap.close_all))
+        fds.tap.extend(
+            await run_in_netns(
+                netns, lambda: tuntap.open_macvtap_queues(name, queues), on_abandon=tuntap.close_all
+            )
+        )
 
     async def undo(_: None) -> None:
         fds.close()
@@ -85,6 +92,7 @@ async def open_vhost(op: Operation, config: Config, queues: int, fds: tuntap.Que
 
 async def configure_tap(op: Operation, netns: str, name: str, owner: str, mtu: int) -> None:
     """Mark the new tap as ours, set its MTU and bring it up."""
+
     async def action() -> None:
         async with Links.open(netns) as links:
             await links.configure(name, mtu=mtu, owner=owner, up=True)

@@ -74,13 +74,26 @@ class TapEndpoint:
         return self.tap_interface.tap_iface.name
 
     @classmethod
-    def create(cls, *, net_info: NetworkInfo, idx: int, model: InterworkingModel,
-               netns_path: str, tap_name: str | None, queues: int) -> Self:
+    def create(
+        cls,
+        *,
+        net_info: NetworkInfo,
+        idx: int,
+        model: InterworkingModel,
+        netns_path: str,
+        tap_name: str | None,
+        queues: int,
+    ) -> Self:
         del model  # a tap endpoint has no interworking: that is model none
-        endpoint = create_tap_endpoint(idx, net_info.iface.name, tap_name=tap_name,
-                                       mac=net_info.iface.hardware_addr)
-        return cls(tap_interface=endpoint.tap_interface, properties=net_info,
-                   netns_path=netns_path, queues=queues)
+        endpoint = create_tap_endpoint(
+            idx, net_info.iface.name, tap_name=tap_name, mac=net_info.iface.hardware_addr
+        )
+        return cls(
+            tap_interface=endpoint.tap_interface,
+            properties=net_info,
+            netns_path=netns_path,
+            queues=queues,
+        )
 
     async def attach(self, ctx: PlugContext) -> Self:
         raise unsupported(self, "cold plug", "a tap endpoint can only be hot-plugged")
@@ -91,8 +104,9 @@ class TapEndpoint:
             mtu = self.properties.iface.mtu if self.properties else 1500
             await plumbing.configure_tap(ctx.op, self.netns_path, self.host_link, self.id, mtu)
 
-        pci_path, queues = await plumbing.plug_queues(ctx, self.tap, self.hardware_addr,
-                                                      self.queues, open_host)
+        pci_path, queues = await plumbing.plug_queues(
+            ctx, self.tap, self.hardware_addr, self.queues, open_host
+        )
         return attrs.evolve(self, pci_path=pci_path, queues=queues)
 
     async def hot_detach(self, ctx: PlugContext) -> None:
@@ -103,19 +117,29 @@ class TapEndpoint:
         async def remove() -> None:
             async with Links.open(self.netns_path) as links:
                 await links.delete(self.host_link, owner=self.id)
-        await op.step(Step.REMOVE_LINKS, lambda: plumbing.best_effort(
-            f"removing tap {self.host_link}", remove))
+
+        await op.step(
+            Step.REMOVE_LINKS,
+            lambda: plumbing.best_effort(f"removing tap {self.host_link}", remove),
+        )
 
 
-def create_tap_endpoint(idx: int, if_name: str = "", *, tap_name: str | None = None,
-                        mac: str = "") -> TapEndpoint:
+def create_tap_endpoint(
+    idx: int, if_name: str = "", *, tap_name: str | None = None, mac: str = ""
+) -> TapEndpoint:
     """A tap endpoint ``tap{idx}_kata`` for guest interface ``if_name`` (``eth{idx}``)."""
     if not isinstance(idx, int) or idx < 0:
         raise InvalidInputError("index", idx, "must be an integer >= 0")
     guest_name = check_ifname("name", if_name or f"eth{idx}")
     host_name = check_ifname("tap name", tap_name or f"tap{idx}_kata")
-    tap = TapInterface(id=new_id(), name=guest_name,
-                       tap_iface=NetworkInterface(name=host_name, hard_addr=mac or random_mac()))
-    return TapEndpoint(tap_interface=tap, properties=NetworkInfo(
-        iface=LinkAttrs(name=guest_name, hardware_addr=tap.tap_iface.hard_addr),
-        link_type="tap"))
+    tap = TapInterface(
+        id=new_id(),
+        name=guest_name,
+        tap_iface=NetworkInterface(name=host_name, hard_addr=mac or random_mac()),
+    )
+    return TapEndpoint(
+        tap_interface=tap,
+        properties=NetworkInfo(
+            iface=LinkAttrs(name=guest_name, hardware_addr=tap.tap_iface.hard_addr), link_type="tap"
+        ),
+    )

@@ -66,11 +66,22 @@ class UnpluggableEndpoint:
         return 0
 
     @classmethod
-    def create(cls, *, net_info: NetworkInfo, idx: int, model: InterworkingModel,
-               netns_path: str, tap_name: str | None, queues: int) -> Self:
+    def create(
+        cls,
+        *,
+        net_info: NetworkInfo,
+        idx: int,
+        model: InterworkingModel,
+        netns_path: str,
+        tap_name: str | None,
+        queues: int,
+    ) -> Self:
         del model, tap_name, queues
-        iface = NetworkInterface(name=net_info.iface.name or f"eth{idx}",
-                                 hard_addr=net_info.iface.hardware_addr, addrs=net_info.addrs)
+        iface = NetworkInterface(
+            name=net_info.iface.name or f"eth{idx}",
+            hard_addr=net_info.iface.hardware_addr,
+            addrs=net_info.addrs,
+        )
         return cls(iface=iface, properties=net_info, netns_path=netns_path)
 
     async def attach(self, ctx: PlugContext) -> Self:
@@ -104,13 +115,17 @@ class VhostUserEndpoint(UnpluggableEndpoint):
 @attrs.frozen(kw_only=True)
 class MacvtapEndpoint(UnpluggableEndpoint):
     type: ClassVar[EndpointType] = EndpointType.MACVTAP
-    reason: ClassVar[str] = ("a CNI-made macvtap endpoint can only be cold-plugged; use a veth "
-                             "with interworking model macvtap to hot-plug")
+    reason: ClassVar[str] = (
+        "a CNI-made macvtap endpoint can only be cold-plugged; use a veth "
+        "with interworking model macvtap to hot-plug"
+    )
 
 
 @register
 @attrs.frozen(kw_only=True)
 class IpvlanEndpoint(UnpluggableEndpoint):
     type: ClassVar[EndpointType] = EndpointType.IPVLAN
-    reason: ClassVar[str] = ("an ipvlan shares its parent's MAC at layer 3 and cannot be "
-                             "joined to a tap; use a veth or macvlan")
+    reason: ClassVar[str] = (
+        "an ipvlan shares its parent's MAC at layer 3 and cannot be "
+        "joined to a tap; use a veth or macvlan"
+    )

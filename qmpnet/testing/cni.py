@@ -66,8 +66,9 @@ class CniError(Exception):
     plugin printed no such object; ``msg`` then holds its raw output).
     """
 
-    def __init__(self, plugin: str, command: str, code: int | None, msg: str,
-                 details: str = "") -> None:
+    def __init__(
+        self, plugin: str, command: str, code: int | None, msg: str, details: str = ""
+    ) -> None:
         self.plugin = plugin
         self.command = command
         self.code = code
@@ -108,23 +109,41 @@ class CniResult:
     def parse(cls, data: Any, *, plugin: str = "?", command: str = "ADD") -> CniResult:
         try:
             interfaces = tuple(
-                CniInterface(name=str(i["name"]), mac=str(i.get("mac", "")).lower(),
-                             sandbox=str(i.get("sandbox", "")))
-                for i in data.get("interfaces", []))
+                CniInterface(
+                    name=str(i["name"]),
+                    mac=str(i.get("mac", "")).lower(),
+                    sandbox=str(i.get("sandbox", "")),
+                )
+                for i in data.get("interfaces", [])
+            )
             ips = tuple(
-                CniIP(address=ipaddress.ip_interface(ip["address"]),
-                      gateway=str(ip.get("gateway", "")), interface=ip.get("interface"))
-                for ip in data.get("ips", []))
+                CniIP(
+                    address=ipaddress.ip_interface(ip["address"]),
+                    gateway=str(ip.get("gateway", "")),
+                    interface=ip.get("interface"),
+                )
+                for ip in data.get("ips", [])
+            )
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise CniError(plugin, command, None, f"not a CNI result: {data!r}") from err
         return cls(interfaces=interfaces, ips=ips, raw=data)
 
 
-def _env(command: str, *, container_id: str, netns: str, ifname: str,
-         args: Mapping[str, str], cni_path: Path) -> dict[str, str]:
+def _env(
+    command: str,
+    *,
+    container_id: str,
+    netns: str,
+    ifname: str,
+    args: Mapping[str, str],
+    cni_path: Path,
+) -> dict[str, str]:
     env = {
-        "CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns,
-        "CNI_IFNAME": ifname, "CNI_PATH": str(cni_path),
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": container_id,
+        "CNI_NETNS": netns,
+        "CNI_IFNAME": ifname,
+        "CNI_PATH": str(cni_path),
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
     }
     if args:
@@ -132,9 +151,18 @@ def _env(command: str, *, container_id: str, netns: str, ifname: str,
     return env
 
 
-async def invoke(plugin: str, command: str, config: Mapping[str, Any], *, container_id: str,
-                 netns: str, ifname: str, args: Mapping[str, str] | None = None,
-                 cni_path: Path = CNI_BIN, timeout: float = 30.0) -> CniResult | None:
+async def invoke(
+    plugin: str,
+    command: str,
+    config: Mapping[str, Any],
+    *,
+    container_id: str,
+    netns: str,
+    ifname: str,
+    args: Mapping[str, str] | None = None,
+    cni_path: Path = CNI_BIN,
+    timeout: float = 30.0,
+) -> CniResult | None:
     """Exec ``plugin`` for ``command`` (ADD, DEL, CHECK) as a runtime does.
 
     Returns the parsed result of an ADD (None for the other commands). Raises
@@ -143,20 +171,34 @@ async def invoke(plugin: str, command: str, config: Mapping[str, Any], *, contai
     """
     changing = [k for k in _HOST_CHANGING if config.get(k)]
     if changing:
-        raise ValueError(f"refusing CNI config with {changing}: it changes the host "
-                         "(ip_forward / NAT) beyond the pod's links")
+        raise ValueError(
+            f"refusing CNI config with {changing}: it changes the host "
+            "(ip_forward / NAT) beyond the pod's links"
+        )
     binary = cni_path / plugin
     if not os.access(binary, os.X_OK):
-        raise CniError(plugin, command, None, f"{binary} is missing: apt-get install "
-                       "containernetworking-plugins")
+        raise CniError(
+            plugin,
+            command,
+            None,
+            f"{binary} is missing: apt-get install containernetworking-plugins",
+        )
     proc = await asyncio.create_subprocess_exec(
-        str(binary), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        str(binary),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=_env(command, container_id=container_id, netns=netns, ifname=ifname,
-                 args=args or {}, cni_path=cni_path))
+        env=_env(
+            command,
+            container_id=container_id,
+            netns=netns,
+            ifname=ifname,
+            args=args or {},
+            cni_path=cni_path,
+        ),
+    )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(json.dumps(config).encode()),
-                                          timeout)
+        out, err = await asyncio.wait_for(proc.communicate(json.dumps(config).encode()), timeout)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
@@ -164,8 +206,7 @@ async def invoke(plugin: str, command: str, config: Mapping[str, Any], *, contai
         raise
     text = out.decode(errors="replace").strip()
     if proc.returncode != 0:
-        raise _error(plugin, command, text, err.decode(errors="replace").strip(),
-                     proc.returncode)
+        raise _error(plugin, command, text, err.decode(errors="replace").strip(), proc.returncode)
     if command != "ADD":
         return None
     try:
@@ -178,32 +219,49 @@ async def invoke(plugin: str, command: str, config: Mapping[str, Any], *, contai
 def _error(plugin: str, command: str, out: str, err: str, status: int | None) -> CniError:
     try:
         data = json.loads(out)
-        return CniError(plugin, command, int(data["code"]), str(data.get("msg", "")),
-                        str(data.get("details", "")))
+        return CniError(
+            plugin,
+            command,
+            int(data["code"]),
+            str(data.get("msg", "")),
+            str(data.get("details", "")),
+        )
     except (ValueError, KeyError, TypeError):
-        return CniError(plugin, command, None,
-                        f"exit status {status}: {out or err or 'no output'}")
+        return CniError(plugin, command, None, f"exit status {status}: {out or err or 'no output'}")
 
 
-def bridge_config(name: str, bridge: str, subnet: str, data_dir: Path, *,
-                  range_start: str = "", range_end: str = "", mac: str = "",
-                  mtu: int = 0) -> dict[str, Any]:
+def bridge_config(
+    name: str,
+    bridge: str,
+    subnet: str,
+    data_dir: Path,
+    *,
+    range_start: str = "",
+    range_end: str = "",
+    mac: str = "",
+    mtu: int = 0,
+) -> dict[str, Any]:
     """A ``bridge`` + ``host-local`` network config that touches only its own links.
 
     ``mac`` asks the bridge plugin for the pod veth's MAC (its ``runtimeConfig.mac``).
     """
     net = ipaddress.ip_network(subnet)
     if not net.subnet_of(LINK_LOCAL):  # type: ignore[arg-type]
-        raise ValueError(f"subnet {subnet} is not inside {LINK_LOCAL}: tests keep to "
-                         "link-local addresses")
+        raise ValueError(
+            f"subnet {subnet} is not inside {LINK_LOCAL}: tests keep to link-local addresses"
+        )
     rng: dict[str, str] = {"subnet": str(net)}
     if range_start:
         rng["rangeStart"] = range_start
     if range_end:
         rng["rangeEnd"] = range_end
     config: dict[str, Any] = {
-        "cniVersion": CNI_VERSION, "name": name, "type": "bridge", "bridge": bridge,
-        "isGateway": False, "ipMasq": False,
+        "cniVersion": CNI_VERSION,
+        "name": name,
+        "type": "bridge",
+        "bridge": bridge,
+        "isGateway": False,
+        "ipMasq": False,
         "ipam": {"type": "host-local", "dataDir": str(data_dir), "ranges": [[rng]]},
     }
     if mac:
@@ -258,7 +316,8 @@ class Pod:
 
 async def _ip(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        "ip", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        "ip", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
     out, _ = await proc.communicate()
     return proc.returncode or 0, out.decode(errors="replace").strip()
 
@@ -269,9 +328,17 @@ async def _ip_ok(*args: str) -> None:
         raise CniError("ip", " ".join(args), None, out or f"exit status {status}")
 
 
-async def add_pod(prefix: str, subnet: str, *, mac: str = "", ifname: str = "eth0",
-                  range_start: str = "", range_end: str = "", bridge_address: str = "",
-                  mtu: int = 0) -> Pod:
+async def add_pod(
+    prefix: str,
+    subnet: str,
+    *,
+    mac: str = "",
+    ifname: str = "eth0",
+    range_start: str = "",
+    range_end: str = "",
+    bridge_address: str = "",
+    mtu: int = 0,
+) -> Pod:
     """Make netns ``{prefix}n`` and run ``bridge`` ADD into it (bridge ``{prefix}b``).
 
     ``bridge_address`` (CIDR) is then put on the bridge: the far side of the pod's veth
@@ -281,23 +348,45 @@ async def add_pod(prefix: str, subnet: str, *, mac: str = "", ifname: str = "eth
     if len(bridge) > _IFNAMSIZ or len(netns) > _IFNAMSIZ:
         raise ValueError(f"prefix {prefix!r} too long: names must fit in {_IFNAMSIZ} bytes")
     data_dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-cni-"))
-    config = bridge_config(f"{prefix}net", bridge, subnet, data_dir, range_start=range_start,
-                           range_end=range_end, mac=mac, mtu=mtu)
+    config = bridge_config(
+        f"{prefix}net",
+        bridge,
+        subnet,
+        data_dir,
+        range_start=range_start,
+        range_end=range_end,
+        mac=mac,
+        mtu=mtu,
+    )
     made = False
     try:
         await _ip_ok("netns", "add", netns)
         made = True
         await _ip_ok("-n", netns, "link", "set", "lo", "up")
-        result = await invoke("bridge", "ADD", config, container_id=prefix,
-                              netns=f"/run/netns/{netns}", ifname=ifname)
+        result = await invoke(
+            "bridge", "ADD", config, container_id=prefix, netns=f"/run/netns/{netns}", ifname=ifname
+        )
         assert result is not None
-        pod = Pod(container_id=prefix, netns=netns, ifname=ifname, bridge=bridge,
-                  config=config, data_dir=data_dir, result=result)
+        pod = Pod(
+            container_id=prefix,
+            netns=netns,
+            ifname=ifname,
+            bridge=bridge,
+            config=config,
+            data_dir=data_dir,
+            result=result,
+        )
         if bridge_address:
             await _ip_ok("addr", "add", bridge_address, "dev", bridge)
     except BaseException:
-        await _teardown(prefix, netns=netns if made else "", bridge=bridge, ifname=ifname,
-                        config=config, data_dir=data_dir)
+        await _teardown(
+            prefix,
+            netns=netns if made else "",
+            bridge=bridge,
+            ifname=ifname,
+            config=config,
+            data_dir=data_dir,
+        )
         raise
     return pod
 
@@ -305,17 +394,38 @@ async def add_pod(prefix: str, subnet: str, *, mac: str = "", ifname: str = "eth
 async def del_pod(pod: Pod) -> None:
     """CNI DEL, then remove the pod's bridge, netns and IPAM directory. Raises the first
     failure only after every cleanup step has run."""
-    await _teardown(pod.container_id, netns=pod.netns, bridge=pod.bridge, ifname=pod.ifname,
-                    config=pod.config, data_dir=pod.data_dir, strict=True)
+    await _teardown(
+        pod.container_id,
+        netns=pod.netns,
+        bridge=pod.bridge,
+        ifname=pod.ifname,
+        config=pod.config,
+        data_dir=pod.data_dir,
+        strict=True,
+    )
 
 
-async def _teardown(container_id: str, *, netns: str, bridge: str, ifname: str,
-                    config: Mapping[str, Any], data_dir: Path, strict: bool = False) -> None:
+async def _teardown(
+    container_id: str,
+    *,
+    netns: str,
+    bridge: str,
+    ifname: str,
+    config: Mapping[str, Any],
+    data_dir: Path,
+    strict: bool = False,
+) -> None:
     errors: list[Exception] = []
     if netns:
         try:
-            await invoke("bridge", "DEL", config, container_id=container_id,
-                         netns=f"/run/netns/{netns}", ifname=ifname)
+            await invoke(
+                "bridge",
+                "DEL",
+                config,
+                container_id=container_id,
+                netns=f"/run/netns/{netns}",
+                ifname=ifname,
+            )
         except (CniError, OSError) as err:
             errors.append(err)
     status, out = await _ip("link", "del", bridge)
@@ -338,4 +448,3 @@ async def pod_network(prefix: str, subnet: str, **kwargs: Any) -> AsyncIterator[
         yield pod
     finally:
         await del_pod(pod)
-

@@ -22,8 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0},
-                                "package": "fake"}, "capabilities": []}}
+GREETING = {
+    "QMP": {
+        "version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "fake"},
+        "capabilities": [],
+    }
+}
 
 
 class Reply(Exception):
@@ -46,8 +50,9 @@ class Client:
         self.conn.sendall(json.dumps(obj).encode() + b"\r\n")
 
     def event(self, name: str, data: dict[str, Any] | None = None) -> None:
-        self.send({"event": name, "data": data or {},
-                   "timestamp": {"seconds": 0, "microseconds": 0}})
+        self.send(
+            {"event": name, "data": data or {}, "timestamp": {"seconds": 0, "microseconds": 0}}
+        )
 
     def take_fd(self) -> int:
         if not self.pending:
@@ -62,8 +67,9 @@ Handler = Callable[["FakeQemu", Client, dict[str, Any]], Any]
 class FakeQemu:
     """The fake peer: a listening socket served on a thread, and what the client gave it."""
 
-    def __init__(self, path: Path, on_connect: Callable[[FakeQemu, Client], None] | None
-                 = None) -> None:
+    def __init__(
+        self, path: Path, on_connect: Callable[[FakeQemu, Client], None] | None = None
+    ) -> None:
         self.path = path
         self.commands: dict[str, Handler] = dict(COMMANDS)
         self.fail: dict[str, str] = {}
@@ -135,8 +141,9 @@ class FakeQemu:
                 for level, kind, payload in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         client.pending.extend(
-                            int.from_bytes(payload[i:i + 4], "little")
-                            for i in range(0, len(payload) - len(payload) % 4, 4))
+                            int.from_bytes(payload[i : i + 4], "little")
+                            for i in range(0, len(payload) - len(payload) % 4, 4)
+                        )
                 if not data:
                     return
                 buf += data.decode()
@@ -175,6 +182,7 @@ class FakeQemu:
 
 
 # --- the command table -------------------------------------------------------------------
+
 
 def _nothing(peer: FakeQemu, client: Client, args: dict[str, Any]) -> None:
     return None
@@ -220,12 +228,16 @@ def _device_del(peer: FakeQemu, client: Client, args: dict[str, Any]) -> None:
 
 def _qom_list(peer: FakeQemu, client: Client, args: dict[str, Any]) -> list[dict[str, str]]:
     if args["path"] == "/machine/peripheral":
-        return [{"name": "type", "type": "string"},
-                {"name": "rp0", "type": "child<pcie-root-port>"},
-                *({"name": d, "type": "child<virtio-net-pci>"} for d in peer.devices)]
+        return [
+            {"name": "type", "type": "string"},
+            {"name": "rp0", "type": "child<pcie-root-port>"},
+            *({"name": d, "type": "child<virtio-net-pci>"} for d in peer.devices),
+        ]
     if args["path"] == "/machine/peripheral/rp0/rp0":
-        return [{"name": f"child[{i}]", "type": "child<virtio-net-pci>"}
-                for i, _ in enumerate(peer.devices)]
+        return [
+            {"name": f"child[{i}]", "type": "child<virtio-net-pci>"}
+            for i, _ in enumerate(peer.devices)
+        ]
     return []
 
 
@@ -234,11 +246,21 @@ def _qom_get(peer: FakeQemu, client: Client, args: dict[str, Any]) -> int:
 
 
 def _query_pci(peer: FakeQemu, client: Client, args: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"bus": 0, "devices": [
-        {"slot": 0, "function": 0, "qdev_id": "", "id": {"device": 0x29C0}},
-        {"slot": 1, "function": 0, "qdev_id": "rp0", "id": {"device": 12},
-         "pci_bridge": {"devices": [{"qdev_id": d} for d in sorted(peer.devices)]}},
-    ]}]
+    return [
+        {
+            "bus": 0,
+            "devices": [
+                {"slot": 0, "function": 0, "qdev_id": "", "id": {"device": 0x29C0}},
+                {
+                    "slot": 1,
+                    "function": 0,
+                    "qdev_id": "rp0",
+                    "id": {"device": 12},
+                    "pci_bridge": {"devices": [{"qdev_id": d} for d in sorted(peer.devices)]},
+                },
+            ],
+        }
+    ]
 
 
 def _virtio_status(peer: FakeQemu, client: Client, args: dict[str, Any]) -> dict[str, Any]:

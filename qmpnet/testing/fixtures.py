@@ -25,8 +25,18 @@ from qmpnet.testing.guest import GuestImage, build_guest
 from qmpnet.testing.scene import RUN, add_netns, del_link, del_netns, sweep, unique
 from qmpnet.testing.vm import UNEXPECTED_EXITS, GuestVM
 
-__all__ = ["guest_image", "host_link_names", "make_netns", "module_vm", "netns", "paused_vm",
-           "pytest_terminal_summary", "require_root", "state_dir", "sweep_at_end"]
+__all__ = [
+    "guest_image",
+    "host_link_names",
+    "make_netns",
+    "module_vm",
+    "netns",
+    "paused_vm",
+    "pytest_terminal_summary",
+    "require_root",
+    "state_dir",
+    "sweep_at_end",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -99,8 +109,7 @@ def guest_image() -> GuestImage:
 @pytest_asyncio.fixture
 async def paused_vm(guest_image: GuestImage, tmp_path: Path) -> AsyncIterator[GuestVM]:
     """A q35 QEMU with 4 root ports that never runs guest code (``-S``)."""
-    vm = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=4,
-                             name=f"{RUN}-paused")
+    vm = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=4, name=f"{RUN}-paused")
     try:
         yield vm
     finally:
@@ -112,14 +121,19 @@ def module_vm(tag: str, *, root_ports: int = 4) -> Any:
 
     Use as ``vm = module_vm("crash")``; the tests that take it run on the module's loop.
     """
+
     @pytest_asyncio.fixture(scope="module", loop_scope="module")
-    async def fixture(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory,
-                      ) -> AsyncIterator[GuestVM]:
-        async with await GuestVM.start(guest_image, tmp_path_factory.mktemp(tag),
-                                       root_ports=root_ports, name=f"{RUN}-{tag}") as vm:
+    async def fixture(
+        guest_image: GuestImage,
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> AsyncIterator[GuestVM]:
+        async with await GuestVM.start(
+            guest_image, tmp_path_factory.mktemp(tag), root_ports=root_ports, name=f"{RUN}-{tag}"
+        ) as vm:
             yield vm
             if death := await vm.died_by_itself():
                 raise death  # the module's failures were this, not what they say
+
     return fixture
 
 

@@ -91,8 +91,11 @@ def has_ingress(netns: str, dev: str) -> bool:
 
 def marked_links(netns: str = "") -> dict[str, str]:
     """Links carrying qmpnet's mark: name -> alias."""
-    return {name: str(link["ifalias"]) for name, link in links(netns).items()
-            if str(link.get("ifalias", "")).startswith("qmpnet:")}
+    return {
+        name: str(link["ifalias"])
+        for name, link in links(netns).items()
+        if str(link.get("ifalias", "")).startswith("qmpnet:")
+    }
 
 
 def link_fingerprint(link: dict[str, Any]) -> dict[str, Any]:
@@ -116,6 +119,7 @@ def neighbour_mac(dev: str, address: str, netns: str = "") -> str:
 
 
 # --- processes -------------------------------------------------------------------------------
+
 
 def fd_targets(pid: int | str = "self") -> list[str]:
     """What each open fd of process ``pid`` points at (``/proc/PID/fd``)."""
@@ -148,8 +152,7 @@ def tun_count(pid: int | str) -> int:
 
 def tap_fd_count(pid: int | str) -> int:
     """How many fds ``pid`` holds on /dev/net/tun or a macvtap's /dev/tapN."""
-    return sum(1 for t in fd_targets(pid)
-               if t == "/dev/net/tun" or re.fullmatch(r"/dev/tap\d+", t))
+    return sum(1 for t in fd_targets(pid) if t == "/dev/net/tun" or re.fullmatch(r"/dev/tap\d+", t))
 
 
 def rss_kib(pid: int | str = "self") -> int:
@@ -180,6 +183,7 @@ def qemu_pids(prefix: str) -> list[int]:
 
 # --- QEMU, on a monitor qmpnet does not use ------------------------------------------------
 
+
 @attrs.define(eq=False)
 class Monitor:
     """Read QEMU through a qemu.qmp client of its own (not qmpnet's session)."""
@@ -188,8 +192,11 @@ class Monitor:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, qmp_path: str | Path, timeout: float = 30.0,
-                      ) -> AsyncIterator[Monitor]:
+    async def connect(
+        cls,
+        qmp_path: str | Path,
+        timeout: float = 30.0,
+    ) -> AsyncIterator[Monitor]:
         """A monitor connection for the block's duration (QEMU serves one client per socket)."""
         client = QMPClient("qmpnet-probe")
         await asyncio.wait_for(client.connect(str(qmp_path)), timeout)
@@ -206,15 +213,20 @@ class Monitor:
 
     async def peripherals(self) -> dict[str, str]:
         """QOM ``/machine/peripheral``: device id -> type (``child<virtio-net-pci>``)."""
-        return {str(c["name"]): str(c["type"])
-                for c in await self.execute("qom-list", {"path": "/machine/peripheral"})
-                if str(c["type"]).startswith("child<")}
+        return {
+            str(c["name"]): str(c["type"])
+            for c in await self.execute("qom-list", {"path": "/machine/peripheral"})
+            if str(c["type"]).startswith("child<")
+        }
 
     async def netdev_lines(self) -> list[str]:
         """``info network`` lines of tap netdevs, e.g. ``x-net: index=0,type=tap,fd=12``."""
         # A NIC's netdev is shown indented under it: " \\ <id>-net: index=0,type=tap,fd=12".
-        return [line.strip().lstrip("\\_ ") for line in
-                (await self.hmp("info network")).splitlines() if "type=tap" in line]
+        return [
+            line.strip().lstrip("\\_ ")
+            for line in (await self.hmp("info network")).splitlines()
+            if "type=tap" in line
+        ]
 
     async def netdevs(self) -> set[str]:
         """The ids of QEMU's tap netdevs."""
@@ -229,6 +241,7 @@ class Monitor:
                 if dev.get("qdev_id"):
                     found.add(str(dev["qdev_id"]))
                 walk(dev.get("pci_bridge", {}).get("devices", []))
+
         for bus in await self.execute("query-pci"):
             walk(bus.get("devices", []))
         return found
@@ -259,25 +272,34 @@ class QemuView:
 
 async def qemu_view(qmp_path: str | Path) -> QemuView:
     async with Monitor.connect(qmp_path) as mon:
-        return QemuView(frozenset(await mon.peripherals()), frozenset(await mon.pci_ids()),
-                        frozenset(await mon.netdevs()))
+        return QemuView(
+            frozenset(await mon.peripherals()),
+            frozenset(await mon.pci_ids()),
+            frozenset(await mon.netdevs()),
+        )
 
 
 async def held_fd_names(qmp_path: str | Path, endpoint_id: str, queues: int = 4) -> list[str]:
     """Named fds QEMU still holds for ``endpoint_id`` (each one found is released: a leak)."""
     async with Monitor.connect(qmp_path) as mon:
-        return [f"{endpoint_id}-{kind}{i}" for kind in ("fd", "vhost") for i in range(queues)
-                if await mon.holds_fd(f"{endpoint_id}-{kind}{i}")]
+        return [
+            f"{endpoint_id}-{kind}{i}"
+            for kind in ("fd", "vhost")
+            for i in range(queues)
+            if await mon.holds_fd(f"{endpoint_id}-{kind}{i}")
+        ]
 
 
-async def monitor_command(qmp_path: str | Path, command: str,
-                          args: dict[str, Any] | None = None) -> Any:
+async def monitor_command(
+    qmp_path: str | Path, command: str, args: dict[str, Any] | None = None
+) -> Any:
     """One QMP command on the VM manager's monitor (stop, cont, injections)."""
     async with Monitor.connect(qmp_path) as mon:
         return await mon.execute(command, args)
 
 
 # --- the state directory, from its files ---------------------------------------------------
+
 
 def state_file(state_dir: Path) -> Any:
     path = state_dir / "state.json"
@@ -308,8 +330,9 @@ def state_leftovers(state_dir: Path) -> list[str]:
         if not isinstance(state, dict) or "endpoints" not in state:
             problems.append(f"{state_dir}/state.json has no 'endpoints' list: {state!r:.200}")
         elif state["endpoints"]:
-            problems.append(f"{state_dir}/state.json still lists "
-                            f"{len(state['endpoints'])} interface(s)")
+            problems.append(
+                f"{state_dir}/state.json still lists {len(state['endpoints'])} interface(s)"
+            )
     if journal_file(state_dir):
         problems.append(f"{state_dir}/journal.json has operations in flight")
     return problems

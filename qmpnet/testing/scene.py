@@ -40,15 +40,15 @@ def add_netns(name: str) -> str:
 
 def del_netns(name: str) -> None:
     """Remove a netns, if it is there (teardown)."""
-    subprocess.run(["ip", "netns", "del", probe.ns_name(name)], capture_output=True,
-                   check=False)
+    subprocess.run(["ip", "netns", "del", probe.ns_name(name)], capture_output=True, check=False)
 
 
 def del_link(name: str, netns: str = "") -> None:
     """Remove a link, if it is there (teardown)."""
     ns = probe.ns_name(netns)
-    subprocess.run(["ip", *(["-n", ns] if ns else []), "link", "del", name],
-                   capture_output=True, check=False)
+    subprocess.run(
+        ["ip", *(["-n", ns] if ns else []), "link", "del", name], capture_output=True, check=False
+    )
 
 
 def sweep(prefix: str = RUN) -> list[str]:
@@ -101,8 +101,9 @@ def make_sandbox(netns: str, name: str, mac: str, timeout: float = 30.0) -> None
     run(*link, "set", name + "p", "up")
     run(*link, "set", name, "up")  # CNI plugins leave it up
     deadline = time.monotonic() + timeout
-    while not all("LOWER_UP" in probe.links(netns).get(n, {}).get("flags", [])
-                  for n in (name, name + "p")):
+    while not all(
+        "LOWER_UP" in probe.links(netns).get(n, {}).get("flags", []) for n in (name, name + "p")
+    ):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{name} got no carrier within {timeout:g} s")
         time.sleep(0.01)

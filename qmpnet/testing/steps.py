@@ -38,14 +38,20 @@ class StepRecorder:
     """Records (step, phase, time) of every operation; selectors narrow by kind and MAC."""
 
     events: list[StepEvent] = attrs.field(factory=list)
-    _waiters: list[tuple[Step, Phase, str | None, asyncio.Future[StepEvent]]] = \
-        attrs.field(factory=list)
+    _waiters: list[tuple[Step, Phase, str | None, asyncio.Future[StepEvent]]] = attrs.field(
+        factory=list
+    )
 
     def __call__(self, op: Operation, step: Step, phase: Phase) -> None:
         subject = op.subject
-        event = StepEvent(op.kind, str(getattr(subject, "id", "")),
-                          str(getattr(subject, "hardware_addr", "")), step, phase,
-                          time.monotonic())
+        event = StepEvent(
+            op.kind,
+            str(getattr(subject, "id", "")),
+            str(getattr(subject, "hardware_addr", "")),
+            step,
+            phase,
+            time.monotonic(),
+        )
         self.events.append(event)
         waiting = []
         for waiter in self._waiters:
@@ -64,11 +70,17 @@ class StepRecorder:
 
     def select(self, kind: str | None = None, mac: str | None = None) -> Iterator[StepEvent]:
         """The events of operations of ``kind`` on ``mac`` (``None``: any), in order."""
-        return (e for e in self.events
-                if (kind is None or e.kind == kind) and (mac is None or e.mac == mac))
+        return (
+            e
+            for e in self.events
+            if (kind is None or e.kind == kind) and (mac is None or e.mac == mac)
+        )
 
-    def history(self, kind: str | None = None, mac: str | None = None,
-                ) -> list[tuple[Step, Phase]]:
+    def history(
+        self,
+        kind: str | None = None,
+        mac: str | None = None,
+    ) -> list[tuple[Step, Phase]]:
         """(step, phase) in the order seen, as ``Operation.history`` has it."""
         return [(e.step, e.phase) for e in self.select(kind, mac)]
 
@@ -78,8 +90,11 @@ class StepRecorder:
         ids = [e.endpoint_id for e in self.events if e.endpoint_id]
         return ids[-1] if ids else ""
 
-    def durations(self, kind: str | None = None, mac: str | None = None,
-                  ) -> list[tuple[Step, float]]:
+    def durations(
+        self,
+        kind: str | None = None,
+        mac: str | None = None,
+    ) -> list[tuple[Step, float]]:
         """(step, seconds from its BEGIN to its DONE), in the order the steps ended."""
         begun: dict[Step, float] = {}
         out = []
@@ -90,22 +105,28 @@ class StepRecorder:
                 out.append((e.step, e.at - begun.pop(e.step)))
         return out
 
-    def first(self, step: Step | None, phase: Phase, *, kind: str | None = None,
-              mac: str | None = None) -> float:
+    def first(
+        self, step: Step | None, phase: Phase, *, kind: str | None = None, mac: str | None = None
+    ) -> float:
         """When (step, phase) was first seen; ``step=None``: any step."""
         for e in self.select(kind, mac):
             if e.phase is phase and (step is None or e.step is step):
                 return e.at
-        raise LookupError(f"no {step or 'step'} {phase} of {kind or 'any operation'} "
-                          f"{mac or ''} among {len(self.events)} events")
+        raise LookupError(
+            f"no {step or 'step'} {phase} of {kind or 'any operation'} "
+            f"{mac or ''} among {len(self.events)} events"
+        )
 
-    def last(self, step: Step, phase: Phase, *, kind: str | None = None,
-             mac: str | None = None) -> float:
+    def last(
+        self, step: Step, phase: Phase, *, kind: str | None = None, mac: str | None = None
+    ) -> float:
         """When (step, phase) was last seen (a MAC plugged twice: its latest plug)."""
         found = [e.at for e in self.select(kind, mac) if e.step is step and e.phase is phase]
         if not found:
-            raise LookupError(f"no {step} {phase} of {kind or 'any operation'} {mac or ''} "
-                              f"among {len(self.events)} events")
+            raise LookupError(
+                f"no {step} {phase} of {kind or 'any operation'} {mac or ''} "
+                f"among {len(self.events)} events"
+            )
         return found[-1]
 
     def span(self) -> tuple[float, float]:
@@ -114,18 +135,28 @@ class StepRecorder:
             raise LookupError("no step was seen")
         return self.events[0].at, self.events[-1].at
 
-    def began_at(self, step: Step | None = None, *, kind: str | None = None,
-                 mac: str | None = None) -> float:
+    def began_at(
+        self, step: Step | None = None, *, kind: str | None = None, mac: str | None = None
+    ) -> float:
         """When ``step`` (``None``: the first step) first began."""
         return self.first(step, Phase.BEGIN, kind=kind, mac=mac)
 
-    def ended_at(self, step: Step, *, kind: str | None = None, mac: str | None = None,
-                 ) -> float:
+    def ended_at(
+        self,
+        step: Step,
+        *,
+        kind: str | None = None,
+        mac: str | None = None,
+    ) -> float:
         """When ``step`` was first done."""
         return self.first(step, Phase.DONE, kind=kind, mac=mac)
 
-    def reached(self, step: Step, phase: Phase, kind: str | None = None,
-                ) -> asyncio.Future[StepEvent]:
+    def reached(
+        self,
+        step: Step,
+        phase: Phase,
+        kind: str | None = None,
+    ) -> asyncio.Future[StepEvent]:
         """A future of the next time an operation (of ``kind``) reaches (step, phase).
 
         Registered at once, so take it before starting the operation; cancel it to give up.

@@ -441,8 +441,9 @@ class GuestVM:
                 os.kill(self.pid, signal.SIGKILL)
         status = await self._proc.wait()
         if first and report and status != -signal.SIGKILL:
-            self._report_death(await self._error(
-                f"QEMU pid {self.pid} ({self.workdir.name}) exited by itself"))
+            self._report_death(
+                await self._error(f"QEMU pid {self.pid} ({self.workdir.name}) exited by itself")
+            )
         for task in self._readers:
             task.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
@@ -452,11 +453,18 @@ class GuestVM:
 
     def _report_death(self, death: GuestVMError) -> None:
         self._log.error("%s", death)
-        UNEXPECTED_EXITS.append("\n".join([
-            f"QEMU pid {self.pid} ({self.workdir.name}) exited by itself,"
-            f" status {death.returncode}", "  stderr:",
-            *(f"    {line}" for line in death.stderr_tail[-20:]), "  console:",
-            *(f"    {line}" for line in death.console_tail[-10:])]))
+        UNEXPECTED_EXITS.append(
+            "\n".join(
+                [
+                    f"QEMU pid {self.pid} ({self.workdir.name}) exited by itself,"
+                    f" status {death.returncode}",
+                    "  stderr:",
+                    *(f"    {line}" for line in death.stderr_tail[-20:]),
+                    "  console:",
+                    *(f"    {line}" for line in death.console_tail[-10:]),
+                ]
+            )
+        )
 
     async def __aenter__(self) -> Self:
         return self
