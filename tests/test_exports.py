@@ -35,6 +35,7 @@ EXPECTED = {
     "qmpnet.endpoints": [
         "REGISTRY",
         "Endpoint",
+        "EndpointSpec",
         "IpvlanEndpoint",
         "MacvlanEndpoint",
         "MacvtapEndpoint",

@@ -3,6 +3,7 @@
 from qmpnet.endpoints.base import (
     REGISTRY,
     Endpoint,
+    EndpointSpec,
     PlugContext,
     create_endpoint,
     net_info_from_interface,
@@ -24,6 +25,7 @@ from qmpnet.endpoints.unpluggable import (
 __all__ = [
     "REGISTRY",
     "Endpoint",
+    "EndpointSpec",
     "IpvlanEndpoint",
     "MacvlanEndpoint",
     "MacvtapEndpoint",

@@ -34,6 +34,20 @@ if TYPE_CHECKING:
     from qmpnet.lifecycle import Operation
 
 
+@attrs.frozen(kw_only=True)
+class EndpointSpec:
+    """What a new endpoint is built from: one value, so every type's ``create`` takes the same."""
+
+    net_info: NetworkInfo
+    #: the interface's index in the VM, for default names (``eth{idx}``, ``tap{idx}_kata``)
+    idx: int
+    model: InterworkingModel
+    netns_path: str = ""
+    tap_name: str | None = None
+    #: queue pairs; 0 means "as configured / one per vCPU"
+    queues: int = 0
+
+
 @attrs.define(eq=False)
 class PlugContext:
     """What an endpoint needs to plug or unplug itself: the VM, settings, the operation."""
@@ -100,16 +114,7 @@ class Endpoint(Protocol):
         ...
 
     @classmethod
-    def create(
-        cls,
-        *,
-        net_info: NetworkInfo,
-        idx: int,
-        model: InterworkingModel,
-        netns_path: str,
-        tap_name: str | None,
-        queues: int,
-    ) -> Self: ...
+    def create(cls, spec: EndpointSpec) -> Self: ...
 
     async def attach(self, ctx: PlugContext) -> Self:
         """Cold plug; qmpnet plugs into running VMs, so every type refuses with its reason."""
@@ -201,7 +206,7 @@ def create_endpoint(
     if idx < 0:
         raise InvalidInputError("index", idx, "must be >= 0")
     kind = endpoint_type_for(net_info.link_type)
-    return REGISTRY[kind].create(
+    spec = EndpointSpec(
         net_info=net_info,
         idx=idx,
         model=model,
@@ -209,6 +214,7 @@ def create_endpoint(
         tap_name=tap_name,
         queues=queues,
     )
+    return REGISTRY[kind].create(spec)
 
 
 def unsupported(endpoint: Endpoint, operation: str, reason: str) -> UnsupportedError:

@@ -25,7 +25,7 @@ import attrs
 
 from qmpnet import tuntap
 from qmpnet.endpoints import plumbing
-from qmpnet.endpoints.base import PlugContext, new_id, register, unsupported
+from qmpnet.endpoints.base import EndpointSpec, PlugContext, new_id, register, unsupported
 from qmpnet.errors import InvalidInputError, NotOursError, UnsupportedError
 from qmpnet.lifecycle import Operation, Step
 from qmpnet.links import LinkInfo, Links
@@ -330,36 +330,28 @@ class NetPairEndpoint:
         return pair_model(self.net_pair.model)
 
     @classmethod
-    def create(
-        cls,
-        *,
-        net_info: NetworkInfo,
-        idx: int,
-        model: InterworkingModel,
-        netns_path: str,
-        tap_name: str | None,
-        queues: int,
-    ) -> Self:
-        if idx < 0:
-            raise InvalidInputError("index", idx, "must be >= 0")
-        pair_model(model)  # an unusable model is refused before anything is made
-        virt_name = net_info.iface.name or f"eth{idx}"
+    def create(cls, spec: EndpointSpec) -> Self:
+        if spec.idx < 0:
+            raise InvalidInputError("index", spec.idx, "must be >= 0")
+        pair_model(spec.model)  # an unusable model is refused before anything is made
+        info = spec.net_info
+        virt_name = info.iface.name or f"eth{spec.idx}"
         tap = TapInterface(
             id=new_id(),
             name=virt_name,
             tap_iface=NetworkInterface(
-                name=check_ifname("tap name", tap_name or f"tap{idx}_kata"),
-                hard_addr=net_info.iface.hardware_addr,
+                name=check_ifname("tap name", spec.tap_name or f"tap{spec.idx}_kata"),
+                hard_addr=info.iface.hardware_addr,
             ),
         )
         pair = NetworkInterfacePair(
             tap_interface=tap,
-            model=model.resolved(),
+            model=spec.model.resolved(),
             virt_iface=NetworkInterface(
-                name=virt_name, hard_addr=net_info.iface.hardware_addr, addrs=net_info.addrs
+                name=virt_name, hard_addr=info.iface.hardware_addr, addrs=info.addrs
             ),
         )
-        return cls(net_pair=pair, properties=net_info, netns_path=netns_path, queues=queues)
+        return cls(net_pair=pair, properties=info, netns_path=spec.netns_path, queues=spec.queues)
 
     async def attach(self, ctx: PlugContext) -> Self:
         raise unsupported(self, "cold plug", "qmpnet plugs into a running VM: use hot_attach")

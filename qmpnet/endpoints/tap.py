@@ -14,6 +14,7 @@ import attrs
 from qmpnet import tuntap
 from qmpnet.endpoints import plumbing
 from qmpnet.endpoints.base import (
+    EndpointSpec,
     PlugContext,
     new_id,
     random_mac,
@@ -25,7 +26,6 @@ from qmpnet.lifecycle import Operation, Step
 from qmpnet.links import Links
 from qmpnet.model import (
     EndpointType,
-    InterworkingModel,
     LinkAttrs,
     NetworkInfo,
     NetworkInterface,
@@ -74,25 +74,17 @@ class TapEndpoint:
         return self.tap_interface.tap_iface.name
 
     @classmethod
-    def create(
-        cls,
-        *,
-        net_info: NetworkInfo,
-        idx: int,
-        model: InterworkingModel,
-        netns_path: str,
-        tap_name: str | None,
-        queues: int,
-    ) -> Self:
-        del model  # a tap endpoint has no interworking: that is model none
+    def create(cls, spec: EndpointSpec) -> Self:
+        # a tap endpoint has no interworking: that is model none
+        iface = spec.net_info.iface
         endpoint = create_tap_endpoint(
-            idx, net_info.iface.name, tap_name=tap_name, mac=net_info.iface.hardware_addr
+            spec.idx, iface.name, tap_name=spec.tap_name, mac=iface.hardware_addr
         )
         return cls(
             tap_interface=endpoint.tap_interface,
-            properties=net_info,
-            netns_path=netns_path,
-            queues=queues,
+            properties=spec.net_info,
+            netns_path=spec.netns_path,
+            queues=spec.queues,
         )
 
     async def attach(self, ctx: PlugContext) -> Self:

@@ -15,11 +15,10 @@ from typing import ClassVar, Self
 
 import attrs
 
-from qmpnet.endpoints.base import PlugContext, new_id, register, unsupported
+from qmpnet.endpoints.base import EndpointSpec, PlugContext, new_id, register, unsupported
 from qmpnet.lifecycle import Operation
 from qmpnet.model import (
     EndpointType,
-    InterworkingModel,
     NetworkInfo,
     NetworkInterface,
     NetworkInterfacePair,
@@ -66,23 +65,14 @@ class UnpluggableEndpoint:
         return 0
 
     @classmethod
-    def create(
-        cls,
-        *,
-        net_info: NetworkInfo,
-        idx: int,
-        model: InterworkingModel,
-        netns_path: str,
-        tap_name: str | None,
-        queues: int,
-    ) -> Self:
-        del model, tap_name, queues
+    def create(cls, spec: EndpointSpec) -> Self:
+        info = spec.net_info
         iface = NetworkInterface(
-            name=net_info.iface.name or f"eth{idx}",
-            hard_addr=net_info.iface.hardware_addr,
-            addrs=net_info.addrs,
+            name=info.iface.name or f"eth{spec.idx}",
+            hard_addr=info.iface.hardware_addr,
+            addrs=info.addrs,
         )
-        return cls(iface=iface, properties=net_info, netns_path=netns_path)
+        return cls(iface=iface, properties=info, netns_path=spec.netns_path)
 
     async def attach(self, ctx: PlugContext) -> Self:
         raise unsupported(self, "cold plug", self.reason)
