@@ -58,6 +58,17 @@ PLUG_STEPS = [
     "persist",
 ]
 UNPLUG_STEPS = ["device-del", "netdev-del", "remove-links", "forget"]
+#: Steps that change nothing: a kill there leaves no journal record at all.
+BEFORE_THE_PLAN = {"validate"}
+#: The step whose BEGIN writes the operation's one journal record (the plan).
+FIRST_JOURNALED = {
+    ("add", "tcfilter"): "open-queues",
+    ("add", "macvtap"): "prepare-links",
+    ("add", "none"): "open-queues",
+    ("remove", "tcfilter"): "device-del",
+    ("remove", "macvtap"): "device-del",
+    ("remove", "none"): "device-del",
+}
 # /dev/vhost-net is missing on the test hosts, so open-vhost never runs (test_faults says so).
 
 CASES = (
@@ -172,9 +183,21 @@ async def test_kill_driver_at_step_then_reconcile(
     code, output = await _driver(*args)
     assert code == -signal.SIGKILL, f"the driver was not killed at {step}:{phase}: {output}"
     journal = journal_file(state_dir)
-    assert journal, "a killed operation leaves its intent in the journal"
+    if step in BEFORE_THE_PLAN:
+        # Killed before anything was changed: no record, and nothing to settle.
+        assert journal is None, journal
+        report = await reconcile(state)
+        assert report.ok, report.lines()
+        assert not [a for a in report.actions if a.outcome is not Outcome.ORPHAN]
+        await assert_views_agree(vm, state_dir, netns, virt, model, tun_before, set())
+        if virt:
+            assert ip_links(netns)[virt]["address"] == veth_before
+        return
+    assert journal, "a killed operation leaves its plan in the journal"
     ((record_id, record),) = journal.items()
-    assert record["step"] == step
+    # One durable record per operation, written before its first step that changes things.
+    assert record["step"] == FIRST_JOURNALED[op, model]
+    assert record["operation"] == ("hot-plug" if op == "add" else "unplug")
 
     ours = {record_id}
     report = await reconcile(state)

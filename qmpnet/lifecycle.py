@@ -46,6 +46,11 @@ class Step(enum.StrEnum):
     REMOVE_LINKS = "remove-links"
     FORGET = "forget"
 
+    @property
+    def changes_things(self) -> bool:
+        """Whether the step can change the host, QEMU or the state (all but validation)."""
+        return self is not Step.VALIDATE
+
 
 class OpKind(enum.StrEnum):
     """What an operation does; the journal records it, recovery decides by it."""

@@ -115,11 +115,23 @@ class NetworkState:
     # --- journal ---------------------------------------------------------------------------
 
     def _journal(self, started: float) -> Observer:
+        """Write the operation's one durable record before its first host-visible step.
+
+        The record is the plan: the endpoint names every object the operation creates or
+        removes (tap, fd names, netdev and device ids derive from it), so recovery checks
+        each against the host and QEMU and needs no record of the steps that followed.
+        """
+        written = False
+
         async def observe(op: Operation, step: Step, phase: Phase) -> None:
-            if phase is Phase.BEGIN and op.subject is not None:
+            nonlocal written
+            if written or phase is not Phase.BEGIN or not step.changes_things:
+                return
+            if op.subject is not None:
                 await self.store.journal_begin(
                     op.subject.id, op.kind, step.value, op.subject, started
                 )
+                written = True
 
         return observe
 

@@ -70,7 +70,8 @@ class Action:
     endpoint_id: str
     name: str = ""
     mac: str = ""
-    #: the interrupted operation and its last step begun, for journal records
+    #: the interrupted operation and the step its record was written at (its first one that
+    #: changes anything; later steps are not journaled), for journal records
     operation: str = ""
     step: str = ""
     detail: str = ""
@@ -115,7 +116,7 @@ class ReconcileReport:
         ]
         for a in self.actions:
             who = " ".join(x for x in (a.name, a.mac) if x)
-            what = f" ({a.operation} at {a.step})" if a.operation else ""
+            what = f" ({a.operation}, journaled at {a.step})" if a.operation else ""
             why = f": {a.detail}" if a.detail else ""
             out.append(f"  {a.outcome.value:<20} {a.endpoint_id} {who}{what}{why}".rstrip())
         out.extend(f"  error: {e}" for e in self.errors)

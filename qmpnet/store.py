@@ -1,8 +1,9 @@
 """One VM's saved state and journal: files in a 0700 directory, written atomically, locked.
 
 ``state.json`` lists the VM's endpoints with their status; ``journal.json`` holds the intent of
-each operation in flight (written durably before each step), so a later process can finish or
-roll back what a crashed one left. Files are written atomically (:mod:`qmpnet.files`) on a
+each operation in flight (one record, written durably before its first host-visible step: the
+endpoint names everything the operation makes), so a later process can finish or roll back
+what a crashed one left. Files are written atomically (:mod:`qmpnet.files`) on a
 worker thread, one write at a time, so the event loop never waits on a disk. A file lock
 (``flock``, polled with a deadline) serializes processes on one VM.
 """
