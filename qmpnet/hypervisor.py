@@ -22,6 +22,7 @@ import attrs
 
 from qmpnet.errors import (
     PlugError,
+    QmpCommandError,
     QmpDisconnectedError,
     QmpnetError,
     QmpTimeoutError,
@@ -102,14 +103,62 @@ def _by_slot(bridge: Bridge) -> int:
 
 
 @attrs.define(eq=False)
+class Topology:
+    """The buses read from QEMU once, and the slots this session took since."""
+
+    bridges: list[Bridge]
+    root_used: frozenset[int]
+    root_hotplug: bool
+    #: device id -> the slot this session plugged it on
+    taken: dict[str, Slot] = attrs.field(factory=dict)
+
+    def free(self) -> list[Slot]:
+        busy = set(self.taken.values())
+        return [
+            s
+            for s in free_slots(self.bridges, set(self.root_used), self.root_hotplug)
+            if s not in busy
+        ]
+
+    def first_free(self) -> Slot:
+        slots = self.free()
+        if not slots:
+            raise UnsupportedError(
+                "this VM",
+                "hot-plug",
+                "no free hot-pluggable PCI slot (launch q35 with more pcie-root-port devices)",
+            )
+        return slots[0]
+
+    def take(self, device: str, slot: Slot) -> None:
+        self.taken[device] = slot
+
+    def release(self, device: str) -> bool:
+        """Free the slot of a device this session plugged; False for any other device."""
+        return self.taken.pop(device, None) is not None
+
+
+def _slot_taken(err: QmpCommandError) -> bool:
+    """Whether QEMU refused a ``device_add`` because its slot is in use."""
+    return "not available" in err.desc or "in use" in err.desc or "occupied" in err.desc
+
+
+@attrs.define(eq=False)
 class QemuHypervisor:
-    """Hot-plug network devices into one running QEMU through one QMP session."""
+    """Hot-plug network devices into one running QEMU through one QMP session.
+
+    The bus topology is read once per session and kept in step with this session's own plugs
+    and unplugs, so a plug with a kept session chooses its slot without asking QEMU. Someone
+    else may plug behind the session's back: a ``device_add`` refused for its slot re-reads
+    the topology and tries once more.
+    """
 
     qmp: QmpSession
     unplug_timeout: float = 5.0
     guest_timeout: float = 30.0
     _lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
     _vcpus: int | None = None
+    _topology: Topology | None = None
 
     async def vcpus(self) -> int:
         if self._vcpus is None:
@@ -179,30 +228,16 @@ class QemuHypervisor:
         await _qemu_step(op, Step.NETDEV_ADD, netdev_add, netdev_del)
 
         async def device_add() -> Slot:
-            # Choosing a slot and taking it must not interleave with another plug.
-            async with self._lock:
-                slots = await self.free_slots()
-                if not slots:
-                    raise UnsupportedError(
-                        "this VM",
-                        "hot-plug",
-                        "no free hot-pluggable PCI "
-                        "slot (launch q35 with more pcie-root-port devices)",
-                    )
-                slot = slots[0]
-                args: dict[str, Any] = {
-                    "driver": "virtio-net-pci",
-                    "id": device_id(tap),
-                    "netdev": netdev_id(tap),
-                    "mac": mac,
-                    "bus": slot.bus,
-                    "addr": hex(slot.addr),
-                    "romfile": "",
-                }
-                if queues > 1:
-                    args.update(mq=True, vectors=vectors_for(queues))
-                await self.qmp.device_add(args)
-                return slot
+            args: dict[str, Any] = {
+                "driver": "virtio-net-pci",
+                "id": device_id(tap),
+                "netdev": netdev_id(tap),
+                "mac": mac,
+                "romfile": "",
+            }
+            if queues > 1:
+                args.update(mq=True, vectors=vectors_for(queues))
+            return await self._add_on_free_slot(device_id(tap), args)
 
         async def device_del() -> None:
             await self.qmp.device_del(device_id(tap), self.unplug_timeout)
@@ -228,10 +263,48 @@ class QemuHypervisor:
 
     async def _unplug(self, tap: TapInterface, op: Operation) -> None:
         # No lock here: waiting for the guest must not hold up other plugs of this VM.
-        await op.step(
-            Step.DEVICE_DEL, lambda: self.qmp.device_del(device_id(tap), self.unplug_timeout)
-        )
+        async def device_del() -> bool:
+            gone = False
+            try:
+                gone = await self.qmp.device_del(device_id(tap), self.unplug_timeout)
+                return gone
+            finally:
+                self._forget_slot(device_id(tap), gone)
+
+        await op.step(Step.DEVICE_DEL, device_del)
         await op.step(Step.NETDEV_DEL, lambda: self.qmp.netdev_del(netdev_id(tap)))
+
+    # --- slots -----------------------------------------------------------------------------
+
+    async def _add_on_free_slot(self, device: str, args: dict[str, Any]) -> Slot:
+        """``device_add`` on the first free slot; the choice and the add are one section."""
+        async with self._lock:
+            fresh = self._topology is None
+            for attempt in range(2):
+                topology = await self._kept_topology()
+                slot = topology.first_free()
+                try:
+                    await self.qmp.device_add({**args, "bus": slot.bus, "addr": hex(slot.addr)})
+                except QmpCommandError as err:
+                    self._topology = None  # whatever QEMU has now is read again next time
+                    if fresh or attempt or not _slot_taken(err):
+                        raise
+                    log.info("slot %s taken behind this session's back: re-reading", slot)
+                    continue
+                topology.take(device, slot)
+                return slot
+        raise AssertionError("unreachable")
+
+    async def _kept_topology(self) -> Topology:
+        if self._topology is None:
+            self._topology = await self.read_topology()
+        return self._topology
+
+    def _forget_slot(self, device: str, gone: bool) -> None:
+        """After a device_del: a device this session plugged frees its slot; anything else
+        (a device plugged before, an unplug still pending) has the layout read anew."""
+        if self._topology is not None and not (gone and self._topology.release(device)):
+            self._topology = None
 
     async def release_fds(self, tap: TapInterface) -> None:
         """Close fds QEMU still holds for ``tap`` by name (``fd0..`` then ``vhost0..``).
@@ -244,7 +317,11 @@ class QemuHypervisor:
                     break
 
     async def free_slots(self) -> list[Slot]:
-        """Free slots as QEMU's object tree shows them.
+        """Free slots as QEMU's object tree shows them now (read afresh)."""
+        return (await self.read_topology()).free()
+
+    async def read_topology(self) -> Topology:
+        """The hot-pluggable buses and what is on them, as QEMU's object tree shows them.
 
         QOM, not query-pci, for what sits behind bridges: query-pci cannot see below a bridge
         until the guest firmware has numbered the buses (a paused VM never has). The reads
@@ -263,7 +340,7 @@ class QemuHypervisor:
         )
         root = [d for bus in pci if bus.get("bus") == 0 for d in bus.get("devices", [])]
         q35 = any(d["id"]["device"] == Q35_HOST_BRIDGE for d in root)
-        return free_slots(bridges, {d["slot"] for d in root}, root_hotplug=not q35)
+        return Topology(bridges, frozenset(d["slot"] for d in root), root_hotplug=not q35)
 
     async def _bridge(self, name: str, kind: str) -> Bridge:
         path = f"/machine/peripheral/{name}"

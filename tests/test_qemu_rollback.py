@@ -524,3 +524,40 @@ async def test_concurrent_plugs_through_one_session_take_different_slots(
     finally:
         for fd in fds:
             fd.close()
+
+
+@pytest.mark.asyncio
+async def test_a_slot_taken_behind_a_kept_session_is_found_and_another_used(
+    paused_vm: GuestVM, host_link_names: Any
+) -> None:
+    """The kept topology is only a cache: a VM manager plugging on "our" next slot through
+    its own monitor makes our device_add fail once, re-read QEMU, and use the next slot."""
+    taps = [host_link_names("s") for _ in range(2)]
+    fds = [QueueFds(tap=tuntap.open_tap_queues(name, 1)) for name in taps]
+    try:
+        async with (
+            await QmpSession.connect(str(paused_vm.mgmt_qmp_path)) as ours,
+            await QmpSession.connect(str(paused_vm.qmp_path)) as theirs,
+        ):
+            hv, manager = QemuHypervisor(ours), QemuHypervisor(theirs)
+            taps_of = [
+                create_tap_endpoint(i, "eth0", tap_name=name).tap_interface
+                for i, name in enumerate(taps)
+            ]
+            first = await hv.plug_tap(taps_of[0], fds[0], "52:54:00:00:02:01")
+            [next_free, *_] = await manager.free_slots()
+            await theirs.device_add(
+                {
+                    "driver": "virtio-net-pci",
+                    "id": f"{RUN}-theirs",
+                    "bus": next_free.bus,
+                    "addr": hex(next_free.addr),
+                    "romfile": "",
+                }
+            )
+            second = await hv.plug_tap(taps_of[1], fds[1], "52:54:00:00:02:02")
+            assert len({first, next_free.pci_path, second}) == 3, (first, next_free, second)
+            assert device_id(taps_of[1]) in await manager.peripheral_ids()
+    finally:
+        for fd in fds:
+            fd.close()
