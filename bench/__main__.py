@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import cost, datapath, plug, scale, versus
+from bench import cost, datapath, floor, plug, scale, versus
 from bench.harness import PREFIX, Context, sweep_links
 from bench.machine import describe
 from bench.stats import Report
@@ -27,6 +27,7 @@ from qmpnet.testing.guest import build_guest
 #: name -> the coroutine that fills a report, in the order they run.
 BENCHES: dict[str, Callable[[Context, Report], Awaitable[None]]] = {
     "plug": plug.run,
+    "floor": floor.run,
     "versus": versus.run,
     "scale": scale.run,
     "datapath": datapath.run,

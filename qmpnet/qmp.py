@@ -291,7 +291,12 @@ class QmpSession:
         return int(status)
 
     async def wait_driver_ok(self, device_id: str, timeout: float) -> None:
-        """Poll virtio status until the guest driver has set DRIVER_OK."""
+        """Poll virtio status until the guest driver has set DRIVER_OK.
+
+        QEMU sends no event for it, so it is polled, on a fine steady interval: a back-off
+        would overshoot the moment by up to its longest pause. One poll is one small QMP
+        round trip, so a few hundred polls of a slow guest cost QEMU little.
+        """
 
         async def driver_ok() -> bool:
             return bool(await self.virtio_status(device_id) & VIRTIO_CONFIG_S_DRIVER_OK)
@@ -299,11 +304,13 @@ class QmpSession:
         await poll_until(
             driver_ok,
             timeout=timeout,
-            interval=0.005,
-            cap=0.1,
+            interval=DRIVER_OK_POLL,
             error=lambda: QmpTimeoutError(f"wait for guest driver of {device_id}", timeout),
         )
 
+
+#: Seconds between two DRIVER_OK polls: the most a guest-ready wait returns late by.
+DRIVER_OK_POLL = 0.002
 
 #: Handshakes tried before an event-broken handshake is reported (the race is rare).
 _HANDSHAKE_ATTEMPTS = 5
