@@ -271,7 +271,7 @@ async def test_a_bridge_name_too_long_fails_before_anything_is_made(
     cni_veth: Any, host: Any
 ) -> None:
     veth = cni_veth(mac="52:54:00:00:00:49")
-    ep = _endpoint(veth, InterworkingModel.BRIDGED, tap=unique("x") + "a" * 8)  # 15 bytes
+    ep = _endpoint(veth, InterworkingModel.BRIDGED, tap=(unique("x") + "a" * 15)[:15])
     fds = tuntap.QueueFds()
     before = sorted(host.links(veth.sandbox))
     with pytest.raises(InvalidInputError) as caught:

@@ -341,10 +341,10 @@ def _failures() -> list[Any]:
     [
         pytest.param("get_links", False, lambda links, name: links.list(), id="list"),
         pytest.param("get_links", True, lambda links, name: links.list(), id="list-mid-dump"),
-        pytest.param("get_links", False, lambda links, name: links.lookup(name), id="lookup"),
-        pytest.param("get_links", True, lambda links, name: links.get(name), id="get-mid-dump"),
+        pytest.param("link", False, lambda links, name: links.lookup(name), id="lookup"),
+        pytest.param("link", False, lambda links, name: links.get(name), id="get"),
         pytest.param(
-            "get_links",
+            "link",
             False,
             lambda links, name: links.wait_for(name, present=False),
             id="wait_for",
