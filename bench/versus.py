@@ -6,7 +6,9 @@ Three sides plug and unplug a virtio tap NIC, in one run, in rotating order per 
 - libvirt: ``virsh attach-device DOM if.xml --live`` / ``detach-device`` of an
   ``<interface type='ethernet'>`` into a transient TCG domain of our own libvirtd;
 - qmpnet CLI: ``qmpnet add-iface`` / ``del-iface`` processes against a GuestVM's QEMU;
-- qmpnet library: ``NetworkState.add_interface`` / ``remove_interface`` in this process.
+- qmpnet library: ``NetworkState.add_interface`` / ``remove_interface`` in this process, with
+  a session per operation (the default) and with a kept session (``connect()``, on a third
+  monitor of the same VM, since a monitor serves one client at a time).
 
 Both VMs boot the same kernel and initrd, q35 with the same number of root ports, 2 vCPUs,
 256 MiB, and both NICs run without vhost-net. Every side also times the guest-visible event:
@@ -29,6 +31,7 @@ from bench.harness import (
     GUEST_TIMEOUT,
     Context,
     Proc,
+    bench_config,
     give_peer,
     ip_links,
     mac,
@@ -48,8 +51,13 @@ from qmpnet.testing.vm import GuestVM
 
 QUEUES = (1, 4)
 ROOT_PORTS = 4
-SIDES = ("libvirt", "cli", "lib")
-LABEL = {"libvirt": "virsh", "cli": "qmpnet CLI", "lib": "qmpnet library"}
+SIDES = ("libvirt", "cli", "lib", "kept")
+LABEL = {
+    "libvirt": "virsh",
+    "cli": "qmpnet CLI",
+    "lib": "qmpnet library",
+    "kept": "qmpnet library, kept session",
+}
 
 NOTES = [
     "add/del: wall time of the whole virsh or qmpnet process (spawn → exit), or of the"
@@ -73,6 +81,7 @@ class Sides:
     dom: Domain
     vm: GuestVM
     net: NetworkState
+    kept: NetworkState
     qmpnet_bin: str
     scratch: Path
 
@@ -133,11 +142,17 @@ class Sides:
         await _tap_gone(tap)
 
     async def lib(self, queues: int, table: Table) -> None:
+        await self._library("lib", self.net, queues, table)
+
+    async def kept_lib(self, queues: int, table: Table) -> None:
+        await self._library("kept", self.kept, queues, table)
+
+    async def _library(self, side: str, net: NetworkState, queues: int, table: Table) -> None:
         hw, tap = mac(40 + queues), name("b")
         cursor = self.vm.console_cursor()
         async with watching(marker_at(self.vm, nic_add_re(hw), cursor)) as seen:
             t0 = time.monotonic()
-            await self.net.add_interface(
+            await net.add_interface(
                 InterfaceDescription(name="eth1", hw_addr=hw),
                 model=InterworkingModel.NONE,
                 queues=queues,
@@ -146,15 +161,15 @@ class Sides:
             wall = time.monotonic() - t0
             await give_peer(tap, hw)
             t_seen = await seen
-        table.row(f"add: {LABEL['lib']}").add(ms(wall))
-        table.row(f"guest sees NIC: {LABEL['lib']}").add(ms(t_seen - t0))
+        table.row(f"add: {LABEL[side]}").add(ms(wall))
+        table.row(f"guest sees NIC: {LABEL[side]}").add(ms(t_seen - t0))
         cursor = self.vm.console_cursor()
         async with watching(marker_at(self.vm, nic_del_re(hw), cursor)) as gone:
             t0 = time.monotonic()
-            await self.net.remove_interface(hw)
+            await net.remove_interface(hw)
             wall = time.monotonic() - t0
             await gone
-        _del(table, "lib", wall)
+        _del(table, side, wall)
         await _tap_gone(tap)
 
 
@@ -180,7 +195,7 @@ def _ratios(table: Table) -> None:
     """Per-cycle qmpnet/libvirt ratios of the rows measured back to back."""
     for what in ("add", "guest sees NIC", "del"):
         base = table.row(f"{what}: {LABEL['libvirt']}").samples
-        for side in ("cli", "lib"):
+        for side in ("cli", "lib", "kept"):
             ours = table.row(f"{what}: {LABEL[side]}").samples
             ratio = table.row(f"ratio {what}: {LABEL[side]} / virsh", "x")
             for a, b in zip(ours, base, strict=True):
@@ -201,21 +216,32 @@ async def run(ctx: Context, report: Report) -> None:
                 daemon, ctx.image, ctx.scratch("domain"), machine="q35", root_ports=ROOT_PORTS
             )
         )
+        third = ctx.workdir / "versus-m3.sock"
         try:
-            vm = await ctx.boot(stack, machine="q35", root_ports=ROOT_PORTS)
+            vm = await ctx.boot(
+                stack,
+                machine="q35",
+                root_ports=ROOT_PORTS,
+                extra_args=("-qmp", f"unix:{third},server=on,wait=off"),
+            )
         finally:
             dom = await dom_task
             stack.push_async_callback(dom.destroy)
         ctx.accels.add("tcg")  # <domain type='qemu'> is TCG
         qmpnet_bin = str(Path(sys.executable).with_name("qmpnet"))
-        sides = Sides(ctx, daemon, dom, vm, ctx.network(vm), qmpnet_bin, ctx.scratch("xml"))
+        kept = NetworkState.open(ctx.scratch("state"), str(third), bench_config())
+        await kept.connect()
+        stack.push_async_callback(kept.close)
+        sides = Sides(ctx, daemon, dom, vm, ctx.network(vm), kept, qmpnet_bin, ctx.scratch("xml"))
         drive: dict[str, Callable[[int, Table], Awaitable[None]]] = {
             "libvirt": sides.libvirt,
             "cli": sides.cli,
             "lib": sides.lib,
+            "kept": sides.kept_lib,
         }
         for i in range(cycles):
-            order = SIDES[i % 3 :] + SIDES[: i % 3]
+            k = i % len(SIDES)
+            order = SIDES[k:] + SIDES[:k]
             for q in QUEUES if i % 2 == 0 else QUEUES[::-1]:
                 for side in order:
                     await drive[side](q, tables[q])
