@@ -37,12 +37,12 @@ from qmpnet.testing.vm import GuestVM, Machine
 NOTES = [
     "request = the call to NetworkState.add_interface / remove_interface (tap NIC, model none,"
     " no vhost-net); steps are the lifecycle observers' BEGIN→DONE times; \"before the"
-    " first step\" is taking the VM's lock, loading its state and connecting to QMP; the"
-    " journal's durable write before each step falls between the steps",
+    " first step\" is taking the VM's lock, loading its state, connecting to QMP, QEMU's MAC"
+    " check and the journal's one durable record (written at the first step's BEGIN)",
     "DRIVER_OK: x-query-virtio-status polled every 5 ms on the other QMP monitor, from the"
     " moment device_add returned (resolution ~5 ms + one QMP round trip)",
-    "add_interface returned: with wait_guest=True the library polls DRIVER_OK itself, backing"
-    " off 5→100 ms, so it returns up to ~100 ms after DRIVER_OK",
+    "add_interface returned: with wait_guest=True the library polls DRIVER_OK itself every"
+    " 2 ms, then saves the state (the commit point), so it returns a few ms after DRIVER_OK",
     "guest NIC-ADD marker: the guest's /init polls /sys/class/net every ~50 ms and waits for"
     " stable queue counts (3 reads ~10 ms apart), so the marker lags the kernel's own"
     " detection by ~50-90 ms; it is the guest-visible figure, not the driver's",
