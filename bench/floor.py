@@ -127,12 +127,14 @@ async def run(ctx: Context, report: Report) -> None:
         tables = {
             q: report.table(f"qmpnet vs the floor, {machine}, {q} queue(s)", NOTES) for q in QUEUES
         }
+        teardown = report.table(f"where netdev_del's time goes, {machine}", TEARDOWN_NOTES)
         async with contextlib.AsyncExitStack() as stack:
             # A third monitor: the kept session holds the second one for the whole run.
             third = ctx.workdir / f"m3-{machine}.sock"
             extra = ("-qmp", f"unix:{third},server=on,wait=off")
             vm = await ctx.boot(stack, machine=machine, root_ports=4, extra_args=extra)
             await _run_machine(ctx, vm, str(third), cycles, tables, stack)
+            await _teardown_cost(vm, ctx.pick(20, 3), teardown)
         for table in tables.values():
             _ratios(table)
 
@@ -224,6 +226,42 @@ async def _library_cycle(
     deleted = clock.ended_at(Step.DEVICE_DEL, kind="unplug")
     table.row(f"unplug: request → DEVICE_DELETED: {LABEL[side]}").add(ms(deleted - t0))
     table.row(f"unplug: DEVICE_DELETED → returned: {LABEL[side]}").add(ms(done - deleted))
+
+
+TEARDOWN_NOTES = [
+    "a tap netdev without a NIC, 1 and 4 queues: netdev_del while QEMU holds the only copy"
+    " of each queue fd, versus netdev_del while the bench keeps a dup of each, whose close()"
+    " the bench then times: the cost moves with the last close(), so it is the kernel"
+    " unregistering the non-persistent tap (RCU waits), not QEMU and not qmpnet's polling",
+]
+
+
+async def _teardown_cost(vm: GuestVM, cycles: int, table: Table) -> None:
+    async with await QmpSession.connect(str(vm.qmp_path), name="bench-teardown") as qmp:
+        for i in range(cycles):
+            for queues in QUEUES:
+                for keep in (False, True):
+                    tap, nd = name("d"), f"bd{i}q{queues}{int(keep)}"
+                    fds = tuntap.open_tap_queues(tap, queues)
+                    names = [f"{nd}-fd{q}" for q in range(queues)]
+                    for fd, fd_name in zip(fds, names, strict=True):
+                        await qmp.pass_fd(fd, fd_name)
+                    await qmp.netdev_add_tap(nd, names, [])
+                    if not keep:
+                        for fd in fds:
+                            os.close(fd)
+                    t0 = time.monotonic()
+                    await qmp.netdev_del(nd)
+                    took = time.monotonic() - t0
+                    if keep:
+                        t1 = time.monotonic()
+                        for fd in fds:
+                            os.close(fd)
+                        table.row(f"{queues} q: then the bench's close() of its dups").add(
+                            ms(time.monotonic() - t1)
+                        )
+                    holder = "bench keeps a dup" if keep else "QEMU holds the last fd"
+                    table.row(f"{queues} q: netdev_del, {holder}").add(ms(took))
 
 
 def _ratios(table: Table) -> None:
