@@ -910,7 +910,7 @@ async def test_unplug_error_reply_fake_peer(
         text = expect(err, step, QmpCommandError, desc)
         assert saved_ids(scene.state_dir) == {ep.id: "unplug-pending"}
         # nothing was torn down past the failed step: the tap still carries the NIC
-        assert getattr(ep, "tap_name", "") in ip_links(scene.netns)
+        assert ep.host_link in ip_links(scene.netns)
         report = await reconcile(state)
         assert [a.outcome for a in report.actions] == [Outcome.PENDING_COMPLETED]
         await fake.settled()

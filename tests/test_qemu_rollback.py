@@ -134,7 +134,7 @@ async def test_paused_plug_and_the_unplug_deadline(
     endpoint = await state.add_interface(
         InterfaceDescription(name="eth0", hw_addr=mac), model=InterworkingModel.NONE, queues=queues
     )
-    assert getattr(endpoint, "host_link", None) == tap
+    assert endpoint.host_link == tap
     watch.report(f"tap plug, {queues} queue(s), paused q35")
     after = await _snapshot(vm, host)
     assert f"{endpoint.id}-dev" in after["peripherals"]

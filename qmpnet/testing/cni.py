@@ -53,7 +53,7 @@ __all__ = [
 #: Where Debian's ``containernetworking-plugins`` installs the plugin binaries.
 CNI_BIN = Path("/usr/lib/cni")
 CNI_VERSION = "1.0.0"
-LINK_LOCAL = ipaddress.ip_network("169.254.0.0/16")
+LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
 #: Keys of a bridge config that change the host beyond the pod's own links.
 _HOST_CHANGING = ("isGateway", "isDefaultGateway", "ipMasq")
 _IFNAMSIZ = 15
@@ -246,7 +246,7 @@ def bridge_config(
     ``mac`` asks the bridge plugin for the pod veth's MAC (its ``runtimeConfig.mac``).
     """
     net = ipaddress.ip_network(subnet)
-    if not net.subnet_of(LINK_LOCAL):  # type: ignore[arg-type]
+    if not isinstance(net, ipaddress.IPv4Network) or not net.subnet_of(LINK_LOCAL):
         raise ValueError(
             f"subnet {subnet} is not inside {LINK_LOCAL}: tests keep to link-local addresses"
         )
