@@ -2,7 +2,9 @@
 
 Ramp: 1 … 28 NICs plugged one after another into one q35 VM with 30 root ports (each
 plug waits for the guest to report the NIC before the next one), then unplugged in reverse;
-repeated, with the per-N medians printed and a least-squares slope of latency over N.
+repeated, with the per-N medians printed and a least-squares slope of latency over N. At each
+N the floor (the bare QMP sequence of ``bench.floor``) plugs and unplugs one NIC of its own on
+the last root port first, so qmpnet's growth with N is read against QEMU's own.
 
 Concurrency: 8 VMs are booted once; for 1, 2, 4 and 8 of them, each runs plug+unplug cycles
 at the same time from this one event loop, and the aggregate rate is counted. VMs not in
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
 import time
 from collections import defaultdict
 
+from bench.floor import Floor, driver_ok
 from bench.harness import (
     GUEST_TIMEOUT,
     Context,
@@ -31,6 +35,7 @@ from bench.harness import (
     watching,
 )
 from bench.stats import Grid, Report, Table, fmt
+from qmpnet.hypervisor import QemuHypervisor
 from qmpnet.lifecycle import Step
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
@@ -65,15 +70,27 @@ async def _ramp(ctx: Context, report: Report) -> None:
         "add_interface returned (DRIVER_OK)",
         "guest NIC-ADD marker",
         "remove_interface returned",
+        "floor: device_add returned",
     )
     async with contextlib.AsyncExitStack() as stack:
         vm = await ctx.boot(stack, machine="q35", root_ports=MAX_NICS + 2)
         net = ctx.network(vm)
         clock = StepRecorder()
         net.observers.append(clock)
+        monitor = await QmpSession.connect(str(vm.qmp_path), name="bench-scale-floor")
+        stack.push_async_callback(monitor.close)
+        floor = Floor(monitor, (await QemuHypervisor(monitor).free_slots())[-1])
         for r in range(ramps):
             plugged = []
             for n in range(1, nics + 1):
+                took, dev, fds = await floor.plug(1, mac(200 + n % 50))
+                try:
+                    await driver_ok(monitor, dev)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                await floor.unplug(dev)
+                data[metrics[4]][n].append(ms(took))
                 hw = mac(n)
                 clock.clear()
                 cursor = vm.console_cursor()
@@ -107,7 +124,7 @@ async def _ramp(ctx: Context, report: Report) -> None:
 
     grid = Grid(
         f"per-NIC latency as N grows (q35, 1 queue; median of {ramps} ramp(s), ms)",
-        ("N", "device_add", "add (DRIVER_OK)", "guest marker", "unplug"),
+        ("N", "device_add", "add (DRIVER_OK)", "guest marker", "unplug", "floor device_add"),
     )
     for n in range(1, nics + 1):
         grid.lines.append((str(n), *(fmt(statistics.median(data[m][n])) for m in metrics)))
@@ -138,6 +155,18 @@ async def _ramp(ctx: Context, report: Report) -> None:
         + "; ".join(f"{m} {v:+.2f} ms/NIC" for m, v in slopes.items())
     ]
     report.facts["ramp slope (ms per extra NIC)"] = {m: round(v, 3) for m, v in slopes.items()}
+
+    def growth(metric: str) -> float:
+        head = statistics.median(v for n in range(1, k + 1) for v in data[metric][n])
+        tail = statistics.median(v for n in range(nics - k + 1, nics + 1) for v in data[metric][n])
+        return tail - head
+
+    ours, bare = growth(metrics[0]), growth(metrics[4])
+    report.facts[f"device_add growth N=1..{k} → N={nics - k + 1}..{nics} (ms)"] = {
+        "qmpnet": round(ours, 2),
+        "floor": round(bare, 2),
+        "qmpnet minus floor": round(ours - bare, 2),
+    }
 
 
 async def _concurrent(ctx: Context, report: Report) -> None:
