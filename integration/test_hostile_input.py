@@ -525,7 +525,7 @@ async def test_state_dir_0700_files_0600(tmp_path: Path) -> None:
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in loose.iterdir()}
         await store.journal_end(ep.id)
     assert stat.S_IMODE(loose.stat().st_mode) == 0o700
-    assert modes == {"state.json": 0o600, "journal.json": 0o600, "lock": 0o600}
+    assert modes == {"state.json": 0o600, "journal.json": 0o600, "lock": 0o600, "mark.key": 0o600}
 
 
 @pytest.mark.asyncio
