@@ -27,6 +27,7 @@ import pytest
 import pytest_asyncio
 from qemu.qmp import QMPClient
 
+from qmpnet.marks import claimed_owner
 from qmpnet.testing.cni import Pod, pod_network
 from qmpnet.testing.guest import GuestImage, guest_ip_for_mac, host_ip_for_mac
 from qmpnet.testing.probe import ip_json, links
@@ -184,7 +185,7 @@ def ns(path: str) -> str:
 def owned_links(netns: str) -> dict[str, str]:
     """Links in the netns carrying qmpnet's mark: name -> owner id."""
     return {
-        link["ifname"]: link["ifalias"].removeprefix("qmpnet:")
+        link["ifname"]: claimed_owner(link["ifalias"])
         for link in ip_json("link", "show", netns=ns(netns))
         if link.get("ifalias", "").startswith("qmpnet:")
     }
@@ -630,7 +631,7 @@ async def test_main_mode_makes_a_tap_in_the_netns_with_an_address_from_host_loca
         assert tap["linkinfo"]["info_kind"] == "tun"
         assert tap["linkinfo"]["info_data"]["type"] == "tap"
         assert tap["ifalias"].startswith("qmpnet:")
-        owner = tap["ifalias"].removeprefix("qmpnet:")
+        owner = claimed_owner(tap["ifalias"])
         assert f"{owner}-dev" in (await qemu_view(vm))[0]
         # The tap is the pod end of the guest's link: traffic from inside the netns.
         assert (

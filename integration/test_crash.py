@@ -25,6 +25,7 @@ from crash_driver import command
 
 from qmpnet.config import Config, Timeouts
 from qmpnet.errors import QmpConnectError
+from qmpnet.marks import claimed_owner
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
@@ -118,7 +119,7 @@ async def assert_views_agree(
     assert _ours(view.devices) & ours == plugged, f"QOM {view.devices} vs state {plugged}"
     assert _ours(view.pci_devices) & ours <= plugged, f"query-pci {view.pci_devices}"
     assert _ours(view.netdevs) & ours == plugged, f"info network {view.netdevs} vs {plugged}"
-    owners = {alias.removeprefix("qmpnet:") for alias in marked_links(netns).values()}
+    owners = {claimed_owner(alias) for alias in marked_links(netns).values()}
     assert owners & ours == plugged, f"marked links {owners} vs state {plugged}"
     if virt:
         assert has_ingress(netns, virt) == bool(plugged and model == "tcfilter")
@@ -299,7 +300,7 @@ async def test_qemu_killed_ops_fail_fast_and_reconcile_cleans_host(
         assert await state.list_interfaces() == []
         assert saved_ids(tmp_path / "state") == {}
         assert f"{RUN}qt" not in ip_links()
-        assert not {a.removeprefix("qmpnet:") for a in marked_links().values()} & ids
+        assert not {claimed_owner(a) for a in marked_links().values()} & ids
         for model, netns, mac in sandboxes:
             links = ip_links(netns)
             assert set(links) == {"lo", "eth1", "eth1p"}, (model, links)

@@ -54,6 +54,7 @@ from qmpnet.errors import (
     UnsupportedError,
 )
 from qmpnet.lifecycle import Operation, Phase, Step
+from qmpnet.marks import claimed_owner
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
@@ -286,7 +287,7 @@ async def assert_clean(
     gone_ns = {ns_name(before.netns)} if netns_gone else set()
     assert after.netns_list == before.netns_list - gone_ns
     assert after.host_ours == before.host_ours, "host links with the run prefix changed"
-    assert not [a for a in marked_links().values() if a == f"qmpnet:{endpoint_id}"]
+    assert not [a for a in marked_links().values() if claimed_owner(a) == endpoint_id]
     if vm_qmp:
         assert after.qemu == before.qemu, "QOM / query-pci / info network changed"
         assert not after.qemu.has_any_of(endpoint_id)

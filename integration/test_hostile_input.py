@@ -40,6 +40,7 @@ from qmpnet.errors import (
     StateError,
 )
 from qmpnet.links import Links
+from qmpnet.marks import claimed_owner
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
@@ -478,12 +479,12 @@ async def test_taken_tap_name_is_refused_and_untouched_and_marks_are_checked(
         ep = await state.add_interface(
             InterfaceDescription(name="eth1"), model=InterworkingModel.NONE, tap_name=mine
         )
-        assert ip_links()[mine]["ifalias"] == f"qmpnet:{ep.id}"
+        assert claimed_owner(ip_links()[mine]["ifalias"]) == ep.id
         netns = make_netns()
         make_sandbox(netns, "eth2", "52:54:00:00:04:41")
         pair = await state.add_interface(InterfaceDescription(name="eth2"), netns_path=netns)
         inside = ip_links(netns)
-        marked = {n for n, v in inside.items() if v.get("ifalias") == f"qmpnet:{pair.id}"}
+        marked = {n for n, v in inside.items() if claimed_owner(v.get("ifalias", "")) == pair.id}
         assert marked == {getattr(pair, "tap_name", "")}, "the tap it made carries the mark"
         assert "ifalias" not in inside["eth2"], "the CNI's link is not claimed"
 
@@ -524,7 +525,7 @@ async def test_state_dir_0700_files_0600(tmp_path: Path) -> None:
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in loose.iterdir()}
         await store.journal_end(ep.id)
     assert stat.S_IMODE(loose.stat().st_mode) == 0o700
-    assert modes == {"state.json": 0o600, "journal.json": 0o600, "lock": 0o600}
+    assert modes == {"state.json": 0o600, "journal.json": 0o600, "lock": 0o600, "mark.key": 0o600}
 
 
 @pytest.mark.asyncio

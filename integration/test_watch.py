@@ -29,6 +29,7 @@ import pytest_asyncio
 from qemu.qmp import QMPClient
 
 from qmpnet.config import Config
+from qmpnet.marks import claimed_owner
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.testing import probe
@@ -127,7 +128,7 @@ class Pod:
     def our_links(self) -> dict[str, str]:
         """name -> owner id of the links carrying qmpnet's mark, as ``ip`` shows them."""
         return {
-            n: x["ifalias"][len("qmpnet:") :]
+            n: claimed_owner(x["ifalias"])
             for n, x in self.links().items()
             if x.get("ifalias", "").startswith("qmpnet:")
         }

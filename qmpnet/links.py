@@ -5,8 +5,10 @@ string-keyed API. A :class:`Links` is bound to one netns: its netlink socket is 
 that namespace on a dedicated thread (pyroute2 would otherwise fork a helper, and would create
 a missing namespace silently).
 
-Ownership: every link qmpnet creates gets the interface alias ``qmpnet:<owner>``. ``delete``
-and the other destructive calls refuse a link without that mark.
+Ownership: every link qmpnet creates gets the interface alias the current
+:class:`qmpnet.marks.Mark` makes for its owner and name (``qmpnet:<owner>:<tag>``). ``delete``
+refuses a link whose alias does not prove it ours (:func:`ours`); a copied alias proves
+nothing.
 
 Errors: no pyroute2 exception leaves this module. Every failed netlink call (a kernel error or
 a broken socket) is a :class:`HostError` naming the operation, the link and the errno, raised
@@ -28,13 +30,14 @@ import attrs
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from qmpnet import marks
 from qmpnet.errors import HostError, LinkExistsError, NotOursError
 from qmpnet.netns import run_in_netns
 from qmpnet.poll import poll_until
 
 log = logging.getLogger(__name__)
 
-MARK_PREFIX = "qmpnet:"
+MARK_PREFIX = marks.PREFIX
 ETH_P_ALL = 0x0003
 INGRESS = 0xFFFF0000
 #: The preference of qmpnet's mirred filters: how an ingress qdisc is told to be its own.
@@ -62,8 +65,11 @@ class LinkInfo:
 
     @property
     def owner(self) -> str | None:
-        """The owner id from qmpnet's mark, or None for a link qmpnet did not make."""
-        return self.alias[len(MARK_PREFIX) :] if self.alias.startswith(MARK_PREFIX) else None
+        """The owner id the alias *claims* (anyone can copy it), or None: no mark at all.
+
+        Good for leaving a link alone; to act on it as ours, :func:`ours` must prove it.
+        """
+        return marks.claimed_owner(self.alias)
 
 
 @attrs.frozen(kw_only=True)
@@ -82,8 +88,19 @@ def _errno(err: NetlinkError | OSError) -> int | None:
     return err.code if isinstance(err, NetlinkError) else err.errno
 
 
-def mark(owner: str) -> str:
-    return MARK_PREFIX + owner
+def mark(owner: str, name: str) -> str:
+    """The alias of ``owner``'s link ``name`` under the current mark."""
+    return marks.current().of(owner, name)
+
+
+def ours(link: LinkInfo, owner: str | None = None, *, by_name: bool = False) -> bool:
+    """Whether ``link`` is proven ``owner``'s (None: the owner its alias claims).
+
+    The one check of ownership: ``by_name`` when the link was looked up by the name the
+    owner's record gives (an inherited untagged mark counts then, see :mod:`qmpnet.marks`).
+    """
+    who = owner if owner is not None else link.owner
+    return who is not None and marks.current().proves(link.alias, link.name, who, by_name=by_name)
 
 
 def _info(msg: Any) -> LinkInfo:
@@ -230,8 +247,12 @@ class Links:
         mac: str | None = None,
         up: bool | None = None,
         owner: str | None = None,
+        marked_as: str | None = None,
     ) -> None:
-        """Set MTU, MAC, alias mark and state, in that order, in one place."""
+        """Set MTU, MAC, alias mark and state, in that order, in one place.
+
+        ``marked_as``: the name the mark is made for, when the link is renamed to it later.
+        """
         index = (await self.get(name)).index
         attrs_: dict[str, Any] = {}
         if mtu is not None:
@@ -239,7 +260,7 @@ class Links:
         if mac:
             attrs_["address"] = mac
         if owner is not None:
-            attrs_["ifalias"] = mark(owner)
+            attrs_["ifalias"] = mark(owner, marked_as or name)
         if up is not None:
             # One message: the kernel applies the flags after MTU, MAC and alias.
             attrs_["state"] = "up" if up else "down"
@@ -255,8 +276,8 @@ class Links:
     async def set_up(self, name: str, up: bool = True) -> None:
         await self.configure(name, up=up)
 
-    async def mark_ours(self, name: str, owner: str) -> None:
-        await self.configure(name, owner=owner)
+    async def mark_ours(self, name: str, owner: str, marked_as: str | None = None) -> None:
+        await self.configure(name, owner=owner, marked_as=marked_as)
 
     async def set_master(self, name: str, master: str | None) -> None:
         index = (await self.get(name)).index
@@ -303,7 +324,7 @@ class Links:
         await self._refuse_existing(name)
         staging = staging_name(owner) or name
         await self._call(f"create {what}", name, self._ipr.link("add", ifname=staging, **spec))
-        info = await self._mark_new(staging, owner)
+        info = await self._mark_new(staging, owner, name)
         if staging != name:
             try:
                 await self._call(
@@ -329,10 +350,10 @@ class Links:
             raise HostError("delete link", self._where(info.name), _errno(err)) from err
         return True
 
-    async def _mark_new(self, name: str, owner: str) -> LinkInfo:
-        """Mark a link just created; a link that cannot be marked is deleted again."""
+    async def _mark_new(self, name: str, owner: str, final: str) -> LinkInfo:
+        """Mark a link just created (for its ``final`` name); one that cannot be is deleted."""
         try:
-            await self.mark_ours(name, owner)
+            await self.mark_ours(name, owner, final)
         except HostError:
             info = await self.lookup(name)
             if info is not None:
@@ -346,7 +367,7 @@ class Links:
         info = await self.lookup(name)
         if info is None:
             return False
-        if info.owner is None or (owner is not None and info.owner != owner):
+        if not ours(info, owner, by_name=owner is not None):
             raise NotOursError("delete link", self._where(name))
         try:
             await self._ipr.link("del", index=info.index)

@@ -44,7 +44,7 @@ from qmpnet.errors import (
 )
 from qmpnet.hypervisor import QemuHypervisor
 from qmpnet.lifecycle import Operation, OpKind
-from qmpnet.links import Links
+from qmpnet.links import Links, ours
 from qmpnet.store import Entry, JournalRecord, Snapshot, Status, Store
 
 log = logging.getLogger(__name__)
@@ -329,8 +329,9 @@ async def teardown(ep: Endpoint) -> None:
 async def host_residue(ep: Endpoint) -> list[str]:
     """What the host still holds of ``ep``: marked links, and what its model left behind.
 
-    Marked links left behind are deleted here (they are ours beyond doubt); the rest is
-    reported. A netns that is gone holds nothing.
+    Links left behind whose mark proves them ``ep``'s are deleted here (ours beyond doubt);
+    a link that only claims to be (an alias copied, or an untagged mark found by scanning)
+    is left alone. The rest is reported. A netns that is gone holds nothing.
     """
     problems: list[str] = []
     try:
@@ -338,7 +339,7 @@ async def host_residue(ep: Endpoint) -> list[str]:
             if await links.delete_staged(ep.id):
                 log.warning("deleted %s's link left under its staging name", ep.id)
             for link in await links.list():
-                if link.owner == ep.id:
+                if ours(link, ep.id):
                     await links.delete(link.name, owner=ep.id)
                     log.warning("deleted leftover link %s of %s", link.name, ep.id)
             pair = ep.network_pair

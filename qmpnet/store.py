@@ -5,7 +5,10 @@ each operation in flight (one record, written durably before its first host-visi
 endpoint names everything the operation makes), so a later process can finish or roll back
 what a crashed one left. Files are written atomically (:mod:`qmpnet.files`) on a
 worker thread, one write at a time, so the event loop never waits on a disk. A file lock
-(``flock``, polled with a deadline) serializes processes on one VM.
+(``flock``, polled with a deadline) serializes processes on one VM. The directory is checked
+and every file opened without following links (:mod:`qmpnet.files`). ``mark.key`` holds the
+secret that proves the VM's host links are its own (:mod:`qmpnet.marks`); the lock's holder
+marks and proves links with it, and first removes the temp files a killed write left.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import asyncio
 import contextlib
 import enum
 import json
-import os
+import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,9 +28,24 @@ import attrs
 from qmpnet.codec import UnknownEntry, dump_endpoint, load_endpoint
 from qmpnet.endpoints import Endpoint
 from qmpnet.errors import StateError
-from qmpnet.files import atomic_write, file_lock, private_dir
+from qmpnet.files import (
+    atomic_write,
+    file_lock,
+    private_dir,
+    read_text,
+    remove_dir,
+    remove_file,
+    sweep_temps,
+)
+from qmpnet.marks import Mark, using
 
 STATE_VERSION = 1
+STATE_FILE = "state.json"
+JOURNAL_FILE = "journal.json"
+LOCK_FILE = "lock"
+MARK_FILE = "mark.key"
+#: every file of the directory, for its removal and the sweep of interrupted writes
+FILES = (STATE_FILE, JOURNAL_FILE, MARK_FILE, LOCK_FILE)
 
 
 class Status(enum.StrEnum):
@@ -79,11 +97,11 @@ class Store:
 
     @property
     def state_path(self) -> Path:
-        return self.dir / "state.json"
+        return self.dir / STATE_FILE
 
     @property
     def journal_path(self) -> Path:
-        return self.dir / "journal.json"
+        return self.dir / JOURNAL_FILE
 
     def _ensure_dir(self) -> None:
         private_dir(self.dir)
@@ -102,8 +120,49 @@ class Store:
 
         # remove_all() may take the lock file away while we wait on it: file_lock then
         # starts again on the new file.
-        async with self._local, file_lock(self.dir / "lock", timeout=self.lock_timeout, busy=busy):
-            yield
+        async with (
+            self._local,
+            file_lock(self.dir / LOCK_FILE, timeout=self.lock_timeout, busy=busy),
+        ):
+            sweep_temps(self.dir, FILES)
+            with using(self._mark(create=True)):
+                yield
+
+    # --- the ownership mark ----------------------------------------------------------------
+
+    def mark(self) -> Mark:
+        """The VM's mark, for a check made without the lock (nothing is created)."""
+        return self._mark(create=False)
+
+    def _mark(self, *, create: bool) -> Mark:
+        path = self.dir / MARK_FILE
+        data = self._read(path)
+        if data is None and create:
+            # Made once, under the lock. Endpoints already recorded here were plugged by a
+            # release without the secret: their untagged marks are inherited (marks.py).
+            data = {"version": 1, "secret": secrets.token_hex(32), "legacy": self._recorded()}
+            self._write(path, data)
+        if data is None:
+            return Mark(secrets.token_bytes(32))  # proves nothing made before
+        try:
+            return Mark(
+                bytes.fromhex(data["secret"]),
+                frozenset(str(x) for x in data.get("legacy", ())),
+            )
+        except (TypeError, KeyError, ValueError, AttributeError) as err:
+            raise StateError(str(path), f"not a qmpnet mark key: {err}") from err
+
+    def _recorded(self) -> list[str]:
+        ids = set()
+        with contextlib.suppress(StateError):
+            ids |= {e.endpoint.id for e in self.load().entries}
+        with contextlib.suppress(StateError):
+            ids |= {
+                r.endpoint.id
+                for r in self.journal().values()
+                if not isinstance(r.endpoint, UnknownEntry)
+            }
+        return sorted(ids)
 
     # --- files -----------------------------------------------------------------------------
 
@@ -113,12 +172,8 @@ class Store:
 
     def _read(self, path: Path) -> Any:
         try:
-            with open(path) as fh:
-                return json.load(fh)
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            raise StateError(str(path), f"read: {err.strerror}") from err
+            text = read_text(path)
+            return None if text is None else json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise StateError(str(path), f"not valid JSON: {err}") from err
 
@@ -208,8 +263,7 @@ class Store:
                 if data:
                     self._write(self.journal_path, data)
                 else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.journal_path)
+                    remove_file(self.journal_path)
 
         await self._off_loop(write)
 
@@ -217,11 +271,7 @@ class Store:
         """Delete the state directory's files (after the VM is gone and reconciled)."""
 
         def remove() -> None:
-            for name in ("state.json", "journal.json", "lock"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.dir / name)
-            with contextlib.suppress(OSError):
-                self.dir.rmdir()
+            remove_dir(self.dir, FILES)
 
         await self._off_loop(remove)
 

@@ -31,10 +31,11 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
+from qmpnet import marks
 from qmpnet.endpoints import Endpoint
 from qmpnet.endpoints.netpair import pair_model
 from qmpnet.errors import HostError, InvalidInputError, QmpnetError
-from qmpnet.links import LinkInfo, Links
+from qmpnet.links import LinkInfo, Links, ours
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.netns import check_netns
 from qmpnet.network import NetworkState, NoSuchInterfaceError
@@ -413,10 +414,11 @@ class _Watcher:
         pair = entry.endpoint.network_pair
         if entry.status is not Status.PLUGGED or pair is None:
             return False
-        tap = await links.lookup(pair.tap_interface.tap_iface.name)
-        if tap is None or tap.owner != pair.tap_interface.id:
-            return False
-        return await pair_model(pair.model).attached(pair, links, link, by_index)
+        with marks.using(self.state.store.mark()):
+            tap = await links.lookup(pair.tap_interface.tap_iface.name)
+            if tap is None or not ours(tap, pair.tap_interface.id, by_name=True):
+                return False
+            return await pair_model(pair.model).attached(pair, links, link, by_index)
 
     async def _plug(self, link: LinkInfo) -> None:
         desc = InterfaceDescription(

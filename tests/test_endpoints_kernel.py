@@ -21,6 +21,7 @@ from qmpnet.endpoints import create_endpoint, net_info_from_interface
 from qmpnet.endpoints.netpair import MODELS, NetPairEndpoint, bridge_name, parked_mac
 from qmpnet.errors import InvalidInputError, LinkExistsError, PlugError
 from qmpnet.lifecycle import Operation, Phase, Step
+from qmpnet.marks import claimed_owner
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.reconcile import host_residue
 from qmpnet.testing.scene import unique
@@ -83,7 +84,7 @@ async def test_tcfilter_connect_and_detach(cni_veth: Any, host: Any, queues: int
         seen = host.links(veth.sandbox)
         tap = seen[ep.tap_name]
         assert tap["linkinfo"]["info_data"]["type"] == "tap"
-        assert tap["ifalias"] == f"qmpnet:{ep.id}"
+        assert claimed_owner(tap["ifalias"]) == ep.id
         assert tap["mtu"] == 1420  # follows the veth
         assert "UP" in tap["flags"]
         assert "UP" in seen[veth.inner]["flags"]
@@ -175,7 +176,7 @@ async def test_macvtap_model(cni_veth: Any, host: Any) -> None:
         assert mvt["linkinfo"]["info_data"]["mode"] == "bridge"
         assert mvt["link"] == veth.inner
         assert mvt["address"] == veth.mac  # the guest's MAC is the pod's MAC
-        assert mvt["ifalias"] == f"qmpnet:{ep.id}"
+        assert claimed_owner(mvt["ifalias"]) == ep.id
         assert "UP" in mvt["flags"]
         assert seen[veth.inner]["address"] != veth.mac  # moved aside so frames reach the tap
         for fd in fds.tap:
@@ -203,10 +204,10 @@ async def test_bridged_model(cni_veth: Any, host: Any) -> None:
         ]
         seen = host.links(veth.sandbox)
         assert seen[bridge]["linkinfo"]["info_kind"] == "bridge"
-        assert seen[bridge]["ifalias"] == f"qmpnet:{ep.id}"
+        assert claimed_owner(seen[bridge]["ifalias"]) == ep.id
         assert seen[ep.tap_name]["master"] == bridge
         assert seen[veth.inner]["master"] == bridge
-        assert seen[ep.tap_name]["ifalias"] == f"qmpnet:{ep.id}"
+        assert claimed_owner(seen[ep.tap_name]["ifalias"]) == ep.id
         assert all("UP" in seen[n]["flags"] for n in (bridge, ep.tap_name, veth.inner))
         assert seen[veth.inner]["address"] != veth.mac
     finally:
@@ -364,7 +365,7 @@ async def test_links_are_made_under_a_staging_name_that_reconcile_removes(
     seen = host.links(veth.sandbox)
     assert ep.id not in seen
     made = ep.tap_name if model is InterworkingModel.MACVTAP else bridge_name(ep.network_pair)
-    assert seen[made]["ifalias"] == f"qmpnet:{ep.id}"
+    assert claimed_owner(seen[made]["ifalias"]) == ep.id
     await _detach(ep)
     # the crash: a link under the staging name, not marked yet
     ns = host.ns_name(veth.sandbox)

@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 
 from qmpnet.config import Config
+from qmpnet.marks import claimed_owner
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
@@ -157,7 +158,7 @@ async def test_tap_endpoint(
     link = host.links()[tap]
     assert link["linkinfo"]["info_data"]["type"] == "tap"
     assert link["linkinfo"]["info_data"]["multi_queue"] is (expected > 1)
-    assert link["ifalias"] == f"qmpnet:{endpoint.id}"
+    assert claimed_owner(link["ifalias"]) == endpoint.id
     assert link["mtu"] == 1400
     assert "UP" in link["flags"]
 
@@ -215,7 +216,7 @@ async def test_veth_tcfilter_endpoint(
     assert len(host.tun_fds(vm.pid)) == tun_before + 2
 
     seen = host.links(veth.sandbox)
-    assert seen[tap]["ifalias"] == f"qmpnet:{endpoint.id}"
+    assert claimed_owner(seen[tap]["ifalias"]) == endpoint.id
     assert seen[veth.inner]["address"] == veth.mac
     for dev_name in (veth.inner, tap):
         assert "ingress" in [q["kind"] for q in host.qdiscs(veth.sandbox, dev_name)]

@@ -17,6 +17,7 @@ import pytest
 from qmpnet import tuntap
 from qmpnet.errors import HostError, InvalidInputError, LinkExistsError
 from qmpnet.links import Links
+from qmpnet.marks import claimed_owner
 from qmpnet.netns import run_in_netns
 from qmpnet.testing.scene import unique
 
@@ -78,7 +79,7 @@ async def test_configure_applies_mtu_mac_alias_and_state(netns: str, host: Any) 
         after = host.links(netns)[name]
         assert after["mtu"] == 1400
         assert after["address"] == "52:54:00:ab:00:01"
-        assert after["ifalias"] == "qmpnet:qn0000000001"
+        assert claimed_owner(after["ifalias"]) == "qn0000000001"
         assert "UP" in after["flags"]
         assert (info.mtu, info.mac, info.up, info.owner, info.kind) == (
             1400,

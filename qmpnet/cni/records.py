@@ -21,7 +21,7 @@ from qmpnet.errors import (
     InvalidInputError,
     StateError,
 )
-from qmpnet.files import atomic_write, file_lock
+from qmpnet.files import atomic_write, file_lock, read_text, remove_file, sweep_temps
 from qmpnet.network import NetworkState
 
 
@@ -98,14 +98,16 @@ class Book:
         async with file_lock(
             self.dir / LOCK_FILE, timeout=LOCK_TIMEOUT, busy=busy, interval=0.02, cap=None
         ):
+            sweep_temps(self.dir, (ATTACHMENTS_FILE,))
             yield
 
     def load(self) -> Records:
         try:
-            data = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return Records()
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            text = read_text(self.path)
+            if text is None:
+                return Records()
+            data = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise StateError(str(self.path), f"unreadable: {err}") from err
         items = data.get("attachments") if isinstance(data, dict) else None
         if not isinstance(items, list):
@@ -122,8 +124,7 @@ class Book:
     async def save(self, records: Records) -> None:
         """Write atomically, on a thread (it fsyncs); no records left: no file."""
         if not records.known and not records.unknown:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+            await asyncio.to_thread(remove_file, self.path)
             return
         text = json.dumps(
             {
@@ -141,6 +142,5 @@ class Book:
         snap = state.store.load()
         if snap.entries or snap.unknown or state.store.journal():
             return
-        with contextlib.suppress(FileNotFoundError):
-            (self.dir / LOCK_FILE).unlink()
+        remove_file(self.dir / LOCK_FILE)  # relative to the checked directory, never through a link
         await state.store.remove_all()

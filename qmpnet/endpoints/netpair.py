@@ -28,7 +28,7 @@ from qmpnet.endpoints import plumbing
 from qmpnet.endpoints.base import EndpointSpec, PlugContext, new_id, register, unsupported
 from qmpnet.errors import InvalidInputError, NotOursError, UnsupportedError
 from qmpnet.lifecycle import Operation, Step
-from qmpnet.links import LinkInfo, Links
+from qmpnet.links import LinkInfo, Links, ours
 from qmpnet.model import (
     EndpointType,
     InterworkingModel,
@@ -233,7 +233,7 @@ async def _bridge_attached(
     return (
         master is not None
         and master.name == bridge_name(pair)
-        and master.owner == pair.tap_interface.id
+        and ours(master, pair.tap_interface.id, by_name=True)
     )
 
 
@@ -243,7 +243,7 @@ async def _bridge_disconnect(ep: NetPairEndpoint) -> None:
         if virt is not None and virt.master:
             # only out of qmpnet's own bridge: the sandbox link may be in someone else's
             master = next((link for link in await links.list() if link.index == virt.master), None)
-            if master is not None and master.owner == ep.id:
+            if master is not None and ours(master, ep.id, by_name=True):
                 await links.set_master(ep.virt_name, None)
         await _delete_ours(links, bridge_name(ep.net_pair), ep.id)
         await _delete_ours(links, ep.tap_name, ep.id)
