@@ -146,7 +146,8 @@ async def _run_machine(
     cycles: int,
     tables: dict[int, Table],
     stack: contextlib.AsyncExitStack,
-) -> None:
+) -> QmpSession:
+    """The cycles of one VM; returns the first monitor's session (the stack closes it)."""
     # The first monitor (no VM manager here) serves the floor and the DRIVER_OK poller.
     qmp = await QmpSession.connect(str(vm.qmp_path), name="bench-floor", command_timeout=30.0)
     stack.push_async_callback(qmp.close)
@@ -169,6 +170,7 @@ async def _run_machine(
                     net = kept if side == "kept" else per_op
                     await _library_cycle(net, qmp, clock, side, queues, table)
             order.append(order.pop(0))
+    return qmp
 
 
 async def _floor_cycle(floor: Floor, queues: int, table: Table) -> None:
@@ -237,31 +239,30 @@ TEARDOWN_NOTES = [
 
 
 async def _teardown_cost(qmp: QmpSession, cycles: int, table: Table) -> None:
-    if True:
-        for i in range(cycles):
-            for queues in QUEUES:
-                for keep in (False, True):
-                    tap, nd = name("d"), f"bd{i}q{queues}{int(keep)}"
-                    fds = tuntap.open_tap_queues(tap, queues)
-                    names = [f"{nd}-fd{q}" for q in range(queues)]
-                    for fd, fd_name in zip(fds, names, strict=True):
-                        await qmp.pass_fd(fd, fd_name)
-                    await qmp.netdev_add_tap(nd, names, [])
-                    if not keep:
-                        for fd in fds:
-                            os.close(fd)
-                    t0 = time.monotonic()
-                    await qmp.netdev_del(nd)
-                    took = time.monotonic() - t0
-                    if keep:
-                        t1 = time.monotonic()
-                        for fd in fds:
-                            os.close(fd)
-                        table.row(f"{queues} q: then the bench's close() of its dups").add(
-                            ms(time.monotonic() - t1)
-                        )
-                    holder = "bench keeps a dup" if keep else "QEMU holds the last fd"
-                    table.row(f"{queues} q: netdev_del, {holder}").add(ms(took))
+    for i in range(cycles):
+        for queues in QUEUES:
+            for keep in (False, True):
+                tap, nd = name("d"), f"bd{i}q{queues}{int(keep)}"
+                fds = tuntap.open_tap_queues(tap, queues)
+                names = [f"{nd}-fd{q}" for q in range(queues)]
+                for fd, fd_name in zip(fds, names, strict=True):
+                    await qmp.pass_fd(fd, fd_name)
+                await qmp.netdev_add_tap(nd, names, [])
+                if not keep:
+                    for fd in fds:
+                        os.close(fd)
+                t0 = time.monotonic()
+                await qmp.netdev_del(nd)
+                took = time.monotonic() - t0
+                if keep:
+                    t1 = time.monotonic()
+                    for fd in fds:
+                        os.close(fd)
+                    table.row(f"{queues} q: then the bench's close() of its dups").add(
+                        ms(time.monotonic() - t1)
+                    )
+                holder = "bench keeps a dup" if keep else "QEMU holds the last fd"
+                table.row(f"{queues} q: netdev_del, {holder}").add(ms(took))
 
 
 def _ratios(table: Table) -> None:
