@@ -122,10 +122,12 @@ def setup_logging(verbose: int, fmt: str) -> None:
 
 
 def _positive_int(text: str) -> int:
+    from qmpnet.errors import shown
+
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not an integer: {shown(text)}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1: {value}")
     return value
@@ -133,13 +135,13 @@ def _positive_int(text: str) -> int:
 
 def _seconds(text: str) -> float:
     from qmpnet.config import check_seconds
-    from qmpnet.errors import InvalidInputError
+    from qmpnet.errors import InvalidInputError, shown
 
     try:
         return check_seconds("seconds", float(text))
     except ValueError as err:  # InvalidInputError is one too
         why = err.reason if isinstance(err, InvalidInputError) else "not a number of seconds"
-        raise argparse.ArgumentTypeError(f"{why}: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{why}: {shown(text)}") from None
 
 
 def _vm_options(p: argparse.ArgumentParser, qmp_required: bool = True) -> None:

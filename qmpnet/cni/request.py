@@ -23,9 +23,7 @@ from qmpnet.cni.spec import (
     decode,
 )
 from qmpnet.config import Config, Timeouts, check_queue_count
-from qmpnet.errors import (
-    InvalidInputError,
-)
+from qmpnet.errors import InvalidInputError, shown
 from qmpnet.model import (
     InterworkingModel,
     check_ifname,
@@ -55,7 +53,7 @@ def parse_cni_args(text: str) -> dict[str, str]:
             continue
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise CniError(Code.INVALID_ENV, f"CNI_ARGS: {pair!r} is not KEY=VALUE")
+            raise CniError(Code.INVALID_ENV, f"CNI_ARGS: {shown(pair)} is not KEY=VALUE")
         out[key] = value
     return out
 
@@ -79,7 +77,7 @@ class Env:
         if command not in REQUIRED_ENV:
             raise CniError(
                 Code.INVALID_ENV,
-                f"CNI_COMMAND {command!r} is not one of " + ", ".join(REQUIRED_ENV),
+                f"CNI_COMMAND {shown(command)} is not one of " + ", ".join(REQUIRED_ENV),
             )
         for var in REQUIRED_ENV[command]:
             if not environ.get(var):
@@ -88,12 +86,12 @@ class Env:
         if container_id and not NAME_RE.match(container_id):
             raise CniError(
                 Code.INVALID_ENV,
-                f"CNI_CONTAINERID {container_id!r}: must be "
+                f"CNI_CONTAINERID {shown(container_id)}: must be "
                 "letters, digits, '_', '.' or '-', starting with a letter or digit",
             )
         netns = environ.get("CNI_NETNS", "")
         if netns and not os.path.isabs(netns):
-            raise CniError(Code.INVALID_ENV, f"CNI_NETNS {netns!r}: must be an absolute path")
+            raise CniError(Code.INVALID_ENV, f"CNI_NETNS {shown(netns)}: must be an absolute path")
         ifname = environ.get("CNI_IFNAME", "")
         if ifname:
             try:
@@ -113,7 +111,8 @@ class Env:
 
 
 def bad_config(key: str, value: object, why: str) -> CniError:
-    return CniError(Code.INVALID_CONFIG, f"invalid network configuration: {key} {value!r}: {why}")
+    what = f"invalid network configuration: {key} {shown(value)}: {why}"
+    return CniError(Code.INVALID_CONFIG, what)
 
 
 def _check_path(field: str, value: object) -> str:

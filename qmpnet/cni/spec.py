@@ -20,6 +20,7 @@ from qmpnet.errors import (
     QmpTimeoutError,
     StateError,
     UnsupportedError,
+    shown,
 )
 
 #: Spec versions this plugin speaks, oldest first; results are shaped alike for all of them.
@@ -130,7 +131,7 @@ MIN_VERSION: Mapping[str, str] = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.
 def version_key(version: str) -> tuple[int, int, int]:
     match = _SEMVER_RE.match(version)
     if not match:
-        raise CniError(Code.INCOMPATIBLE_VERSION, f"cniVersion {version!r} is not a version")
+        raise CniError(Code.INCOMPATIBLE_VERSION, f"cniVersion {shown(version)} is not a version")
     major, minor, patch = (int(g) for g in match.groups())
     return major, minor, patch
 
@@ -140,7 +141,7 @@ def check_version(version: object, command: str) -> str:
     if not isinstance(version, str) or version not in SUPPORTED_VERSIONS:
         raise CniError(
             Code.INCOMPATIBLE_VERSION,
-            f"incompatible CNI version {version!r}",
+            f"incompatible CNI version {shown(version)}",
             "supported versions are " + ", ".join(SUPPORTED_VERSIONS),
         )
     first = MIN_VERSION.get(command)
