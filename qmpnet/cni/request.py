@@ -83,7 +83,7 @@ class Env:
             if not environ.get(var):
                 raise CniError(Code.INVALID_ENV, f"{var} is required for {command}")
         container_id = environ.get("CNI_CONTAINERID", "")
-        if container_id and not NAME_RE.match(container_id):
+        if container_id and not NAME_RE.fullmatch(container_id):
             raise CniError(
                 Code.INVALID_ENV,
                 f"CNI_CONTAINERID {shown(container_id)}: must be "
@@ -130,7 +130,7 @@ def _check_state_dir(field: str, value: object) -> str:
 
 
 def _check_name(field: str, value: object) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise InvalidInputError(
             field,
             value,
@@ -228,7 +228,7 @@ class NetConf:
                     "list, not chained after another (prevResult is set)",
                 )
             if ipam is not None and (
-                not isinstance(ipam.get("type"), str) or not NAME_RE.match(ipam["type"])
+                not isinstance(ipam.get("type"), str) or not NAME_RE.fullmatch(ipam["type"])
             ):
                 raise bad_config("ipam.type", ipam.get("type"), "must name an IPAM plugin binary")
         elif ipam is not None:
