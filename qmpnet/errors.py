@@ -68,12 +68,12 @@ def shown(value: object, limit: int = SHOWN_MAX, *, bare: bool = False) -> str:
         except (ValueError, RecursionError):  # an int of more than 4300 digits, say
             rendered = f"<{type(value).__name__}>"
         size = f"{len(value)} items" if isinstance(value, Sized) else ""
-        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 640:
             rendered, size = f"<an integer of {value.bit_length()} bits>", ""
     cut = len(rendered) > limit
     if cut:
         rendered = rendered[:limit] + "..."
-    elif not (isinstance(value, Sized) and len(value) > _REPR.maxlist):
+    elif isinstance(value, str) or not (isinstance(value, Sized) and len(value) > _REPR.maxlist):
         return rendered
     return rendered + (f" ({size} in all)" if size else "")
 

@@ -274,7 +274,7 @@ class QmpSession:
         text = await self.execute("human-monitor-command", {"command-line": "info network"})
         out: dict[str, str] = {}
         for line in str(text).splitlines():
-            match = re.match(r"^[ \\_]*([^:\s]+): index=\d+,type=([^,]+),?(.*)$", line.strip())
+            match = re.fullmatch(r"[ \\_]*([^:\s]+): index=\d+,type=([^,]+),?(.*)", line.strip())
             if match and match.group(2) == "tap":
                 out[match.group(1)] = match.group(3)
         return out

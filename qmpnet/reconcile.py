@@ -37,7 +37,7 @@ from qmpnet.recovery import (
 from qmpnet.store import Entry, Status
 
 #: QEMU ids qmpnet gives a NIC's device and netdev (``endpoint.id`` is ``qn`` + 10 hex digits).
-OUR_QEMU_ID = re.compile(r"^(qn[0-9a-f]{10})-(dev|net)$")
+OUR_QEMU_ID = re.compile(r"(qn[0-9a-f]{10})-(dev|net)")
 
 
 async def reconcile(state: NetworkState) -> ReconcileReport:
@@ -106,7 +106,7 @@ class _Auditor(Settler):
         found = [(qid, "device") for qid in await self.hv.peripheral_ids()]
         found += [(qid, "netdev") for qid in await self.hv.qmp.netdevs()]
         for qid, kind in sorted(found):
-            match = OUR_QEMU_ID.match(qid)
+            match = OUR_QEMU_ID.fullmatch(qid)
             if match and match.group(1) not in known:
                 self.actions.append(
                     Action(
