@@ -16,12 +16,13 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from qemu.qmp import EventListener, ExecInterruptedError, QMPClient
 from qemu.qmp import ExecuteError as _ExecuteError
 from qemu.qmp.error import QMPError as _QMPError
+from qemu.qmp.message import Message
 from qemu.qmp.protocol import ConnectError, Runstate, StateError
 from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
@@ -36,6 +37,79 @@ from qmpnet.errors import (
 from qmpnet.poll import poll_until
 
 log = logging.getLogger(__name__)
+
+#: Events one operation's listener keeps before it drops the rest: an operation waits for
+#: one event, so a few are plenty; a flood of matching events cannot grow memory.
+EVENT_QUEUE_MAX = 16
+
+
+class BoundedListener(EventListener):
+    """An :class:`EventListener` with a bounded queue and no history.
+
+    qemu.qmp's own listener keeps every event it accepts twice over (a queue and a history
+    list), without bound. This one keeps at most ``maxsize`` unread events and counts the
+    ones it had to drop; QEMU's reader never waits on it.
+    """
+
+    def __init__(
+        self,
+        names: str | list[str],
+        event_filter: Callable[[Message], bool] | None = None,
+        maxsize: int = EVENT_QUEUE_MAX,
+    ) -> None:
+        super().__init__(names, event_filter)
+        self._bounded: asyncio.Queue[Message] = asyncio.Queue(maxsize)
+        #: accepted events that found the queue full
+        self.dropped = 0
+
+    async def put(self, event: Message) -> None:
+        if not self.accept(event):
+            return
+        try:
+            self._bounded.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def get(self) -> Message:
+        return await self._bounded.get()
+
+    def empty(self) -> bool:
+        return self._bounded.empty()
+
+    def qsize(self) -> int:
+        return self._bounded.qsize()
+
+    def clear(self) -> list[Message]:
+        out = []
+        while not self._bounded.empty():
+            out.append(self._bounded.get_nowait())
+        return out
+
+
+def mute_default_listener(client: QMPClient) -> None:
+    """Make qemu.qmp's default listener (``client.events``) accept nothing.
+
+    It cannot be removed, and it queues every event QEMU sends for a reader nobody runs: a
+    kept session grew by every DEVICE_DELETED and NIC_RX_FILTER_CHANGED, and a flooding peer
+    took a process to a gigabyte. Each operation listens for what it waits for instead.
+    """
+    client.events.names = set()
+    client.events.event_filter = _accept_nothing
+    client.events.clear()
+
+
+def _accept_nothing(_event: Message) -> bool:
+    return False
+
+
+def queued_events(client: QMPClient) -> int:
+    """Events waiting in every listener of ``client`` (0 when nothing accumulates)."""
+    total = 0
+    for listener in client._listeners:  # qemu.qmp has no public view of them
+        size = getattr(listener, "qsize", None)
+        total += size() if size is not None else listener._queue.qsize()
+    return total
+
 
 #: virtio status bit the guest driver sets once the device is ready (virtio spec 2.1).
 VIRTIO_CONFIG_S_DRIVER_OK = 4
@@ -80,6 +154,7 @@ class QmpSession:
         check_socket_path(path)
         label = name or path.rstrip("/").rsplit("/", 2)[-2 if path.count("/") > 1 else -1]
         client = QMPClient(label)
+        mute_default_listener(client)
         try:
             await asyncio.wait_for(_connect_clean(client, path), connect_timeout)
         except TimeoutError as err:
@@ -121,6 +196,11 @@ class QmpSession:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def queued_events(self) -> int:
+        """Events waiting unread in this session's listeners: stays 0 between operations."""
+        return queued_events(self._client)
 
     @property
     def connected(self) -> bool:
@@ -210,7 +290,7 @@ class QmpSession:
         def ours(event: Mapping[str, Any]) -> bool:
             return bool(event.get("data", {}).get("device") == device_id)
 
-        listener = EventListener("DEVICE_DELETED", ours)
+        listener = BoundedListener("DEVICE_DELETED", ours)
         with self._client.listen(listener):
             try:
                 await self.execute("device_del", {"id": device_id})
