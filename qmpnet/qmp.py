@@ -15,10 +15,13 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import stat
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import attrs
 from qemu.qmp import EventListener, ExecInterruptedError, QMPClient
 from qemu.qmp import ExecuteError as _ExecuteError
 from qemu.qmp.error import QMPError as _QMPError
@@ -127,6 +130,49 @@ def check_socket_path(path: str) -> None:
         raise QmpConnectError(path, f"cannot stat: {err.strerror}") from err
     if not stat.S_ISSOCK(mode):
         raise QmpConnectError(path, "not a unix socket", ConnectFailure.NOT_A_SOCKET)
+
+
+@attrs.frozen
+class VmIdentity:
+    """Which QEMU process serves a monitor socket: its pid and its start time.
+
+    A pid alone can be reused; with the start time (clock ticks since boot, field 22 of
+    ``/proc/<pid>/stat``) it names one process for the life of the host. A QEMU started
+    anew on the same socket path has another identity, so what was saved for the old one
+    (its plugged NICs) is known to be gone.
+    """
+
+    pid: int
+    start_time: int
+
+    def __str__(self) -> str:
+        return f"{self.pid}@{self.start_time}"
+
+
+def vm_identity(path: str, timeout: float = 1.0) -> VmIdentity | None:
+    """The identity of the process listening on the monitor ``path``, or None when none is.
+
+    Peer credentials are taken at ``connect()`` from the listening socket (SO_PEERCRED), so
+    no QMP greeting is waited for: a monitor busy with another client answers too.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError:
+            return None
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid = struct.unpack("3i", creds)[0]
+    if pid <= 0:  # a listener in a pid namespace we cannot see
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat_line = fh.read()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: fields count from the last ')'
+    fields = stat_line[stat_line.rindex(b")") + 2 :].split()
+    return VmIdentity(pid, int(fields[19]))
 
 
 class QmpSession:

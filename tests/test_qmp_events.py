@@ -10,6 +10,7 @@ the kept-session slope against real QEMU is in ``integration/test_soak.py``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from qmpnet.qmp import EVENT_QUEUE_MAX, BoundedListener, QmpSession
+from qmpnet.qmp import EVENT_QUEUE_MAX, BoundedListener, QmpSession, vm_identity
 from qmpnet.testing.fakeqemu import Client, FakeQemu
 
 #: The flood: a device_add that QEMU never answers while it sends events as fast as it can,
@@ -116,3 +117,42 @@ async def test_a_bounded_listener_keeps_at_most_its_size_and_counts_the_rest() -
     assert first["data"]["n"] == 0
     assert len(listener.clear()) == EVENT_QUEUE_MAX - 1
     assert listener.empty()
+
+
+def test_vm_identity_names_the_listening_process_and_changes_with_it(tmp_path: Path) -> None:
+    """A new QEMU on an old socket path is told apart from the dead one (the fake peer stands
+    in for QEMU: the identity is the listening process's, whatever it speaks)."""
+    path = tmp_path / "qmp.sock"
+    assert vm_identity(str(path)) is None  # nothing there
+    with FakeQemu(path):
+        here = vm_identity(str(path))
+    assert here is not None
+    assert here.pid == os.getpid()
+    stat_line = Path("/proc/self/stat").read_bytes()
+    assert here.start_time == int(stat_line[stat_line.rindex(b")") + 2 :].split()[19])
+    path.unlink(missing_ok=True)
+    other = subprocess.Popen(
+        [sys.executable, "-c", SERVE, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout is not None
+        assert other.stdout.readline().strip() == "ready"
+        new = vm_identity(str(path))
+        assert new is not None
+        assert new.pid == other.pid
+        assert new != here
+    finally:
+        other.kill()
+        other.wait()
+        if other.stdout is not None:
+            other.stdout.close()
+
+
+SERVE = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(1)
+print("ready", flush=True)
+time.sleep(60)
+"""
