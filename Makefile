@@ -47,7 +47,7 @@ bench: setup
 	$(BIN)/python -m bench
 
 soak: setup
-	QMPNET_SOAK_CYCLES=500 $(BIN)/pytest integration/test_soak.py $(PYTEST_ARGS)
+	QMPNET_SOAK_CYCLES=500 QMPNET_SOAK_KEPT_CYCLES=1000 $(BIN)/pytest integration/test_soak.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

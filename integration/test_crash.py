@@ -101,7 +101,7 @@ async def _driver(*args: str) -> tuple[int, str]:
 
 
 def _ours(names: frozenset[str]) -> set[str]:
-    return {m.group(1) for m in map(OUR_QEMU_ID.match, names) if m}
+    return {m.group(1) for m in map(OUR_QEMU_ID.fullmatch, names) if m}
 
 
 async def assert_views_agree(

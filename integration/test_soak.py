@@ -5,6 +5,11 @@ hot-plug (waiting for the guest driver) and unplug (waiting for DEVICE_DELETED) 
 sandbox link. After a warm-up, QEMU's fd count (``/proc/<pid>/fd``), this driver's fd count
 (``/proc/self/fd``) and its RSS are taken, and again at the end: they must stay flat. No link,
 qdisc, QEMU device or state entry may be left. The figures are printed.
+
+Then ``QMPNET_SOAK_KEPT_CYCLES`` cycles (100 for ``make test``, 1000 for ``make soak``) with one
+kept session (:meth:`NetworkState.connect`): no QMP event may stay queued after a cycle (each
+cycle brings DEVICE_DELETED and NIC_RX_FILTER_CHANGED, which qemu.qmp's default listener used to
+keep forever) and the driver's RSS after the warm-up may grow by no more than a generous slack.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from qmpnet.testing.vm import GuestVM
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]
 
 CYCLES = int(os.environ.get("QMPNET_SOAK_CYCLES", "30"))
+KEPT_CYCLES = int(os.environ.get("QMPNET_SOAK_KEPT_CYCLES", "100"))
 WARMUP = max(3, CYCLES // 10)
 MAC = "52:54:00:00:07:71"
 #: RSS may wander with the allocator; a leak of even 4 KiB a cycle over 500 cycles is 2 MiB.
@@ -123,3 +129,42 @@ async def test_plug_unplug_cycles_stay_flat(
     assert not {d for d in view.devices | view.netdevs if d.startswith("qn")}
     # the guest really got the NIC each time: its last add and removal are on the console
     await vm.wait_for(rf"QMPNET NIC-DEL .*mac={MAC}", 60, since=0)
+
+
+async def test_a_kept_session_stays_flat(
+    vm: GuestVM, make_netns: Callable[[], str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    warmup = max(10, KEPT_CYCLES // 10)
+    assert warmup < KEPT_CYCLES
+    netns = make_netns()
+    make_sandbox(netns, "eth1", MAC)
+    state = NetworkState.open(
+        tmp_path / "state", str(vm.mgmt_qmp_path), Config(timeouts=Timeouts(unplug=15.0))
+    )
+    desc = InterfaceDescription(name="eth1", hw_addr=MAC)
+    await state.connect()
+    queued: list[int] = []
+    try:
+        for cycle in range(KEPT_CYCLES):
+            await state.add_interface(desc, netns_path=netns, wait_guest=True)
+            if await _remove(state) is not None:
+                await state.remove_interface(MAC)  # a missed unplug request, asked again
+            async with state.hypervisor() as hv:
+                await hv.qmp.execute("query-status")  # events sent so far have been read
+                queued.append(hv.qmp.queued_events)
+            if cycle + 1 == warmup:
+                warm = _figures(vm.pid)
+        end = _figures(vm.pid)
+    finally:
+        await state.close()
+    grew = end["driver_rss_kib"] - warm["driver_rss_kib"]
+    with capsys.disabled():
+        print(
+            f"\nkept session: {KEPT_CYCLES} cycles, queued events max {max(queued)}, "
+            f"RSS {warm['driver_rss_kib']} KiB after {warmup} cycles, {end['driver_rss_kib']} "
+            f"KiB at the end ({grew / (KEPT_CYCLES - warmup):+.1f} KiB a cycle)"
+        )
+    assert max(queued) == 0, f"events stayed queued: {queued[:5]} ... {queued[-5:]}"
+    assert grew <= 2048 + 4 * KEPT_CYCLES, "the driver's RSS grew with the cycles"
+    assert end["driver_fds"] == warm["driver_fds"], "the driver's fd count grew"
+    assert saved_ids(tmp_path / "state") == {}

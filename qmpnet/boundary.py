@@ -8,13 +8,21 @@ attrs validators hold for every parsed value.
 cattrs' errors never leave: the first one is told as an ``InvalidInputError`` naming the
 field in the document's spelling (``hwAddr``, ``timeouts.connect``; an entry of a list is
 named by its own keys, or by the list) and the value found there.
+
+Before any of that, the document itself is read here (:func:`read_capped`, :func:`load_json`,
+:func:`load_toml`): at most :data:`DOCUMENT_MAX` bytes, UTF-8 only, nested at most
+:data:`DEPTH_MAX` deep, integers of at most :data:`INT_DIGITS_MAX` digits. Whatever breaks
+a cap or is not the format is an ``InvalidInputError`` that says so, never a RecursionError,
+a UnicodeDecodeError or Python's int conversion limit.
 """
 
 from __future__ import annotations
 
 import enum
+import json
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar, get_origin
+from typing import IO, Any, TypeVar, get_origin
 
 import attrs
 import cattrs
@@ -25,6 +33,101 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 from qmpnet.errors import InvalidInputError, UnknownValueError
 
 T = TypeVar("T")
+
+#: The largest outside document read, in bytes (an interface, a config, a CNI invocation).
+DOCUMENT_MAX = 1 << 20
+#: The deepest nesting of objects and lists (tables and arrays) in an outside document.
+DEPTH_MAX = 32
+#: The most digits of an integer in an outside document (no field needs more than 20).
+INT_DIGITS_MAX = 100
+
+
+def read_capped(stream: IO[bytes], field: str, source: str) -> bytes:
+    """Read all of ``stream``, refusing more than :data:`DOCUMENT_MAX` bytes."""
+    raw = stream.read(DOCUMENT_MAX + 1)
+    if len(raw) > DOCUMENT_MAX:
+        raise InvalidInputError(field, source, f"larger than the cap of {DOCUMENT_MAX} bytes")
+    return raw
+
+
+def _text(raw: bytes, field: str, source: str) -> str:
+    if len(raw) > DOCUMENT_MAX:
+        raise InvalidInputError(field, source, f"larger than the cap of {DOCUMENT_MAX} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidInputError(
+            field, source, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})"
+        ) from err
+
+
+def _big_int(digits: str) -> int:
+    if len(digits.lstrip("+-")) > INT_DIGITS_MAX:
+        raise ValueError(f"an integer of {len(digits)} digits (the cap is {INT_DIGITS_MAX})")
+    return int(digits)
+
+
+def _check_depth(data: object, field: str, source: str) -> None:
+    """Refuse nesting deeper than :data:`DEPTH_MAX` (iteratively: no recursion to exhaust)."""
+    todo: list[tuple[object, int]] = [(data, 0)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, dict | list):
+            if depth >= DEPTH_MAX:
+                raise InvalidInputError(
+                    field, source, f"nested deeper than the cap of {DEPTH_MAX} levels"
+                )
+            todo.extend((child, depth + 1) for child in _children(node))
+
+
+def _children(node: dict[Any, Any] | list[Any]) -> list[Any]:
+    return list(node.values()) if isinstance(node, dict) else node
+
+
+def load_json(raw: bytes, field: str, source: str) -> Any:
+    """``raw`` as a JSON document within the caps; ``field``/``source`` name it in errors."""
+    text = _text(raw, field, source)
+    try:
+        data = json.loads(text, parse_int=_big_int)
+    except RecursionError as err:
+        raise InvalidInputError(
+            field, source, f"nested deeper than the cap of {DEPTH_MAX} levels"
+        ) from err
+    except ValueError as err:  # JSONDecodeError, or an integer past the digit cap
+        raise InvalidInputError(field, source, f"not valid JSON: {err}") from err
+    _check_depth(data, field, source)
+    return data
+
+
+def load_toml(raw: bytes, field: str, source: str) -> dict[str, Any]:
+    """``raw`` as a TOML document within the caps."""
+    text = _text(raw, field, source)
+    try:
+        data = tomllib.loads(text)
+    except RecursionError as err:
+        raise InvalidInputError(
+            field, source, f"nested deeper than the cap of {DEPTH_MAX} levels"
+        ) from err
+    except ValueError as err:  # TOMLDecodeError, or Python's own int conversion limit
+        raise InvalidInputError(field, source, f"not valid TOML: {err}") from err
+    _check_depth(data, field, source)
+    _check_ints(data, field, source)
+    return data
+
+
+def _check_ints(data: object, field: str, source: str) -> None:
+    """tomllib has no parse_int: refuse an integer past the digit cap after the fact."""
+    todo = [data]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict | list):
+            todo.extend(_children(node))
+        elif isinstance(node, int) and node.bit_length() > INT_DIGITS_MAX * 3.33:
+            raise InvalidInputError(
+                field, source, f"not valid TOML: an integer past the cap of {INT_DIGITS_MAX} digits"
+            )
+
+
 #: a path into a document: keys in the document's spelling, and list indices
 Path = tuple[str | int, ...]
 

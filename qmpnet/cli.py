@@ -122,10 +122,12 @@ def setup_logging(verbose: int, fmt: str) -> None:
 
 
 def _positive_int(text: str) -> int:
+    from qmpnet.errors import shown
+
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not an integer: {shown(text)}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1: {value}")
     return value
@@ -133,13 +135,13 @@ def _positive_int(text: str) -> int:
 
 def _seconds(text: str) -> float:
     from qmpnet.config import check_seconds
-    from qmpnet.errors import InvalidInputError
+    from qmpnet.errors import InvalidInputError, shown
 
     try:
         return check_seconds("seconds", float(text))
     except ValueError as err:  # InvalidInputError is one too
         why = err.reason if isinstance(err, InvalidInputError) else "not a number of seconds"
-        raise argparse.ArgumentTypeError(f"{why}: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{why}: {shown(text)}") from None
 
 
 def _vm_options(p: argparse.ArgumentParser, qmp_required: bool = True) -> None:
@@ -286,31 +288,37 @@ def _state(args: argparse.Namespace) -> NetworkState:
     from qmpnet.network import NetworkState
     from qmpnet.qmp import check_socket_path
 
+    config = _config(args)  # all input is checked before anything is connected to
     directory = args.state or default_state_dir(args.qmp)
     if args.qmp and not os.path.isdir(directory):
         # No state for this socket yet: a mistyped path must not leave a directory behind.
         check_socket_path(args.qmp)
-    return NetworkState.open(directory, args.qmp or "", _config(args))
+    return NetworkState.open(directory, args.qmp or "", config)
 
 
 def _read_json(path: str) -> Any:
+    """The interface JSON from a file or stdin, within the boundary's size and nesting caps."""
+    from qmpnet.boundary import load_json, read_capped
     from qmpnet.errors import InvalidInputError
 
     try:
-        text = sys.stdin.read() if path == "-" else open(path).read()  # noqa: SIM115
+        if path == "-":
+            raw = read_capped(sys.stdin.buffer, "interface file", path)
+        else:
+            with open(path, "rb") as fh:
+                raw = read_capped(fh, "interface file", path)
     except OSError as err:
         raise InvalidInputError("interface file", path, err.strerror or str(err)) from err
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InvalidInputError("interface file", path, f"not valid JSON: {err}") from err
+    return load_json(raw, "interface file", path)
 
 
 async def cmd_add(args: argparse.Namespace) -> int:
-    from qmpnet.model import InterfaceDescription
+    from qmpnet.model import InterfaceDescription, check_ifname
     from qmpnet.network import interface_of
 
     desc = InterfaceDescription.from_json(_read_json(args.file))
+    if args.tap_name is not None:
+        check_ifname("--tap-name", args.tap_name)
     state = _state(args)
     started = time.perf_counter()
     endpoint = await state.add_interface(
@@ -329,11 +337,11 @@ async def cmd_add(args: argparse.Namespace) -> int:
 
 async def cmd_del(args: argparse.Namespace) -> int:
     from qmpnet.errors import InvalidInputError
-    from qmpnet.model import InterfaceDescription
+    from qmpnet.model import InterfaceDescription, check_mac
     from qmpnet.network import interface_of
 
-    if args.mac:
-        mac = args.mac
+    if args.mac is not None:  # an empty --mac is a bad MAC, not "read the file"
+        mac = check_mac("--mac", args.mac)
     else:
         mac = InterfaceDescription.from_json(_read_json(args.file)).hw_addr
         if not mac:

@@ -7,13 +7,12 @@ per guest vCPU, and bounded waits everywhere (the unplug deadline follows libvir
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Self
 
 import attrs
 
-from qmpnet.boundary import Boundary
+from qmpnet.boundary import Boundary, load_toml, read_capped
 from qmpnet.errors import InvalidInputError
 from qmpnet.model import InterworkingModel, check_ifname, check_queues, checked_by
 
@@ -100,12 +99,10 @@ class Config:
     def load(cls, path: str | Path) -> Self:
         try:
             with open(path, "rb") as fh:
-                data = tomllib.load(fh)
+                raw = read_capped(fh, "config file", str(path))
         except OSError as err:
             raise InvalidInputError("config file", str(path), err.strerror or str(err)) from err
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise InvalidInputError("config file", str(path), f"not valid TOML: {err}") from err
-        return cls.from_mapping(data)
+        return cls.from_mapping(load_toml(raw, "config file", str(path)))
 
 
 #: qmpnet's TOML configuration: keys as the attributes are named.

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import enum
 import errno as errno_mod
+import reprlib
+from collections.abc import Sized
 from typing import Any
 
 
@@ -45,14 +47,66 @@ def _rebuild(cls: type[QmpnetError], args: tuple[Any, ...]) -> QmpnetError:
     return cls.__new__(cls, *args)  # BaseException.__new__ sets args; __dict__ follows
 
 
+#: The most characters of an outside value or message an error repeats.
+SHOWN_MAX = 200
+
+
+def shown(value: object, limit: int = SHOWN_MAX, *, bare: bool = False) -> str:
+    """``value`` as an error message may repeat it: on one line, cut, its size stated.
+
+    The one place an outside value is rendered: its ``repr`` (control characters escaped),
+    built only as far as it is shown and cut to ``limit`` characters. ``bare`` leaves a
+    string's quotes off.
+    """
+    if isinstance(value, str):
+        head = repr(value[: limit + 1])
+        rendered = head[1:-1] if bare else head
+        size = f"{len(value)} characters"
+    else:
+        try:
+            rendered = _REPR.repr(value)
+        except (ValueError, RecursionError):  # an int of more than 4300 digits, say
+            rendered = f"<{type(value).__name__}>"
+        size = f"{len(value)} items" if isinstance(value, Sized) else ""
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 640:
+            rendered, size = f"<an integer of {value.bit_length()} bits>", ""
+    cut = len(rendered) > limit
+    if cut:
+        rendered = rendered[:limit] + "..."
+    elif isinstance(value, str) or not (isinstance(value, Sized) and len(value) > _REPR.maxlist):
+        return rendered
+    return rendered + (f" ({size} in all)" if size else "")
+
+
+def one_line(text: str, limit: int = SHOWN_MAX * 2) -> str:
+    """An outside message (QEMU's, the kernel's) on one line, control characters escaped, cut."""
+    flat = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    if len(text) <= limit and len(flat) <= limit:
+        return flat
+    return f"{flat[:limit]}... ({len(text)} characters in all)"
+
+
+def _bounded_repr() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 8, 8, 8, 8
+    r.maxstring, r.maxother, r.maxlong = 80, 80, 40
+    return r
+
+
+_REPR = _bounded_repr()
+
+
 class InvalidInputError(QmpnetError, ValueError):
-    """A value from outside (description, config, state, command line) is not acceptable."""
+    """A value from outside (description, config, state, command line) is not acceptable.
+
+    The message shows the value cut to :data:`SHOWN_MAX` characters; ``value`` keeps it whole.
+    """
 
     def __init__(self, field: str, value: object, reason: str) -> None:
         self.field = field
         self.value = value
         self.reason = reason
-        super().__init__(f"invalid {field} {value!r}: {reason}")
+        super().__init__(f"invalid {shown(field, 80, bare=True)} {shown(value)}: {reason}")
 
 
 class UnknownValueError(InvalidInputError):
@@ -61,7 +115,9 @@ class UnknownValueError(InvalidInputError):
     def __init__(self, field: str, value: object, valid: tuple[str, ...]) -> None:
         super().__init__(field, value, "valid values are " + ", ".join(valid))
         self.valid = valid
-        Exception.__init__(self, f"Unknown {field} {value}: valid values are {', '.join(valid)}")
+        Exception.__init__(
+            self, f"Unknown {field} {shown(value, bare=True)}: valid values are {', '.join(valid)}"
+        )
 
 
 class UnsupportedError(QmpnetError):
@@ -156,7 +212,8 @@ class QmpCommandError(QmpError):
         self.arguments = arguments
         self.error_class = error_class
         self.desc = desc
-        super().__init__(f"{command} failed: {error_class}: {desc}")
+        # QEMU's text is kept whole in ``desc``; the message shows it on one line, capped.
+        super().__init__(f"{command} failed: {one_line(error_class, 80)}: {one_line(desc)}")
 
 
 class QmpDisconnectedError(QmpError):

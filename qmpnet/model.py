@@ -93,9 +93,10 @@ def check_ifname(field: str, value: object) -> str:
     if not isinstance(value, str):
         raise InvalidInputError(field, value, "must be a string")
     try:
-        raw = value.encode("utf-8", "surrogateescape")
+        # a name from a command line that was not UTF-8 arrives with surrogate escapes
+        raw = value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise InvalidInputError(field, value, "must be encodable as bytes") from err
+        raise InvalidInputError(field, value, "must be UTF-8 text") from err
     if not 1 <= len(raw) <= IFNAME_MAX:
         raise InvalidInputError(field, value, f"must be 1 to {IFNAME_MAX} bytes (IFNAMSIZ)")
     if value in (".", "..") or any(c in value for c in "/:\0") or any(c.isspace() for c in value):
@@ -105,7 +106,7 @@ def check_ifname(field: str, value: object) -> str:
     return value
 
 
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 def check_mac(field: str, value: object) -> str:
@@ -132,7 +133,7 @@ def check_queues(field: str, value: object) -> int:
     return value
 
 
-_PCI_PATH_RE = re.compile(r"^[0-9a-f]{2}(/[0-9a-f]{2}){0,7}$")
+_PCI_PATH_RE = re.compile(r"[0-9a-f]{2}(/[0-9a-f]{2}){0,7}")
 
 
 def check_pci_path(field: str, value: object) -> str:
@@ -204,6 +205,7 @@ class IPAddress:
             isinstance(self.mask, str)
             and self.mask.isascii()
             and self.mask.isdigit()
+            and len(self.mask) <= 3
             and 0 <= int(self.mask) <= limit
         ):
             raise InvalidInputError("mask", self.mask, f"must be a prefix length 0..{limit}")

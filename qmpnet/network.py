@@ -179,6 +179,8 @@ class NetworkState:
         model = model or self.config.internetworking_model
         if queues:
             check_queues("queues", queues)
+        if tap_name is not None:
+            check_ifname("tap name", tap_name)
         if netns_path:
             check_netns(netns_path)
         async with self.store.locked():

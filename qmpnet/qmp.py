@@ -15,13 +15,17 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import stat
-from collections.abc import Iterator, Mapping
+import struct
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import attrs
 from qemu.qmp import EventListener, ExecInterruptedError, QMPClient
 from qemu.qmp import ExecuteError as _ExecuteError
 from qemu.qmp.error import QMPError as _QMPError
+from qemu.qmp.message import Message
 from qemu.qmp.protocol import ConnectError, Runstate, StateError
 from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
@@ -36,6 +40,79 @@ from qmpnet.errors import (
 from qmpnet.poll import poll_until
 
 log = logging.getLogger(__name__)
+
+#: Events one operation's listener keeps before it drops the rest: an operation waits for
+#: one event, so a few are plenty; a flood of matching events cannot grow memory.
+EVENT_QUEUE_MAX = 16
+
+
+class BoundedListener(EventListener):
+    """An :class:`EventListener` with a bounded queue and no history.
+
+    qemu.qmp's own listener keeps every event it accepts twice over (a queue and a history
+    list), without bound. This one keeps at most ``maxsize`` unread events and counts the
+    ones it had to drop; QEMU's reader never waits on it.
+    """
+
+    def __init__(
+        self,
+        names: str | list[str],
+        event_filter: Callable[[Message], bool] | None = None,
+        maxsize: int = EVENT_QUEUE_MAX,
+    ) -> None:
+        super().__init__(names, event_filter)
+        self._bounded: asyncio.Queue[Message] = asyncio.Queue(maxsize)
+        #: accepted events that found the queue full
+        self.dropped = 0
+
+    async def put(self, event: Message) -> None:
+        if not self.accept(event):
+            return
+        try:
+            self._bounded.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def get(self) -> Message:
+        return await self._bounded.get()
+
+    def empty(self) -> bool:
+        return self._bounded.empty()
+
+    def qsize(self) -> int:
+        return self._bounded.qsize()
+
+    def clear(self) -> list[Message]:
+        out = []
+        while not self._bounded.empty():
+            out.append(self._bounded.get_nowait())
+        return out
+
+
+def mute_default_listener(client: QMPClient) -> None:
+    """Make qemu.qmp's default listener (``client.events``) accept nothing.
+
+    It cannot be removed, and it queues every event QEMU sends for a reader nobody runs: a
+    kept session grew by every DEVICE_DELETED and NIC_RX_FILTER_CHANGED, and a flooding peer
+    took a process to a gigabyte. Each operation listens for what it waits for instead.
+    """
+    client.events.names = set()
+    client.events.event_filter = _accept_nothing
+    client.events.clear()
+
+
+def _accept_nothing(_event: Message) -> bool:
+    return False
+
+
+def queued_events(client: QMPClient) -> int:
+    """Events waiting in every listener of ``client`` (0 when nothing accumulates)."""
+    total = 0
+    for listener in client._listeners:  # qemu.qmp has no public view of them
+        size = getattr(listener, "qsize", None)
+        total += size() if size is not None else listener._queue.qsize()
+    return total
+
 
 #: virtio status bit the guest driver sets once the device is ready (virtio spec 2.1).
 VIRTIO_CONFIG_S_DRIVER_OK = 4
@@ -53,6 +130,49 @@ def check_socket_path(path: str) -> None:
         raise QmpConnectError(path, f"cannot stat: {err.strerror}") from err
     if not stat.S_ISSOCK(mode):
         raise QmpConnectError(path, "not a unix socket", ConnectFailure.NOT_A_SOCKET)
+
+
+@attrs.frozen
+class VmIdentity:
+    """Which QEMU process serves a monitor socket: its pid and its start time.
+
+    A pid alone can be reused; with the start time (clock ticks since boot, field 22 of
+    ``/proc/<pid>/stat``) it names one process for the life of the host. A QEMU started
+    anew on the same socket path has another identity, so what was saved for the old one
+    (its plugged NICs) is known to be gone.
+    """
+
+    pid: int
+    start_time: int
+
+    def __str__(self) -> str:
+        return f"{self.pid}@{self.start_time}"
+
+
+def vm_identity(path: str, timeout: float = 1.0) -> VmIdentity | None:
+    """The identity of the process listening on the monitor ``path``, or None when none is.
+
+    Peer credentials are taken at ``connect()`` from the listening socket (SO_PEERCRED), so
+    no QMP greeting is waited for: a monitor busy with another client answers too.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError:
+            return None
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid = struct.unpack("3i", creds)[0]
+    if pid <= 0:  # a listener in a pid namespace we cannot see
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat_line = fh.read()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: fields count from the last ')'
+    fields = stat_line[stat_line.rindex(b")") + 2 :].split()
+    return VmIdentity(pid, int(fields[19]))
 
 
 class QmpSession:
@@ -80,6 +200,7 @@ class QmpSession:
         check_socket_path(path)
         label = name or path.rstrip("/").rsplit("/", 2)[-2 if path.count("/") > 1 else -1]
         client = QMPClient(label)
+        mute_default_listener(client)
         try:
             await asyncio.wait_for(_connect_clean(client, path), connect_timeout)
         except TimeoutError as err:
@@ -121,6 +242,11 @@ class QmpSession:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def queued_events(self) -> int:
+        """Events waiting unread in this session's listeners: stays 0 between operations."""
+        return queued_events(self._client)
 
     @property
     def connected(self) -> bool:
@@ -210,7 +336,7 @@ class QmpSession:
         def ours(event: Mapping[str, Any]) -> bool:
             return bool(event.get("data", {}).get("device") == device_id)
 
-        listener = EventListener("DEVICE_DELETED", ours)
+        listener = BoundedListener("DEVICE_DELETED", ours)
         with self._client.listen(listener):
             try:
                 await self.execute("device_del", {"id": device_id})
@@ -274,7 +400,7 @@ class QmpSession:
         text = await self.execute("human-monitor-command", {"command-line": "info network"})
         out: dict[str, str] = {}
         for line in str(text).splitlines():
-            match = re.match(r"^[ \\_]*([^:\s]+): index=\d+,type=([^,]+),?(.*)$", line.strip())
+            match = re.fullmatch(r"[ \\_]*([^:\s]+): index=\d+,type=([^,]+),?(.*)", line.strip())
             if match and match.group(2) == "tap":
                 out[match.group(1)] = match.group(3)
         return out

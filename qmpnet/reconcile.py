@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 
 from qmpnet.codec import UnknownEntry
-from qmpnet.errors import QmpnetError
+from qmpnet.errors import QmpnetError, shown
 from qmpnet.hypervisor import device_id
 from qmpnet.network import NetworkState
 from qmpnet.recovery import (
@@ -37,7 +37,7 @@ from qmpnet.recovery import (
 from qmpnet.store import Entry, Status
 
 #: QEMU ids qmpnet gives a NIC's device and netdev (``endpoint.id`` is ``qn`` + 10 hex digits).
-OUR_QEMU_ID = re.compile(r"^(qn[0-9a-f]{10})-(dev|net)$")
+OUR_QEMU_ID = re.compile(r"(qn[0-9a-f]{10})-(dev|net)")
 
 
 async def reconcile(state: NetworkState) -> ReconcileReport:
@@ -69,9 +69,15 @@ class _Auditor(Settler):
         self._report_unreadable()
 
     def _report_unreadable(self) -> None:
-        """A state entry this version cannot read may stand for a plugged NIC: an error."""
+        """A state entry or journal record this version cannot read may stand for a plugged
+        NIC or an operation left half done: an error (the audit is incomplete, exit 9)."""
         for entry in self.snapshot().unknown:
             self.errors.append(f"unreadable state entry kept as is: {entry.reason}")
+        for key, rec in self.store.journal().items():
+            if isinstance(rec.endpoint, UnknownEntry):
+                self.errors.append(
+                    f"unreadable journal record {shown(key, 40)} kept as is: {rec.endpoint.reason}"
+                )
 
     async def _settle_entry(self, entry: Entry, present: set[str]) -> None:
         ep = entry.endpoint
@@ -106,7 +112,7 @@ class _Auditor(Settler):
         found = [(qid, "device") for qid in await self.hv.peripheral_ids()]
         found += [(qid, "netdev") for qid in await self.hv.qmp.netdevs()]
         for qid, kind in sorted(found):
-            match = OUR_QEMU_ID.match(qid)
+            match = OUR_QEMU_ID.fullmatch(qid)
             if match and match.group(1) not in known:
                 self.actions.append(
                     Action(

@@ -41,6 +41,7 @@ from qmpnet.errors import (
     QmpDisconnectedError,
     QmpnetError,
     UnplugTimeoutError,
+    shown,
 )
 from qmpnet.hypervisor import QemuHypervisor
 from qmpnet.lifecycle import Operation, OpKind
@@ -268,7 +269,7 @@ class Settler:
                 await self.put(ep.id, Entry(target, Status.UNPLUG_PENDING))
                 self.act(Outcome.PENDING_KEPT, ep, rec, "the guest has not released the device yet")
         else:
-            self.act(Outcome.UNREADABLE, ep, rec, f"unknown operation {rec.operation!r}")
+            self.act(Outcome.UNREADABLE, ep, rec, f"unknown operation {shown(rec.operation)}")
             return
         await self.store.journal_end(key)
 

@@ -27,7 +27,7 @@ import attrs
 
 from qmpnet.codec import UnknownEntry, dump_endpoint, load_endpoint
 from qmpnet.endpoints import Endpoint
-from qmpnet.errors import StateError
+from qmpnet.errors import StateError, shown
 from qmpnet.files import (
     atomic_write,
     file_lock,
@@ -186,7 +186,7 @@ class Store:
         if data.get("version") != STATE_VERSION:
             raise StateError(
                 str(self.state_path),
-                f"state version {data.get('version')!r} is not {STATE_VERSION}",
+                f"state version {shown(data.get('version'))} is not {STATE_VERSION}",
             )
         entries: list[Entry] = []
         unknown: list[UnknownEntry] = []
@@ -201,7 +201,7 @@ class Store:
                 reason = (
                     loaded.reason
                     if isinstance(loaded, UnknownEntry)
-                    else f"unknown status {status_text!r}"
+                    else f"unknown status {shown(status_text)}"
                 )
                 unknown.append(UnknownEntry(item, reason))
             else:

@@ -22,12 +22,14 @@ from qmpnet import errors
 from qmpnet.errors import (
     ConnectFailure,
     HostError,
+    InvalidInputError,
     PlugError,
     QmpCommandError,
     QmpConnectError,
     QmpnetError,
     UnknownValueError,
     UnplugTimeoutError,
+    shown,
 )
 
 
@@ -174,3 +176,52 @@ def test_connect_failure_says_whether_qemu_is_gone(kind: ConnectFailure, gone: b
     assert err.gone is gone
     assert pickle.loads(pickle.dumps(err)).kind is kind
     assert QmpConnectError("/q", "why").kind is ConnectFailure.OTHER
+
+
+# --- echoed values and QEMU's messages are bounded ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "x" * 10_000_000,
+        list(range(1_000_000)),
+        {str(i): i for i in range(100_000)},
+        10**5000,  # Python refuses to print an int of more than 4300 digits
+        "a\nb\x1b[31m" * 1000,
+    ],
+    ids=["10 MB string", "million-item list", "large object", "5000-digit int", "controls"],
+)
+def test_an_echoed_value_is_cut_with_its_size_and_escaped(value: object) -> None:
+    err = InvalidInputError("mtu", value, "must be an integer from 68 to 65535")
+    text = str(err)
+    assert len(text) < 500
+    assert "\n" not in text
+    assert "\x1b" not in text
+    if isinstance(value, str | list | dict):
+        assert f"{len(value)} " in text  # its size is stated
+    assert err.value is value  # the field keeps the whole value
+
+
+def test_an_unknown_value_is_cut_too() -> None:
+    text = str(UnknownValueError("model", "m\n" * 100_000, ("macvtap", "tcfilter")))
+    assert len(text) < 500
+    assert "\n" not in text
+    assert text.endswith("valid values are macvtap, tcfilter")
+
+
+def test_qemu_error_text_is_one_capped_line_and_kept_whole() -> None:
+    desc = "Bus 'x' not found\n" * 120_000  # about 2 MB
+    err = QmpCommandError("device_add", {"id": "qn0-dev"}, "GenericError", desc)
+    assert "\n" not in str(err)
+    assert len(str(err)) < 600
+    assert str(len(desc)) in str(err)
+    assert err.desc == desc
+    short = QmpCommandError("netdev_del", {}, "DeviceNotFound", "Device 'x' not found")
+    assert str(short) == "netdev_del failed: DeviceNotFound: Device 'x' not found"
+
+
+def test_a_short_value_is_shown_as_its_repr() -> None:
+    assert shown("eth0") == "'eth0'"
+    assert shown(70000) == "70000"
+    assert shown([1, 2]) == "[1, 2]"

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from qmpnet.errors import InvalidInputError, UnknownValueError
+from qmpnet.errors import InvalidInputError, UnknownValueError, shown
 from qmpnet.model import (
     IFNAME_MAX,
     MTU_MAX,
@@ -376,7 +376,7 @@ def test_from_json_names_the_field_and_value(
         InterfaceDescription.from_json({**FULL, **patch})
     assert (caught.value.field, caught.value.value) == (field, value)
     assert field in str(caught.value)
-    assert repr(value) in str(caught.value)
+    assert shown(value) in str(caught.value)
 
 
 def test_from_json_refuses_non_objects() -> None:
@@ -498,7 +498,7 @@ def test_from_json_gives_a_valid_object_or_a_named_error(data: object) -> None:
         assert isinstance(err.field, str)
         assert err.field
         assert err.field in str(err)
-        assert repr(err.value) in str(err)
+        assert shown(err.value) in str(err)
         return
     assert desc is not None
     _assert_valid(desc)

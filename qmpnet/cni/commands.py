@@ -358,7 +358,7 @@ def state_dirs(template: str) -> Iterator[tuple[Path, str]]:
     prefix, _, suffix = template.partition(CONTAINER_ID)
     for found in sorted(glob.glob(glob.escape(prefix) + "*" + glob.escape(suffix))):
         container = found[len(prefix) : len(found) - len(suffix)]
-        if NAME_RE.match(container) and os.path.isdir(found):
+        if NAME_RE.fullmatch(container) and os.path.isdir(found):
             yield Path(found), container
 
 

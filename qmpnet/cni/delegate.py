@@ -21,6 +21,7 @@ from qmpnet.cni.spec import (
     decode,
     version_key,
 )
+from qmpnet.errors import shown
 from qmpnet.netns import netns_exists
 
 log = logging.getLogger("qmpnet.cni")
@@ -36,7 +37,7 @@ def find_plugin(name: str, path: Sequence[str]) -> str:
             return candidate
     raise CniError(
         Code.IPAM,
-        f"IPAM plugin {name!r} not found in CNI_PATH",
+        f"IPAM plugin {shown(name)} not found in CNI_PATH",
         "searched " + os.pathsep.join(path),
     )
 

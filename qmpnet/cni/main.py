@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from qmpnet.boundary import DOCUMENT_MAX, load_json
 from qmpnet.cni.commands import COMMANDS, cmd_version
 from qmpnet.cni.request import Env, NetConf, Request
 from qmpnet.cni.spec import (
@@ -69,7 +70,7 @@ class _Logs:
 
 def _error_version(raw: bytes) -> str:
     with contextlib.suppress(Exception):
-        version = json.loads(raw).get("cniVersion")
+        version = load_json(raw, "network configuration", "on stdin").get("cniVersion")
         if isinstance(version, str) and version in SUPPORTED_VERSIONS:
             return version  # answer in the caller's version, if it is one we speak
     return LATEST
@@ -124,7 +125,8 @@ def _run(raw: bytes, environ: Mapping[str, str], logs: _Logs) -> tuple[int, str]
 def main() -> None:
     """The ``qmpnet-cni`` console script."""
     try:
-        raw = sys.stdin.buffer.read()
+        # one byte past the cap, so that decoding it tells the cap (never read without end)
+        raw = sys.stdin.buffer.read(DOCUMENT_MAX + 1)
     except OSError as err:
         raw = b""
         status, out = (

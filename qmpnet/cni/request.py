@@ -23,9 +23,7 @@ from qmpnet.cni.spec import (
     decode,
 )
 from qmpnet.config import Config, Timeouts, check_queue_count
-from qmpnet.errors import (
-    InvalidInputError,
-)
+from qmpnet.errors import InvalidInputError, shown
 from qmpnet.model import (
     InterworkingModel,
     check_ifname,
@@ -55,7 +53,7 @@ def parse_cni_args(text: str) -> dict[str, str]:
             continue
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise CniError(Code.INVALID_ENV, f"CNI_ARGS: {pair!r} is not KEY=VALUE")
+            raise CniError(Code.INVALID_ENV, f"CNI_ARGS: {shown(pair)} is not KEY=VALUE")
         out[key] = value
     return out
 
@@ -79,21 +77,21 @@ class Env:
         if command not in REQUIRED_ENV:
             raise CniError(
                 Code.INVALID_ENV,
-                f"CNI_COMMAND {command!r} is not one of " + ", ".join(REQUIRED_ENV),
+                f"CNI_COMMAND {shown(command)} is not one of " + ", ".join(REQUIRED_ENV),
             )
         for var in REQUIRED_ENV[command]:
             if not environ.get(var):
                 raise CniError(Code.INVALID_ENV, f"{var} is required for {command}")
         container_id = environ.get("CNI_CONTAINERID", "")
-        if container_id and not NAME_RE.match(container_id):
+        if container_id and not NAME_RE.fullmatch(container_id):
             raise CniError(
                 Code.INVALID_ENV,
-                f"CNI_CONTAINERID {container_id!r}: must be "
+                f"CNI_CONTAINERID {shown(container_id)}: must be "
                 "letters, digits, '_', '.' or '-', starting with a letter or digit",
             )
         netns = environ.get("CNI_NETNS", "")
         if netns and not os.path.isabs(netns):
-            raise CniError(Code.INVALID_ENV, f"CNI_NETNS {netns!r}: must be an absolute path")
+            raise CniError(Code.INVALID_ENV, f"CNI_NETNS {shown(netns)}: must be an absolute path")
         ifname = environ.get("CNI_IFNAME", "")
         if ifname:
             try:
@@ -113,7 +111,8 @@ class Env:
 
 
 def bad_config(key: str, value: object, why: str) -> CniError:
-    return CniError(Code.INVALID_CONFIG, f"invalid network configuration: {key} {value!r}: {why}")
+    what = f"invalid network configuration: {key} {shown(value)}: {why}"
+    return CniError(Code.INVALID_CONFIG, what)
 
 
 def _check_path(field: str, value: object) -> str:
@@ -131,7 +130,7 @@ def _check_state_dir(field: str, value: object) -> str:
 
 
 def _check_name(field: str, value: object) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise InvalidInputError(
             field,
             value,
@@ -229,7 +228,7 @@ class NetConf:
                     "list, not chained after another (prevResult is set)",
                 )
             if ipam is not None and (
-                not isinstance(ipam.get("type"), str) or not NAME_RE.match(ipam["type"])
+                not isinstance(ipam.get("type"), str) or not NAME_RE.fullmatch(ipam["type"])
             ):
                 raise bad_config("ipam.type", ipam.get("type"), "must name an IPAM plugin binary")
         elif ipam is not None:

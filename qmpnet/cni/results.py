@@ -11,6 +11,7 @@ from qmpnet.cni.request import Env, NetConf
 from qmpnet.cni.spec import CniError, Code, version_key
 from qmpnet.endpoints import Endpoint
 from qmpnet.endpoints.netpair import pair_model, parked_mac
+from qmpnet.errors import shown
 from qmpnet.model import (
     IPAddress,
 )
@@ -24,14 +25,15 @@ def ips_of(result: Mapping[str, Any], interface: int | None) -> tuple[IPAddress,
         raise CniError(Code.DECODE, "result ips must be a list")
     for ip in ips:
         if not isinstance(ip, dict):
-            raise CniError(Code.DECODE, f"result ips entry {ip!r} is not an object")
+            raise CniError(Code.DECODE, f"result ips entry {shown(ip)} is not an object")
         if interface is not None and ip.get("interface") != interface:
             continue
         try:
             iface = ipaddress.ip_interface(str(ip.get("address")))
         except ValueError as err:
             raise CniError(
-                Code.DECODE, f"result address {ip.get('address')!r} is not an address with a prefix"
+                Code.DECODE,
+                f"result address {shown(ip.get('address'))} is not an address with a prefix",
             ) from err
         out.append(
             IPAddress(

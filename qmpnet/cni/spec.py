@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import enum
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
 
+from qmpnet.boundary import load_json
 from qmpnet.errors import (
     ConnectFailure,
     HostError,
@@ -20,6 +20,7 @@ from qmpnet.errors import (
     QmpTimeoutError,
     StateError,
     UnsupportedError,
+    shown,
 )
 
 #: Spec versions this plugin speaks, oldest first; results are shaped alike for all of them.
@@ -38,8 +39,8 @@ DEBUG_ENV = "QMPNET_CNI_DEBUG"
 ARG_QMP = "QMPNET_QMP"
 ARG_MAC = "MAC"
 GC_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_SEMVER_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+_SEMVER_RE = re.compile(r"(\d+)\.(\d+)\.(\d+)")
 
 
 class Code(enum.IntEnum):
@@ -128,9 +129,9 @@ MIN_VERSION: Mapping[str, str] = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.
 
 
 def version_key(version: str) -> tuple[int, int, int]:
-    match = _SEMVER_RE.match(version)
+    match = _SEMVER_RE.fullmatch(version)
     if not match:
-        raise CniError(Code.INCOMPATIBLE_VERSION, f"cniVersion {version!r} is not a version")
+        raise CniError(Code.INCOMPATIBLE_VERSION, f"cniVersion {shown(version)} is not a version")
     major, minor, patch = (int(g) for g in match.groups())
     return major, minor, patch
 
@@ -140,7 +141,7 @@ def check_version(version: object, command: str) -> str:
     if not isinstance(version, str) or version not in SUPPORTED_VERSIONS:
         raise CniError(
             Code.INCOMPATIBLE_VERSION,
-            f"incompatible CNI version {version!r}",
+            f"incompatible CNI version {shown(version)}",
             "supported versions are " + ", ".join(SUPPORTED_VERSIONS),
         )
     first = MIN_VERSION.get(command)
@@ -154,11 +155,11 @@ def check_version(version: object, command: str) -> str:
 
 
 def decode(raw: bytes) -> dict[str, Any]:
-    """stdin as a JSON object (error 6 otherwise)."""
+    """stdin as a JSON object within the boundary's caps (error 6 otherwise)."""
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CniError(Code.DECODE, f"network configuration is not valid JSON: {err}") from err
+        data = load_json(raw, "network configuration", "on stdin")
+    except InvalidInputError as err:
+        raise CniError(Code.DECODE, f"network configuration on stdin: {err.reason}") from err
     if not isinstance(data, dict):
         raise CniError(Code.DECODE, "network configuration must be a JSON object")
     return data

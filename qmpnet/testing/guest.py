@@ -74,7 +74,7 @@ _IPERF = "iperf3"
 #: Packages holding iperf3's shared libraries; the loader's own list checks it is complete.
 _LIB_PACKAGES = ("libiperf0", "libc6", "libssl3", "libsctp1")
 _LOADER = "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
-_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$", re.IGNORECASE)
+_MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", re.IGNORECASE)
 
 
 class GuestBuildError(Exception):
@@ -102,7 +102,7 @@ class GuestImage:
 
 
 def _last_mac_byte(mac: str) -> int:
-    if not _MAC_RE.match(mac):
+    if not _MAC_RE.fullmatch(mac):
         raise ValueError(f"not a MAC address: {mac!r}")
     return int(mac.rsplit(":", 1)[1], 16)
 
@@ -164,9 +164,9 @@ class _Apt:
         found: dict[str, str] = {}
         package = ""
         for line in out.splitlines():
-            if re.match(r"^\S+:$", line):
+            if re.fullmatch(r"\S+:", line):
                 package = line[:-1]
-            elif (match := re.match(r"^\s+Candidate:\s*(\S+)$", line)) and match[1] != "(none)":
+            elif (match := re.fullmatch(r"\s+Candidate:\s*(\S+)", line)) and match[1] != "(none)":
                 found[package] = match[1]
         if missing := [p for p in packages if p not in found]:
             raise _StaleIndexError(f"apt has no candidate for {missing}", detail=out)
