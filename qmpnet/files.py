@@ -21,6 +21,7 @@ nothing is changed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -28,6 +29,7 @@ import functools
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
@@ -371,3 +373,35 @@ def same_file(fd: int, path: Path) -> bool:
         return False
     mine = os.fstat(fd)
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+class Writer:
+    """Runs one directory's file writes on a thread, one at a time, to their end.
+
+    A durable write (two fsyncs) must not stall the event loop, and must not be cut off by a
+    cancellation either: the thread would go on writing after its caller gave up, so the
+    caller could undo a plug whose state file then says it is plugged. A cancellation that
+    arrives during a write is therefore held back until the write is done, then delivered
+    at the caller's next ``await``; "returned" always means "on disk".
+    """
+
+    def __init__(self) -> None:
+        self._serial = threading.Lock()
+
+    async def run(self, write: Callable[[], None]) -> None:
+        def serial() -> None:
+            with self._serial:
+                write()
+
+        job = asyncio.ensure_future(asyncio.to_thread(serial))
+        cancelled = False
+        while not job.done():
+            try:
+                await asyncio.shield(job)
+            except asyncio.CancelledError:
+                cancelled = True  # the write goes on; so do we, until it is done
+        if cancelled:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()  # delivered at the caller's next await
+        job.result()

@@ -240,7 +240,7 @@ class QemuHypervisor:
             return await self._add_on_free_slot(device_id(tap), args)
 
         async def device_del() -> None:
-            await self.qmp.device_del(device_id(tap), self.unplug_timeout)
+            await self._device_del(device_id(tap))
 
         slot = await _qemu_step(op, Step.DEVICE_ADD, device_add, device_del)
         if wait_guest:
@@ -263,26 +263,38 @@ class QemuHypervisor:
 
     async def _unplug(self, tap: TapInterface, op: Operation) -> None:
         # No lock here: waiting for the guest must not hold up other plugs of this VM.
-        async def device_del() -> bool:
-            gone = False
-            try:
-                gone = await self.qmp.device_del(device_id(tap), self.unplug_timeout)
-                return gone
-            finally:
-                self._forget_slot(device_id(tap), gone)
-
-        await op.step(Step.DEVICE_DEL, device_del)
+        await op.step(Step.DEVICE_DEL, lambda: self._device_del(device_id(tap)))
         await op.step(Step.NETDEV_DEL, lambda: self.qmp.netdev_del(netdev_id(tap)))
 
     # --- slots -----------------------------------------------------------------------------
 
+    async def _device_del(self, device: str) -> bool:
+        """``device_del`` with its bounded wait; the kept topology follows what happened."""
+        gone = False
+        try:
+            gone = await self.qmp.device_del(device, self.unplug_timeout)
+            return gone
+        finally:
+            self._forget_slot(device, gone)
+
     async def _add_on_free_slot(self, device: str, args: dict[str, Any]) -> Slot:
-        """``device_add`` on the first free slot; the choice and the add are one section."""
+        """``device_add`` on the first free slot; the choice and the add are one section.
+
+        A kept topology may be stale (someone else plugged or unplugged through another
+        monitor): one that has no free slot, or whose slot QEMU refuses as taken, is read
+        again once before the plug fails.
+        """
         async with self._lock:
             fresh = self._topology is None
             for attempt in range(2):
                 topology = await self._kept_topology()
-                slot = topology.first_free()
+                try:
+                    slot = topology.first_free()
+                except UnsupportedError:
+                    self._topology = None
+                    if fresh or attempt:
+                        raise
+                    continue
                 try:
                     await self.qmp.device_add({**args, "bus": slot.bus, "addr": hex(slot.addr)})
                 except QmpCommandError as err:

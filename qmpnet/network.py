@@ -2,10 +2,11 @@
 
 ``NetworkState`` is the library's front door. Each operation takes the VM's lock (tasks and
 processes alike), settles what an interrupted operation left (:mod:`qmpnet.recovery`), writes
-its intent to the journal before every step, runs the endpoint's hot-plug or unplug, and
-persists the result. A failure anywhere undoes every earlier step; a crash leaves a journal
-entry that the next operation (or ``qmpnet reconcile``) finishes or rolls back. File writes
-run on a thread, never on the event loop.
+its plan to the journal once, before its first step that changes anything, runs the
+endpoint's hot-plug or unplug, and persists the result (the commit point). A failure anywhere
+undoes every earlier step; a crash leaves a journal entry that the next operation (or
+``qmpnet reconcile``) finishes or rolls back. File writes run on a thread, never on the
+event loop, and always to their end.
 
 The QMP monitor serves one client at a time, so by default a session is opened per
 operation, under the lock, and closed after; :meth:`NetworkState.connect` keeps one open for a

@@ -18,7 +18,6 @@ import contextlib
 import enum
 import json
 import secrets
-import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from qmpnet.codec import UnknownEntry, dump_endpoint, load_endpoint
 from qmpnet.endpoints import Endpoint
 from qmpnet.errors import StateError, shown
 from qmpnet.files import (
+    Writer,
     atomic_write,
     file_lock,
     private_dir,
@@ -83,17 +83,11 @@ class Store:
         self.dir = Path(directory)
         self.lock_timeout = lock_timeout
         self._local = asyncio.Lock()
-        #: one write at a time: a cancelled caller's write may still be running on its thread
-        self._writing = threading.Lock()
+        self._writer = Writer()
 
     async def _off_loop(self, write: Callable[[], None]) -> None:
-        """Run a file write on a thread; writes of this store keep their order."""
-
-        def serial() -> None:
-            with self._writing:
-                write()
-
-        await asyncio.to_thread(serial)
+        """Run a file write on a thread, in order, to its end (see :class:`Writer`)."""
+        await self._writer.run(write)
 
     @property
     def state_path(self) -> Path:

@@ -127,6 +127,8 @@ async def test_a_failed_join_undoes_the_queues(cni_veth: Any, host: Any) -> None
         (Step.OPEN_QUEUES, D),
         (Step.PREPARE_LINKS, B),
         (Step.PREPARE_LINKS, F),
+        # registered before the join: a half-done join (the mirror added) is undone too
+        (Step.PREPARE_LINKS, U),
         (Step.OPEN_QUEUES, U),
     ]
     assert fds.tap == []
@@ -372,3 +374,31 @@ async def test_links_are_made_under_a_staging_name_that_reconcile_removes(
     host.sh("ip", "-n", ns, "link", "add", ep.id, "type", "bridge")
     assert await host_residue(ep) == []
     assert sorted(host.links(veth.sandbox)) == sorted(["lo", veth.inner])
+
+
+@pytest.mark.asyncio
+async def test_a_tcfilter_join_failing_after_the_mirror_leaves_no_qdisc(
+    cni_veth: Any, host: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mirror is on the pod's link when bringing the link up fails: the join's undo was
+    registered before it ran, so qmpnet's ingress qdisc goes with the failed plug."""
+    from qmpnet.errors import HostError
+    from qmpnet.links import Links
+
+    veth = cni_veth(mac="52:54:00:00:00:4c")
+    ep = _endpoint(veth, InterworkingModel.TCFILTER)
+    real = Links.set_up
+
+    async def refuse_the_pod_link(self: Links, name: str, up: bool = True) -> None:
+        if name == ep.virt_name:
+            raise HostError("set link state", name, errno.EPERM)
+        await real(self, name, up)
+
+    monkeypatch.setattr(Links, "set_up", refuse_the_pod_link)
+    fds = tuntap.QueueFds()
+    with pytest.raises(PlugError) as caught:
+        async with Operation("hot-plug", ep.name) as op:
+            await MODELS[InterworkingModel.TCFILTER].connect(ep, op, 1, fds)
+    assert caught.value.step == "prepare-links"
+    assert not _ingress(host, veth.sandbox, veth.inner)
+    host.wait_until(lambda: ep.tap_name not in host.links(veth.sandbox), what="tap gone")

@@ -156,3 +156,50 @@ async def test_a_lock_in_an_unmakeable_directory_is_a_state_error(tmp_path: Path
     with pytest.raises(StateError, match="not a directory"):
         async with file_lock(tmp_path / "file" / "lock", timeout=1):
             pass
+
+
+@pytest.mark.asyncio
+async def test_a_write_runs_off_the_loop_and_a_cancel_waits_for_its_end(tmp_path: Path) -> None:
+    """The loop keeps running while a durable write is on its thread; a caller cancelled
+    meanwhile sees the write finish first (the file is there), and the cancellation only at
+    its next await: "returned" means "on disk"."""
+    import threading
+
+    gate = threading.Event()
+    target = tmp_path / "f.json"
+
+    def slow_write() -> None:
+        gate.wait(10)
+        atomic_write(target, "{}")
+
+    writer = files.Writer()
+    after_write: list[bool] = []
+
+    async def caller() -> None:
+        await writer.run(slow_write)
+        after_write.append(target.exists())  # runs although the cancel came during the write
+        await asyncio.sleep(0)  # the held-back cancellation lands here
+
+    task = asyncio.create_task(caller())
+    ticks = 0
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+        ticks += 1  # the loop is not blocked by the write
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done(), "a cancel must not cut a write short"
+    assert not target.exists()
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ticks == 5
+    assert after_write == [True]
+
+
+@pytest.mark.asyncio
+async def test_a_failed_write_raises_its_error_to_the_caller(tmp_path: Path) -> None:
+    def broken() -> None:
+        raise StateError(str(tmp_path), "write: disk on fire")
+
+    with pytest.raises(StateError, match="disk on fire"):
+        await files.Writer().run(broken)

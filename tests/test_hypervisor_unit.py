@@ -21,7 +21,7 @@ from qmpnet.endpoints import (
     net_info_from_interface,
 )
 from qmpnet.endpoints.base import LINK_TYPES
-from qmpnet.errors import UnsupportedError
+from qmpnet.errors import PlugError, QmpCommandError, QmpTimeoutError, UnsupportedError
 from qmpnet.hypervisor import (
     Bridge,
     QemuHypervisor,
@@ -229,3 +229,81 @@ def test_pci_device_ids_walks_bridges() -> None:
         }
     ]
     assert pci_device_ids(pci) == {"rp0", "rp1", "qn1-dev"}
+
+
+class OneRootPort(QmpSession):
+    """A q35 with one empty root port, answering what the slot search and a plug send.
+
+    A fake because real QEMU cannot be made to fail ``wait-guest`` with a guest that then
+    releases the device at once (a paused guest never releases it); the topology logic it
+    pins is ours, not QEMU's.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(None, "one-port", 1.0, logging.getLogger("test"))  # type: ignore[arg-type]
+        self.occupant: str | None = None
+        self.reads = 0
+
+    async def execute(
+        self, command: str, arguments: Mapping[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
+        args = dict(arguments or {})
+        if command in ("qom-list", "query-pci", "qom-get"):
+            self.reads += 1
+        if command == "qom-list" and args["path"] == "/machine/peripheral":
+            kids = [{"name": "rp0", "type": "child<pcie-root-port>"}]
+            if self.occupant:
+                kids.append({"name": self.occupant, "type": "child<virtio-net-pci>"})
+            return kids
+        if command == "qom-list":
+            return [{"name": "child[0]", "type": "child<x>"}] if self.occupant else []
+        if command == "qom-get":
+            return 1 << 3
+        if command == "query-pci":
+            return [{"bus": 0, "devices": [{"slot": 0, "id": {"device": 0x29C0}}]}]
+        if command == "device_add":
+            if self.occupant:
+                raise QmpCommandError(command, args, "GenericError", "PCI: slot 0 not available")
+            self.occupant = args["id"]
+        return {}
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        return None
+
+    async def device_del(self, device_id: str, timeout: float) -> bool:
+        present = self.occupant == device_id
+        self.occupant = None if present else self.occupant
+        return present
+
+    async def wait_driver_ok(self, device_id: str, timeout: float) -> None:
+        raise QmpTimeoutError(f"wait for guest driver of {device_id}", timeout)
+
+
+@pytest.mark.asyncio
+async def test_a_rolled_back_plug_gives_its_slot_back_to_the_kept_topology() -> None:
+    session = OneRootPort()
+    hv = QemuHypervisor(session)
+    taps = [create_tap_endpoint(i, "eth0", tap_name=f"t{i}").tap_interface for i in range(2)]
+    with pytest.raises(PlugError, match="wait-guest"):
+        await hv.plug_tap(taps[0], QueueFds(tap=[-1]), "52:54:00:00:00:01", wait_guest=True)
+    assert session.occupant is None  # the undo's device_del removed it
+    reads = session.reads
+    assert await hv.plug_tap(taps[1], QueueFds(tap=[-1]), "52:54:00:00:00:02") == "01/00"
+    assert session.occupant == device_id(taps[1])
+    assert session.reads == reads, "the undo gave the slot back: no bus was read again"
+
+
+@pytest.mark.asyncio
+async def test_a_kept_session_reads_the_buses_once_and_rereads_when_full() -> None:
+    session = OneRootPort()
+    hv = QemuHypervisor(session)
+    taps = [create_tap_endpoint(i, "eth0", tap_name=f"t{i}").tap_interface for i in range(3)]
+    await hv.plug_tap(taps[0], QueueFds(tap=[-1]), "52:54:00:00:00:01")
+    first = session.reads
+    assert first > 0
+    await hv.unplug_tap(taps[0])
+    await hv.plug_tap(taps[1], QueueFds(tap=[-1]), "52:54:00:00:00:02")
+    assert session.reads == first, "the second plug chose its slot from the kept topology"
+    session.occupant = None  # unplugged behind the session's back, through another monitor
+    assert await hv.plug_tap(taps[2], QueueFds(tap=[-1]), "52:54:00:00:00:03") == "01/00"
+    assert session.reads > first, "a kept topology with no free slot is read again once"

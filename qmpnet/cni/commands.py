@@ -10,8 +10,6 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import attrs
-
 from qmpnet.cni.delegate import find_plugin, ipam, ipam_config, ipam_release, ipam_speaks
 from qmpnet.cni.records import Attachment, Book, Records
 from qmpnet.cni.request import Env, NetConf, Request, bad_config
@@ -32,7 +30,6 @@ from qmpnet.config import Config
 from qmpnet.endpoints import Endpoint
 from qmpnet.endpoints.base import random_mac
 from qmpnet.errors import (
-    ConnectFailure,
     InvalidInputError,
     QmpConnectError,
     QmpnetError,
@@ -46,15 +43,15 @@ from qmpnet.model import (
 )
 from qmpnet.netns import check_netns
 from qmpnet.network import NetworkState, NoSuchInterfaceError, host_link
-from qmpnet.recovery import teardown
+from qmpnet.recovery import Settler
 from qmpnet.store import Entry, Status
 
 log = logging.getLogger("qmpnet.cni")
 
 
 def vm_gone(err: QmpConnectError) -> bool:
-    """The monitor's socket is missing or refuses: QEMU is not running (any more)."""
-    return err.kind is ConnectFailure.ABSENT  # closed before the greeting: maybe still exiting
+    """QEMU is not running (any more): the same judgement journal recovery makes."""
+    return err.gone
 
 
 def _entry_for(state: NetworkState, mac: str) -> Entry | None:
@@ -64,17 +61,18 @@ def _entry_for(state: NetworkState, mac: str) -> Entry | None:
 async def _forget(state: NetworkState, entry: Entry) -> None:
     """The VM is gone with its device: undo the host side and drop the state entry.
 
-    The endpoint's ``teardown`` only touches host links: nothing reaches for the QEMU that is
-    not there.
+    Recovery's own path for a VM that is gone (the endpoint's ``teardown``, then a check of
+    what the host still holds), under the VM's lock; a residue fails the DEL, so the
+    runtime's retry tries again.
     """
-    await teardown(entry.endpoint)
     async with state.store.locked():
-        snap = state.store.load()
-        await state.store.save(
-            attrs.evolve(
-                snap, entries=tuple(e for e in snap.entries if e.endpoint.id != entry.endpoint.id)
+        job = Settler(state, None)
+        if not await job.drop_host_side(entry.endpoint, None, "the VM is gone"):
+            raise CniError(
+                Code.TRY_AGAIN,
+                f"{entry.endpoint.name}: the host side of a gone VM is not cleaned up",
+                "; ".join(job.errors),
             )
-        )
 
 
 async def unplug(attachment: Attachment, state_dir: Path, config: Config) -> None:

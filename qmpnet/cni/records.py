@@ -6,7 +6,6 @@ and GC find exactly what this network made, and nothing else.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from qmpnet.errors import (
     InvalidInputError,
     StateError,
 )
-from qmpnet.files import atomic_write, file_lock, read_text, remove_file, sweep_temps
+from qmpnet.files import Writer, atomic_write, file_lock, read_text, remove_file, sweep_temps
 from qmpnet.network import NetworkState
 
 
@@ -79,6 +78,7 @@ class Book:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.path = directory / ATTACHMENTS_FILE
+        self._writer = Writer()
 
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[None]:
@@ -124,7 +124,7 @@ class Book:
     async def save(self, records: Records) -> None:
         """Write atomically, on a thread (it fsyncs); no records left: no file."""
         if not records.known and not records.unknown:
-            await asyncio.to_thread(remove_file, self.path)
+            await self._writer.run(lambda: remove_file(self.path))
             return
         text = json.dumps(
             {
@@ -133,7 +133,7 @@ class Book:
             },
             indent=1,
         )
-        await asyncio.to_thread(atomic_write, self.path, text)
+        await self._writer.run(lambda: atomic_write(self.path, text))
 
     async def remove_if_unused(self, state: NetworkState) -> None:
         """Remove the directory once nothing in it is in use: no record, entry or journal."""

@@ -113,10 +113,10 @@ async def _tc_connect(
             await links.add_tc_mirror(ep.virt_name, ep.tap_name)
             await links.set_up(ep.virt_name)
 
-    async def undo(_: None) -> None:
-        await _tc_disconnect(ep)
-
-    await op.step(Step.PREPARE_LINKS, join, undo)
+    # Registered first: a join that fails half-way (the mirror added, the link not up yet)
+    # or is cancelled must not leave qmpnet's qdisc on the pod's link.
+    op.on_undo(Step.PREPARE_LINKS, lambda: _tc_disconnect(ep))
+    await op.step(Step.PREPARE_LINKS, join)
 
 
 async def _tc_attached(
@@ -378,8 +378,8 @@ class NetPairEndpoint:
     async def hot_attach(self, ctx: PlugContext) -> Self:
         model = self.pair_model
         ep = await ctx.op.step(Step.VALIDATE, self._settle_mac)
-        # The journal saves the subject before each later step: with the settled MAC, a
-        # recovery after a crash can give the sandbox link its own MAC back.
+        # The journal's one record is written at the next step, from the subject: with the
+        # settled MAC, a recovery after a crash can give the sandbox link its own MAC back.
         ctx.op.subject = ep
 
         async def open_host(queues: int, fds: tuntap.QueueFds) -> None:
