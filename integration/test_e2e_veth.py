@@ -23,7 +23,7 @@ from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import host_link
 from qmpnet.testing import cni
 from qmpnet.testing.guest import guest_ip_for_mac
-from qmpnet.testing.probe import links
+from qmpnet.testing.probe import links, ns_name
 
 MODELS = [InterworkingModel.TCFILTER, InterworkingModel.MACVTAP, InterworkingModel.BRIDGED]
 
@@ -131,3 +131,36 @@ async def test_cni_veth_end_to_end(
         assert after[pod.ifname].get("master") is None
         assert not has_ingress_qdisc(pod.netns, pod.ifname)
     assert pod.host_veth not in links()
+
+
+async def test_unplug_gives_a_down_sandbox_link_its_state_back(harness) -> None:
+    """The plug sets the pod's veth up to carry the guest's traffic; one found down is
+    down again once the NIC is unplugged (seen with ``ip -j link``)."""
+    h = await harness("q35")
+    octet = free_octets(1)[0]
+    net = f"169.254.{octet}"
+    mac = mac_for(octet)
+    async with cni.pod_network(
+        e2e_name("c"),
+        f"{net}.0/24",
+        mac=mac,
+        range_start=f"{net}.10",
+        range_end=f"{net}.250",
+        bridge_address=f"{net}.1/24",
+    ) as pod:
+        ns = ns_name(pod.netns)
+        subprocess.run(["ip", "-n", ns, "link", "set", pod.ifname, "down"], check=True)  # noqa: ASYNC221
+        assert "UP" not in links(pod.netns)[pod.ifname]["flags"]
+        plugged = await h.plug(
+            InterfaceDescription(name=pod.ifname, hw_addr=mac),
+            model=InterworkingModel.TCFILTER,
+            netns_path=pod.netns_path,
+            queues=1,
+        )
+        assert "UP" in links(pod.netns)[pod.ifname]["flags"]
+        await h.unplug(plugged)
+        await h.assert_gone(plugged)
+        after = links(pod.netns)[pod.ifname]
+        assert "UP" not in after["flags"]
+        assert after["address"] == mac
+        assert not has_ingress_qdisc(pod.netns, pod.ifname)

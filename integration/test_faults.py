@@ -458,12 +458,13 @@ async def test_prepare_links_foreign_ingress_qdisc(booted: GuestVM, scene: Scene
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
     assert before.ingress
     err = await scene.plug_fails(scene.state(booted.mgmt_qmp_path))
-    text = expect(err, Step.PREPARE_LINKS, HostError, "File exists")
+    # refused when the sandbox link is read, before the tap or any qdisc is made
+    text = expect(err, Step.VALIDATE, UnsupportedError, "already has an ingress qdisc")
     await assert_clean(
         before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid, scene.state_dir
     )  # the foreign qdisc is still there
     record(
-        Step.PREPARE_LINKS,
+        Step.VALIDATE,
         "netlink / host",
         f"ingress qdisc already there: {text}; foreign qdisc kept; clean",
     )

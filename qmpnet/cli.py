@@ -54,6 +54,7 @@ def exit_code_for(err: BaseException) -> int:
         errno.ENOENT,
         errno.ENOTDIR,
         errno.EINVAL,
+        errno.ENOTTY,  # a regular file or a directory: no namespace file
     ):
         return EXIT_INPUT  # a netns path that does not exist or is not a netns: bad input
     table: list[tuple[type[BaseException], int]] = [
@@ -209,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     _vm_options(add)
     _plug_options(add)
     add.add_argument(
+        "--allow-foreign-link",
+        action="store_true",
+        help="let a NetPair join a link of the host's namespace or a bridge's port "
+        "(refused by default, exit 3)",
+    )
+    add.add_argument(
         "--wait-guest",
         action="store_true",
         help="return only when the guest driver has the NIC (DRIVER_OK)",
@@ -322,7 +329,11 @@ async def cmd_add(args: argparse.Namespace) -> int:
     state = _state(args)
     started = time.perf_counter()
     endpoint = await state.add_interface(
-        desc, netns_path=args.netns, tap_name=args.tap_name, wait_guest=args.wait_guest
+        desc,
+        netns_path=args.netns,
+        tap_name=args.tap_name,
+        wait_guest=args.wait_guest,
+        allow_foreign_link=args.allow_foreign_link,
     )
     log.info(
         "plugged %s (%s) at %s in %.1f ms",

@@ -23,6 +23,8 @@ from qmpnet.errors import InvalidInputError, UnknownValueError
 IFNAME_MAX = 15
 MTU_MIN = 68
 MTU_MAX = 65535
+#: A tap's largest MTU: tun's 65535 less the Ethernet header (the kernel's max_mtu of a tap).
+TAP_MTU_MAX = MTU_MAX - 14
 #: tun's MAX_TAP_QUEUES; QEMU's virtio-net allows more pairs, the tap is the tighter limit.
 QUEUES_MAX = 256
 
@@ -125,6 +127,18 @@ def check_mtu(field: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not MTU_MIN <= value <= MTU_MAX:
         raise InvalidInputError(field, value, f"must be an integer from {MTU_MIN} to {MTU_MAX}")
     return value
+
+
+def check_tap_mtu(field: str, value: object) -> int:
+    """An MTU a tap takes: a link's range, up to :data:`TAP_MTU_MAX`."""
+    mtu = check_mtu(field, value)
+    if mtu > TAP_MTU_MAX:
+        raise InvalidInputError(
+            field,
+            value,
+            f"a tap's MTU is at most {TAP_MTU_MAX} (65535 less the 14-byte Ethernet header)",
+        )
+    return mtu
 
 
 def check_queues(field: str, value: object) -> int:

@@ -4,6 +4,10 @@
 namespace, runs the callable and ends; the loop's own threads never change namespace. An empty
 path means the current namespace. A path that is missing or is not a netns file is an error
 here, before pyroute2 gets a chance to create a namespace of that name.
+
+qmpnet's own namespace (the host's, as a rule) is never a sandbox: :func:`check_sandbox_netns`
+refuses every path that names it, by the namespace's device and inode, not by its spelling
+(``/proc/self/ns/net``, ``/proc/1/ns/net``, a bind mount of either).
 """
 
 from __future__ import annotations
@@ -17,31 +21,59 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from qmpnet.errors import NetnsError
+from qmpnet.errors import InvalidInputError, NetnsError
 
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
 #: ioctl(NS_GET_NSTYPE) answers CLONE_NEWNET for a netns file and ENOTTY for any other file.
 NS_GET_NSTYPE = 0xB703
+#: the network namespace this process runs in (of its main thread: setns is per thread).
+OWN_NETNS = "/proc/self/ns/net"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def check_netns(path: str) -> None:
-    """Raise NetnsError unless ``path`` names a network namespace file."""
+def check_netns(path: str) -> tuple[int, int]:
+    """The (st_dev, st_ino) of the network namespace at ``path``; NetnsError if it names none."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
         raise NetnsError("open netns", path, err.errno) from err
     try:
         kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        st = os.fstat(fd)
     except OSError as err:
         raise NetnsError("open netns", path, err.errno, "not a namespace file") from err
     finally:
         os.close(fd)
     if kind != CLONE_NEWNET:
         raise NetnsError("open netns", path, None, "not a network namespace")
+    return st.st_dev, st.st_ino
+
+
+def is_own_netns(path: str) -> bool:
+    """Whether ``path`` (``""``: the current one) is qmpnet's own network namespace."""
+    if not path:
+        return True
+    return check_netns(path) == check_netns(OWN_NETNS)
+
+
+def check_sandbox_netns(path: str, field: str = "netns") -> tuple[int, int]:
+    """The identity of the netns at ``path``, refused if it is qmpnet's own.
+
+    An empty path is the own namespace too. :class:`InvalidInputError` names ``field`` (the
+    option or variable that gave the path); a path that is no netns is :class:`NetnsError`.
+    """
+    identity = check_netns(path) if path else check_netns(OWN_NETNS)
+    if identity == check_netns(OWN_NETNS):
+        raise InvalidInputError(
+            field,
+            path,
+            "this is qmpnet's own network namespace (the host's), not a sandbox's: "
+            "its links belong to the host and to other programs",
+        )
+    return identity
 
 
 def _enter(path: str) -> None:

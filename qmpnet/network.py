@@ -175,8 +175,14 @@ class NetworkState:
         queues: int = 0,
         tap_name: str | None = None,
         wait_guest: bool = False,
+        allow_foreign_link: bool = False,
     ) -> Endpoint:
-        """Hot-plug the described interface; returns the plugged endpoint. All or nothing."""
+        """Hot-plug the described interface; returns the plugged endpoint. All or nothing.
+
+        A NetPair refuses a sandbox link of qmpnet's own (the host's) namespace or a port of
+        a bridge or bond, unless ``allow_foreign_link``; whatever it changes on that link is
+        given back on unplug.
+        """
         model = model or self.config.internetworking_model
         if queues:
             check_queues("queues", queues)
@@ -214,7 +220,13 @@ class NetworkState:
                 op = self._operation(OpKind.HOT_PLUG, endpoint)
                 try:
                     async with op:
-                        ctx = PlugContext(hv, self.config, op, wait_guest=wait_guest)
+                        ctx = PlugContext(
+                            hv,
+                            self.config,
+                            op,
+                            wait_guest=wait_guest,
+                            allow_foreign_link=allow_foreign_link,
+                        )
                         plugged = await endpoint.hot_attach(ctx)
                         op.subject = plugged
                         entry = Entry(plugged)

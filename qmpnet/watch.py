@@ -37,7 +37,7 @@ from qmpnet.endpoints.netpair import pair_model
 from qmpnet.errors import HostError, InvalidInputError, QmpnetError
 from qmpnet.links import LinkInfo, Links, ours
 from qmpnet.model import InterfaceDescription, InterworkingModel
-from qmpnet.netns import check_netns
+from qmpnet.netns import check_sandbox_netns
 from qmpnet.network import NetworkState, NoSuchInterfaceError
 from qmpnet.store import Entry, Status
 
@@ -535,7 +535,8 @@ async def watch(
     flight is finished and the NICs stay plugged, unless ``unplug_on_exit``. Failures on
     one link are logged, reported as FAILED events and retried a few times; the watcher
     goes on. Raises :class:`InvalidInputError` for a bad model or debounce and
-    :class:`~qmpnet.errors.NetnsError` for a netns path that is not one.
+    :class:`~qmpnet.errors.NetnsError` for a netns path that is not one, and
+    :class:`InvalidInputError` for qmpnet's own namespace, whatever path names it.
     """
     resolved = (model or state.config.internetworking_model).resolved()
     pair_model(resolved)  # model none (a bare tap) cannot join a link: refuse before watching
@@ -545,8 +546,8 @@ async def watch(
             netns_path,
             "give the netns to follow; the host's own namespace is never watched",
         )
-    check_netns(netns_path)
-    st = os.stat(netns_path)
+    # Before any connection: the host's own namespace holds every other program's links.
+    identity = check_sandbox_netns(netns_path)
     watcher = _Watcher(
         state=state,
         netns=netns_path,
@@ -554,7 +555,7 @@ async def watch(
         stop=stop or asyncio.Event(),
         on_event=on_event,
         debouncer=Debouncer(debounce),
-        identity=(st.st_dev, st.st_ino),
+        identity=identity,
     )
     log.info("watch %s: following links (model %s, debounce %g s)", netns_path, resolved, debounce)
     await watcher.run()

@@ -30,6 +30,7 @@ from qmpnet.endpoints import (
     create_endpoint,
     net_info_from_interface,
 )
+from qmpnet.endpoints.netpair import FoundLink
 from qmpnet.errors import StateError
 from qmpnet.model import (
     EndpointType,
@@ -106,6 +107,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "pci_path": pci_path,
     "netns_path": st.text(max_size=30),
     "queues": st.integers(0, 256),
+    "found": st.none() | st.builds(FoundLink, index=st.integers(1, 2**31 - 1), up=st.booleans()),
 }
 
 

@@ -231,7 +231,7 @@ async def test_mac_settles_on_the_links_own(cni_veth: Any) -> None:
             ep.net_pair, virt_iface=attrs.evolve(ep.net_pair.virt_iface, hard_addr="")
         ),
     )
-    settled = await blank._settle_mac()
+    settled = await blank.settle()
     assert settled.hardware_addr == veth.mac
     wrong = attrs.evolve(
         ep,
@@ -243,7 +243,7 @@ async def test_mac_settles_on_the_links_own(cni_veth: Any) -> None:
     from qmpnet.errors import InvalidInputError
 
     with pytest.raises(InvalidInputError, match="the guest must use the link's own MAC"):
-        await wrong._settle_mac()
+        await wrong.settle()
 
 
 @pytest.mark.asyncio

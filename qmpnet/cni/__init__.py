@@ -30,6 +30,8 @@ Network configuration, besides ``cniVersion``, ``name`` and ``type``::
     timeouts      {"connect", "command", "unplug", "guestReady"} in seconds
     mac, mtu      main mode: the NIC's MAC (also runtimeConfig.mac or CNI_ARGS MAC=) and MTU
     ipam          main mode: the delegated IPAM plugin's configuration
+    allowHostNetns  main mode: CNI_NETNS may be the plugin's own (the host's) netns (default
+                  false); chained mode never joins a link of the host's netns (error 4)
     logFile       append logs to this file
 
 Each attachment (network, container, ifname) is recorded next to the VM's qmpnet state before

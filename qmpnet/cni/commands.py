@@ -41,7 +41,7 @@ from qmpnet.model import (
     InterworkingModel,
     check_mac,
 )
-from qmpnet.netns import check_netns
+from qmpnet.netns import check_netns, check_sandbox_netns
 from qmpnet.network import NetworkState, NoSuchInterfaceError, host_link
 from qmpnet.recovery import Settler
 from qmpnet.store import Entry, Status
@@ -121,9 +121,30 @@ async def sandbox_link(netns: str, ifname: str) -> tuple[str, int, str]:
     return mac, info.mtu, info.kind or "device"
 
 
+def check_sandbox(req: Request) -> None:
+    """CNI_NETNS names a netns, and not qmpnet's own (the host's) unless main mode allows it.
+
+    Chained mode would rewire a link of the host; main mode makes a tap there only when its
+    configuration says ``allowHostNetns``. Checked before any lock, file or connection.
+    """
+    env, conf = req.env, req.conf
+    if conf.main and conf.allow_host_netns:
+        check_netns(env.netns)
+        return
+    try:
+        check_sandbox_netns(env.netns, "CNI_NETNS")
+    except InvalidInputError as err:
+        hint = (
+            "set allowHostNetns to make model none's tap in the host's namespace"
+            if conf.main
+            else "chained mode joins a pod's own link: CNI_NETNS must be the pod's netns"
+        )
+        raise CniError(Code.INVALID_ENV, str(err), hint) from err
+
+
 async def cmd_add(req: Request) -> dict[str, Any]:
     env, conf = req.env, req.conf
-    check_netns(env.netns)
+    check_sandbox(req)
     qmp = req.qmp_socket()
     book = Book(req.state_dir)
     async with book.locked():

@@ -180,6 +180,8 @@ class NetConf:
     queues: int = attrs.field(default=0, validator=checked_by(check_queue_count))
     disable_vhost: bool = False
     wait_guest: bool = False
+    #: main mode only: CNI_NETNS may be qmpnet's own (the host's) namespace
+    allow_host_netns: bool = False
     timeouts: Timeouts = attrs.field(factory=Timeouts)
     mac: str = attrs.field(default="", converter=lowered, validator=checked_if_set(check_mac))
     mtu: int = attrs.field(default=1500, validator=checked_by(check_mtu))
@@ -231,6 +233,13 @@ class NetConf:
                 not isinstance(ipam.get("type"), str) or not NAME_RE.fullmatch(ipam["type"])
             ):
                 raise bad_config("ipam.type", ipam.get("type"), "must name an IPAM plugin binary")
+        elif conf.allow_host_netns:
+            raise bad_config(
+                "allowHostNetns",
+                True,
+                f"model {model} chains after a main plugin and joins the pod's link; "
+                "only model none makes a tap of its own, and only it may use the host's netns",
+            )
         elif ipam is not None:
             raise CniError(
                 Code.INVALID_CONFIG,
@@ -259,6 +268,7 @@ CNI.register(
         "state_dir": "stateDir",
         "disable_vhost": "disableVhost",
         "wait_guest": "waitGuest",
+        "allow_host_netns": "allowHostNetns",
         "log_file": "logFile",
         "prev_result": "prevResult",
         "runtime_config": "runtimeConfig",

@@ -56,6 +56,8 @@ class PlugContext:
     config: Config
     op: Operation
     wait_guest: bool = False
+    #: a NetPair may join a link of the host's namespace or a bridge's port (default: refused)
+    allow_foreign_link: bool = False
 
     async def queues(self, requested: int) -> int:
         return await queue_pairs(requested, self.config.queues, self.hypervisor.vcpus)

@@ -12,6 +12,12 @@ it still joined?", reconcile's residue check, the CNI result's MAC):
 The guest NIC always takes the sandbox link's MAC (the address the pod network knows). Where
 the link's MAC would capture the guest's frames (macvtap, bridged), the link gets a fresh MAC
 and gets its own back on unplug.
+
+The sandbox link is not qmpnet's. Before anything is changed (the ``validate`` step) it must
+be of the endpoint type's kind (a veth for ``virtual``, a macvlan, a tun link for ``tuntap``),
+and it is refused when it lives in qmpnet's own (the host's) namespace or is a port of a
+bridge or bond, unless the caller passes ``allow_foreign_link``. What a model changes on it
+(admin state, MAC) is recorded in :class:`FoundLink` and given back on unplug and on undo.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from qmpnet.model import (
     NetworkInterfacePair,
     TapInterface,
     check_ifname,
+    check_tap_mtu,
 )
+from qmpnet.netns import is_own_netns
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,19 @@ Attached = Callable[
 ]
 #: What a model's plumbing left on the sandbox link ``(pair, links, link)``, as sentences.
 Leftover = Callable[[NetworkInterfacePair, Links, LinkInfo], Awaitable[list[str]]]
+#: Refuses a sandbox link the model cannot join as it is ``(endpoint, links, link)``; it runs
+#: in the validate step, so it reads and never changes.
+Admit = Callable[["NetPairEndpoint", Links, LinkInfo], Awaitable[None]]
+
+
+@attrs.frozen(kw_only=True)
+class FoundLink:
+    """The sandbox link as the plug found it: what the unplug gives back."""
+
+    #: its ifindex: a link that took the name meanwhile is another link, left alone
+    index: int
+    #: its admin state (every model sets it up to carry the guest's traffic)
+    up: bool
 
 
 @attrs.frozen
@@ -69,6 +90,8 @@ class PairModel:
     leftover: Leftover
     #: the sandbox link wears :func:`parked_mac` while the guest's NIC uses its own MAC
     parks_mac: bool
+    #: refuses a sandbox link this model cannot join as it is
+    admit: Admit
 
     async def residue(self, pair: NetworkInterfacePair, links: Links, virt: LinkInfo) -> list[str]:
         """What is left on the sandbox link after a disconnect that did not finish."""
@@ -119,6 +142,21 @@ async def _tc_connect(
     await op.step(Step.PREPARE_LINKS, join)
 
 
+def _tap_mtu(ep: NetPairEndpoint, virt: LinkInfo) -> None:
+    """The tap takes the link's MTU: one a tap cannot have is refused before it is made."""
+    check_tap_mtu(f"MTU of {ep.virt_name}", virt.mtu)
+
+
+async def _tc_admit(ep: NetPairEndpoint, links: Links, virt: LinkInfo) -> None:
+    _tap_mtu(ep, virt)
+    if await links.has_tc_ingress(virt.name):
+        raise UnsupportedError(
+            f"{ep.type} endpoint {ep.virt_name}",
+            "tcfilter plumbing",
+            "the link already has an ingress qdisc, not qmpnet's: it is left as it is",
+        )
+
+
 async def _tc_attached(
     pair: NetworkInterfacePair, links: Links, link: LinkInfo, by_index: Mapping[int, LinkInfo]
 ) -> bool:
@@ -152,6 +190,23 @@ async def _tc_disconnect(ep: NetPairEndpoint) -> None:
     async with Links.open(ep.netns_path) as links:
         await links.del_tc_ingress(ep.virt_name)
         await _delete_ours(links, ep.tap_name, ep.id)
+        await _restore_state(links, ep)
+
+
+async def _restore_state(links: Links, ep: NetPairEndpoint) -> None:
+    """Set the sandbox link down again if it was down when the plug found it.
+
+    Only the very link that was found (same ifindex); one that replaced it is not ours to
+    change. An endpoint saved before the state was recorded (``found`` None) is left as is.
+    """
+    found = ep.found
+    if found is None or found.up:
+        return
+    virt = await links.lookup(ep.virt_name)
+    if virt is None or virt.index != found.index:
+        return
+    if virt.up:
+        await links.set_up(ep.virt_name, False)
 
 
 # --- macvtap ---------------------------------------------------------------------------------
@@ -174,6 +229,10 @@ async def _macvtap_connect(
     await plumbing.open_macvtap(op, ep.netns_path, ep.tap_name, queues, fds)
 
 
+async def _macvtap_admit(ep: NetPairEndpoint, links: Links, virt: LinkInfo) -> None:
+    return None  # the macvtap takes its MTU from the link: nothing more to refuse
+
+
 async def _macvtap_attached(
     pair: NetworkInterfacePair, links: Links, link: LinkInfo, by_index: Mapping[int, LinkInfo]
 ) -> bool:
@@ -185,6 +244,7 @@ async def _macvtap_disconnect(ep: NetPairEndpoint) -> None:
     async with Links.open(ep.netns_path) as links:
         await _delete_ours(links, ep.tap_name, ep.id)
         await _restore_mac(links, ep)
+        await _restore_state(links, ep)
 
 
 async def _restore_mac(links: Links, ep: NetPairEndpoint) -> None:
@@ -226,6 +286,16 @@ async def _bridge_connect(
     await op.step(Step.PREPARE_LINKS, join)
 
 
+async def _bridge_admit(ep: NetPairEndpoint, links: Links, virt: LinkInfo) -> None:
+    _tap_mtu(ep, virt)
+    if virt.master:
+        raise UnsupportedError(
+            f"{ep.type} endpoint {ep.virt_name}",
+            "bridged plumbing",
+            "the link is a port of another master; the bridged model would take it out",
+        )
+
+
 async def _bridge_attached(
     pair: NetworkInterfacePair, links: Links, link: LinkInfo, by_index: Mapping[int, LinkInfo]
 ) -> bool:
@@ -248,17 +318,33 @@ async def _bridge_disconnect(ep: NetPairEndpoint) -> None:
         await _delete_ours(links, bridge_name(ep.net_pair), ep.id)
         await _delete_ours(links, ep.tap_name, ep.id)
         await _restore_mac(links, ep)
+        await _restore_state(links, ep)
 
 
 MODELS: Mapping[InterworkingModel, PairModel] = {
     InterworkingModel.TCFILTER: PairModel(
-        _tc_connect, _tc_disconnect, _tc_attached, _tc_leftover, parks_mac=False
+        _tc_connect,
+        _tc_disconnect,
+        _tc_attached,
+        _tc_leftover,
+        parks_mac=False,
+        admit=_tc_admit,
     ),
     InterworkingModel.MACVTAP: PairModel(
-        _macvtap_connect, _macvtap_disconnect, _macvtap_attached, _nothing_left, parks_mac=True
+        _macvtap_connect,
+        _macvtap_disconnect,
+        _macvtap_attached,
+        _nothing_left,
+        parks_mac=True,
+        admit=_macvtap_admit,
     ),
     InterworkingModel.BRIDGED: PairModel(
-        _bridge_connect, _bridge_disconnect, _bridge_attached, _nothing_left, parks_mac=True
+        _bridge_connect,
+        _bridge_disconnect,
+        _bridge_attached,
+        _nothing_left,
+        parks_mac=True,
+        admit=_bridge_admit,
     ),
 }
 
@@ -286,12 +372,16 @@ class NetPairEndpoint:
     """A sandbox link (``virt_iface``) joined to a tap by ``net_pair.model``."""
 
     type: ClassVar[EndpointType] = EndpointType.VETH
+    #: the netlink kind the sandbox link must have
+    link_kind: ClassVar[str] = "veth"
 
     net_pair: NetworkInterfacePair
     properties: NetworkInfo | None = None
     pci_path: str = ""
     netns_path: str = ""
     queues: int = 0
+    #: the sandbox link as the plug found it (None: saved before qmpnet recorded it)
+    found: FoundLink | None = None
 
     @property
     def name(self) -> str:
@@ -356,10 +446,39 @@ class NetPairEndpoint:
     async def attach(self, ctx: PlugContext) -> Self:
         raise unsupported(self, "cold plug", "qmpnet plugs into a running VM: use hot_attach")
 
-    async def _settle_mac(self) -> Self:
-        """Take the guest MAC from the sandbox link, as the pod network knows it."""
+    async def settle(self, *, allow_foreign_link: bool = False) -> Self:
+        """Read the sandbox link, refuse one this endpoint must not join, and record it.
+
+        Changes nothing. The guest MAC is the link's own (as the pod network knows it); the
+        link's admin state is kept in :attr:`found` for the unplug. Refused: a link of
+        another kind (:class:`InvalidInputError`), and unless ``allow_foreign_link`` a link
+        of qmpnet's own (the host's) namespace or a port of a bridge or bond; then what the
+        model cannot join (:class:`UnsupportedError`).
+        """
+        if not allow_foreign_link and is_own_netns(self.netns_path):
+            raise InvalidInputError(
+                "netns",
+                self.netns_path,
+                f"{self.virt_name} would be a link of qmpnet's own (the host's) namespace, "
+                "not of a sandbox; allow foreign links to join it anyway",
+            )
         async with Links.open(self.netns_path) as links:
             virt = await links.get(self.virt_name)
+            if virt.kind != self.link_kind:
+                raise InvalidInputError(
+                    f"kind of {self.virt_name}",
+                    virt.kind or "device",
+                    f"a {self.type} endpoint joins a {self.link_kind} link, not this one",
+                )
+            if virt.master and not allow_foreign_link:
+                master = next((x.name for x in await links.list() if x.index == virt.master), "")
+                raise InvalidInputError(
+                    f"master of {self.virt_name}",
+                    master or virt.master,
+                    "the link is a port of a bridge or bond and carries others' traffic; "
+                    "allow foreign links to join it anyway",
+                )
+            await self.pair_model.admit(self, links, virt)
         given = self.net_pair.virt_iface.hard_addr
         if given and given != virt.mac:
             raise InvalidInputError(
@@ -372,14 +491,19 @@ class NetPairEndpoint:
         tap = attrs.evolve(tap, tap_iface=attrs.evolve(tap.tap_iface, hard_addr=virt.mac))
         virt_iface = attrs.evolve(self.net_pair.virt_iface, hard_addr=virt.mac)
         return attrs.evolve(
-            self, net_pair=attrs.evolve(self.net_pair, tap_interface=tap, virt_iface=virt_iface)
+            self,
+            net_pair=attrs.evolve(self.net_pair, tap_interface=tap, virt_iface=virt_iface),
+            found=FoundLink(index=virt.index, up=virt.up),
         )
 
     async def hot_attach(self, ctx: PlugContext) -> Self:
         model = self.pair_model
-        ep = await ctx.op.step(Step.VALIDATE, self._settle_mac)
+        ep = await ctx.op.step(
+            Step.VALIDATE, lambda: self.settle(allow_foreign_link=ctx.allow_foreign_link)
+        )
         # The journal's one record is written at the next step, from the subject: with the
-        # settled MAC, a recovery after a crash can give the sandbox link its own MAC back.
+        # settled MAC and the state found, a recovery after a crash can give the sandbox link
+        # back as it was.
         ctx.op.subject = ep
 
         async def open_host(queues: int, fds: tuntap.QueueFds) -> None:
@@ -418,6 +542,7 @@ class MacvlanEndpoint(NetPairEndpoint):
     """A CNI-made macvlan, joined to the tap like a veth."""
 
     type: ClassVar[EndpointType] = EndpointType.MACVLAN
+    link_kind: ClassVar[str] = "macvlan"
 
 
 @register
@@ -426,3 +551,4 @@ class TuntapEndpoint(NetPairEndpoint):
     """A CNI-made tun/tap link in the sandbox, joined to a tap QEMU reads."""
 
     type: ClassVar[EndpointType] = EndpointType.TUNTAP
+    link_kind: ClassVar[str] = "tun"

@@ -32,6 +32,7 @@ from qmpnet.model import (
     NetworkInterfacePair,
     TapInterface,
     check_ifname,
+    check_tap_mtu,
 )
 
 
@@ -77,6 +78,7 @@ class TapEndpoint:
     def create(cls, spec: EndpointSpec) -> Self:
         # a tap endpoint has no interworking: that is model none
         iface = spec.net_info.iface
+        check_tap_mtu("mtu", iface.mtu)  # the kernel's limit, before anything is made
         endpoint = create_tap_endpoint(
             spec.idx, iface.name, tap_name=spec.tap_name, mac=iface.hardware_addr
         )

@@ -12,6 +12,7 @@ that a crashed test left. Only QEMU processes started here are killed, by pid
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from qmpnet.testing.vm import UNEXPECTED_EXITS, GuestVM
 
 __all__ = [
     "guest_image",
+    "isolated_logging",
     "host_link_names",
     "make_netns",
     "module_vm",
@@ -140,3 +142,25 @@ def module_vm(tag: str, *, root_ports: int = 4) -> Any:
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
+
+
+#: Loggers the CLI's set-up changes process-wide (a test running the CLI in-process would
+#: leave them changed for every later test).
+_CLI_LOGGERS = ("", "qemu.qmp", "pyroute2", "asyncio", "qmpnet")
+
+
+@pytest.fixture(autouse=True)
+def isolated_logging() -> Iterator[None]:
+    """Give every test the logging levels and root handlers it started with."""
+    loggers = [logging.getLogger(name) for name in _CLI_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    handlers = list(logging.getLogger().handlers)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
