@@ -351,3 +351,20 @@ def _agent_address(value: object) -> object:
 KATA = Boundary("interface", mapping="a JSON object", none_is_absent=True)
 KATA.register(IPAddress, reshape=_agent_address)
 KATA.register(InterfaceDescription, {a: k for k, a in InterfaceDescription.JSON_KEYS.items()})
+
+
+@attrs.frozen
+class VmIdentity:
+    """Which QEMU process serves a monitor socket: its pid and its start time.
+
+    A pid alone can be reused; with the start time (clock ticks since boot, field 22 of
+    ``/proc/<pid>/stat``) it names one process for the life of the host. A QEMU started
+    anew on the same socket path has another identity, so what was saved for the old one
+    (its plugged NICs) is known to be gone.
+    """
+
+    pid: int
+    start_time: int
+
+    def __str__(self) -> str:
+        return f"{self.pid}@{self.start_time}"

@@ -30,13 +30,14 @@ from qmpnet.lifecycle import Observer, Operation, OpKind, Phase, Step
 from qmpnet.model import (
     InterfaceDescription,
     InterworkingModel,
+    VmIdentity,
     check_ifname,
     check_mac,
     check_queues,
 )
 from qmpnet.netns import check_netns
-from qmpnet.qmp import QmpSession
-from qmpnet.recovery import ReconcileReport, recover_journal
+from qmpnet.qmp import QmpSession, vm_identity
+from qmpnet.recovery import ReconcileReport, Settler, recover_journal
 from qmpnet.store import Entry, Snapshot, Status, Store
 
 
@@ -163,8 +164,40 @@ class NetworkState:
 
     # --- operations ------------------------------------------------------------------------
 
+    def _vm_now(self) -> VmIdentity | None:
+        """The QEMU serving the socket now: a kept session asks its own connection."""
+        if self._hypervisor is not None:
+            return self._hypervisor.qmp.peer()
+        return vm_identity(self.qmp_path) if self.qmp_path else None
+
+    async def settle_vm_change(self) -> ReconcileReport | None:
+        """If another QEMU serves the socket than the one the state belongs to, the old VM
+        is gone: drop its endpoints (their host side cleaned, as for a QEMU that is gone)
+        and adopt the new one. The caller holds the lock; ``None`` when nothing changed.
+
+        The identity (the serving process's pid and start time) is read without a QMP
+        greeting, so a monitor busy with another client answers too. A state with no
+        identity yet (an older release) adopts the current VM as its own.
+        """
+        now = self._vm_now()
+        snap = self.store.load()
+        if now is None or snap.vm == now:
+            return None
+        report = None
+        if snap.vm is not None and (snap.entries or self.store.journal()):
+            job = Settler(self, None)
+            await job.drop_all(f"QEMU {snap.vm} on {self.qmp_path} was replaced by {now}")
+            report = job.report()
+        await self.store.save(attrs.evolve(self.store.load(), vm=now))
+        return report
+
     async def list_interfaces(self) -> list[Entry]:
-        return list(self.store.load().entries)
+        """The saved interfaces; those of a VM another QEMU has replaced are ``vm-gone``."""
+        snap = self.store.load()
+        now = self._vm_now() if snap.vm is not None else None
+        if now is not None and now != snap.vm:
+            return [attrs.evolve(e, status=Status.VM_GONE) for e in snap.entries]
+        return list(snap.entries)
 
     async def add_interface(
         self,
@@ -191,6 +224,7 @@ class NetworkState:
         if netns_path:
             check_netns(netns_path)
         async with self.store.locked():
+            await self.settle_vm_change()
             await self._recover()
             snap = self.store.load()
             if desc.hw_addr and any(e.endpoint.hardware_addr == desc.hw_addr for e in snap.entries):
@@ -257,6 +291,7 @@ class NetworkState:
         """
         mac = check_mac("hwAddr", hw_addr)
         async with self.store.locked():
+            await self.settle_vm_change()
             await self._recover()
             snap = self.store.load()
             match = [e for e in snap.entries if e.endpoint.hardware_addr == mac]

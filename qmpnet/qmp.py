@@ -21,7 +21,6 @@ import struct
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import attrs
 from qemu.qmp import EventListener, ExecInterruptedError, QMPClient
 from qemu.qmp import ExecuteError as _ExecuteError
 from qemu.qmp.error import QMPError as _QMPError
@@ -37,6 +36,7 @@ from qmpnet.errors import (
     QmpTimeoutError,
     UnplugTimeoutError,
 )
+from qmpnet.model import VmIdentity
 from qmpnet.poll import poll_until
 
 log = logging.getLogger(__name__)
@@ -132,39 +132,52 @@ def check_socket_path(path: str) -> None:
         raise QmpConnectError(path, "not a unix socket", ConnectFailure.NOT_A_SOCKET)
 
 
-@attrs.frozen
-class VmIdentity:
-    """Which QEMU process serves a monitor socket: its pid and its start time.
+def vm_identity(path: str) -> VmIdentity | None:
+    """The identity of the process listening on the monitor ``path``, or None when unknown.
 
-    A pid alone can be reused; with the start time (clock ticks since boot, field 22 of
-    ``/proc/<pid>/stat``) it names one process for the life of the host. A QEMU started
-    anew on the same socket path has another identity, so what was saved for the old one
-    (its plugged NICs) is known to be gone.
+    Found without connecting (a connection, even one closed at once, disturbs a QEMU
+    monitor that serves one client at a time): the listening socket's inode from
+    ``/proc/net/unix``, then the process holding it. None when nothing listens there, or
+    the listener is in another network namespace or not ours to read.
     """
-
-    pid: int
-    start_time: int
-
-    def __str__(self) -> str:
-        return f"{self.pid}@{self.start_time}"
-
-
-def vm_identity(path: str, timeout: float = 1.0) -> VmIdentity | None:
-    """The identity of the process listening on the monitor ``path``, or None when none is.
-
-    Peer credentials are taken at ``connect()`` from the listening socket (SO_PEERCRED), so
-    no QMP greeting is waited for: a monitor busy with another client answers too.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-        sock.settimeout(timeout)
+    try:
+        with open("/proc/net/unix", "rb") as fh:
+            table = fh.read().decode(errors="replace").splitlines()[1:]
+    except OSError:
+        return None
+    wanted = os.path.abspath(path)
+    inodes = {
+        fields[6]
+        for fields in (line.split(None, 7) for line in table)
+        if len(fields) == 8 and fields[5] == "01" and fields[7] == wanted
+    }
+    if len(inodes) != 1:
+        return None
+    target = f"socket:[{inodes.pop()}]"
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
-            sock.connect(path)
+            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
-            return None
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return _identity_of_pid(int(pid))
+            except OSError:
+                continue
+    return None
+
+
+def _identity_of(sock: Any) -> VmIdentity | None:
+    """The identity of a connected unix socket's peer (SO_PEERCRED: pid, then start time)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid = struct.unpack("3i", creds)[0]
     if pid <= 0:  # a listener in a pid namespace we cannot see
         return None
+    return _identity_of_pid(pid)
+
+
+def _identity_of_pid(pid: int) -> VmIdentity | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat_line = fh.read()
@@ -247,6 +260,18 @@ class QmpSession:
     def queued_events(self) -> int:
         """Events waiting unread in this session's listeners: stays 0 between operations."""
         return queued_events(self._client)
+
+    def peer(self) -> VmIdentity | None:
+        """The QEMU this session talks to (SO_PEERCRED of its own connection)."""
+        # qemu.qmp 0.0.x keeps its stream writer private; without it, ask the path
+        writer = getattr(self._client, "_writer", None)
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        if sock is None:
+            return vm_identity(self.path)
+        try:
+            return _identity_of(sock)
+        except OSError:
+            return None
 
     @property
     def connected(self) -> bool:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 
+import attrs
+
 from qmpnet.codec import UnknownEntry
 from qmpnet.errors import QmpnetError, shown
 from qmpnet.hypervisor import device_id
@@ -41,9 +43,21 @@ OUR_QEMU_ID = re.compile(r"(qn[0-9a-f]{10})-(dev|net)")
 
 
 async def reconcile(state: NetworkState) -> ReconcileReport:
-    """Compare journal, saved state, QEMU and host; finish or undo every difference."""
+    """Compare journal, saved state, QEMU and host; finish or undo every difference.
+
+    A new QEMU on the socket path first has the old VM's endpoints dropped (their host side
+    cleaned), as for a QEMU that is gone; then the new VM is audited.
+    """
     async with state.store.locked():
-        return await settle(state, _Auditor)
+        replaced = await state.settle_vm_change()
+        report = await settle(state, _Auditor)
+    if replaced is None:
+        return report
+    return attrs.evolve(
+        report,
+        actions=(*replaced.actions, *report.actions),
+        errors=(*replaced.errors, *report.errors),
+    )
 
 
 class _Auditor(Settler):
@@ -63,9 +77,7 @@ class _Auditor(Settler):
         self._report_unreadable()
 
     async def offline(self, reason: str) -> None:
-        await self.settle_journal_offline(reason)
-        for entry in self.snapshot().entries:
-            await self.drop_host_side(entry.endpoint, None, reason)
+        await self.drop_all(reason)
         self._report_unreadable()
 
     def _report_unreadable(self) -> None:

@@ -202,6 +202,12 @@ class Settler:
         """Without QEMU: clean the host side of every journal record's endpoint."""
         await self.settle_journal_offline(reason)
 
+    async def drop_all(self, reason: str) -> None:
+        """The VM is gone: the host side of every record and entry goes, and the entries."""
+        await self.settle_journal_offline(reason)
+        for entry in self.snapshot().entries:
+            await self.drop_host_side(entry.endpoint, None, reason)
+
     # --- the saved state, re-read and rewritten per endpoint (a crash here loses nothing) ----
 
     def snapshot(self) -> Snapshot:

@@ -38,6 +38,7 @@ from qmpnet.files import (
     sweep_temps,
 )
 from qmpnet.marks import Mark, using
+from qmpnet.model import VmIdentity
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"
@@ -52,6 +53,8 @@ class Status(enum.StrEnum):
     PLUGGED = "plugged"
     #: device_del was sent but the guest has not released the device yet.
     UNPLUG_PENDING = "unplug-pending"
+    #: shown, never saved: another QEMU serves the socket now, this entry's VM is gone
+    VM_GONE = "vm-gone"
 
 
 @attrs.frozen
@@ -74,6 +77,8 @@ class JournalRecord:
 class Snapshot:
     entries: tuple[Entry, ...] = ()
     unknown: tuple[UnknownEntry, ...] = ()
+    #: the QEMU process the entries belong to; None when not known (an older release)
+    vm: VmIdentity | None = None
 
 
 class Store:
@@ -200,7 +205,7 @@ class Store:
                 unknown.append(UnknownEntry(item, reason))
             else:
                 entries.append(Entry(loaded, Status(str(status_text))))
-        return Snapshot(tuple(entries), tuple(unknown))
+        return Snapshot(tuple(entries), tuple(unknown), _identity(data.get("vm")))
 
     async def save(self, snapshot: Snapshot) -> None:
         items: list[Any] = [
@@ -208,7 +213,9 @@ class Store:
             for e in snapshot.entries
         ]
         items.extend(u.raw for u in snapshot.unknown)
-        data = {"version": STATE_VERSION, "endpoints": items}
+        data: dict[str, Any] = {"version": STATE_VERSION, "endpoints": items}
+        if snapshot.vm is not None:
+            data["vm"] = {"pid": snapshot.vm.pid, "start_time": snapshot.vm.start_time}
         await self._off_loop(lambda: self._write(self.state_path, data))
 
     # --- journal ---------------------------------------------------------------------------
@@ -268,6 +275,16 @@ class Store:
             remove_dir(self.dir, FILES)
 
         await self._off_loop(remove)
+
+
+def _identity(value: object) -> VmIdentity | None:
+    """The saved VM identity; anything else (absent, damaged) reads as unknown."""
+    if not isinstance(value, dict):
+        return None
+    pid, start = value.get("pid"), value.get("start_time")
+    if type(pid) is not int or type(start) is not int:
+        return None
+    return VmIdentity(pid, start)
 
 
 def _seconds(value: object) -> float:

@@ -10,6 +10,7 @@ survive. QEMU refuses on its own; nothing is faked.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -35,6 +36,7 @@ from qmpnet.lifecycle import Operation, Phase, Step
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
+from qmpnet.reconcile import Outcome, reconcile
 from qmpnet.store import Status
 from qmpnet.testing import GuestImage, GuestVM
 from qmpnet.testing.scene import RUN
@@ -561,3 +563,45 @@ async def test_a_slot_taken_behind_a_kept_session_is_found_and_another_used(
     finally:
         for fd in fds:
             fd.close()
+
+
+@pytest.mark.asyncio
+async def test_a_new_qemu_behind_the_state_is_a_new_vm(
+    guest_image: GuestImage, tmp_path: Path, host: Any, host_link_names: Any, state_dir: Path
+) -> None:
+    """The state remembers which QEMU process its NICs belong to (pid and start time from
+    the socket's peer credentials). Another QEMU behind the same state is a new VM: its
+    listing never shows the old VM's NICs as plugged, and the next operation drops them
+    (their host side cleaned) before it does anything else."""
+    tap = host_link_names("v")
+    first = await GuestVM.start(
+        guest_image, tmp_path, paused=True, root_ports=2, name=f"{RUN}-va"
+    )
+    try:
+        old = NetworkState.open(state_dir, str(first.mgmt_qmp_path), Config())
+        endpoint = await _add(old, _plug_args(tap, "52:54:00:00:03:01", queues=1))
+        [entry] = await old.list_interfaces()
+        assert entry.status is Status.PLUGGED
+        saved = json.loads((state_dir / "state.json").read_text())
+        assert saved["vm"]["pid"] == first.pid
+    finally:
+        await first.stop()
+    second = await GuestVM.start(
+        guest_image, tmp_path, paused=True, root_ports=2, name=f"{RUN}-vb"
+    )
+    try:
+        new = NetworkState.open(state_dir, str(second.mgmt_qmp_path), Config())
+        [gone] = await new.list_interfaces()
+        assert gone.status is Status.VM_GONE
+        assert gone.endpoint.id == endpoint.id
+        report = await reconcile(new)
+        assert report.ok, report.lines()
+        assert [a.outcome for a in report.actions] == [Outcome.DROPPED_QEMU_GONE]
+        assert await new.list_interfaces() == []
+        assert json.loads((state_dir / "state.json").read_text())["vm"]["pid"] == second.pid
+        again = await _add(new, _plug_args(tap, "52:54:00:00:03:01", queues=1))
+        [entry] = await new.list_interfaces()
+        assert (entry.status, entry.endpoint.id) == (Status.PLUGGED, again.id)
+        assert f"{again.id}-dev" in (await _snapshot(second, host))["peripherals"]
+    finally:
+        await second.stop()
