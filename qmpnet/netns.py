@@ -119,7 +119,13 @@ async def run_in_netns(
         else:
             loop.call_soon_threadsafe(deliver, True, result)
 
-    threading.Thread(target=worker, name=f"qmpnet-netns:{path or 'host'}", daemon=True).start()
+    if path:
+        # setns() changes the calling thread for good: a thread of its own, used once
+        threading.Thread(target=worker, name=f"qmpnet-netns:{path}", daemon=True).start()
+    else:
+        # this namespace: the loop's pooled worker threads (no thread, and no malloc arena
+        # touched afresh, per call)
+        loop.run_in_executor(None, worker)
     return await future
 
 
