@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 
 from bench.harness import Context, mac, ms, name
+from bench.harness import driver_ok as poll_driver_ok
 from bench.stats import Report, Table
 from qmpnet import tuntap
 from qmpnet.hypervisor import QemuHypervisor, Slot, vectors_for
@@ -33,7 +34,7 @@ from qmpnet.lifecycle import Phase, Step
 from qmpnet.links import Links
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
-from qmpnet.qmp import VIRTIO_CONFIG_S_DRIVER_OK, QmpSession
+from qmpnet.qmp import QmpSession
 from qmpnet.testing.steps import StepRecorder
 from qmpnet.testing.vm import GuestVM, Machine
 
@@ -107,17 +108,9 @@ class Floor:
         return deleted - t0, time.monotonic() - t0
 
 
-async def driver_ok(qmp: QmpSession, dev: str, timeout: float = 60.0) -> float:
+async def driver_ok(qmp: QmpSession, dev: str) -> float:
     """When DRIVER_OK shows on ``dev``, polled every :data:`POLL` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await qmp.virtio_status(dev)
-        now = time.monotonic()
-        if status & VIRTIO_CONFIG_S_DRIVER_OK:
-            return now
-        if now > deadline:
-            raise TimeoutError(f"guest driver of {dev} not ready within {timeout:g} s")
-        await asyncio.sleep(POLL)
+    return await poll_driver_ok(qmp, dev, period=POLL)
 
 
 async def run(ctx: Context, report: Report) -> None:

@@ -202,7 +202,13 @@ async def driver_ok_at(
 ) -> float:
     """When the guest driver set DRIVER_OK on the device whose ``device_add`` is ``added``
     (a :meth:`StepRecorder.reached` future), polled every 5 ms on ``session``."""
-    dev_id = f"{(await added).endpoint_id}-dev"
+    return await driver_ok(session, f"{(await added).endpoint_id}-dev", timeout=timeout)
+
+
+async def driver_ok(
+    session: QmpSession, dev_id: str, *, period: float = POLL_PERIOD, timeout: float = GUEST_TIMEOUT
+) -> float:
+    """When the guest driver set DRIVER_OK on ``dev_id``, polled every ``period`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         status = await session.virtio_status(dev_id)
@@ -211,7 +217,7 @@ async def driver_ok_at(
             return now
         if now > deadline:
             raise TimeoutError(f"guest driver of {dev_id} not ready within {timeout:g} s")
-        await asyncio.sleep(POLL_PERIOD)
+        await asyncio.sleep(period)
 
 
 def nic_add_re(hw: str) -> re.Pattern[str]:
