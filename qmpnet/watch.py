@@ -33,7 +33,7 @@ import attrs
 
 from qmpnet import marks
 from qmpnet.endpoints import Endpoint
-from qmpnet.endpoints.netpair import pair_model
+from qmpnet.endpoints.netpair import MODELS, pair_model
 from qmpnet.errors import HostError, InvalidInputError, QmpnetError
 from qmpnet.links import LinkInfo, Links, ours
 from qmpnet.model import InterfaceDescription, InterworkingModel
@@ -453,9 +453,8 @@ class _Watcher:
         the macvtap on it under QEMU's feet; QEMU 7.2 aborts (virtio_net_set_queue_pairs)
         when the guest later resets a multiqueue NIC whose macvtap is gone.
         """
-        if self.model is InterworkingModel.MACVTAP:
-            return 1
-        return 0
+        model = MODELS.get(self.model.resolved())
+        return 1 if model is not None and model.dies_with_link else 0
 
     async def _unplug(self, entry: Entry) -> None:
         ep = entry.endpoint

@@ -92,6 +92,10 @@ class PairModel:
     parks_mac: bool
     #: refuses a sandbox link this model cannot join as it is
     admit: Admit
+    #: the host link QEMU reads dies with the sandbox link (the kernel deletes a macvtap with
+    #: its parent); QEMU 7.2 aborts when the guest resets a multiqueue NIC whose tap is gone,
+    #: so a caller that cannot unplug first (the watcher) plugs one queue pair
+    dies_with_link: bool = False
 
     async def residue(self, pair: NetworkInterfacePair, links: Links, virt: LinkInfo) -> list[str]:
         """What is left on the sandbox link after a disconnect that did not finish."""
@@ -337,6 +341,7 @@ MODELS: Mapping[InterworkingModel, PairModel] = {
         _nothing_left,
         parks_mac=True,
         admit=_macvtap_admit,
+        dies_with_link=True,
     ),
     InterworkingModel.BRIDGED: PairModel(
         _bridge_connect,
