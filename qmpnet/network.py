@@ -73,6 +73,8 @@ class NetworkState:
     config: Config = attrs.field(factory=Config)
     #: extra lifecycle observers (logging, tests, crash drills).
     observers: list[Observer] = attrs.field(factory=list)
+    #: the QEMU the current operation found behind the socket (recorded with its save)
+    _vm: VmIdentity | None = None
     _hypervisor: QemuHypervisor | None = None
 
     @classmethod
@@ -177,19 +179,21 @@ class NetworkState:
 
         The identity (the serving process's pid and start time) is read without a QMP
         greeting, so a monitor busy with another client answers too. A state with no
-        identity yet (an older release) adopts the current VM as its own.
+        identity yet (an older release) adopts the current VM as its own. Nothing is written
+        here unless the old VM's endpoints are dropped: the identity goes into the state with
+        the operation's own save, so an operation that fails leaves the file as it was.
         """
         now = self._vm_now()
+        self._vm = now
         snap = self.store.load()
-        if now is None or snap.vm == now:
+        if now is None or snap.vm is None or snap.vm == now:
             return None
-        report = None
-        if snap.vm is not None and (snap.entries or self.store.journal()):
-            job = Settler(self, None)
-            await job.drop_all(f"QEMU {snap.vm} on {self.qmp_path} was replaced by {now}")
-            report = job.report()
+        if not (snap.entries or self.store.journal()):
+            return None
+        job = Settler(self, None)
+        await job.drop_all(f"QEMU {snap.vm} on {self.qmp_path} was replaced by {now}")
         await self.store.save(attrs.evolve(self.store.load(), vm=now))
-        return report
+        return job.report()
 
     async def list_interfaces(self) -> list[Entry]:
         """The saved interfaces; those of a VM another QEMU has replaced are ``vm-gone``."""
@@ -280,7 +284,8 @@ class NetworkState:
             return plugged
 
     async def _save(self, snap: Snapshot) -> None:
-        await self.store.save(snap)
+        """Save, recording the VM the operation found (see :meth:`settle_vm_change`)."""
+        await self.store.save(snap if self._vm is None else attrs.evolve(snap, vm=self._vm))
 
     async def remove_interface(self, hw_addr: str) -> Endpoint:
         """Unplug the interface with MAC ``hw_addr`` and forget it.
