@@ -574,9 +574,7 @@ async def test_a_new_qemu_behind_the_state_is_a_new_vm(
     listing never shows the old VM's NICs as plugged, and the next operation drops them
     (their host side cleaned) before it does anything else."""
     tap = host_link_names("v")
-    first = await GuestVM.start(
-        guest_image, tmp_path, paused=True, root_ports=2, name=f"{RUN}-va"
-    )
+    first = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=2, name=f"{RUN}-va")
     try:
         old = NetworkState.open(state_dir, str(first.mgmt_qmp_path), Config())
         endpoint = await _add(old, _plug_args(tap, "52:54:00:00:03:01", queues=1))
@@ -586,9 +584,7 @@ async def test_a_new_qemu_behind_the_state_is_a_new_vm(
         assert saved["vm"]["pid"] == first.pid
     finally:
         await first.stop()
-    second = await GuestVM.start(
-        guest_image, tmp_path, paused=True, root_ports=2, name=f"{RUN}-vb"
-    )
+    second = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=2, name=f"{RUN}-vb")
     try:
         new = NetworkState.open(state_dir, str(second.mgmt_qmp_path), Config())
         [gone] = await new.list_interfaces()
