@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
@@ -26,6 +27,22 @@ from qmpnet.testing.guest import guest_ip_for_mac
 from qmpnet.testing.probe import links, ns_name
 
 MODELS = [InterworkingModel.TCFILTER, InterworkingModel.MACVTAP, InterworkingModel.BRIDGED]
+
+
+def _pod_network() -> tuple[str, str, AbstractAsyncContextManager[cni.Pod]]:
+    """A pod network on a free 169.254.B/24: (``169.254.B``, the pod MAC, the network)."""
+    octet = free_octets(1)[0]
+    net = f"169.254.{octet}"
+    mac = mac_for(octet)
+    network = cni.pod_network(
+        e2e_name("c"),
+        f"{net}.0/24",
+        mac=mac,
+        range_start=f"{net}.10",
+        range_end=f"{net}.250",
+        bridge_address=f"{net}.1/24",
+    )
+    return net, mac, network
 
 
 def tc_ingress_actions(netns: str, dev: str) -> list[dict[str, Any]]:
@@ -87,17 +104,8 @@ async def test_cni_veth_end_to_end(
     harness, machine: str, model: InterworkingModel, queues: int
 ) -> None:
     h = await harness(machine)
-    octet = free_octets(1)[0]
-    net = f"169.254.{octet}"
-    mac = mac_for(octet)
-    async with cni.pod_network(
-        e2e_name("c"),
-        f"{net}.0/24",
-        mac=mac,
-        range_start=f"{net}.10",
-        range_end=f"{net}.250",
-        bridge_address=f"{net}.1/24",
-    ) as pod:
+    net, mac, network = _pod_network()
+    async with network as pod:
         assert pod.mac == mac
         # host-local's address (whichever it chose) must not shadow the guest's or the host's.
         assert all(str(ip.ip) not in (f"{net}.1", f"{net}.2") for ip in pod.ips)
@@ -137,17 +145,8 @@ async def test_unplug_gives_a_down_sandbox_link_its_state_back(harness) -> None:
     """The plug sets the pod's veth up to carry the guest's traffic; one found down is
     down again once the NIC is unplugged (seen with ``ip -j link``)."""
     h = await harness("q35")
-    octet = free_octets(1)[0]
-    net = f"169.254.{octet}"
-    mac = mac_for(octet)
-    async with cni.pod_network(
-        e2e_name("c"),
-        f"{net}.0/24",
-        mac=mac,
-        range_start=f"{net}.10",
-        range_end=f"{net}.250",
-        bridge_address=f"{net}.1/24",
-    ) as pod:
+    _, mac, network = _pod_network()
+    async with network as pod:
         ns = ns_name(pod.netns)
         subprocess.run(["ip", "-n", ns, "link", "set", pod.ifname, "down"], check=True)  # noqa: ASYNC221
         assert "UP" not in links(pod.netns)[pod.ifname]["flags"]
