@@ -1,78 +1,86 @@
 """The ``qmpnet`` command: add, remove and list a VM's interfaces; reconcile; watch; demo.
 
-Errors are one line on stderr naming what failed and why (QEMU's own message kept), with a
-documented exit code; a traceback only with ``--debug``. Sub-commands import what they need
-lazily, so ``qmpnet --help`` and ``list-ifaces`` start fast.
+Two modes, one output. When qmpnetd's socket exists (``--socket``, ``$QMPNET_SOCKET`` or
+``/run/qmpnet/qmpnetd.sock``) the command is a thin client: it reads its input, sends one
+request (:mod:`qmpnet.service.client`) and prints the reply, importing nothing beyond the
+standard library. Otherwise, or with ``--direct``, it does the work in-process through the
+library, under the same state root and locks; a user the service refuses falls back to the
+direct mode with a note. Errors are one line on stderr naming what failed and why (QEMU's own
+message kept), with a documented exit code (:mod:`qmpnet.exits`); a traceback only with
+``--debug``.
 
 Exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 QEMU/QMP failure, 5 host
 (netlink/syscall) failure, 6 timeout (an unplug left pending included), 7 unsupported
-request, 8 saved state unreadable or unwritable, 9 reconcile could not finish every cleanup.
+request, 8 saved state unreadable or unwritable, 9 reconcile could not finish every cleanup,
+10 the service went away mid-request or speaks another protocol, 11 the VM's monitor is held
+by qmpnetd (a direct call), 12 refused by qmpnetd.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import errno
-import hashlib
 import json
-import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from qmpnet.exits import (
+    EXIT_CODES_TEXT,
+    EXIT_DENIED,
+    EXIT_HELD,
+    EXIT_INCOMPLETE,
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_QEMU,
+    EXIT_SERVICE,
+    EXIT_STATE,
+    EXIT_TIMEOUT,
+    EXIT_UNSUPPORTED,
+    EXIT_USAGE,
+    exit_code_for,
+)
+
 if TYPE_CHECKING:
+    import logging
+
     from qmpnet.config import Config
     from qmpnet.network import NetworkState
+    from qmpnet.service.client import Client
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_INPUT = 3
-EXIT_QEMU = 4
-EXIT_HOST = 5
-EXIT_TIMEOUT = 6
-EXIT_UNSUPPORTED = 7
-EXIT_STATE = 8
-EXIT_INCOMPLETE = 9
+__all__ = [
+    "EXIT_DENIED",
+    "EXIT_HELD",
+    "EXIT_INCOMPLETE",
+    "EXIT_INPUT",
+    "EXIT_INTERNAL",
+    "EXIT_OK",
+    "EXIT_QEMU",
+    "EXIT_SERVICE",
+    "EXIT_STATE",
+    "EXIT_TIMEOUT",
+    "EXIT_UNSUPPORTED",
+    "EXIT_USAGE",
+    "build_parser",
+    "exit_code_for",
+    "main",
+]
 
 STATE_ROOT = "/run/qmpnet"
-
-log = logging.getLogger("qmpnet")
-
-
-def exit_code_for(err: BaseException) -> int:
-    """The documented exit code of an error (a PlugError by its cause)."""
-    from qmpnet import errors
-
-    if isinstance(err, errors.PlugError):
-        return exit_code_for(err.cause)
-    if isinstance(err, errors.NetnsError) and err.errno in (
-        None,
-        errno.ENOENT,
-        errno.ENOTDIR,
-        errno.EINVAL,
-        errno.ENOTTY,  # a regular file or a directory: no namespace file
-    ):
-        return EXIT_INPUT  # a netns path that does not exist or is not a netns: bad input
-    table: list[tuple[type[BaseException], int]] = [
-        (errors.QmpTimeoutError, EXIT_TIMEOUT),
-        (errors.InvalidInputError, EXIT_INPUT),
-        (errors.UnsupportedError, EXIT_UNSUPPORTED),
-        (errors.HostError, EXIT_HOST),
-        (errors.QmpError, EXIT_QEMU),
-        (errors.StateError, EXIT_STATE),
-        (OSError, EXIT_HOST),
-    ]
-    for kind, code in table:
-        if isinstance(err, kind):
-            return code
-    return EXIT_INTERNAL
+#: the most of an interface file the thin client reads (boundary.DOCUMENT_MAX + 1: the
+#: service refuses what is over the cap, with the direct mode's own message)
+_READ_MAX = (1 << 20) + 1
 
 
-def default_state_dir(qmp: str | None) -> str:
+def _log() -> logging.Logger:
+    import logging
+
+    return logging.getLogger("qmpnet")
+
+
+def default_state_dir(qmp: str | None, root: str | None = None) -> str:
     """One state directory per VM, keyed by its QMP socket, unless told otherwise."""
     env = os.environ.get("QMPNET_STATE_DIR")
     if env:
@@ -80,43 +88,15 @@ def default_state_dir(qmp: str | None) -> str:
     if not qmp:
         print("qmpnet: error: give --state DIR or --qmp SOCKET", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
-    digest = hashlib.sha256(os.path.realpath(qmp).encode()).hexdigest()[:16]
-    return os.path.join(STATE_ROOT, f"vm-{digest}")
+    from qmpnet import layout
 
-
-# --- logging ---------------------------------------------------------------------------------
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "time": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
+    return layout.vm_dir(layout.state_root(root), qmp)
 
 
 def setup_logging(verbose: int, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("qmpnet: %(levelname)s: %(name)s: %(message)s"))
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    if verbose < 3:
-        # Our own --> / <-- lines carry the QMP traffic, and every failure is reported once,
-        # as qmpnet's one-line error: qemu.qmp's own error logs would repeat it, pyroute2's
-        # debug dumps every link. -vvv shows them all.
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-        logging.getLogger("pyroute2").setLevel(max(level, logging.INFO))
-        logging.getLogger("asyncio").setLevel(max(level, logging.INFO))
+    from qmpnet.logs import setup_logging as setup
+
+    setup(verbose, fmt)
 
 
 # --- argument parsing ------------------------------------------------------------------------
@@ -135,8 +115,8 @@ def _positive_int(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
-    from qmpnet.config import check_seconds
     from qmpnet.errors import InvalidInputError, shown
+    from qmpnet.limits import check_seconds
 
     try:
         return check_seconds("seconds", float(text))
@@ -155,8 +135,8 @@ def _vm_options(p: argparse.ArgumentParser, qmp_required: bool = True) -> None:
     p.add_argument(
         "--state",
         metavar="DIR",
-        help=f"state directory (default: $QMPNET_STATE_DIR or {STATE_ROOT}/vm-<hash "
-        "of the socket path>)",
+        help="state directory (default: $QMPNET_STATE_DIR or STATE_ROOT/vm-<hash of the "
+        "socket path>; through the service, the service's own)",
     )
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
     for name in ("connect", "command", "unplug", "guest"):
@@ -191,8 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qmpnet",
         description="Hot-plug network interfaces into running QEMU VMs.",
-        epilog="exit codes: 0 ok, 1 internal, 2 usage, 3 bad input, 4 QEMU/QMP, 5 host, "
-        "6 timeout (unplug pending), 7 unsupported, 8 state, 9 reconcile incomplete",
+        epilog=f"exit codes: {EXIT_CODES_TEXT}",
+    )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="qmpnetd's socket (default: $QMPNET_SOCKET or /run/qmpnet/qmpnetd.sock); "
+        "used when it exists",
+    )
+    parser.add_argument(
+        "--direct", action="store_true", help="do the work in this process, never via qmpnetd"
+    )
+    parser.add_argument(
+        "--state-root",
+        metavar="DIR",
+        help="where VM state directories live in the direct mode (default: "
+        f"$QMPNET_STATE_ROOT or {STATE_ROOT}); the service's own root in service mode",
+    )
+    parser.add_argument(
+        "--version", action="store_true", help="print the version (and the service's) and exit"
     )
     parser.add_argument(
         "-v",
@@ -204,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     add = sub.add_parser("add-iface", help="hot-plug an interface described by JSON")
     _vm_options(add)
@@ -257,66 +254,103 @@ def build_parser() -> argparse.ArgumentParser:
         "--unplug-on-exit", action="store_true", help="unplug what was plugged when stopped"
     )
 
+    watches = sub.add_parser("watches", help="list the watches qmpnetd runs (service only)")
+    watches.add_argument("--json", action="store_true", help="machine-readable output")
+    unwatch = sub.add_parser("unwatch", help="stop a watch qmpnetd runs (service only)")
+    unwatch.add_argument("id", help="the watch's id, as `qmpnet watches` lists it")
+
+    vm = sub.add_parser("vm", help="register, unregister and list VMs with qmpnetd")
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+    reg = vm_sub.add_parser("register", help="make a VM known to the service")
+    reg.add_argument("--qmp", required=True, metavar="SOCKET", help="the VM's QMP socket")
+    reg.add_argument("--id", default="", help="the VM's id (a sandbox's container id)")
+    reg.add_argument("--sandbox", default="", metavar="NETNS", help="the VM's sandbox netns")
+    unreg = vm_sub.add_parser("unregister", help="forget a VM (its NICs stay plugged)")
+    unreg.add_argument("id")
+    vm_list = vm_sub.add_parser("list", help="the VMs the service knows")
+    vm_list.add_argument("--json", action="store_true", help="machine-readable output")
+
+    status = sub.add_parser("status", help="the service: version, VMs, sessions, pending work")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
     sub.add_parser("demo", help="boot the bundled guest, hot-plug, prove traffic, unplug")
     return parser
 
 
-# --- commands --------------------------------------------------------------------------------
+# --- commands, direct mode ------------------------------------------------------------------
+
+_TIMEOUT_NAMES = ("connect", "command", "unplug", "guest")
+
+
+def _timeouts(args: argparse.Namespace) -> dict[str, float]:
+    return {
+        name: value
+        for name in _TIMEOUT_NAMES
+        if (value := getattr(args, f"timeout_{name}", None)) is not None
+    }
 
 
 def _config(args: argparse.Namespace) -> Config:
-    import attrs
-
-    from qmpnet.config import Config
-    from qmpnet.model import InterworkingModel
+    from qmpnet.config import Config, with_options
 
     config = Config.load(args.config) if args.config else Config()
-    timeouts = config.timeouts
-    for name, field in (
-        ("connect", "connect"),
-        ("command", "command"),
-        ("unplug", "unplug"),
-        ("guest", "guest_ready"),
-    ):
-        value = getattr(args, f"timeout_{name}", None)
-        if value is not None:
-            timeouts = attrs.evolve(timeouts, **{field: value})
-    changes: dict[str, Any] = {"timeouts": timeouts}
-    if getattr(args, "model", None):
-        changes["internetworking_model"] = InterworkingModel.parse(args.model)
-    if getattr(args, "no_vhost", False):
-        changes["disable_vhost_net"] = True
-    if getattr(args, "queues", None):
-        changes["queues"] = args.queues
-    return attrs.evolve(config, **changes)
+    return with_options(
+        config,
+        model=getattr(args, "model", None),
+        no_vhost=getattr(args, "no_vhost", False),
+        queues=getattr(args, "queues", None),
+        timeouts=_timeouts(args),
+    )
 
 
 def _state(args: argparse.Namespace) -> NetworkState:
+    from qmpnet import layout
+    from qmpnet.errors import MonitorHeldError
     from qmpnet.network import NetworkState
     from qmpnet.qmp import check_socket_path
 
     config = _config(args)  # all input is checked before anything is connected to
-    directory = args.state or default_state_dir(args.qmp)
+    directory = args.state or default_state_dir(args.qmp, args.state_root)
+    if args.qmp:
+        holder = layout.holder(layout.state_root(args.state_root), args.qmp)
+        if holder is not None:
+            raise MonitorHeldError(args.qmp, holder)
     if args.qmp and not os.path.isdir(directory):
         # No state for this socket yet: a mistyped path must not leave a directory behind.
         check_socket_path(args.qmp)
     return NetworkState.open(directory, args.qmp or "", config)
 
 
-def _read_json(path: str) -> Any:
-    """The interface JSON from a file or stdin, within the boundary's size and nesting caps."""
-    from qmpnet.boundary import load_json, read_capped
+def _read_input(path: str) -> bytes:
+    """The interface JSON's bytes from a file or stdin, read no further than the cap allows."""
     from qmpnet.errors import InvalidInputError
 
     try:
         if path == "-":
-            raw = read_capped(sys.stdin.buffer, "interface file", path)
-        else:
-            with open(path, "rb") as fh:
-                raw = read_capped(fh, "interface file", path)
+            return sys.stdin.buffer.read(_READ_MAX)
+        with open(path, "rb") as fh:
+            return fh.read(_READ_MAX)
     except OSError as err:
         raise InvalidInputError("interface file", path, err.strerror or str(err)) from err
-    return load_json(raw, "interface file", path)
+
+
+def _read_json(path: str) -> Any:
+    """The interface JSON from a file or stdin, within the boundary's size and nesting caps."""
+    from qmpnet.boundary import load_json
+
+    return load_json(_read_input(path), "interface file", path)
+
+
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=1))
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    if not rows:
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 async def cmd_add(args: argparse.Namespace) -> int:
@@ -335,14 +369,14 @@ async def cmd_add(args: argparse.Namespace) -> int:
         wait_guest=args.wait_guest,
         allow_foreign_link=args.allow_foreign_link,
     )
-    log.info(
+    _log().info(
         "plugged %s (%s) at %s in %.1f ms",
         endpoint.name,
         endpoint.hardware_addr,
         endpoint.pci_path,
         (time.perf_counter() - started) * 1000,
     )
-    print(json.dumps(interface_of(endpoint).to_json(), indent=1))
+    _print_json(interface_of(endpoint).to_json())
     return EXIT_OK
 
 
@@ -358,55 +392,41 @@ async def cmd_del(args: argparse.Namespace) -> int:
         if not mac:
             raise InvalidInputError("hwAddr", "", "the interface JSON must name the MAC")
     endpoint = await _state(args).remove_interface(mac)
-    print(json.dumps(interface_of(endpoint).to_json(), indent=1))
+    _print_json(interface_of(endpoint).to_json())
     return EXIT_OK
 
 
+def _print_list(doc: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json({k: doc[k] for k in ("interfaces", "unreadable")})
+        return
+    _print_table(doc["rows"])
+    for note in doc["notes"]:
+        print(note)
+
+
 async def cmd_list(args: argparse.Namespace) -> int:
-    from qmpnet.network import host_link
+    from qmpnet.views import interface_rows, list_document
 
     state = _state(args)
     entries = await state.list_interfaces()
     unknown = state.store.load().unknown
-    if args.json:
-        from qmpnet.codec import dump_endpoint
-
-        print(
-            json.dumps(
-                {
-                    "interfaces": [
-                        {"status": e.status.value, "endpoint": dump_endpoint(e.endpoint)}
-                        for e in entries
-                    ],
-                    "unreadable": [{"reason": u.reason, "entry": u.raw} for u in unknown],
-                },
-                indent=1,
-            )
-        )
-        return EXIT_OK
-    rows = [("NAME", "TYPE", "MAC", "MODEL", "PCI", "QUEUES", "HOST LINK", "NETNS", "STATUS")]
-    for e in entries:
-        ep = e.endpoint
-        pair = ep.network_pair
-        rows.append(
-            (
-                ep.name,
-                ep.type.value,
-                ep.hardware_addr,
-                pair.model.value if pair else "none",
-                ep.pci_path or "-",
-                str(ep.queues or "-"),
-                host_link(ep) or "-",
-                ep.netns_path or "(host)",
-                e.status.value,
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    for u in unknown:
-        print(f"unreadable entry kept as is: {u.reason}")
+    doc = {
+        **list_document(entries, unknown),
+        "rows": interface_rows(entries),
+        "notes": [f"unreadable entry kept as is: {u.reason}" for u in unknown],
+    }
+    _print_list(doc, args.json)
     return EXIT_OK
+
+
+def _print_reconcile(report: dict[str, Any], lines: list[str], ok: bool, as_json: bool) -> int:
+    if as_json:
+        _print_json(report)
+    else:
+        for line in lines:
+            print(line)
+    return EXIT_OK if ok else EXIT_INCOMPLETE
 
 
 async def cmd_reconcile(args: argparse.Namespace) -> int:
@@ -418,15 +438,11 @@ async def cmd_reconcile(args: argparse.Namespace) -> int:
         snap = state.store.load()
         if not (snap.entries or snap.unknown or state.store.journal()):
             await state.store.remove_all()  # the VM is gone and nothing of it is left
-    if args.json:
-        print(json.dumps(report.to_json(), indent=1))
-    else:
-        for line in report.lines():
-            print(line)
-    return EXIT_OK if report.ok else EXIT_INCOMPLETE
+    return _print_reconcile(report.to_json(), report.lines(), report.ok, args.json)
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
+    import asyncio
     import signal
 
     from qmpnet.model import InterworkingModel
@@ -466,11 +482,261 @@ COMMANDS = {
     "watch": cmd_watch,
     "demo": cmd_demo,
 }
+#: commands only the service can do
+SERVICE_ONLY = ("watches", "unwatch", "vm", "status")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+# --- commands, service mode --------------------------------------------------------------------
+
+
+def _vm_params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if getattr(args, "qmp", None):
+        params["qmp"] = os.path.abspath(args.qmp)
+    if getattr(args, "state", None):
+        params["state"] = os.path.abspath(args.state)
+    config = getattr(args, "config", None)
+    if config:
+        from qmpnet.errors import InvalidInputError
+
+        try:
+            with open(config, "rb") as fh:
+                params["config"] = fh.read(_READ_MAX).decode("utf-8", "surrogateescape")
+        except OSError as err:
+            raise InvalidInputError("config file", config, err.strerror or str(err)) from err
+        params["config_source"] = config
+    timeouts = _timeouts(args)
+    if timeouts:
+        params["timeouts"] = timeouts
+    for name in ("model", "queues"):
+        value = getattr(args, name, None)
+        if value:
+            params[name] = value
+    if getattr(args, "no_vhost", False):
+        params["no_vhost"] = True
+    return params
+
+
+def _interface_param(path: str) -> str:
+    # bytes that are not UTF-8 survive the trip: the service refuses them as the direct mode does
+    return _read_input(path).decode("utf-8", "surrogateescape")
+
+
+def svc_add(client: Client, args: argparse.Namespace) -> int:
+    params = _vm_params(args)
+    params.update(
+        interface=_interface_param(args.file),
+        source=args.file,
+        netns=args.netns,
+        wait_guest=args.wait_guest,
+        allow_foreign_link=args.allow_foreign_link,
+    )
+    if args.tap_name is not None:
+        params["tap_name"] = args.tap_name
+    _print_json(client.call("iface.add", params))
+    return EXIT_OK
+
+
+def svc_del(client: Client, args: argparse.Namespace) -> int:
+    params = _vm_params(args)
+    if args.mac is not None:
+        params["mac"] = args.mac
+    else:
+        params.update(interface=_interface_param(args.file), source=args.file)
+    _print_json(client.call("iface.remove", params))
+    return EXIT_OK
+
+
+def svc_list(client: Client, args: argparse.Namespace) -> int:
+    _print_list(client.call("iface.list", _vm_params(args)), args.json)
+    return EXIT_OK
+
+
+def svc_reconcile(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call("reconcile", _vm_params(args))
+    return _print_reconcile(reply["report"], reply["lines"], reply["ok"], args.json)
+
+
+def svc_watch(client: Client, args: argparse.Namespace) -> int:
+    params = _vm_params(args)
+    params.pop("model", None)
+    params.update(
+        netns=args.netns,
+        debounce=args.debounce,
+        unplug_on_exit=args.unplug_on_exit,
+    )
+    if args.model:
+        params["watch_model"] = args.model
+    reply = client.call("watch.start", params)
+    print(f"watch {reply['id']} started in qmpnetd (stop it with `qmpnet unwatch {reply['id']}`)")
+    return EXIT_OK
+
+
+def svc_watches(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call("watch.list")
+    if args.json:
+        _print_json(reply)
+        return EXIT_OK
+    rows = [["ID", "VM", "NETNS", "MODEL", "RUNNING", "LAST EVENT"]]
+    for w in reply["watches"]:
+        last = w["events"][-1] if w["events"] else {}
+        event = " ".join(str(v) for v in last.values()) or w["error"] or "-"
+        rows.append([w["id"], w["vm"], w["netns"], w["model"], str(w["running"]).lower(), event])
+    _print_table(rows)
+    return EXIT_OK
+
+
+def svc_unwatch(client: Client, args: argparse.Namespace) -> int:
+    client.call("watch.stop", {"id": args.id})
+    return EXIT_OK
+
+
+def _print_vms(vms: list[dict[str, Any]]) -> None:
+    rows = [["ID", "QMP", "SESSION", "QEMU PID", "BY ROOT", "SANDBOX"]]
+    for v in vms:
+        rows.append(
+            [
+                v["id"],
+                v["qmp"],
+                v["session"],
+                str(v["qemu_pid"] or "-"),
+                str(v["registered_by_root"]).lower(),
+                v["sandbox"] or "-",
+            ]
+        )
+    _print_table(rows)
+
+
+def svc_vm(client: Client, args: argparse.Namespace) -> int:
+    if args.vm_command == "register":
+        params = {"qmp": os.path.abspath(args.qmp), "id": args.id, "sandbox": args.sandbox}
+        _print_json(client.call("vm.register", params))
+    elif args.vm_command == "unregister":
+        _print_json(client.call("vm.unregister", {"id": args.id}))
+    else:
+        reply = client.call("vm.list")
+        if args.json:
+            _print_json(reply)
+        else:
+            _print_vms(reply["vms"])
+    return EXIT_OK
+
+
+def svc_status(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call("status")
+    if args.json:
+        _print_json(reply)
+        return EXIT_OK
+    print(f"qmpnetd {reply['version']} (protocol {reply['protocol']}), pid {reply['pid']}, ")
+    print(f"  up {reply['uptime']:.0f} s on {reply['socket']}, state root {reply['state_root']}")
+    print(f"  requests in flight: {reply['requests_in_flight']}")
+    print()
+    _print_vms(reply["vms"])
+    print()
+    print(f"pending unplugs: {len(reply['pending_unplugs'])}")
+    for p in reply["pending_unplugs"]:
+        print(f"  {p.get('vm')}  {p.get('mac', '')}  {p.get('name', p.get('error', ''))}")
+    print(f"watches: {len(reply['watches'])}")
+    for w in reply["watches"]:
+        print(f"  {w['id']}  {w['vm']}  {w['netns']}  running={str(w['running']).lower()}")
+    print(f"recent errors: {len(reply['recent_errors'])}")
+    for e in reply["recent_errors"]:
+        print(f"  {e['method']}  {e['vm']}  {e['error']}: {e['message']}")
+    return EXIT_OK
+
+
+SERVICE_COMMANDS = {
+    "add-iface": svc_add,
+    "del-iface": svc_del,
+    "list-ifaces": svc_list,
+    "reconcile": svc_reconcile,
+    "watch": svc_watch,
+    "watches": svc_watches,
+    "unwatch": svc_unwatch,
+    "vm": svc_vm,
+    "status": svc_status,
+}
+
+
+# --- the two modes -----------------------------------------------------------------------------
+
+
+def _note(text: str) -> None:
+    print(f"qmpnet: note: {text}", file=sys.stderr)
+
+
+def _fail(args: argparse.Namespace, code: int, kind: str, message: str) -> int:
+    word = "internal error" if code == EXIT_INTERNAL else "error"
+    if args.log_format == "json":
+        print(
+            json.dumps({"level": "error", "error": kind, "msg": message, "exit": code}),
+            file=sys.stderr,
+        )
+    else:
+        print(f"qmpnet: {word}: {message}", file=sys.stderr)
+    return code
+
+
+def _via_service(args: argparse.Namespace) -> int | None:
+    """Run the command through qmpnetd; None to do it in the direct mode instead."""
+    from qmpnet.service.client import (
+        Client,
+        ServiceError,
+        ServiceLost,
+        ServiceUnavailable,
+        socket_path,
+    )
+
+    explicit = bool(args.socket or os.environ.get("QMPNET_SOCKET"))
+    path = socket_path(args.socket)
+    needs_service = args.command in SERVICE_ONLY
+    if not explicit and not needs_service and not os.path.exists(path):
+        return None
+    client = Client(path)
+    try:
+        client.connect()
+    except ServiceUnavailable as err:
+        if needs_service or (explicit and not err.denied):
+            return _fail(args, EXIT_SERVICE, "ServiceUnavailable", str(err))
+        _note(f"{err}; doing it in this process (direct mode)")
+        return None
+    try:
+        with client:
+            return SERVICE_COMMANDS[args.command](client, args)
+    except ServiceError as err:
+        if err.refused_caller and not needs_service:
+            _note(f"{err}; doing it in this process (direct mode) for your own VMs")
+            return None
+        return _fail(args, err.exit_code, str(err.data.get("type", "ServiceError")), str(err))
+    except ServiceLost as err:
+        return _fail(args, EXIT_SERVICE, "ServiceLost", str(err))
+
+
+def _print_version(args: argparse.Namespace) -> int:
+    from qmpnet.service.client import Client, ServiceError, ServiceUnavailable, socket_path
+
+    try:
+        from importlib.metadata import version
+
+        mine = version("qmpnet")
+    except Exception:  # a source tree without metadata
+        mine = "unknown"
+    print(f"qmpnet {mine}")
+    if args.direct:
+        return EXIT_OK
+    path = socket_path(args.socket)
+    try:
+        with Client(path, timeout=5.0) as client:
+            reply = client.call("version")
+        print(f"qmpnetd {reply['version']} (protocol {reply['protocol']}) at {path}")
+    except (ServiceUnavailable, ServiceError, OSError) as err:
+        print(f"qmpnetd: not reachable at {path} ({err})")
+    return EXIT_OK
+
+
+def _direct(args: argparse.Namespace) -> int:
+    import asyncio
+
     setup_logging(args.verbose, args.log_format)
     try:
         return asyncio.run(COMMANDS[args.command](args))
@@ -480,22 +746,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         code = exit_code_for(err)
         if args.debug or code == EXIT_INTERNAL:
-            log.debug("traceback", exc_info=True)
+            _log().debug("traceback", exc_info=True)
         if args.debug:
             import traceback
 
             traceback.print_exc()
-        kind = "internal error" if code == EXIT_INTERNAL else "error"
-        if args.log_format == "json":
-            print(
-                json.dumps(
-                    {"level": "error", "error": type(err).__name__, "msg": str(err), "exit": code}
-                ),
-                file=sys.stderr,
-            )
-        else:
-            print(f"qmpnet: {kind}: {err}", file=sys.stderr)
-        return code
+        return _fail(args, code, type(err).__name__, str(err))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        return _print_version(args)
+    if args.command is None:
+        parser.error("the following arguments are required: COMMAND")
+    if args.command != "demo" and not args.direct:
+        try:
+            done = _via_service(args)
+        except Exception as err:  # input the client reads itself (the interface file)
+            return _fail(args, exit_code_for(err), type(err).__name__, str(err))
+        if done is not None:
+            return done
+    if args.command in SERVICE_ONLY:
+        return _fail(args, EXIT_USAGE, "UsageError", f"{args.command} needs qmpnetd (no --direct)")
+    return _direct(args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ per guest vCPU, and bounded waits everywhere (the unplug deadline follows libvir
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -14,21 +15,8 @@ import attrs
 
 from qmpnet.boundary import Boundary, load_toml, read_capped
 from qmpnet.errors import InvalidInputError
+from qmpnet.limits import SECONDS_MAX, check_seconds
 from qmpnet.model import InterworkingModel, check_ifname, check_queues, checked_by
-
-#: the longest deadline accepted anywhere, in seconds
-SECONDS_MAX = 3600
-
-
-def check_seconds(field: str, value: object) -> float:
-    """A deadline: a number of seconds in (0, SECONDS_MAX]; ``true`` is not a number here."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not 0 < value <= SECONDS_MAX
-    ):
-        raise InvalidInputError(field, value, f"must be a number of seconds in (0, {SECONDS_MAX}]")
-    return float(value)
 
 
 def check_queue_count(field: str, value: object) -> int:
@@ -105,7 +93,56 @@ class Config:
         return cls.from_mapping(load_toml(raw, "config file", str(path)))
 
 
+#: option name of each deadline (``--timeout-NAME``) -> its Timeouts field
+TIMEOUT_OPTIONS = {
+    "connect": "connect",
+    "command": "command",
+    "unplug": "unplug",
+    "guest": "guest_ready",
+}
+
+
+def with_options(
+    config: Config,
+    *,
+    model: str | None = None,
+    no_vhost: bool = False,
+    queues: int | None = None,
+    timeouts: Mapping[str, float | None] | None = None,
+) -> Config:
+    """``config`` with one request's options applied (the CLI's flags, a service request's
+    params), each checked as the config file's own keys are."""
+    changes: dict[str, Any] = {}
+    given = {k: v for k, v in (timeouts or {}).items() if v is not None}
+    for name, value in given.items():
+        if name not in TIMEOUT_OPTIONS:
+            valid = ", ".join(TIMEOUT_OPTIONS)
+            raise InvalidInputError("timeout", name, f"valid ones are {valid}")
+        check_seconds(f"timeout {name}", value)
+    if given:
+        changes["timeouts"] = attrs.evolve(
+            config.timeouts, **{TIMEOUT_OPTIONS[k]: float(v) for k, v in given.items()}
+        )
+    if model:
+        changes["internetworking_model"] = InterworkingModel.parse(model)
+    if no_vhost:
+        changes["disable_vhost_net"] = True
+    if queues:
+        changes["queues"] = queues
+    return attrs.evolve(config, **changes)
+
+
 #: qmpnet's TOML configuration: keys as the attributes are named.
 TOML = Boundary("config", mapping="a table", key_field="{} key")
 TOML.register(Timeouts)
 TOML.register(Config)
+
+__all__ = [
+    "SECONDS_MAX",
+    "TOML",
+    "Config",
+    "Timeouts",
+    "check_queue_count",
+    "check_seconds",
+    "with_options",
+]

@@ -13,11 +13,13 @@ without parsing messages, and each is raised ``from`` its cause::
     │   └── NetnsError           a netns path that does not exist or is not a netns
     ├── QmpError                 anything between us and QEMU
     │   ├── QmpConnectError      socket missing, not a socket, monitor busy: kind says which
+    │   │   └── MonitorHeldError qmpnetd holds the monitor: a direct call fails at once
     │   ├── QmpCommandError      QEMU answered a command with an error (class + desc kept)
     │   ├── QmpDisconnectedError QEMU went away mid-command
     │   └── QmpTimeoutError      no answer within the deadline
     │       └── UnplugTimeoutError  DEVICE_DELETED did not come in time (the unplug is pending)
     ├── PlugError                a hot-plug or unplug step failed: step + endpoint; cause chained
+    ├── DeniedError              qmpnetd refuses the caller or a group member's request
     └── StateError               the saved state or journal cannot be read or written
 
 Every error pickles with its message and fields (as qemu.qmp's do), so it can cross a process
@@ -202,6 +204,19 @@ class QmpConnectError(QmpError):
         return self.kind in (ConnectFailure.ABSENT, ConnectFailure.CLOSED)
 
 
+class MonitorHeldError(QmpConnectError):
+    """qmpnetd holds the VM's QMP monitor: a direct call would wait for a greeting forever."""
+
+    def __init__(self, path: str, holder: int) -> None:
+        super().__init__(
+            path,
+            f"monitor held by qmpnetd (pid {holder}): go through the service (drop --direct, "
+            "or give its --socket)",
+            ConnectFailure.BUSY,
+        )
+        self.holder = holder
+
+
 class QmpCommandError(QmpError):
     """QEMU answered a command with an error; its class and description are kept verbatim."""
 
@@ -256,6 +271,15 @@ class PlugError(QmpnetError):
         self.endpoint = endpoint
         self.cause = cause
         super().__init__(f"{operation} {endpoint}: step {step} failed: {cause}")
+
+
+class DeniedError(QmpnetError):
+    """qmpnetd refuses this caller, or this request of a member of its group."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what = what
+        self.reason = reason
+        super().__init__(f"refused by qmpnetd: {what}: {reason}")
 
 
 class StateError(QmpnetError):

@@ -16,6 +16,7 @@ long-lived caller instead.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -102,6 +103,19 @@ class NetworkState:
         """Keep one QMP session open across operations (a long-lived library caller)."""
         if self._hypervisor is None:
             self._hypervisor = self._adapter(await self._session())
+
+    @property
+    def session(self) -> QmpSession | None:
+        """The kept QMP session (see :meth:`connect`), if one is open."""
+        return self._hypervisor.qmp if self._hypervisor is not None else None
+
+    def sharing(self, config: Config) -> NetworkState:
+        """This VM with other settings, sharing its store (and so its lock) and kept session.
+
+        A service serves many requests of one VM, each with its own settings, through one
+        session; the store's lock still orders their operations.
+        """
+        return attrs.evolve(self, config=config, observers=list(self.observers))
 
     async def close(self) -> None:
         if self._hypervisor is not None:
@@ -284,8 +298,11 @@ class NetworkState:
             return plugged
 
     async def _save(self, snap: Snapshot) -> None:
-        """Save, recording the VM the operation found (see :meth:`settle_vm_change`)."""
-        await self.store.save(snap if self._vm is None else attrs.evolve(snap, vm=self._vm))
+        """Save, recording the VM the operation found (see :meth:`settle_vm_change`) and the
+        socket it was reached on."""
+        qmp = _absolute(self.qmp_path) if self.qmp_path else snap.qmp
+        snap = attrs.evolve(snap, vm=self._vm or snap.vm, qmp=qmp)
+        await self.store.save(snap)
 
     async def remove_interface(self, hw_addr: str) -> Endpoint:
         """Unplug the interface with MAC ``hw_addr`` and forget it.
@@ -333,6 +350,10 @@ class NetworkState:
                     if recorded:
                         await self.store.journal_end(entry.endpoint.id)
             return entry.endpoint
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(path)  # no system call: the working directory is known
 
 
 def _free_index(snap: Snapshot, template: str) -> int:

@@ -277,6 +277,32 @@ class QmpSession:
     def connected(self) -> bool:
         return self._client.runstate == Runstate.RUNNING
 
+    @contextlib.contextmanager
+    def subscribe(
+        self, names: list[str], maxsize: int = EVENT_QUEUE_MAX * 4
+    ) -> Iterator[BoundedListener]:
+        """Listen to ``names`` for as long as the block runs (a resident caller's events)."""
+        listener = BoundedListener(names, maxsize=maxsize)
+        with self._client.listen(listener):
+            yield listener
+
+    async def next_event(self, listener: BoundedListener) -> dict[str, Any] | None:
+        """The next event of ``listener``, or None once the connection is gone."""
+        while self.connected or not listener.empty():
+            if not listener.empty():
+                return dict(await listener.get())
+            got = asyncio.ensure_future(listener.get())
+            changed = asyncio.ensure_future(self._client.runstate_changed())
+            try:
+                await asyncio.wait({got, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+                if not got.done():
+                    got.cancel()
+            if got.done() and not got.cancelled():
+                return dict(got.result())
+        return None
+
     # --- commands --------------------------------------------------------------------------
 
     async def execute(

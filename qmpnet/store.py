@@ -79,6 +79,8 @@ class Snapshot:
     unknown: tuple[UnknownEntry, ...] = ()
     #: the QEMU process the entries belong to; None when not known (an older release)
     vm: VmIdentity | None = None
+    #: the QMP socket the VM was reached on, so a service finds every VM's directory again
+    qmp: str = ""
 
 
 class Store:
@@ -205,7 +207,13 @@ class Store:
                 unknown.append(UnknownEntry(item, reason))
             else:
                 entries.append(Entry(loaded, Status(str(status_text))))
-        return Snapshot(tuple(entries), tuple(unknown), _identity(data.get("vm")))
+        qmp = data.get("qmp")
+        return Snapshot(
+            tuple(entries),
+            tuple(unknown),
+            _identity(data.get("vm")),
+            qmp if isinstance(qmp, str) else "",
+        )
 
     async def save(self, snapshot: Snapshot) -> None:
         items: list[Any] = [
@@ -216,6 +224,8 @@ class Store:
         data: dict[str, Any] = {"version": STATE_VERSION, "endpoints": items}
         if snapshot.vm is not None:
             data["vm"] = {"pid": snapshot.vm.pid, "start_time": snapshot.vm.start_time}
+        if snapshot.qmp:
+            data["qmp"] = snapshot.qmp
         await self._off_loop(lambda: self._write(self.state_path, data))
 
     # --- journal ---------------------------------------------------------------------------

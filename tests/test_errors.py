@@ -68,6 +68,8 @@ SAMPLES: dict[str, list[tuple[Any, ...]]] = {
         ("/run/vm/qmp.sock", "no such socket", ConnectFailure.ABSENT),
         ("/run/vm/qmp.sock", "cannot connect"),
     ],
+    "MonitorHeldError": [("/run/vm/qmp.sock", 4242)],
+    "DeniedError": [("uid 1000", "not root and not in the service's group")],
     "QmpCommandError": [
         ("device_add", {"id": "qn1", "bus": "rp0"}, "GenericError", "Bus 'rp0' not found")
     ],
