@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from qemu.qmp import QMPClient
 
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.probe import links
-from qmpnet.testing.scene import RUN
 from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM, marker_fields
 
@@ -101,7 +99,8 @@ async def test_add_list_del_through_the_service(
     )
     assert added.returncode == 0, added.stderr + service.tail()
     reply = json.loads(added.stdout)
-    assert reply["hwAddr"] == address and reply["pciPath"]
+    assert reply["hwAddr"] == address
+    assert reply["pciPath"]
     # the guest saw it, and QEMU's other monitor holds it
     line = await vm.wait_for(rf"QMPNET NIC-ADD .*mac={address}", MARKER_TIMEOUT, since=cursor)
     assert marker_fields(line)["mac"] == address
@@ -113,7 +112,8 @@ async def test_add_list_del_through_the_service(
     doc = json.loads(listed.stdout)
     assert [i["status"] for i in doc["interfaces"]] == ["plugged"]
     table = await qmpnet("list-ifaces", "--qmp", qmp, env=service.env)
-    assert address in table.stdout and "plugged" in table.stdout
+    assert address in table.stdout
+    assert "plugged" in table.stdout
     removed = await qmpnet("del-iface", "--qmp", qmp, "--mac", address, env=service.env)
     assert removed.returncode == 0, removed.stderr + service.tail()
     assert tap not in links()
