@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import subprocess
+import time
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -120,3 +121,45 @@ async def test_add_list_del_through_the_service(
     assert not any(p.endswith("-dev") for p in await peripherals(manager))
     listed = await qmpnet("list-ifaces", "--qmp", qmp, "--json", env=service.env)
     assert json.loads(listed.stdout)["interfaces"] == []
+
+
+async def test_a_host_link_deleted_under_a_plugged_nic_is_heard_and_shown(
+    vm: GuestVM, service: ServiceProcess, tmp_path: Path, host_link_names: Any
+) -> None:
+    """RTM_DELLINK of a plugged NIC's tap: logged and shown, the NIC left plugged.
+
+    One queue: QEMU 7.2 aborts when a multiqueue NIC whose tap is gone is reset (FACTS).
+    """
+    address, tap = mac(0x12), host_link_names("s")
+    qmp = str(vm.mgmt_qmp_path)
+    added = await qmpnet(
+        "add-iface",
+        "--qmp",
+        qmp,
+        "--model",
+        "none",
+        "--queues",
+        "1",
+        "--tap-name",
+        tap,
+        str(iface_file(tmp_path, address)),
+        env=service.env,
+    )
+    assert added.returncode == 0, added.stderr + service.tail()
+    subprocess.run(["ip", "link", "del", tap], check=True)
+    deadline = time.monotonic() + 30
+    status = ""
+    while time.monotonic() < deadline:
+        listed = await qmpnet("list-ifaces", "--qmp", qmp, "--json", env=service.env)
+        items = json.loads(listed.stdout)["interfaces"]
+        status = str(items)
+        if any(address in json.dumps(i) and i.get("host_link_gone") for i in items):
+            break
+        await asyncio.sleep(0.2)
+    else:
+        pytest.fail(f"the deleted tap was not reported: {status} {service.tail()}")
+    table = await qmpnet("list-ifaces", "--qmp", qmp, env=service.env)
+    assert "plugged (host link gone)" in table.stdout
+    assert any(tap in line and "deleted" in line for line in service.lines())
+    removed = await qmpnet("del-iface", "--qmp", qmp, "--mac", address, env=service.env)
+    assert removed.returncode == 0, removed.stderr + service.tail()

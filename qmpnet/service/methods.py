@@ -180,6 +180,7 @@ class Service:
                 handle.id, "a group member may act only on VMs root registered or QEMU serves"
             )
         await handle.ensure_session()
+        handle.follow_links()
         return handle
 
     def _netns(self, path: str, handle: VmHandle, caller: Caller) -> str:
@@ -257,6 +258,7 @@ class Service:
             wait_guest=wait_guest,
             allow_foreign_link=foreign,
         )
+        handle.follow_links()
         return interface_of(endpoint).to_json()
 
     async def iface_remove(self, p: Params, caller: Caller) -> Any:
@@ -276,6 +278,7 @@ class Service:
             raise InvalidInputError("mac", "", "give mac or interface")
         endpoint = await handle.for_request(config).remove_interface(mac)
         handle.vanished.pop(endpoint.host_link, None)
+        handle.follow_links()
         return interface_of(endpoint).to_json()
 
     async def iface_list(self, p: Params, caller: Caller) -> Any:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import attrs
 
 from qmpnet import layout
 from qmpnet.config import Config
-from qmpnet.errors import InvalidInputError, QmpnetError, StateError
+from qmpnet.errors import HostError, InvalidInputError, QmpnetError, StateError
 from qmpnet.files import Writer, atomic_write, private_dir, read_text
 from qmpnet.hypervisor import device_id
 from qmpnet.lifecycle import Observer
@@ -35,6 +36,8 @@ from qmpnet.store import Status
 
 log = logging.getLogger(__name__)
 
+#: seconds between looks at a followed netns's path (see :meth:`VmHandle._follow`)
+LINK_CHECK = 1.0
 #: the events a VM's handle hears
 EVENTS = ["DEVICE_DELETED", "SHUTDOWN"]
 
@@ -59,6 +62,8 @@ class VmHandle:
     _lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
     _listener: asyncio.Task[None] | None = None
     _jobs: set[asyncio.Task[Any]] = attrs.field(factory=set)
+    #: netns path ("" the host's) -> the task hearing its RTM_DELLINK
+    _followers: dict[str, asyncio.Task[None]] = attrs.field(factory=dict)
 
     @property
     def connected(self) -> bool:
@@ -103,6 +108,71 @@ class VmHandle:
             self._listener = asyncio.create_task(self._listen(), name=f"events {self.id}")
             log.info("%s: QMP session open (QEMU pid %s)", self.id, self.peer and self.peer.pid)
 
+    # --- host links that vanish ---------------------------------------------------------------
+
+    def follow_links(self) -> None:
+        """Hear the deletion of every plugged NIC's host link: one netlink socket per netns.
+
+        A vanished link is logged and shown (``list-ifaces``, ``status``), never acted on:
+        QEMU 7.2 aborts when the guest resets a multiqueue NIC whose tap is gone, and an
+        unplug is such a reset, so the service leaves the NIC plugged for its owner to decide.
+        """
+        try:
+            entries = self.state.store.load().entries
+        except StateError:
+            return
+        wanted = {e.endpoint.netns_path for e in entries if e.endpoint.host_link}
+        for netns in set(self._followers) - wanted:
+            self._followers.pop(netns).cancel()
+        for netns in wanted - set(self._followers):
+            task = asyncio.create_task(self._follow(netns), name=f"links {self.id} {netns}")
+            self._followers[netns] = task
+
+    async def _follow(self, netns: str) -> None:
+        from qmpnet.links import Links
+
+        try:
+            async with Links.open(netns, link_events=True) as links:
+                events = links.events()
+                while True:
+                    try:
+                        # our socket keeps a deleted netns alive: look at its path each second
+                        event = await asyncio.wait_for(anext(events), LINK_CHECK)
+                    except TimeoutError:
+                        if netns and not _exists(netns):
+                            break
+                        continue
+                    if not event.present:
+                        await self._link_gone(netns, event.link.name)
+        except HostError as err:
+            if not netns or _exists(netns):
+                log.warning("%s: cannot hear link events of %s: %s", self.id, netns or "host", err)
+                self._followers.pop(netns, None)
+                return
+        log.warning("%s: netns %s was deleted with the host links of its NICs", self.id, netns)
+        for entry in self.state.store.load().entries:
+            if entry.endpoint.netns_path == netns and entry.endpoint.host_link:
+                self._vanish(entry.endpoint.host_link)
+        self._followers.pop(netns, None)
+
+    async def _link_gone(self, netns: str, name: str) -> None:
+        """RTM_DELLINK: ours only if a NIC still records the link once no operation runs."""
+        async with self.state.store.locked():  # an unplug in flight deletes its own tap
+            entries = self.state.store.load().entries
+        if any(e.endpoint.host_link == name and e.endpoint.netns_path == netns for e in entries):
+            self._vanish(name)
+
+    def _vanish(self, name: str) -> None:
+        if name not in self.vanished:
+            self.vanished[name] = time.time()
+            log.warning(
+                "%s: host link %s of a plugged NIC was deleted; the NIC stays plugged "
+                "(an unplug would reset it in the guest, which QEMU 7.2 cannot survive for "
+                "a multiqueue NIC without its tap)",
+                self.id,
+                name,
+            )
+
     async def _close_session(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None and listener is not asyncio.current_task():
@@ -115,6 +185,9 @@ class VmHandle:
 
     async def close(self) -> None:
         """Close the session and wait for the jobs events started (service stop)."""
+        for task in self._followers.values():
+            task.cancel()
+        self._followers.clear()
         async with self._lock:
             await self._close_session()
         for job in list(self._jobs):
@@ -296,6 +369,10 @@ class Registry:
             return False
         self._by_id.pop(handle.id, None)
         return True
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
 
 
 def _recorded_socket(directory: Path) -> str:
