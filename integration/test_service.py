@@ -11,8 +11,8 @@ import asyncio
 import json
 import os
 import subprocess
-import time
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -146,7 +146,7 @@ async def test_a_host_link_deleted_under_a_plugged_nic_is_heard_and_shown(
         env=service.env,
     )
     assert added.returncode == 0, added.stderr + service.tail()
-    subprocess.run(["ip", "link", "del", tap], check=True)
+    await asyncio.to_thread(subprocess.run, ["ip", "link", "del", tap], check=True)
     deadline = time.monotonic() + 30
     status = ""
     while time.monotonic() < deadline:
