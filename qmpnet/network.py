@@ -23,9 +23,10 @@ from pathlib import Path
 
 import attrs
 
+from qmpnet import layout
 from qmpnet.config import Config
 from qmpnet.endpoints import Endpoint, PlugContext, create_endpoint, net_info_from_interface
-from qmpnet.errors import InvalidInputError, StateError
+from qmpnet.errors import InvalidInputError, MonitorHeldError, StateError
 from qmpnet.hypervisor import QemuHypervisor
 from qmpnet.lifecycle import Observer, Operation, OpKind, Phase, Step
 from qmpnet.model import (
@@ -90,6 +91,10 @@ class NetworkState:
     # --- the QMP connection ----------------------------------------------------------------
 
     async def _session(self) -> QmpSession:
+        # qmpnetd holding this monitor would keep a greeting from ever coming: say so at once
+        holder = layout.holder(layout.state_root(), self.qmp_path)
+        if holder is not None:
+            raise MonitorHeldError(self.qmp_path, holder)
         t = self.config.timeouts
         return await QmpSession.connect(
             self.qmp_path, connect_timeout=t.connect, command_timeout=t.command
