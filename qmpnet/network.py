@@ -78,6 +78,8 @@ class NetworkState:
     #: the QEMU the current operation found behind the socket (recorded with its save)
     _vm: VmIdentity | None = None
     _hypervisor: QemuHypervisor | None = None
+    #: the state this one shares its kept session with (see :meth:`sharing`)
+    _base: NetworkState | None = None
 
     @classmethod
     def open(
@@ -112,7 +114,15 @@ class NetworkState:
     @property
     def session(self) -> QmpSession | None:
         """The kept QMP session (see :meth:`connect`), if one is open."""
-        return self._hypervisor.qmp if self._hypervisor is not None else None
+        kept = self._kept()
+        return kept.qmp if kept is not None else None
+
+    def _kept(self) -> QemuHypervisor | None:
+        """The kept session's adapter: this state's own, or the one it shares (reopened
+        sessions included: a sharer follows its base)."""
+        if self._base is not None:
+            return self._base._kept()
+        return self._hypervisor
 
     def sharing(self, config: Config) -> NetworkState:
         """This VM with other settings, sharing its store (and so its lock) and kept session.
@@ -120,7 +130,8 @@ class NetworkState:
         A service serves many requests of one VM, each with its own settings, through one
         session; the store's lock still orders their operations.
         """
-        return attrs.evolve(self, config=config, observers=list(self.observers))
+        base = self._base or self
+        return NetworkState(self.store, self.qmp_path, config, list(self.observers), base=base)
 
     async def close(self) -> None:
         if self._hypervisor is not None:
@@ -129,8 +140,9 @@ class NetworkState:
 
     @contextlib.asynccontextmanager
     async def hypervisor(self) -> AsyncIterator[QemuHypervisor]:
-        if self._hypervisor is not None:
-            yield self._hypervisor
+        kept = self._kept()
+        if kept is not None:
+            yield kept
             return
         async with await self._session() as session:
             yield self._adapter(session)
@@ -187,8 +199,9 @@ class NetworkState:
 
     def _vm_now(self) -> VmIdentity | None:
         """The QEMU serving the socket now: a kept session asks its own connection."""
-        if self._hypervisor is not None:
-            return self._hypervisor.qmp.peer()
+        kept = self._kept()
+        if kept is not None:
+            return kept.qmp.peer()
         return vm_identity(self.qmp_path) if self.qmp_path else None
 
     async def settle_vm_change(self) -> ReconcileReport | None:
