@@ -2,13 +2,17 @@
 
 Only for those cases: an error reply QEMU never gives a correct client (to ``getfd``,
 ``x-query-virtio-status`` of a device that exists, ``device_del``/``netdev_del`` of a NIC
-that is plugged), or an event cutting into the handshake, which real QEMU sends only now and
-then. Everything else is tested against real QEMU. The peer serves one client at a time, as
+that is plugged), an event cutting into the handshake, which real QEMU sends only now and
+then, or an event x86 QEMU never sends for a NIC (DEVICE_UNPLUG_GUEST_ERROR: only ppc's
+spapr and ACPI memory unplug emit it; :func:`refuse_unplug` plays a guest that refuses).
+Everything else is tested against real QEMU. The peer serves one client at a time, as
 QEMU does; it keeps the fds it is given, so a leak shows in ``/proc/self/fd``.
 
 Commands are dispatched through :attr:`FakeQemu.commands` (name -> handler); a test changes
 one by assigning to it, and ``fail[command] = desc`` makes the next such command fail once.
-A command without a handler gets QEMU's ``CommandNotFound``.
+A command without a handler gets QEMU's ``CommandNotFound``. A handler sends an event at
+once with :meth:`Client.event`, or after its reply (as QEMU announces what the guest did
+later) with :meth:`Client.later`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class Client:
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
         self.pending: list[int] = []
+        #: events a handler queued to follow its command's reply
+        self.after_reply: list[tuple[str, dict[str, Any]]] = []
 
     def send(self, obj: dict[str, Any]) -> None:
         self.conn.sendall(json.dumps(obj).encode() + b"\r\n")
@@ -53,6 +59,10 @@ class Client:
         self.send(
             {"event": name, "data": data or {}, "timestamp": {"seconds": 0, "microseconds": 0}}
         )
+
+    def later(self, name: str, data: dict[str, Any] | None = None) -> None:
+        """Send the event just after the reply of the command being handled."""
+        self.after_reply.append((name, data or {}))
 
     def take_fd(self) -> int:
         if not self.pending:
@@ -175,10 +185,11 @@ class FakeQemu:
             value = handler(self, client, args)
         except Reply as err:
             client.send({"error": {"class": err.cls, "desc": err.desc}, "id": mid})
-            return
-        client.send({"return": {} if value is None else value, "id": mid})
-        if cmd == "device_del":
-            client.event("DEVICE_DELETED", {"device": args["id"]})
+        else:
+            client.send({"return": {} if value is None else value, "id": mid})
+        events, client.after_reply = client.after_reply, []
+        for name, data in events:
+            client.event(name, data)
 
 
 # --- the command table -------------------------------------------------------------------
@@ -223,7 +234,26 @@ def _device_add(peer: FakeQemu, client: Client, args: dict[str, Any]) -> None:
 def _device_del(peer: FakeQemu, client: Client, args: dict[str, Any]) -> None:
     if args["id"] not in peer.devices:
         raise Reply(f"Device '{args['id']}' not found", "DeviceNotFound")
-    peer.devices.discard(args["id"])  # the DEVICE_DELETED event follows the reply
+    peer.devices.discard(args["id"])
+    client.later("DEVICE_DELETED", {"device": args["id"], "path": peripheral(args["id"])})
+
+
+def refuse_unplug(peer: FakeQemu, client: Client, args: dict[str, Any]) -> None:
+    """``device_del`` as QEMU answers it when the guest refuses the unplug.
+
+    QEMU accepts the request; the guest then reports an error, and QEMU withdraws the
+    request, keeps the device and sends DEVICE_UNPLUG_GUEST_ERROR (qapi/qdev.json, 6.2+).
+    """
+    if args["id"] not in peer.devices:
+        raise Reply(f"Device '{args['id']}' not found", "DeviceNotFound")
+    client.later(
+        "DEVICE_UNPLUG_GUEST_ERROR", {"device": args["id"], "path": peripheral(args["id"])}
+    )
+
+
+def peripheral(device_id: str) -> str:
+    """The QOM path QEMU gives a device with an id."""
+    return f"/machine/peripheral/{device_id}"
 
 
 def _qom_list(peer: FakeQemu, client: Client, args: dict[str, Any]) -> list[dict[str, str]]:
