@@ -9,9 +9,10 @@ direct mode with a note. Errors are one line on stderr naming what failed and wh
 message kept), with a documented exit code (:mod:`qmpnet.exits`); a traceback only with
 ``--debug``.
 
-Exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 QEMU/QMP failure, 5 host
-(netlink/syscall) failure, 6 timeout (an unplug left pending included), 7 unsupported
-request, 8 saved state unreadable or unwritable, 9 reconcile could not finish every cleanup,
+Exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 QEMU/QMP failure (a guest
+refusing an unplug included: the NIC stays plugged), 5 host (netlink/syscall) failure,
+6 timeout (an unplug left pending included), 7 unsupported request, 8 saved state unreadable
+or unwritable, 9 reconcile could not finish every cleanup,
 10 the service went away mid-request or speaks another protocol, 11 the VM's monitor is held
 by qmpnetd (a direct call), 12 refused by qmpnetd.
 """

@@ -16,6 +16,7 @@ without parsing messages, and each is raised ``from`` its cause::
     │   │   └── MonitorHeldError qmpnetd holds the monitor: a direct call fails at once
     │   ├── QmpCommandError      QEMU answered a command with an error (class + desc kept)
     │   ├── QmpDisconnectedError QEMU went away mid-command
+    │   ├── UnplugRefusedError   the guest refused a device_del (DEVICE_UNPLUG_GUEST_ERROR)
     │   └── QmpTimeoutError      no answer within the deadline
     │       └── UnplugTimeoutError  DEVICE_DELETED did not come in time (the unplug is pending)
     ├── PlugError                a hot-plug or unplug step failed: step + endpoint; cause chained
@@ -237,6 +238,23 @@ class QmpDisconnectedError(QmpError):
     def __init__(self, command: str, detail: str) -> None:
         self.command = command
         super().__init__(f"{command}: connection to QEMU lost: {detail}")
+
+
+class UnplugRefusedError(QmpError):
+    """The guest refused to release the device: QEMU sent DEVICE_UNPLUG_GUEST_ERROR for it.
+
+    QEMU (6.2 and later) withdraws the request when the guest reports the error, and the
+    device stays, in use by the guest: nothing is pending, and a new ``device_del`` asks the
+    guest again. ``device`` is the device's id, ``path`` its QOM path as the event gave it.
+    """
+
+    def __init__(self, device: str, path: str) -> None:
+        self.device = device
+        self.path = path
+        super().__init__(
+            f"device_del {device}: the guest refused to release the device "
+            f"(DEVICE_UNPLUG_GUEST_ERROR for {one_line(path, 120)}); it stays plugged"
+        )
 
 
 class QmpTimeoutError(QmpError):

@@ -26,8 +26,9 @@ EXIT_HELD = 11
 EXIT_DENIED = 12
 
 EXIT_CODES_TEXT = (
-    "0 ok, 1 internal, 2 usage, 3 bad input, 4 QEMU/QMP, 5 host, 6 timeout (unplug pending), "
-    "7 unsupported, 8 state, 9 reconcile incomplete, 10 service lost or of another protocol, "
+    "0 ok, 1 internal, 2 usage, 3 bad input, 4 QEMU/QMP (unplug refused by the guest "
+    "included), 5 host, 6 timeout (unplug pending), 7 unsupported, 8 state, "
+    "9 reconcile incomplete, 10 service lost or of another protocol, "
     "11 monitor held by qmpnetd, 12 refused by qmpnetd"
 )
 
@@ -50,6 +51,8 @@ def exit_code_for(err: BaseException) -> int:
         (errors.MonitorHeldError, EXIT_HELD),
         (errors.DeniedError, EXIT_DENIED),
         (errors.QmpTimeoutError, EXIT_TIMEOUT),
+        # the guest said no: not a deadline (waiting longer would not help), a QEMU failure
+        (errors.UnplugRefusedError, EXIT_QEMU),
         (errors.InvalidInputError, EXIT_INPUT),
         (errors.UnsupportedError, EXIT_UNSUPPORTED),
         (errors.HostError, EXIT_HOST),

@@ -26,7 +26,13 @@ import attrs
 from qmpnet import layout
 from qmpnet.config import Config
 from qmpnet.endpoints import Endpoint, PlugContext, create_endpoint, net_info_from_interface
-from qmpnet.errors import InvalidInputError, MonitorHeldError, StateError
+from qmpnet.errors import (
+    InvalidInputError,
+    MonitorHeldError,
+    PlugError,
+    StateError,
+    UnplugRefusedError,
+)
 from qmpnet.hypervisor import QemuHypervisor
 from qmpnet.lifecycle import Observer, Operation, OpKind, Phase, Step
 from qmpnet.model import (
@@ -328,6 +334,14 @@ class NetworkState:
         If the guest does not release the device in time, the entry is kept as
         ``unplug-pending`` and :class:`PlugError` (cause :class:`UnplugTimeoutError`) is
         raised; a later call or a reconcile completes it.
+
+        If the guest refuses (cause :class:`UnplugRefusedError`, QEMU's
+        DEVICE_UNPLUG_GUEST_ERROR), the entry keeps the status it had, ``plugged`` for a
+        plugged NIC: QEMU withdraws a refused request, so the device stays with the guest and
+        nothing is pending; ``device_del`` is the first unplug step, so its netdev, fds and
+        host links are untouched and the NIC works on. Marking it ``unplug-pending`` would
+        claim a request QEMU no longer has (CNI CHECK and the watcher would treat a working
+        NIC as going away); a later call asks the guest again.
         """
         mac = check_mac("hwAddr", hw_addr)
         async with self.store.locked():
@@ -352,10 +366,16 @@ class NetworkState:
                             op.commit()  # saved: the unplug is done, whatever comes next
 
                         await op.step(Step.FORGET, forget)
-                except BaseException:
+                except BaseException as err:
                     # Also on cancellation: the device_del may be under way in the guest.
+                    # Not after a refusal: the guest answered, and the entry stays as it was.
                     reached = (Step.DEVICE_DEL, Phase.BEGIN) in op.history
-                    if reached and not op.committed and entry.status is Status.PLUGGED:
+                    if (
+                        reached
+                        and not op.committed
+                        and entry.status is Status.PLUGGED
+                        and not _refused(err)
+                    ):
                         # device_del may be under way in the guest: never report it plugged.
                         pending = Entry(entry.endpoint, Status.UNPLUG_PENDING)
                         try:
@@ -372,6 +392,11 @@ class NetworkState:
 
 def _absolute(path: str) -> str:
     return os.path.abspath(path)  # no system call: the working directory is known
+
+
+def _refused(err: BaseException) -> bool:
+    """The guest refused the device_del: QEMU dropped the request, the device stays whole."""
+    return isinstance(err, PlugError) and isinstance(err.cause, UnplugRefusedError)
 
 
 def _free_index(snap: Snapshot, template: str) -> int:

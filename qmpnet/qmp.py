@@ -34,6 +34,7 @@ from qmpnet.errors import (
     QmpConnectError,
     QmpDisconnectedError,
     QmpTimeoutError,
+    UnplugRefusedError,
     UnplugTimeoutError,
 )
 from qmpnet.model import VmIdentity
@@ -113,6 +114,13 @@ def queued_events(client: QMPClient) -> int:
         total += size() if size is not None else listener._queue.qsize()
     return total
 
+
+#: QOM parent of every device given an id on the command line or by device_add.
+PERIPHERAL = "/machine/peripheral"
+#: the event that ends an unplug, and the one that refuses it (QEMU >= 6.2, qapi/qdev.json);
+#: both carry ``device`` (the id, when it has one) and ``path`` (the QOM path).
+DEVICE_DELETED = "DEVICE_DELETED"
+DEVICE_UNPLUG_GUEST_ERROR = "DEVICE_UNPLUG_GUEST_ERROR"
 
 #: virtio status bit the guest driver sets once the device is ready (virtio spec 2.1).
 VIRTIO_CONFIG_S_DRIVER_OK = 4
@@ -382,12 +390,20 @@ class QmpSession:
 
         Returns False when there was no such device. Raises :class:`UnplugTimeoutError` when
         the event does not come: the request stays with QEMU and may still complete later.
+        Raises :class:`UnplugRefusedError` as soon as QEMU reports DEVICE_UNPLUG_GUEST_ERROR
+        for the device (QEMU >= 6.2; ppc's spapr and ACPI memory unplug send it, PCI
+        hot-plug on q35/pc does not): the guest said no, so waiting longer would not help.
         """
+        path = f"{PERIPHERAL}/{device_id}"
 
         def ours(event: Mapping[str, Any]) -> bool:
-            return bool(event.get("data", {}).get("device") == device_id)
+            data = event.get("data")
+            if not isinstance(data, Mapping):
+                return False
+            return bool(data.get("device") == device_id or data.get("path") == path)
 
-        listener = BoundedListener("DEVICE_DELETED", ours)
+        # One bounded listener for both events, registered before the request: it misses neither.
+        listener = BoundedListener([DEVICE_DELETED, DEVICE_UNPLUG_GUEST_ERROR], ours)
         with self._client.listen(listener):
             try:
                 await self.execute("device_del", {"id": device_id})
@@ -403,26 +419,31 @@ class QmpSession:
         return True
 
     async def _wait_deleted(self, listener: EventListener, device_id: str, timeout: float) -> None:
-        """Wait for DEVICE_DELETED, or for the device to be gone from QOM.
+        """Wait for DEVICE_DELETED, or for the device to be gone from QOM; fail at once on
+        DEVICE_UNPLUG_GUEST_ERROR.
 
         An event QEMU sent while no client listened (a crashed driver, an earlier session)
         is lost, so the object tree is checked between waits.
         """
-        announced = False
+        event: Message | None = None
 
         async def wait_event(seconds: float) -> None:
-            nonlocal announced
+            nonlocal event
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(listener.get(), seconds)
-                announced = True
+                event = await asyncio.wait_for(listener.get(), seconds)
 
         async def deleted() -> bool:
-            if announced:
-                self.log.debug("<-- DEVICE_DELETED %s", device_id)
+            if event is not None:
+                data = event.get("data")
+                self.log.debug("<-- %s %s", event["event"], data)
+                if event["event"] == DEVICE_UNPLUG_GUEST_ERROR:
+                    # the listener's filter let only a mapping through
+                    path = data.get("path", "") if isinstance(data, Mapping) else ""
+                    raise UnplugRefusedError(device_id, str(path))
                 return True
-            peripherals = await self.qom_list("/machine/peripheral")
+            peripherals = await self.qom_list(PERIPHERAL)
             if not any(child["name"] == device_id for child in peripherals):
-                self.log.debug("%s is gone from /machine/peripheral", device_id)
+                self.log.debug("%s is gone from %s", device_id, PERIPHERAL)
                 return True
             return False
 

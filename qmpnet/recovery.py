@@ -8,7 +8,8 @@ starts; the ``reconcile`` audit (:mod:`qmpnet.reconcile`, a door of its own) bui
 - an interrupted hot-plug is rolled back completely, unless it had been persisted (the state
   file is the commit point), in which case it is complete;
 - an interrupted unplug is rolled forward (completed);
-- a device the guest has not released yet keeps its entry ``unplug-pending``;
+- a device the guest has not released yet, or refused to release, keeps its entry
+  ``unplug-pending``;
 - when QEMU is gone (socket missing, connection refused) the host side of the endpoint is
   cleaned with its own ``teardown`` and the record dropped.
 
@@ -40,6 +41,7 @@ from qmpnet.errors import (
     QmpConnectError,
     QmpDisconnectedError,
     QmpnetError,
+    UnplugRefusedError,
     UnplugTimeoutError,
     shown,
 )
@@ -280,14 +282,21 @@ class Settler:
         await self.store.journal_end(key)
 
     async def remove(self, ep: Endpoint) -> bool:
-        """Remove every part of ``ep`` from QEMU and the host; False if the guest holds on."""
+        """Remove every part of ``ep`` from QEMU and the host; False if the guest holds on.
+
+        The guest holds on when it has not released the device by the deadline, or when it
+        refused to (DEVICE_UNPLUG_GUEST_ERROR): either way nothing past ``device_del`` ran.
+        The caller keeps the entry ``unplug-pending`` for a later try; an error instead would
+        keep the journal record, and every later operation would ask the guest again.
+        """
         assert self.hv is not None
         tap = ep.tap
         if tap is not None:
             try:
                 await self.hv.unplug_tap(tap)
             except PlugError as err:
-                if isinstance(err.cause, UnplugTimeoutError):
+                if isinstance(err.cause, UnplugTimeoutError | UnplugRefusedError):
+                    log.info("%s: the guest holds on to its device: %s", ep.id, err.cause)
                     return False
                 raise
             await self.hv.release_fds(tap)

@@ -28,6 +28,7 @@ from qmpnet.errors import (
     QmpConnectError,
     QmpnetError,
     UnknownValueError,
+    UnplugRefusedError,
     UnplugTimeoutError,
     shown,
 )
@@ -76,6 +77,7 @@ SAMPLES: dict[str, list[tuple[Any, ...]]] = {
     "QmpDisconnectedError": [("netdev_add", "EOFError")],
     "QmpTimeoutError": [("query-pci", 2.5)],
     "UnplugTimeoutError": [("qn1-dev", 5)],
+    "UnplugRefusedError": [("qn1-dev", "/machine/peripheral/qn1-dev")],
     "PlugError": [
         (
             "hot-plug",
@@ -158,6 +160,10 @@ def test_messages_are_unchanged() -> None:
     assert str(UnplugTimeoutError("d1", 5)) == (
         "device_del d1: no DEVICE_DELETED within 5 s (guest paused, busy or without "
         "hot-plug support); the unplug is pending"
+    )
+    assert str(UnplugRefusedError("d1", "/machine/peripheral/d1")) == (
+        "device_del d1: the guest refused to release the device (DEVICE_UNPLUG_GUEST_ERROR "
+        "for /machine/peripheral/d1); it stays plugged"
     )
     assert str(HostError("create link", "t", errno.EEXIST)) == "create link t: EEXIST: File exists"
     assert str(QmpConnectError("/q", "busy", ConnectFailure.BUSY)) == "QMP monitor /q: busy"

@@ -26,6 +26,7 @@ EXPECTED = {
         "QmpnetError",
         "StateError",
         "Timeouts",
+        "UnplugRefusedError",
         "UnplugTimeoutError",
         "UnsupportedError",
         "create_endpoint",
