@@ -91,8 +91,10 @@ EMPTY = {"version": 1, "endpoints": []}
 
 
 def _nics(state: Any) -> Any:
-    """A state file's content without the VM identity it records beside the NICs."""
-    return state if not isinstance(state, dict) else {k: v for k, v in state.items() if k != "vm"}
+    """A state file's content without the VM identity and socket it records beside the NICs."""
+    if not isinstance(state, dict):
+        return state
+    return {k: v for k, v in state.items() if k not in ("vm", "qmp")}
 
 
 VIRT = "eth1"
