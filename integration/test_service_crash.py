@@ -297,6 +297,12 @@ async def test_qemu_killed_under_the_service_is_settled_without_a_client(
         assert journal_file(state_dir) is None
         assert any("QMP connection lost" in line for line in svc.lines()), svc.tail()
         assert svc.returncode is None, "the service lives on"
+        # the tap went with QEMU: not a vanished link of a plugged NIC any more
+        status = await qmpnet("status", "--json", env=svc.env)
+        assert status.returncode == 0, status.stderr
+        (view,) = json.loads(status.stdout)["vms"]
+        assert view["session"] == "closed"
+        assert view["vanished_links"] == [], view
         assert await svc.stop() == 0, svc.tail()
     finally:
         await qemu.stop()
