@@ -175,6 +175,12 @@ async def test_kill_service_at_step_then_startup_recovers(
     services.append(recovering)
     saved = await assert_views_agree(vm, state_dir, netns, "eth1", "tcfilter", tun_before, ours)
     committed = op == "add" and step == "persist" and phase == "done"
+    outcome = "rolled-back" if op == "add" and not committed else "completed"
+    for endpoint in ours:
+        # settled by the start-up reconcile, before the service listened
+        assert any(
+            f" {outcome} " in f"{line} " and endpoint in line for line in recovering.lines()
+        ), recovering.tail()
     assert len(saved) == (1 if committed else 0), (saved, recovering.tail())
     for endpoint in ours:
         assert await held_fd_names(vm.qmp_path, endpoint) == []
@@ -191,7 +197,14 @@ async def test_kill_service_at_step_then_startup_recovers(
     assert await recovering.stop() == 0, recovering.tail()
 
 
-@pytest.mark.parametrize("step", ["netdev-add", "device-add", "persist"])
+#: (step whose begin sends SIGTERM, --stop-timeout): a long one lets the add finish; with 0
+#: the add is cancelled (and undone) unless it finishes first, as a quick wait-guest may
+SIGTERM_CASES = [("netdev-add", 60), ("device-add", 60), ("persist", 60), ("wait-guest", 0)]
+
+
+@pytest.mark.parametrize(
+    ("step", "stop_timeout"), SIGTERM_CASES, ids=[f"{s}-stop{t}" for s, t in SIGTERM_CASES]
+)
 async def test_sigterm_during_an_add_exits_0_and_leaves_one_story(
     vm: GuestVM,
     make_netns: Callable[[], str],
@@ -199,6 +212,7 @@ async def test_sigterm_during_an_add_exits_0_and_leaves_one_story(
     svc_dirs: tuple[Path, Path, Path],
     services: list[ServiceProcess],
     step: str,
+    stop_timeout: int,
 ) -> None:
     sock, root, config = svc_dirs
     netns = make_netns()
@@ -211,7 +225,7 @@ async def test_sigterm_during_an_add_exits_0_and_leaves_one_story(
         launcher=launcher("--kill-at", f"{step}:begin", "--signal", "TERM"),
         root=root,
         socket=sock,
-        args=["--config", str(config)],
+        args=["--config", str(config), "--stop-timeout", str(stop_timeout)],
     )
     services.append(stopping)
     done = await qmpnet(
@@ -224,6 +238,7 @@ async def test_sigterm_during_an_add_exits_0_and_leaves_one_story(
         str(QUEUES),
         "--netns",
         netns,
+        "--wait-guest",
         str(iface_file(tmp_path, MAC)),
         env=stopping.env,
     )
