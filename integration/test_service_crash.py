@@ -243,6 +243,7 @@ async def test_sigterm_during_an_add_exits_0_and_leaves_one_story(
         env=stopping.env,
     )
     assert await stopping.wait(90) == 0, stopping.tail()
+    assert not [line for line in stopping.lines() if "Traceback" in line], stopping.tail()
     if done.returncode == 0:
         assert json.loads(done.stdout)["hwAddr"] == MAC
     else:
