@@ -163,3 +163,41 @@ async def test_a_host_link_deleted_under_a_plugged_nic_is_heard_and_shown(
     assert any(tap in line and "deleted" in line for line in service.lines())
     removed = await qmpnet("del-iface", "--qmp", qmp, "--mac", address, env=service.env)
     assert removed.returncode == 0, removed.stderr + service.tail()
+
+
+async def test_a_vanished_link_is_forgotten_with_its_nic(
+    vm: GuestVM, service: ServiceProcess, manager: QMPClient, tmp_path: Path, host_link_names: Any
+) -> None:
+    """A NIC whose tap vanished, dropped by a reconcile: a new NIC on that tap name is healthy."""
+    tap = host_link_names("s")
+    qmp = str(vm.mgmt_qmp_path)
+    options = ["--qmp", qmp, "--model", "none", "--queues", "1", "--tap-name", tap]
+    before = await peripherals(manager)
+    added = await qmpnet(
+        "add-iface", *options, str(iface_file(tmp_path, mac(0x13))), env=service.env
+    )
+    assert added.returncode == 0, added.stderr + service.tail()
+    (dev,) = await peripherals(manager) - before
+    await asyncio.to_thread(subprocess.run, ["ip", "link", "del", tap], check=True)
+    deadline = time.monotonic() + 30
+    while not any(tap in line and "deleted" in line for line in service.lines()):
+        assert time.monotonic() < deadline, service.tail()
+        await asyncio.sleep(0.2)
+    # the VM manager unplugs it behind qmpnet's back; a reconcile drops it from the state
+    await manager.execute("device_del", {"id": dev})
+    while dev in await peripherals(manager):
+        assert time.monotonic() < deadline + 60, "the guest did not release the NIC"
+        await asyncio.sleep(0.2)
+    settled = await qmpnet("reconcile", "--qmp", qmp, env=service.env)
+    assert settled.returncode == 0, settled.stdout + settled.stderr
+    again = await qmpnet(
+        "add-iface", *options, str(iface_file(tmp_path, mac(0x14))), env=service.env
+    )
+    assert again.returncode == 0, again.stderr + service.tail()
+    listed = await qmpnet("list-ifaces", "--qmp", qmp, "--json", env=service.env)
+    (item,) = json.loads(listed.stdout)["interfaces"]
+    assert not item.get("host_link_gone"), item
+    table = await qmpnet("list-ifaces", "--qmp", qmp, env=service.env)
+    assert "host link gone" not in table.stdout, table.stdout
+    removed = await qmpnet("del-iface", "--qmp", qmp, "--mac", mac(0x14), env=service.env)
+    assert removed.returncode == 0, removed.stderr + service.tail()

@@ -121,6 +121,11 @@ class VmHandle:
             entries = self.state.store.load().entries
         except StateError:
             return
+        # a vanished link is news only while a NIC records it: a NIC dropped or removed
+        # since (its QEMU gone, a reconcile) must not mark a new NIC that reuses the name
+        recorded = {e.endpoint.host_link for e in entries if e.endpoint.host_link}
+        for name in set(self.vanished) - recorded:
+            del self.vanished[name]
         wanted = {e.endpoint.netns_path for e in entries if e.endpoint.host_link}
         for netns in set(self._followers) - wanted:
             self._followers.pop(netns).cancel()
@@ -249,6 +254,7 @@ class VmHandle:
         report = await reconcile(self.state)
         for line in report.lines():
             log.info("%s: %s", self.id, line)
+        self.follow_links()  # the NICs it dropped: their links and netns are no news any more
         if vm_identity(self.qmp) is not None:
             await self.ensure_session()  # a new QEMU on the path: hear its events too
 
