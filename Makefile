@@ -50,7 +50,8 @@ bench: setup
 	$(BIN)/python -m bench
 
 soak: setup
-	QMPNET_SOAK_CYCLES=500 QMPNET_SOAK_KEPT_CYCLES=1000 $(BIN)/pytest integration/test_soak.py $(PYTEST_ARGS)
+	QMPNET_SOAK_CYCLES=500 QMPNET_SOAK_KEPT_CYCLES=1000 QMPNET_SOAK_SERVICE_CYCLES=1000 \
+		$(BIN)/pytest integration/test_soak.py integration/test_service_soak.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

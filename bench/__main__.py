@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import cost, datapath, floor, plug, scale, versus
+from bench import cost, datapath, floor, plug, scale, service, versus
 from bench.harness import PREFIX, Context, sweep_links
 from bench.machine import describe
 from bench.stats import Report
@@ -29,6 +29,7 @@ BENCHES: dict[str, Callable[[Context, Report], Awaitable[None]]] = {
     "plug": plug.run,
     "floor": floor.run,
     "versus": versus.run,
+    "service": service.run,
     "scale": scale.run,
     "datapath": datapath.run,
     "cost": cost.run,

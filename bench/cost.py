@@ -39,6 +39,21 @@ def _cumulative_us(stderr: str, module: str) -> int:
     raise LookupError(f"-X importtime printed no line for {module}")
 
 
+def _top_level_us(stderr: str) -> int:
+    """The sum of the cumulative times of the top-level imports: all a program imported."""
+    total = 0
+    for line in stderr.splitlines():
+        match = _IMPORTTIME.match(line)
+        # nested imports are indented past the one space after the last "|"
+        if match and not line.rsplit("|", 1)[1].startswith("  "):
+            total += int(match.group(2))
+    return total
+
+
+#: what the thin client (service mode: QMPNET_SOCKET set) imports before it sends a request
+THIN_CLIENT = "import qmpnet.cli, qmpnet.service.client"
+
+
 def _mib(p: Proc) -> float:
     assert p.maxrss_kib is not None
     return p.maxrss_kib / 1024
@@ -60,7 +75,11 @@ async def _imports(ctx: Context, report: Report) -> None:
             "-X importtime: the cumulative time Python itself reports for the module;"
             " `import qmpnet` loads its public names lazily, on first use",
             "qmpnet.cli is what the `qmpnet` command imports before parsing its arguments;"
-            " qmpnet.network (pyroute2, qemu.qmp, attrs, cattrs) is loaded by add/del-iface",
+            " qmpnet.network (pyroute2, qemu.qmp, attrs, cattrs) is loaded by add/del-iface"
+            " in the direct mode",
+            "thin client: what `qmpnet` imports in service mode (qmpnet.cli and"
+            " qmpnet.service.client, stdlib only); its -X importtime row sums every top-level"
+            " import the program made, the interpreter's own start-up imports excluded",
         ],
     )
     programs = {
@@ -68,6 +87,7 @@ async def _imports(ctx: Context, report: Report) -> None:
         "import qmpnet": "import qmpnet",
         "import qmpnet.cli": "import qmpnet.cli",
         "import qmpnet.network": "import qmpnet.network",
+        "thin client": THIN_CLIENT,
     }
     for _ in range(runs):
         for label, code in programs.items():
@@ -80,6 +100,13 @@ async def _imports(ctx: Context, report: Report) -> None:
             table.row(f"-X importtime cumulative: {module}").add(
                 _cumulative_us(p.stderr, module) / 1000
             )
+        # -X importtime also lists the interpreter's own start-up imports (encodings, site):
+        # those of `pass` are subtracted, so the row is what the thin client adds
+        base = (await spawn([py, "-X", "importtime", "-c", "pass"])).check()
+        p = (await spawn([py, "-X", "importtime", "-c", THIN_CLIENT])).check()
+        table.row("-X importtime cumulative: thin client (service mode)").add(
+            (_top_level_us(p.stderr) - _top_level_us(base.stderr)) / 1000
+        )
 
 
 async def _cli(ctx: Context, report: Report) -> None:

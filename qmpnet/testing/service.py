@@ -20,6 +20,10 @@ from typing import Self
 import attrs
 
 READY = "qmpnetd: ready on"
+#: the stderr reader's line limit: at -vv the service logs whole QMP replies (query-pci of a
+#: VM with 8 NICs is longer than asyncio's 64 KiB default); a reader that stopped on a long
+#: line would leave the pipe full and block the service's next log write, and so every request
+LINE_LIMIT = 1 << 24
 #: lines of the service's stderr kept for a failing test's message
 TAIL = 200
 
@@ -60,6 +64,7 @@ class ServiceProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            limit=LINE_LIMIT,
         )
         svc = cls(socket, root, proc)
         ready = asyncio.get_running_loop().create_future()
@@ -73,7 +78,13 @@ class ServiceProcess:
 
     async def _read(self, ready: asyncio.Future[None]) -> None:
         assert self._proc.stderr is not None
-        while line := await self._proc.stderr.readline():
+        while True:
+            try:
+                line = await self._proc.stderr.readline()
+            except ValueError:  # longer than LINE_LIMIT: keep draining, cut into chunks
+                line = await self._proc.stderr.read(LINE_LIMIT)
+            if not line:
+                break
             text = line.decode(errors="replace").rstrip("\n")
             self._lines.append(text)
             del self._lines[:-TAIL]
