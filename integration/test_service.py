@@ -201,3 +201,200 @@ async def test_a_vanished_link_is_forgotten_with_its_nic(
     assert "host link gone" not in table.stdout, table.stdout
     removed = await qmpnet("del-iface", "--qmp", qmp, "--mac", mac(0x14), env=service.env)
     assert removed.returncode == 0, removed.stderr + service.tail()
+
+
+async def test_a_direct_call_for_a_held_vm_fails_at_once(
+    vm: GuestVM, service: ServiceProcess, tmp_path: Path
+) -> None:
+    """While qmpnetd holds the monitor, --direct says so (exit 11) instead of hanging."""
+    qmp = str(vm.mgmt_qmp_path)
+    warm = await qmpnet("list-ifaces", "--qmp", qmp, env=service.env)  # the service holds it
+    assert warm.returncode == 0, warm.stderr
+    started = time.monotonic()
+    direct = await qmpnet(
+        "--direct",
+        "add-iface",
+        "--qmp",
+        qmp,
+        "--timeout-connect",
+        "30",
+        str(iface_file(tmp_path, mac(0x21))),
+        env=service.env,
+    )
+    assert time.monotonic() - started < 10  # not the 30 s connect deadline
+    assert direct.returncode == 11, direct.stderr
+    lines = [x for x in direct.stderr.splitlines() if x.startswith("qmpnet: error:")]
+    assert len(lines) == 1, direct.stderr
+    assert "held by qmpnetd" in lines[0]
+    assert "Traceback" not in direct.stderr
+
+
+async def test_an_unplug_completed_late_by_the_guest_is_finished_by_the_service(
+    vm: GuestVM, service: ServiceProcess, manager: QMPClient, tmp_path: Path, host_link_names: Any
+) -> None:
+    """DEVICE_DELETED after the deadline: the service completes the unplug, no client call."""
+    address, tap = mac(0x22), host_link_names("s")
+    qmp = str(vm.mgmt_qmp_path)
+    added = await qmpnet(
+        "add-iface",
+        "--qmp",
+        qmp,
+        "--model",
+        "none",
+        "--queues",
+        "1",
+        "--tap-name",
+        tap,
+        "--wait-guest",
+        str(iface_file(tmp_path, address)),
+        env=service.env,
+    )
+    assert added.returncode == 0, added.stderr + service.tail()
+    await manager.execute("stop")
+    try:
+        removed = await qmpnet(
+            "del-iface", "--qmp", qmp, "--mac", address, "--timeout-unplug", "1", env=service.env
+        )
+        assert removed.returncode == 6, removed.stderr
+        listed = await qmpnet("list-ifaces", "--qmp", qmp, "--json", env=service.env)
+        states = [i["status"] for i in json.loads(listed.stdout)["interfaces"]]
+        assert states == ["unplug-pending"]
+    finally:
+        await manager.execute("cont")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = json.loads((service.root / _vm_key(qmp) / "state.json").read_text())
+        if not state["endpoints"] and tap not in links():
+            break
+        await asyncio.sleep(0.2)
+    else:
+        pytest.fail(f"the late unplug was not completed: {service.tail()}")
+    assert not any(p.endswith("-dev") for p in await peripherals(manager))
+
+
+def _vm_key(qmp: str) -> str:
+    from qmpnet.layout import vm_key
+
+    return vm_key(qmp)
+
+
+async def test_the_thin_client_imports_only_the_standard_library(
+    vm: GuestVM, service: ServiceProcess, tmp_path: Path, host_link_names: Any
+) -> None:
+    address, tap = mac(0x23), host_link_names("s")
+    qmp = str(vm.mgmt_qmp_path)
+    path = iface_file(tmp_path, address)
+    code = (
+        "import sys; from qmpnet.cli import main; "
+        f"rc = main(['add-iface', '--qmp', {qmp!r}, '--model', 'none', '--queues', '1', "
+        f"'--tap-name', {tap!r}, {str(path)!r}]); "
+        "print('MODULES', ' '.join(sorted(sys.modules))); sys.exit(rc)"
+    )
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **service.env},
+        check=False,
+        timeout=120,
+    )
+    try:
+        assert proc.returncode == 0, proc.stderr
+        (line,) = [x for x in proc.stdout.splitlines() if x.startswith("MODULES ")]
+        heavy = [
+            m
+            for m in line.split()[1:]
+            if m.split(".")[0] in ("pyroute2", "qemu", "attrs", "cattrs", "asyncio")
+        ]
+        assert heavy == []
+    finally:
+        removed = await qmpnet("del-iface", "--qmp", qmp, "--mac", address, env=service.env)
+        assert removed.returncode == 0, removed.stderr
+
+
+async def test_hostile_requests_cost_only_their_own_connection(service: ServiceProcess) -> None:
+    import socket
+
+    from qmpnet.service import protocol
+
+    def exchange(payload: bytes) -> list[dict[str, Any]]:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(str(service.socket))
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := sock.recv(1 << 16):
+                data += chunk
+        return [json.loads(x) for x in data.splitlines() if x.strip()]
+
+    def req(method: str, **params: Any) -> bytes:
+        return protocol.encode(protocol.request(method, params, 1))
+
+    assert exchange(b"{not json\n")[0]["error"]["code"] == protocol.PARSE_ERROR
+    assert exchange(b"[1, 2]\n")[0]["error"]["code"] == protocol.INVALID_REQUEST
+    wrong = protocol.encode({"jsonrpc": "2.0", "method": "status", "params": {"protocol": 99}})
+    assert exchange(wrong)[0]["error"]["code"] == protocol.PROTOCOL_MISMATCH
+    assert exchange(req("nope"))[0]["error"]["code"] == protocol.METHOD_NOT_FOUND
+    unknown = exchange(req("vm.list", colour="red"))[0]["error"]
+    assert unknown["data"]["exit"] == 3
+    assert "colour" in unknown["message"]
+    huge = b'{"x": "' + b"a" * (protocol.LINE_MAX + 10) + b'"}\n'
+    (reply,) = await asyncio.to_thread(exchange, huge)
+    assert reply["error"]["code"] == protocol.INVALID_REQUEST
+    # a half-sent line from one client, while another is answered
+    with socket.socket(socket.AF_UNIX) as dangling:
+        dangling.connect(str(service.socket))
+        dangling.sendall(b'{"jsonrpc": "2.0", "meth')
+        version = exchange(req("version"))[0]["result"]
+    assert version["protocol"] == protocol.PROTOCOL_VERSION
+    assert service.returncode is None
+
+
+async def test_version_names_both_sides(service: ServiceProcess) -> None:
+    proc = await qmpnet("--version", env=service.env)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("qmpnet ")
+    assert "qmpnetd " in proc.stdout
+    assert "protocol 1" in proc.stdout
+
+
+async def test_reconcile_status_vm_and_watch_doors(
+    vm: GuestVM, service: ServiceProcess, make_netns: Any
+) -> None:
+    qmp = str(vm.mgmt_qmp_path)
+    rec = await qmpnet("reconcile", "--qmp", qmp, env=service.env)
+    assert rec.returncode == 0, rec.stderr
+    rec_json = await qmpnet("reconcile", "--qmp", qmp, "--json", env=service.env)
+    assert rec_json.returncode == 0
+    assert json.loads(rec_json.stdout)["qemu"] == "running"
+    reg = await qmpnet("vm", "register", "--id", "sandbox-1", "--qmp", qmp, env=service.env)
+    assert reg.returncode == 0, reg.stderr
+    listed = await qmpnet("vm", "list", "--json", env=service.env)
+    (entry,) = [v for v in json.loads(listed.stdout)["vms"] if v["id"] == "sandbox-1"]
+    assert entry["session"] == "open"
+    assert entry["registered_by_root"] is True
+    status = await qmpnet("status", "--json", env=service.env)
+    doc = json.loads(status.stdout)
+    assert doc["pid"] == service.pid
+    assert any(v["id"] == "sandbox-1" for v in doc["vms"])
+    human = await qmpnet("status", env=service.env)
+    assert "qmpnetd" in human.stdout
+    assert "sandbox-1" in human.stdout
+    netns = make_netns()
+    started = await qmpnet(
+        "watch", "--qmp", qmp, "--netns", netns, "--model", "tcfilter", env=service.env
+    )
+    assert started.returncode == 0, started.stderr
+    ident = started.stdout.split()[1]
+    watches = json.loads((await qmpnet("watches", "--json", env=service.env)).stdout)
+    (w,) = [x for x in watches["watches"] if x["id"] == ident]
+    assert w["running"] is True
+    assert (await qmpnet("unwatch", ident, env=service.env)).returncode == 0
+    watches = json.loads((await qmpnet("watches", "--json", env=service.env)).stdout)
+    assert all(x["id"] != ident for x in watches["watches"])
+    unreg = await qmpnet("vm", "unregister", "sandbox-1", env=service.env)
+    assert unreg.returncode == 0, unreg.stderr
+    again = await qmpnet("list-ifaces", "--qmp", qmp, env=service.env)  # known again on use
+    assert again.returncode == 0, again.stderr

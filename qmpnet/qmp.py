@@ -223,7 +223,7 @@ class QmpSession:
         client = QMPClient(label)
         mute_default_listener(client)
         try:
-            await asyncio.wait_for(_connect_clean(client, path), connect_timeout)
+            await asyncio.wait_for(connect_clean(client, path), connect_timeout)
         except TimeoutError as err:
             await _quiet_disconnect(client)
             raise QmpConnectError(
@@ -514,7 +514,7 @@ DRIVER_OK_POLL = 0.002
 _HANDSHAKE_ATTEMPTS = 5
 
 
-async def _connect_clean(client: QMPClient, path: str) -> None:
+async def connect_clean(client: QMPClient, path: str) -> None:
     """Connect, trying again when a QMP event broke the handshake.
 
     QEMU 7.2 can deliver an event (NIC_RX_FILTER_CHANGED as a guest brings a NIC up,

@@ -23,6 +23,8 @@ from typing import Any
 import attrs
 from qemu.qmp import ExecuteError, QMPClient
 
+from qmpnet.qmp import connect_clean
+
 #: flags the kernel changes by itself (carrier, link watch): not something qmpnet did
 CARRIER_FLAGS = frozenset({"LOWER_UP", "NO-CARRIER", "M-DOWN", "DORMANT"})
 
@@ -199,7 +201,8 @@ class Monitor:
     ) -> AsyncIterator[Monitor]:
         """A monitor connection for the block's duration (QEMU serves one client per socket)."""
         client = QMPClient("qmpnet-probe")
-        await asyncio.wait_for(client.connect(str(qmp_path)), timeout)
+        # an event before the greeting breaks a plain connect (QEMU 7.2): retry as qmpnet does
+        await asyncio.wait_for(connect_clean(client, str(qmp_path)), timeout)
         try:
             yield cls(client)
         finally:
