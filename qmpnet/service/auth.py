@@ -72,9 +72,12 @@ class Authority:
 
 def netns_allowed(path: str, sandboxes: frozenset[str]) -> bool:
     """May a group member name this netns path? Under /run/netns or a registered sandbox."""
-    real = os.path.realpath(path)
-    if real in {os.path.realpath(s) for s in sandboxes}:
-        return True
+    try:
+        real = os.path.realpath(path)
+        if real in {os.path.realpath(s) for s in sandboxes}:
+            return True
+    except OSError:  # a namespace link root may not even resolve: not the member's to name
+        return False
     parent = os.path.dirname(real)
     return parent == NETNS_DIR and os.path.basename(real) not in ("", ".", "..")
 
