@@ -81,12 +81,10 @@ def iface_file(tmp_path: Path, address: str, name: str = "eth7") -> Path:
     return path
 
 
-async def test_add_list_del_through_the_service(
-    vm: GuestVM, service: ServiceProcess, manager: QMPClient, tmp_path: Path, host_link_names: Any
-) -> None:
-    address, tap = mac(0x11), host_link_names("s")
-    qmp = str(vm.mgmt_qmp_path)
-    cursor = vm.console_cursor()
+async def add_tap(
+    service: ServiceProcess, qmp: str, address: str, tap: str, tmp_path: Path, *options: str
+) -> subprocess.CompletedProcess[str]:
+    """``add-iface`` of a model-none tap NIC through the service; it must succeed."""
     added = await qmpnet(
         "add-iface",
         "--qmp",
@@ -95,10 +93,21 @@ async def test_add_list_del_through_the_service(
         "none",
         "--tap-name",
         tap,
+        *options,
         str(iface_file(tmp_path, address)),
         env=service.env,
     )
     assert added.returncode == 0, added.stderr + service.tail()
+    return added
+
+
+async def test_add_list_del_through_the_service(
+    vm: GuestVM, service: ServiceProcess, manager: QMPClient, tmp_path: Path, host_link_names: Any
+) -> None:
+    address, tap = mac(0x11), host_link_names("s")
+    qmp = str(vm.mgmt_qmp_path)
+    cursor = vm.console_cursor()
+    added = await add_tap(service, qmp, address, tap, tmp_path)
     reply = json.loads(added.stdout)
     assert reply["hwAddr"] == address
     assert reply["pciPath"]
@@ -132,20 +141,7 @@ async def test_a_host_link_deleted_under_a_plugged_nic_is_heard_and_shown(
     """
     address, tap = mac(0x12), host_link_names("s")
     qmp = str(vm.mgmt_qmp_path)
-    added = await qmpnet(
-        "add-iface",
-        "--qmp",
-        qmp,
-        "--model",
-        "none",
-        "--queues",
-        "1",
-        "--tap-name",
-        tap,
-        str(iface_file(tmp_path, address)),
-        env=service.env,
-    )
-    assert added.returncode == 0, added.stderr + service.tail()
+    await add_tap(service, qmp, address, tap, tmp_path, "--queues", "1")
     await asyncio.to_thread(subprocess.run, ["ip", "link", "del", tap], check=True)
     deadline = time.monotonic() + 30
     status = ""
@@ -235,21 +231,7 @@ async def test_an_unplug_completed_late_by_the_guest_is_finished_by_the_service(
     """DEVICE_DELETED after the deadline: the service completes the unplug, no client call."""
     address, tap = mac(0x22), host_link_names("s")
     qmp = str(vm.mgmt_qmp_path)
-    added = await qmpnet(
-        "add-iface",
-        "--qmp",
-        qmp,
-        "--model",
-        "none",
-        "--queues",
-        "1",
-        "--tap-name",
-        tap,
-        "--wait-guest",
-        str(iface_file(tmp_path, address)),
-        env=service.env,
-    )
-    assert added.returncode == 0, added.stderr + service.tail()
+    await add_tap(service, qmp, address, tap, tmp_path, "--queues", "1", "--wait-guest")
     await manager.execute("stop")
     try:
         removed = await qmpnet(

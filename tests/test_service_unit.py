@@ -97,3 +97,12 @@ async def test_anyone_else_is_refused_before_anything_happens(tmp_path: Path) ->
     assert reply["error"]["data"]["refused_caller"] is True
     assert reply["error"]["data"]["type"] == DeniedError.__name__
     assert not (tmp_path / "root").exists()
+
+
+def test_the_thin_clients_copies_of_constants_agree() -> None:
+    """cli keeps these without importing their modules (start-up cost): they must not drift."""
+    from qmpnet import cli
+    from qmpnet.boundary import DOCUMENT_MAX
+
+    assert cli.STATE_ROOT == layout.DEFAULT_ROOT
+    assert cli._READ_MAX == DOCUMENT_MAX + 1

@@ -387,7 +387,3 @@ class Service:
 
 def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
-
-
-def unknown_method(name: object) -> InvalidInputError:
-    return InvalidInputError("method", name, "valid methods are " + ", ".join(protocol.METHODS))

@@ -31,7 +31,6 @@ PROTOCOL_VERSION = 1
 #: ``boundary.DOCUMENT_MAX`` each, JSON-escaped, fit with room to spare
 LINE_MAX = 8 << 20
 DEFAULT_SOCKET = "/run/qmpnet/qmpnetd.sock"
-DEFAULT_STATE_ROOT = "/run/qmpnet"
 
 # JSON-RPC 2.0's own codes (section 5.1)
 PARSE_ERROR = -32700

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -368,13 +368,6 @@ class Registry:
                     directory,
                     directory,
                 )
-
-    def unused(self, handle: VmHandle, drop: Callable[[VmHandle], bool]) -> bool:
-        """Forget an auto-registered VM whose state is empty and whose QEMU is gone."""
-        if handle.by_root or not drop(handle):
-            return False
-        self._by_id.pop(handle.id, None)
-        return True
 
 
 def _exists(path: str) -> bool:
