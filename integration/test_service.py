@@ -380,3 +380,63 @@ async def test_reconcile_status_vm_and_watch_doors(
     assert unreg.returncode == 0, unreg.stderr
     again = await qmpnet("list-ifaces", "--qmp", qmp, env=service.env)  # known again on use
     assert again.returncode == 0, again.stderr
+
+
+async def test_a_qemu_restarted_on_the_same_path_is_a_new_vm(
+    guest_image: Any, service: ServiceProcess, tmp_path: Path, host_link_names: Any
+) -> None:
+    """A new QEMU on the old socket path never inherits the old one's NICs.
+
+    Two paused QEMUs (no guest code runs: a hot-plug needs none) take turns on one extra
+    monitor path; the service, holding the first one's session, must see the second as a
+    new VM: the first's tap cleaned from the host, nothing of it in the state or re-plugged
+    into the second (its own first monitor shows no NIC), and the session re-opened to it.
+    """
+    import shutil
+    import tempfile
+
+    from qmpnet.testing.scene import RUN
+
+    short = Path(tempfile.mkdtemp(prefix=f"{RUN}-same-", dir="/tmp"))  # AF_UNIX path limit
+    qmp = str(short / "vm.sock")
+    extra = ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    tap = host_link_names("r")
+    first = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=2, extra_args=extra)
+    second: GuestVM | None = None
+    try:
+        await add_tap(service, qmp, mac(0x31), tap, tmp_path, "--queues", "1")
+        assert tap in links()
+        await first.stop()  # QEMU gone; its socket path is free for the next one
+        second = await GuestVM.start(
+            guest_image, tmp_path, paused=True, root_ports=2, extra_args=extra
+        )
+        state_file = service.root / _vm_key(qmp) / "state.json"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = json.loads(state_file.read_text()) if state_file.exists() else {}
+            if tap not in links() and not state.get("endpoints"):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail(f"the old VM's NIC was not dropped: {service.tail()}")
+        listed = await qmpnet("list-ifaces", "--qmp", qmp, "--json", env=service.env)
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout)["interfaces"] == []
+        vms = json.loads((await qmpnet("vm", "list", "--json", env=service.env)).stdout)
+        (ours,) = [v for v in vms["vms"] if v["qmp"] == qmp]
+        assert ours["qemu_pid"] == second.pid
+        assert ours["session"] == "open"
+        client = QMPClient("second")
+        await client.connect(str(second.qmp_path))
+        try:
+            assert not {p for p in await peripherals(client) if p.endswith("-dev")}
+        finally:
+            await client.disconnect()
+        # and the new VM takes a NIC of its own under the same name
+        await add_tap(service, qmp, mac(0x32), tap, tmp_path, "--queues", "1")
+        assert tap in links()
+    finally:
+        await first.stop()
+        if second is not None:
+            await second.stop()
+        shutil.rmtree(short, ignore_errors=True)

@@ -170,7 +170,134 @@ def _plug_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tap-name", metavar="NAME", help="host tap name (default: tap{idx}_kata)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_iface_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add = sub.add_parser("add-iface", help="hot-plug an interface described by JSON")
+    _vm_options(add)
+    _plug_options(add)
+    add.add_argument(
+        "--allow-foreign-link",
+        action="store_true",
+        help="let a NetPair join a link of the host's namespace or a bridge's port "
+        "(refused by default, exit 3)",
+    )
+    add.add_argument(
+        "--wait-guest",
+        action="store_true",
+        help="return only when the guest driver has the NIC (DRIVER_OK)",
+    )
+    add.add_argument("file", metavar="FILE|-", help="interface JSON (Kata agent style)")
+
+
+def _del_iface_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rm = sub.add_parser("del-iface", help="unplug the interface with a MAC")
+    _vm_options(rm)
+    group = rm.add_mutually_exclusive_group(required=True)
+    group.add_argument("--mac", help="MAC of the interface to remove")
+    group.add_argument(
+        "file", nargs="?", metavar="FILE|-", help="interface JSON; its hwAddr selects the interface"
+    )
+
+
+def _list_ifaces_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ls = sub.add_parser("list-ifaces", help="list the VM's interfaces from its saved state")
+    _vm_options(ls, qmp_required=False)
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _reconcile_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rec = sub.add_parser("reconcile", help="finish or roll back interrupted operations")
+    _vm_options(rec)
+    rec.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _watch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    watch = sub.add_parser("watch", help="hot-plug every interface that appears in a netns")
+    _vm_options(watch)
+    watch.add_argument("--netns", required=True, metavar="PATH", help="netns to follow")
+    watch.add_argument(
+        "--model",
+        choices=["tcfilter", "macvtap", "bridged", "default"],
+        help="interworking model for the NetPairs",
+    )
+    watch.add_argument(
+        "--debounce",
+        type=_seconds,
+        default=0.5,
+        metavar="SEC",
+        help="ignore links that do not stay this long (default 0.5)",
+    )
+    watch.add_argument(
+        "--unplug-on-exit", action="store_true", help="unplug what was plugged when stopped"
+    )
+
+
+def _watches_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    watches = sub.add_parser("watches", help="list the watches qmpnetd runs (service only)")
+    watches.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _unwatch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    unwatch = sub.add_parser("unwatch", help="stop a watch qmpnetd runs (service only)")
+    unwatch.add_argument("id", help="the watch's id, as `qmpnet watches` lists it")
+
+
+def _vm_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    vm = sub.add_parser("vm", help="register, unregister and list VMs with qmpnetd")
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+    reg = vm_sub.add_parser("register", help="make a VM known to the service")
+    reg.add_argument("--qmp", required=True, metavar="SOCKET", help="the VM's QMP socket")
+    reg.add_argument("--id", default="", help="the VM's id (a sandbox's container id)")
+    reg.add_argument("--sandbox", default="", metavar="NETNS", help="the VM's sandbox netns")
+    unreg = vm_sub.add_parser("unregister", help="forget a VM (its NICs stay plugged)")
+    unreg.add_argument("id")
+    vm_list = vm_sub.add_parser("list", help="the VMs the service knows")
+    vm_list.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = sub.add_parser("status", help="the service: version, VMs, sessions, pending work")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub.add_parser("demo", help="boot the bundled guest, hot-plug, prove traffic, unplug")
+
+
+#: each command's sub-parser, in the order ``--help`` lists them
+_PARSERS = {
+    "add-iface": _add_iface_parser,
+    "del-iface": _del_iface_parser,
+    "list-ifaces": _list_ifaces_parser,
+    "reconcile": _reconcile_parser,
+    "watch": _watch_parser,
+    "watches": _watches_parser,
+    "unwatch": _unwatch_parser,
+    "vm": _vm_parser,
+    "status": _status_parser,
+    "demo": _demo_parser,
+}
+#: global options that take a value (``_command_in`` steps over it)
+_GLOBAL_VALUED = ("--socket", "--state-root", "--log-format")
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command an argument list names, if it plainly names one of ours."""
+    tokens = iter(argv)
+    for token in tokens:
+        if token in _GLOBAL_VALUED:
+            next(tokens, None)
+        elif not token.startswith("-"):
+            return token if token in _PARSERS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``only`` the global options and that one command's parser.
+
+    The thin client parses its one command with a parser of one command: building all of
+    them costs more than the request (a few ms). Any other argument list (``--help``, an
+    unknown or abbreviated command) gets the whole parser and its own messages.
+    """
     parser = argparse.ArgumentParser(
         prog="qmpnet",
         description="Hot-plug network interfaces into running QEMU VMs.",
@@ -205,78 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    add = sub.add_parser("add-iface", help="hot-plug an interface described by JSON")
-    _vm_options(add)
-    _plug_options(add)
-    add.add_argument(
-        "--allow-foreign-link",
-        action="store_true",
-        help="let a NetPair join a link of the host's namespace or a bridge's port "
-        "(refused by default, exit 3)",
-    )
-    add.add_argument(
-        "--wait-guest",
-        action="store_true",
-        help="return only when the guest driver has the NIC (DRIVER_OK)",
-    )
-    add.add_argument("file", metavar="FILE|-", help="interface JSON (Kata agent style)")
-
-    rm = sub.add_parser("del-iface", help="unplug the interface with a MAC")
-    _vm_options(rm)
-    group = rm.add_mutually_exclusive_group(required=True)
-    group.add_argument("--mac", help="MAC of the interface to remove")
-    group.add_argument(
-        "file", nargs="?", metavar="FILE|-", help="interface JSON; its hwAddr selects the interface"
-    )
-
-    ls = sub.add_parser("list-ifaces", help="list the VM's interfaces from its saved state")
-    _vm_options(ls, qmp_required=False)
-    ls.add_argument("--json", action="store_true", help="machine-readable output")
-
-    rec = sub.add_parser("reconcile", help="finish or roll back interrupted operations")
-    _vm_options(rec)
-    rec.add_argument("--json", action="store_true", help="machine-readable output")
-
-    watch = sub.add_parser("watch", help="hot-plug every interface that appears in a netns")
-    _vm_options(watch)
-    watch.add_argument("--netns", required=True, metavar="PATH", help="netns to follow")
-    watch.add_argument(
-        "--model",
-        choices=["tcfilter", "macvtap", "bridged", "default"],
-        help="interworking model for the NetPairs",
-    )
-    watch.add_argument(
-        "--debounce",
-        type=_seconds,
-        default=0.5,
-        metavar="SEC",
-        help="ignore links that do not stay this long (default 0.5)",
-    )
-    watch.add_argument(
-        "--unplug-on-exit", action="store_true", help="unplug what was plugged when stopped"
-    )
-
-    watches = sub.add_parser("watches", help="list the watches qmpnetd runs (service only)")
-    watches.add_argument("--json", action="store_true", help="machine-readable output")
-    unwatch = sub.add_parser("unwatch", help="stop a watch qmpnetd runs (service only)")
-    unwatch.add_argument("id", help="the watch's id, as `qmpnet watches` lists it")
-
-    vm = sub.add_parser("vm", help="register, unregister and list VMs with qmpnetd")
-    vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
-    reg = vm_sub.add_parser("register", help="make a VM known to the service")
-    reg.add_argument("--qmp", required=True, metavar="SOCKET", help="the VM's QMP socket")
-    reg.add_argument("--id", default="", help="the VM's id (a sandbox's container id)")
-    reg.add_argument("--sandbox", default="", metavar="NETNS", help="the VM's sandbox netns")
-    unreg = vm_sub.add_parser("unregister", help="forget a VM (its NICs stay plugged)")
-    unreg.add_argument("id")
-    vm_list = vm_sub.add_parser("list", help="the VMs the service knows")
-    vm_list.add_argument("--json", action="store_true", help="machine-readable output")
-
-    status = sub.add_parser("status", help="the service: version, VMs, sessions, pending work")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-
-    sub.add_parser("demo", help="boot the bundled guest, hot-plug, prove traffic, unplug")
+    for name, add in _PARSERS.items():
+        if only is None or name == only:
+            add(sub)
     return parser
 
 
@@ -758,7 +816,8 @@ def _direct(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     if args.version:
         return _print_version(args)

@@ -9,9 +9,9 @@ before it answers is :class:`ServiceLost` (it may have done the work: the journa
 
 from __future__ import annotations
 
+import _socket
 import json
 import os
-import socket
 
 from qmpnet.service import protocol
 
@@ -66,12 +66,14 @@ class Client:
     def __init__(self, path: str = protocol.DEFAULT_SOCKET, timeout: float | None = None) -> None:
         self.path = path
         self._timeout = timeout
-        self._sock: socket.socket | None = None
+        self._sock: _socket.socket | None = None
         self._buf = b""
         self._next_id = 1
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # _socket, not socket: the wrapper module's enum conversions and selectors import
+        # cost a thin client more than its whole request
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         sock.settimeout(self._timeout)
         try:
             sock.connect(self.path)
