@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +64,72 @@ def test_without_notify_socket_nothing_is_sent() -> None:
     notifier = Notifier({})
     assert not notifier.enabled
     assert not notifier.ready("x")
+
+
+QMPNETD = str(Path(sys.executable).with_name("qmpnetd"))
+QMPNET = str(Path(sys.executable).with_name("qmpnet"))
+#: systemd sets LISTEN_PID after fork, to the child's own pid: a shell's $$ before its exec
+#: (bash: dash refuses an fd above 9 in a redirection)
+ACTIVATE = 'exec 3<&{fd}; exec env LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=qmpnetd.socket "$@"'
+
+
+def test_qmpnetd_socket_activated_and_notifying(tmp_path: Path) -> None:
+    """fd 3 and NOTIFY_SOCKET exactly as systemd passes them: READY after start-up, the
+    client served through the inherited socket, STOPPING on SIGTERM, exit 0."""
+    path = tmp_path / "qmpnetd.sock"
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(path))
+    listening.listen(16)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    fd = listening.fileno()
+    daemon = [QMPNETD, "--socket", str(path), "--state-root", str(tmp_path / "root")]
+    with (tmp_path / "stderr").open("w") as log:
+        proc = subprocess.Popen(
+            ["bash", "-c", ACTIVATE.format(fd=fd), "bash", *daemon],
+            pass_fds=[fd],
+            env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+            stderr=log,
+        )
+    try:
+        listening.close()  # the service alone holds it now
+        messages = [notify.recv(4096)]
+        while b"READY=1" not in messages[-1]:
+            messages.append(notify.recv(4096))
+        assert messages == [b"STATUS=reconciling 0 VMs", b"READY=1\nSTATUS=ready: 0 VMs"]
+        status = subprocess.run(
+            [QMPNET, "--socket", str(path), "status", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["pid"] == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        assert notify.recv(4096) == b"STOPPING=1\nSTATUS=stopping"
+        assert proc.wait(60) == 0
+        assert path.exists()  # systemd's socket is left for the next activation
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        notify.close()
+
+
+def test_a_passed_fd_that_is_not_a_listening_unix_socket_is_refused(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as inet:
+        fd = inet.fileno()
+        daemon = [QMPNETD, "--socket", str(tmp_path / "s"), "--state-root", str(tmp_path / "r")]
+        proc = subprocess.run(
+            ["bash", "-c", ACTIVATE.format(fd=fd), "bash", *daemon],
+            pass_fds=[fd],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert proc.returncode == 3, proc.stderr
+    assert "needs a listening AF_UNIX stream socket" in proc.stderr
+    assert "Traceback" not in proc.stderr
