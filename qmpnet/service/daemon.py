@@ -32,6 +32,7 @@ from qmpnet.service.auth import Authority
 from qmpnet.service.methods import Service, package_version
 from qmpnet.service.registry import Registry, VmHandle
 from qmpnet.service.server import Server
+from qmpnet.service.systemd import ActivationError, Notifier, activated_socket
 
 log = logging.getLogger("qmpnetd")
 
@@ -91,11 +92,13 @@ def _listen(path: str, gid: int | None) -> socket.socket:
     return sock
 
 
-async def startup(registry: Registry) -> None:
+async def startup(registry: Registry, notifier: Notifier | None = None) -> None:
     """Settle every VM under the root, then open the sessions of those that run."""
     from qmpnet.reconcile import reconcile
 
     registry.load()
+    if notifier is not None:
+        notifier.status(f"reconciling {len(registry.handles())} VMs")
     for handle in registry.handles():
         try:
             report = await reconcile(handle.state)
@@ -125,10 +128,15 @@ async def serve(args: argparse.Namespace, observers: Sequence[Observer] = ()) ->
     gid = grp.getgrnam(args.group).gr_gid if args.group else None
     config = Config.load(args.config) if args.config else Config()
     registry = Registry(args.state_root, config, list(observers))
-    await startup(registry)
+    notifier = Notifier()
+    # systemd's socket, taken over as is (its unit sets the mode and owner), or our own
+    sock = activated_socket()
+    activated = sock is not None
+    await startup(registry, notifier)
     service = Service(registry, args.socket)
     server = Server(service, Authority(gid))
-    sock = _listen(args.socket, gid)
+    if sock is None:
+        sock = _listen(args.socket, gid)
     listener = await asyncio.start_unix_server(server.handle, sock=sock, limit=protocol.LINE_MAX)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -142,15 +150,19 @@ async def serve(args: argparse.Namespace, observers: Sequence[Observer] = ()) ->
         len(registry.handles()),
     )
     print(f"qmpnetd: ready on {args.socket}", file=sys.stderr, flush=True)
+    notifier.ready(f"ready: {len(registry.handles())} VMs")
     await stop.wait()
     log.info("stopping")
+    notifier.stopping()
     listener.close()
     await server.drain(args.stop_timeout)
     await service.watches.stop_all()
     for handle in registry.handles():
         await handle.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(args.socket)
+    if not activated:  # systemd's socket stays for the next activation
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.socket)
+    notifier.close()
     log.info("stopped")
     return EXIT_OK
 
@@ -167,6 +179,9 @@ def main(argv: Sequence[str] | None = None, observers: Sequence[Observer] = ()) 
         return asyncio.run(serve(args, observers))
     except KeyError as err:
         print(f"qmpnetd: error: no such group: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    except ActivationError as err:
+        print(f"qmpnetd: error: {err}", file=sys.stderr)
         return EXIT_INPUT
     except QmpnetError as err:
         print(f"qmpnetd: error: {err}", file=sys.stderr)
