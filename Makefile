@@ -4,11 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod ethtool iperf3 busybox-static \
-	containernetworking-plugins
+	containernetworking-plugins systemd
 BENCH_APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients time
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv test test-unit test-kernel test-integration lint demo bench soak clean
+.PHONY: install-units setup apt venv test test-unit test-kernel test-integration lint demo bench soak clean
 
 setup: apt venv
 
@@ -55,3 +55,14 @@ soak: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# systemd units for qmpnetd, with ExecStart pointing at this install's qmpnetd
+UNIT_DIR ?= /etc/systemd/system
+QMPNETD ?= $(shell command -v qmpnetd || echo $(abspath $(BIN))/qmpnetd)
+install-units:
+	install -d $(DESTDIR)$(UNIT_DIR)
+	install -m 0644 contrib/systemd/qmpnetd.socket $(DESTDIR)$(UNIT_DIR)/
+	sed 's|/usr/local/bin/qmpnetd|$(QMPNETD)|' contrib/systemd/qmpnetd.service \
+		> $(DESTDIR)$(UNIT_DIR)/qmpnetd.service
+	chmod 0644 $(DESTDIR)$(UNIT_DIR)/qmpnetd.service
+	@echo "then: systemctl daemon-reload && systemctl enable --now qmpnetd.socket"

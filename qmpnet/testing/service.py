@@ -46,8 +46,13 @@ class ServiceProcess:
         root: Path | None = None,
         socket: Path | None = None,
         ready_timeout: float = 120.0,
+        verbose: int = 2,
     ) -> Self:
-        """Start the service; ``launcher`` replaces ``python -m qmpnet.service.daemon``."""
+        """Start the service; ``launcher`` replaces ``python -m qmpnet.service.daemon``.
+
+        Tests log at debug (``verbose=2``, every QMP message); a bench measures at info, as a
+        node runs it.
+        """
         socket = socket or workdir / "svc" / "qmpnetd.sock"
         root = root or workdir / "root"
         command = [
@@ -56,7 +61,7 @@ class ServiceProcess:
             str(socket),
             "--state-root",
             str(root),
-            "-vv",
+            "-" + "v" * max(verbose, 1),
             *args,
         ]
         proc = await asyncio.create_subprocess_exec(
