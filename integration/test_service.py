@@ -440,3 +440,93 @@ async def test_a_qemu_restarted_on_the_same_path_is_a_new_vm(
         if second is not None:
             await second.stop()
         shutil.rmtree(short, ignore_errors=True)
+
+
+async def test_group_members_act_within_their_rules_and_strangers_are_refused(
+    guest_image: Any, tmp_path: Path, host_link_names: Any
+) -> None:
+    """Real unprivileged clients (uid 65534) against a service run with ``--group nogroup``.
+
+    A member may plug into a VM whose monitor a QEMU it does not own serves; it may not
+    name a socket its own process serves (root would hand tap fds to it), a netns outside
+    /run/netns, or a state directory. A client outside the group cannot reach the socket.
+    """
+    import shutil
+    import tempfile
+
+    from qmpnet.testing.scene import RUN
+
+    work = Path(tempfile.mkdtemp(prefix=f"{RUN}-grp-", dir="/tmp"))
+    os.chmod(work, 0o755)  # the clients are not root: they must reach the socket's directory
+    member = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    stranger = ["setpriv", "--reuid", "65534", "--regid", "12345", "--clear-groups"]
+    vm = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=2)
+    fake: asyncio.subprocess.Process | None = None
+    try:
+        async with await ServiceProcess.start(work, args=["--group", "nogroup"]) as svc:
+            env = {"QMPNET_SOCKET": str(svc.socket)}
+
+            async def run(who: list[str], *args: str, stdin: str | None = None) -> Any:
+                return await asyncio.to_thread(
+                    subprocess.run,
+                    [*who, QMPNET, *args],
+                    input=stdin,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    env={**os.environ, **env},
+                    check=False,
+                )
+
+            def one_error(done: Any, *words: str) -> None:
+                lines = [x for x in done.stderr.splitlines() if x.startswith("qmpnet: error:")]
+                assert len(lines) == 1, done.stderr
+                assert all(w in lines[0] for w in words), lines[0]
+                assert "Traceback" not in done.stderr
+
+            refused = await run(stranger, "status")
+            assert refused.returncode == 10, refused.stderr
+            one_error(refused, "permission denied")
+
+            assert (await run(member, "vm", "list")).returncode == 0
+            qmp = str(vm.mgmt_qmp_path)
+            tap = host_link_names("g")
+            desc = json.dumps({"name": "eth7", "hwAddr": mac(0x41)})
+            base = ["add-iface", "--qmp", qmp, "--model", "none", "--tap-name", tap]
+            for extra, words in (
+                (["--netns", str(work)], ["/run/netns"]),
+                (["--state", str(work / "state")], ["state"]),
+            ):
+                denied = await run(member, *base, *extra, "-", stdin=desc)
+                assert denied.returncode == 12, denied.stderr
+                one_error(denied, *words)
+                assert tap not in links()
+            # a socket the member's own process serves: never handed a tap fd
+            mine = work / "member"
+            os.mkdir(mine)
+            os.chown(mine, 65534, 65534)
+            fake_path = mine / "fake.sock"
+            fake = await asyncio.create_subprocess_exec(
+                *member,
+                sys.executable,
+                "-c",
+                "import socket, time; s = socket.socket(socket.AF_UNIX);"
+                f" s.bind({str(fake_path)!r}); s.listen(); print('up', flush=True);"
+                " time.sleep(300)",
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert fake.stdout is not None
+            assert (await fake.stdout.readline()).strip() == b"up"
+            own = await run(member, "add-iface", "--qmp", str(fake_path), "-", stdin=desc)
+            assert own.returncode == 12, own.stderr
+            one_error(own, "root registered or QEMU serves")
+            # within the rules: a NIC into root's QEMU
+            added = await run(member, *base, "--queues", "1", "--no-vhost", "-", stdin=desc)
+            assert added.returncode == 0, added.stderr + svc.tail()
+            assert tap in links()
+    finally:
+        if fake is not None and fake.returncode is None:
+            fake.kill()
+            await fake.wait()
+        await vm.stop()
+        shutil.rmtree(work, ignore_errors=True)
