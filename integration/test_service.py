@@ -530,3 +530,77 @@ async def test_group_members_act_within_their_rules_and_strangers_are_refused(
             await fake.wait()
         await vm.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+async def test_metrics_count_what_was_done(
+    guest_image: Any, tmp_path: Path, host_link_names: Any
+) -> None:
+    """``--metrics-listen``: a scrape after two plugs and a timed-out unplug tells them apart.
+
+    A paused QEMU of its own (the module's guest is held by the other service): plugs need
+    no guest code, and its unplug times out (left pending), which the metrics must show.
+    """
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    vm = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=3)
+    try:
+        async with await ServiceProcess.start(
+            tmp_path / "m", args=["--metrics-listen", f"127.0.0.1:{port}"]
+        ) as svc:
+            qmp = str(vm.mgmt_qmp_path)
+            for last in (0x51, 0x52):
+                await add_tap(svc, qmp, mac(last), host_link_names("m"), tmp_path, "--queues", "1")
+            removed = await qmpnet(
+                "del-iface", "--qmp", qmp, "--mac", mac(0x51), "--timeout-unplug", "1", env=svc.env
+            )
+            assert removed.returncode == 6, removed.stderr
+            url = f"http://127.0.0.1:{port}/metrics"
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+    finally:
+        await vm.stop()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    for step in ("prepare-links", "open-queues", "pass-fds", "netdev-add", "device-add", "persist"):
+        assert value("qmpnet_step_seconds_count", kind="hot-plug", step=step) == 2, step
+    assert value("qmpnet_step_seconds_count", kind="unplug", step="device-del") == 1
+    errors = {"kind": "unplug", "step": "device-del", "error": "UnplugTimeoutError"}
+    assert value("qmpnet_step_errors_total", **errors) == 1
+    assert value("qmpnet_vms") == 1
+    assert value("qmpnet_sessions_open") == 1
+    assert value("qmpnet_pending_unplugs") == 1
+    assert value("qmpnet_requests_in_flight") == 0
+
+
+async def test_metrics_refuse_a_bad_address(tmp_path: Path) -> None:
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "qmpnet.service.daemon",
+            "--socket",
+            str(tmp_path / "s"),
+            "--metrics-listen",
+            "nowhere",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "want HOST:PORT, not 'nowhere'" in done.stderr
+    assert not (tmp_path / "s").exists()

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from qmpnet import layout
 from qmpnet.config import Config
 from qmpnet.errors import QmpnetError
-from qmpnet.exits import EXIT_INPUT, EXIT_OK, exit_code_for
+from qmpnet.exits import EXIT_HOST, EXIT_INPUT, EXIT_OK, EXIT_UNSUPPORTED, exit_code_for
 from qmpnet.lifecycle import Observer
 from qmpnet.service import protocol
 from qmpnet.service.auth import Authority
@@ -56,9 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEC",
         help="on SIGTERM, how long requests in flight may take to finish",
     )
+    p.add_argument(
+        "--metrics-listen",
+        type=_listen_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP there (off by default; needs qmpnet[metrics])",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("--version", action="version", version=f"qmpnetd {package_version()}")
     return p
+
+
+class MetricsAddressError(Exception):
+    """The metrics address could not be bound."""
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too; an empty host is 127.0.0.1)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"want HOST:PORT, not {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _listen(path: str, gid: int | None) -> socket.socket:
@@ -127,6 +145,12 @@ async def serve(args: argparse.Namespace, observers: Sequence[Observer] = ()) ->
     """Run the service until SIGTERM/SIGINT; ``observers`` see every VM's operations."""
     gid = grp.getgrnam(args.group).gr_gid if args.group else None
     config = Config.load(args.config) if args.config else Config()
+    metrics = None
+    if args.metrics_listen:
+        from qmpnet.service.metrics import Metrics
+
+        metrics = Metrics()
+        observers = [*observers, metrics.observe]
     registry = Registry(args.state_root, config, list(observers))
     notifier = Notifier()
     # systemd's socket, taken over as is (its unit sets the mode and owner), or our own
@@ -135,6 +159,13 @@ async def serve(args: argparse.Namespace, observers: Sequence[Observer] = ()) ->
     await startup(registry, notifier)
     service = Service(registry, args.socket)
     server = Server(service, Authority(gid))
+    if metrics is not None:
+        metrics.watch(service)
+        try:
+            metrics.serve(*args.metrics_listen)
+        except OSError as err:  # the address taken, or not ours to bind
+            raise MetricsAddressError(f"--metrics-listen: {err.strerror or err}") from err
+        log.info("metrics on http://%s:%d/metrics", *args.metrics_listen)
     if sock is None:
         sock = _listen(args.socket, gid)
     listener = await asyncio.start_unix_server(server.handle, sock=sock, limit=protocol.LINE_MAX)
@@ -175,6 +206,16 @@ def main(argv: Sequence[str] | None = None, observers: Sequence[Observer] = ()) 
     args.state_root = os.path.abspath(args.state_root)
     args.socket = os.path.abspath(args.socket)
     setup_logging(max(args.verbose, 1), "text", prefix="qmpnetd")
+    if args.metrics_listen:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            print(
+                "qmpnetd: error: --metrics-listen needs prometheus-client: "
+                "pip install 'qmpnet[metrics]'",
+                file=sys.stderr,
+            )
+            return EXIT_UNSUPPORTED
     try:
         return asyncio.run(serve(args, observers))
     except KeyError as err:
@@ -183,6 +224,9 @@ def main(argv: Sequence[str] | None = None, observers: Sequence[Observer] = ()) 
     except ActivationError as err:
         print(f"qmpnetd: error: {err}", file=sys.stderr)
         return EXIT_INPUT
+    except MetricsAddressError as err:
+        print(f"qmpnetd: error: {err}", file=sys.stderr)
+        return EXIT_HOST
     except QmpnetError as err:
         print(f"qmpnetd: error: {err}", file=sys.stderr)
         return exit_code_for(err)
