@@ -7,6 +7,7 @@ Peak RSS comes from GNU time, which forks the command itself (see :data:`bench.h
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -61,7 +62,40 @@ def _mib(p: Proc) -> float:
 
 async def run(ctx: Context, report: Report) -> None:
     await _imports(ctx, report)
+    await _cni_version(ctx, report)
     await _cli(ctx, report)
+
+
+#: Debian's Go CNI plugin, the yardstick for a plugin's process cost
+BRIDGE = "/usr/lib/cni/bridge"
+#: what libcni's version query sets besides CNI_COMMAND
+LIBCNI_VERSION_ENV = {"CNI_NETNS": "dummy", "CNI_IFNAME": "dummy", "CNI_PATH": "dummy"}
+CNI_VERSION_TARGET_MS = 40.0
+
+
+async def _cni_version(ctx: Context, report: Report) -> None:
+    """VERSION as libcni asks it: qmpnet-cni next to Debian's bridge, alternating."""
+    import os
+
+    table = report.table(
+        "CNI VERSION, as libcni asks it (CNI_NETNS=dummy CNI_IFNAME=dummy CNI_PATH=dummy)",
+        [
+            "wall: spawn → exit of the whole plugin process, the two alternating",
+            f"target: qmpnet-cni ≤ {CNI_VERSION_TARGET_MS:g} ms (median)",
+        ],
+    )
+    env = {**os.environ, "CNI_COMMAND": "VERSION", **LIBCNI_VERSION_ENV}
+    conf = json.dumps({"cniVersion": "1.0.0", "name": "bench", "type": "qmpnet-cni"})
+    plugins = {"qmpnet-cni": str(Path(sys.executable).with_name("qmpnet-cni"))}
+    if await asyncio.to_thread(os.path.exists, BRIDGE):
+        plugins["bridge (Debian, Go)"] = BRIDGE
+    for _ in range(ctx.pick(30, 5)):
+        for label, path in plugins.items():
+            p = (await spawn([path], stdin=conf, env=env)).check()
+            assert json.loads(p.stdout)["cniVersion"] == "1.0.0", p.stdout
+            table.row(f"wall: {label}").add(ms(p.wall))
+        p = (await spawn([plugins["qmpnet-cni"]], stdin=conf, env=env, rss=True)).check()
+        table.row("peak RSS: qmpnet-cni", "MiB").add(_mib(p))
 
 
 async def _imports(ctx: Context, report: Report) -> None:

@@ -483,3 +483,59 @@ async def test_a_waiter_on_a_removed_lock_file_starts_over_on_the_new_one(tmp_pa
     b.cancel()
     with pytest.raises(asyncio.CancelledError):
         await b
+
+
+# --- VERSION first ------------------------------------------------------------------------
+
+
+def test_version_is_answered_whatever_else_the_environment_holds() -> None:
+    """libcni's version query: CNI_NETNS=dummy and friends must not turn VERSION into error 4."""
+    libcni = {
+        "CNI_COMMAND": "VERSION",
+        "CNI_NETNS": "dummy",
+        "CNI_IFNAME": "dummy",
+        "CNI_PATH": "dummy",
+        "CNI_CONTAINERID": "",
+    }
+    status, out = cni.run(raw({"cniVersion": "0.4.0"}), libcni)
+    assert status == 0
+    assert json.loads(out) == {
+        "cniVersion": "0.4.0",
+        "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"],
+    }
+    for junk in (b"{", b"\xff\xfe", b"[1]", raw({"cniVersion": "9.9.9"})):
+        status, out = cni.run(junk, libcni)
+        assert (status, json.loads(out)["cniVersion"]) == (0, "1.1.0"), junk
+
+
+def test_the_version_console_script_imports_neither_netlink_nor_qmp() -> None:
+    """The installed ``qmpnet-cni`` answers VERSION from the standard library alone."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import io, os, sys\n"
+        "os.environ.update(CNI_COMMAND='VERSION', CNI_NETNS='dummy', CNI_IFNAME='dummy')\n"
+        'sys.stdin = io.TextIOWrapper(io.BytesIO(b\'{"cniVersion": "1.0.0"}\'))\n'
+        "out = io.StringIO(); real = sys.stdout; sys.stdout = out\n"
+        "from qmpnet.cni.entry import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "sys.stdout = real\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('pyroute2', 'qemu', 'attrs', 'cattrs', 'asyncio', 'typing'))\n"
+        "print(code, out.getvalue().strip(), heavy, sep='|')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    code, answer, heavy = done.stdout.strip().split("|")
+    assert code == "0"
+    assert json.loads(answer)["cniVersion"] == "1.0.0"
+    assert heavy == "[]"
+
+
+def test_the_version_read_cap_is_the_boundarys() -> None:
+    from qmpnet.boundary import DOCUMENT_MAX
+    from qmpnet.cni.versions import READ_MAX
+
+    assert READ_MAX == DOCUMENT_MAX + 1

@@ -47,22 +47,56 @@ Error codes: the spec's well-known codes (see :class:`Code`), and from 100 qmpne
 
 :class:`CniError` joins qmpnet's error tree under ``QmpnetError``; every other qmpnet error is
 mapped onto a code by :func:`to_cni_error`.
+
+The names below are imported on first use (PEP 562): the console script's VERSION path
+(:mod:`.entry`) must not pay for the plugin's netlink and QMP machinery.
 """
 
-from qmpnet.cni.commands import COMMANDS, state_dirs
-from qmpnet.cni.main import main, run
-from qmpnet.cni.records import Attachment, Book, Records
-from qmpnet.cni.request import Env, NetConf, Request, parse_cni_args
-from qmpnet.cni.results import chained_result, ips_of, main_result
-from qmpnet.cni.spec import (
-    GC_KEYS,
-    LATEST,
-    LOCK_FILE,
-    SUPPORTED_VERSIONS,
-    CniError,
-    Code,
-    to_cni_error,
-)
+from __future__ import annotations
+
+import importlib
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qmpnet.cni.commands import COMMANDS, state_dirs
+    from qmpnet.cni.main import main, run
+    from qmpnet.cni.records import Attachment, Book, Records
+    from qmpnet.cni.request import Env, NetConf, Request, parse_cni_args
+    from qmpnet.cni.results import chained_result, ips_of, main_result
+    from qmpnet.cni.spec import (
+        GC_KEYS,
+        LATEST,
+        LOCK_FILE,
+        SUPPORTED_VERSIONS,
+        CniError,
+        Code,
+        to_cni_error,
+    )
+
+#: each exported name -> the submodule that defines it
+_HOME = {
+    "Attachment": "records",
+    "Book": "records",
+    "COMMANDS": "commands",
+    "CniError": "spec",
+    "Code": "spec",
+    "Env": "request",
+    "GC_KEYS": "spec",
+    "LATEST": "spec",
+    "LOCK_FILE": "spec",
+    "NetConf": "request",
+    "Records": "records",
+    "Request": "request",
+    "SUPPORTED_VERSIONS": "spec",
+    "chained_result": "results",
+    "ips_of": "results",
+    "main": "main",
+    "main_result": "results",
+    "parse_cni_args": "request",
+    "run": "main",
+    "state_dirs": "commands",
+    "to_cni_error": "spec",
+}
 
 __all__ = [
     "COMMANDS",
@@ -87,3 +121,13 @@ __all__ = [
     "state_dirs",
     "to_cni_error",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import os
@@ -19,13 +18,12 @@ from qmpnet.cni.spec import (
     GC_KEYS,
     LATEST,
     NAME_RE,
-    SUPPORTED_VERSIONS,
     TUN_PATH,
     CniError,
     Code,
-    decode,
     to_cni_error,
 )
+from qmpnet.cni.versions import version_answer
 from qmpnet.config import Config
 from qmpnet.endpoints import Endpoint
 from qmpnet.endpoints.base import random_mac
@@ -427,12 +425,7 @@ async def _gc_directory(
 
 
 def cmd_version(raw: bytes) -> dict[str, Any]:
-    asked: object = None
-    if raw.strip():
-        with contextlib.suppress(CniError):
-            asked = decode(raw).get("cniVersion")
-    version = asked if isinstance(asked, str) and asked in SUPPORTED_VERSIONS else LATEST
-    return {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+    return version_answer(raw)
 
 
 #: CNI_COMMAND -> its handler; VERSION needs no configuration and is answered before.

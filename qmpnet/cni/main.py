@@ -86,10 +86,10 @@ def run(raw: bytes, environ: Mapping[str, str]) -> tuple[int, str]:
 
 
 def _run(raw: bytes, environ: Mapping[str, str], logs: _Logs) -> tuple[int, str]:
+    if environ.get("CNI_COMMAND") == "VERSION":  # before any other variable is read
+        return 0, json.dumps(cmd_version(raw))
     try:
         env = Env.from_environ(environ)
-        if env.command == "VERSION":
-            return 0, json.dumps(cmd_version(raw))
         conf = NetConf.parse(raw, env.command)
         if conf.log_file:
             logs.to_file(conf.log_file)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qmpnet.boundary import load_json
+from qmpnet.cni import versions
 from qmpnet.errors import (
     ConnectFailure,
     HostError,
@@ -23,9 +24,9 @@ from qmpnet.errors import (
     shown,
 )
 
-#: Spec versions this plugin speaks, oldest first; results are shaped alike for all of them.
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
-LATEST = SUPPORTED_VERSIONS[-1]
+#: Spec versions this plugin speaks (defined in :mod:`.versions`, which VERSION needs alone)
+SUPPORTED_VERSIONS = versions.SUPPORTED_VERSIONS
+LATEST = versions.LATEST
 DEFAULT_STATE_DIR = "/run/qmpnet/cni/{containerId}"
 CONTAINER_ID = "{containerId}"
 ATTACHMENTS_FILE = "cni-attachments.json"
