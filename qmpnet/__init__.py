@@ -6,10 +6,7 @@ does not pay for QMP, netlink and JSON machinery it may not need.
 
 from __future__ import annotations
 
-#: mypy reads any name ``TYPE_CHECKING`` as true; at run time ``typing`` (~5 ms) is not imported
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
+from qmpnet.lazy import exports
 
 #: public name -> the module that defines it
 _EXPORTS = {
@@ -61,16 +58,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qmpnet' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = exports(__name__, _EXPORTS, __all__)

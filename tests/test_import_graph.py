@@ -19,6 +19,7 @@ THIN_CLIENT = (
     "qmpnet.cli",
     "qmpnet.exits",
     "qmpnet.errors",
+    "qmpnet.lazy",
     "qmpnet.limits",
     "qmpnet.service",
     "qmpnet.service.client",

@@ -54,7 +54,7 @@ The names below are imported on first use (PEP 562): the console script's VERSIO
 
 from __future__ import annotations
 
-import importlib
+from qmpnet.lazy import exports
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -123,11 +123,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    if name not in _HOME:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = exports(
+    __name__, {name: f"{__name__}.{home}" for name, home in _HOME.items()}, __all__
+)

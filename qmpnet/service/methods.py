@@ -356,9 +356,10 @@ class Service:
             "methods": list(protocol.METHODS),
         }
 
-    async def status(self, p: Params, caller: Caller) -> Any:
-        p.done()
-        pending = []
+    def pending_unplugs(self) -> list[dict[str, Any]]:
+        """Every NIC left unplug-pending (``vm``, ``mac``, ``name``), and each VM whose state
+        could not be read (``vm``, ``error``)."""
+        pending: list[dict[str, Any]] = []
         for handle in self.registry.handles():
             try:
                 entries = handle.state.store.load().entries
@@ -370,6 +371,11 @@ class Service:
                 for e in entries
                 if e.status is Status.UNPLUG_PENDING
             )
+        return pending
+
+    async def status(self, p: Params, caller: Caller) -> Any:
+        p.done()
+        pending = self.pending_unplugs()
         return {
             "version": package_version(),
             "protocol": protocol.PROTOCOL_VERSION,

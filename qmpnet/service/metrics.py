@@ -20,7 +20,6 @@ from prometheus_client.registry import Collector
 
 from qmpnet.errors import PlugError
 from qmpnet.lifecycle import Operation, Phase, Step
-from qmpnet.store import Status
 
 if TYPE_CHECKING:
     from qmpnet.service.methods import Service
@@ -97,13 +96,8 @@ class _Gauges(Collector):
             "VMs whose QMP session is open",
             sum(1 for h in handles if h.connected),
         )
-        pending = 0
-        for handle in handles:
-            try:
-                entries = handle.state.store.load().entries
-            except Exception:  # an unreadable state is reported by status, not here
-                continue
-            pending += sum(1 for e in entries if e.status is Status.UNPLUG_PENDING)
+        # an unreadable state is one of status's entries (with "error"), not a pending NIC
+        pending = sum(1 for p in service.pending_unplugs() if "mac" in p)
         yield _gauge("qmpnet_pending_unplugs", "NICs left unplug-pending", pending)
         yield _gauge("qmpnet_watches", "Watches the service runs", len(service.watches.all()))
         yield _gauge("qmpnet_requests_in_flight", "Requests being served", len(service.inflight))

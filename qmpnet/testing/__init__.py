@@ -10,8 +10,9 @@ import that module twice.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from qmpnet.lazy import exports
 
 if TYPE_CHECKING:
     from qmpnet.testing.guest import (
@@ -46,11 +47,6 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> object:
-    if name not in _HOME:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = exports(
+    __name__, {name: f"{__name__}.{home}" for name, home in _HOME.items()}, __all__
+)
