@@ -320,3 +320,41 @@ async def test_pending_attachments_outlive_a_service_restart(
             await runtime.ok("DEL", conf, **call_of(pod))
             assert await pending(svc) == []
         assert svc.returncode == 0, svc.tail()
+
+
+async def test_a_pod_torn_down_in_the_wrong_order_leaves_the_vm_and_nothing_on_the_host(
+    vm: GuestVM, service: ServiceProcess, runtime: Runtime, tmp_path: Path
+) -> None:
+    """The pod's netns goes while its NIC (two queue pairs, the guest uses both) is plugged,
+    before the runtime's DEL: the service hears it, the DEL still unplugs, QEMU lives on."""
+    net = Network(unique("q"))
+    async with net.pod() as pod:
+        conf = chained(
+            pod,
+            stateDir=f"{tmp_path}/cni/{{containerId}}",
+            qmpnetd=str(service.socket),
+            qmpSocket=str(vm.mgmt_qmp_path),
+            queues=2,
+        )
+        cursor = vm.console_cursor()
+        result = await runtime.ok("ADD", conf, **call_of(pod))
+        guest_nic = await guest_has_it(vm, pod, net.mac, cursor)
+        added = await vm.wait_for(rf"QMPNET NIC-ADD name={guest_nic} \S+ rxq=2", GUEST)
+        assert added
+        ((tap, owner),) = owned_links(f"/run/netns/{pod.netns}").items()
+        await asyncio.to_thread(subprocess.run, ["ip", "netns", "del", pod.netns], check=True)
+        # the service heard the tap go with the netns, and shows it
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            status = await qmpnet(service, "status", "--json")
+            if any(tap in v["vanished_links"] for v in status["vms"]):
+                break
+            assert asyncio.get_running_loop().time() < deadline, status
+            await asyncio.sleep(0.2)
+        cursor = vm.console_cursor()
+        await runtime.ok("DEL", {**conf, "prevResult": result}, **{**call_of(pod), "netns": ""})
+        await vm.wait_for(rf"QMPNET NIC-DEL name={guest_nic} mac={net.mac}", GUEST, since=cursor)
+        assert f"{owner}-dev" not in (await qemu_view(vm))[0]
+        assert await vm.died_by_itself() is None
+        assert not (tmp_path / "cni" / pod.container_id).exists()
+        await runtime.ok("DEL", conf, **{**call_of(pod), "netns": ""})
