@@ -4,11 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod ethtool iperf3 busybox-static \
-	containernetworking-plugins systemd
+	containernetworking-plugins systemd man-db groff-base zsh
 BENCH_APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients time
 PYTEST_ARGS ?=
 
-.PHONY: install-units setup apt venv test test-unit test-kernel test-integration lint demo bench soak clean
+.PHONY: install-units docs man completion install-docs setup apt venv test test-unit test-kernel test-integration lint demo bench soak clean
 
 setup: apt venv
 
@@ -66,3 +66,43 @@ install-units:
 		> $(DESTDIR)$(UNIT_DIR)/qmpnetd.service
 	chmod 0644 $(DESTDIR)$(UNIT_DIR)/qmpnetd.service
 	@echo "then: systemctl daemon-reload && systemctl enable --now qmpnetd.socket"
+
+# man pages and shell completion, generated from the argparse parsers into $(DOCS_DIR)
+DOCS_DIR ?= build
+COMPLETION_PARSERS := qmpnet=qmpnet.cli.build_parser qmpnetd=qmpnet.service.daemon.build_parser
+
+docs: man completion
+
+man: $(BIN)/argparse-manpage
+	$(BIN)/python contrib/docs/manpages.py $(DOCS_DIR)/man
+
+completion: $(BIN)/shtab
+	@mkdir -p $(DOCS_DIR)/completion/bash $(DOCS_DIR)/completion/zsh
+	@set -e; for pair in $(COMPLETION_PARSERS); do \
+		prog=$${pair%%=*}; parser=$${pair#*=}; \
+		for shell in bash zsh; do \
+			case $$shell in zsh) file=_$$prog;; *) file=$$prog;; esac; \
+			out=$(DOCS_DIR)/completion/$$shell/$$file; \
+			echo "shtab --shell=$$shell $$parser > $$out"; \
+			$(BIN)/shtab --shell=$$shell --prog=$$prog --error-unimportable $$parser > $$out.tmp; \
+			mv $$out.tmp $$out; \
+		done; \
+	done
+
+# an older venv, set up before these were dev tools
+$(BIN)/argparse-manpage $(BIN)/shtab:
+	$(MAKE) venv
+
+PREFIX ?= /usr/local
+MAN_DIR ?= $(PREFIX)/share/man
+BASH_COMPLETION_DIR ?= $(PREFIX)/share/bash-completion/completions
+ZSH_COMPLETION_DIR ?= $(PREFIX)/share/zsh/site-functions
+install-docs: docs
+	install -d $(DESTDIR)$(MAN_DIR)/man1 $(DESTDIR)$(MAN_DIR)/man8 \
+		$(DESTDIR)$(BASH_COMPLETION_DIR) $(DESTDIR)$(ZSH_COMPLETION_DIR)
+	install -m 0644 $(DOCS_DIR)/man/qmpnet.1 $(DESTDIR)$(MAN_DIR)/man1/
+	install -m 0644 $(DOCS_DIR)/man/qmpnetd.8 $(DOCS_DIR)/man/qmpnet-cni.8 $(DESTDIR)$(MAN_DIR)/man8/
+	install -m 0644 $(DOCS_DIR)/completion/bash/qmpnet $(DOCS_DIR)/completion/bash/qmpnetd \
+		$(DESTDIR)$(BASH_COMPLETION_DIR)/
+	install -m 0644 $(DOCS_DIR)/completion/zsh/_qmpnet $(DOCS_DIR)/completion/zsh/_qmpnetd \
+		$(DESTDIR)$(ZSH_COMPLETION_DIR)/

@@ -41,13 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qmpnetd", description="qmpnet's node service: hot-plug NICs for every VM of the node."
     )
-    p.add_argument("--socket", default=protocol.DEFAULT_SOCKET, metavar="PATH")
+    p.add_argument(
+        "--socket",
+        default=protocol.DEFAULT_SOCKET,
+        metavar="PATH",
+        help="the socket to listen on (default: %(default)s); under socket activation keep "
+        "it equal to ListenStream=, the path status reports",
+    )
     p.add_argument(
         "--group",
         metavar="NAME",
         help="members of this group may use the service too (socket 0660, directory 0750)",
     )
-    p.add_argument("--state-root", default=layout.DEFAULT_ROOT, metavar="DIR")
+    p.add_argument(
+        "--state-root",
+        default=layout.DEFAULT_ROOT,
+        metavar="DIR",
+        help="where every VM's state directory lives (default: %(default)s)",
+    )
     p.add_argument("--config", metavar="FILE", help="TOML configuration (the requests' default)")
     p.add_argument(
         "--stop-timeout",
@@ -62,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve Prometheus metrics over HTTP there (off by default; needs qmpnet[metrics])",
     )
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="info is logged by default; -vv debug with QMP traffic, -vvv everything",
+    )
     p.add_argument("--version", action="version", version=f"qmpnetd {package_version()}")
     return p
 
