@@ -213,6 +213,8 @@ CNI_KEYS = {
     "mac": "main mode: the NIC's MAC (runtimeConfig.mac and CNI_ARGS MAC= take precedence).",
     "mtu": "main mode: the tap's MTU.",
     "logFile": "append logs to this file.",
+    "qmpnetd": "qmpnetd's socket: when it is there the invocation is forwarded to the service, "
+    'which keeps an ADD whose VM is not there pending; "" always works in the plugin\'s process.',
     "ipam": "main mode: the delegated IPAM plugin's configuration (ipam.type names it).",
     "dns": "passed on in main mode's result.",
     "prevResult": "the previous plugin's result (chained mode); passed on with an interface "
@@ -246,6 +248,8 @@ CNI_CODES = {
     Code.CHECK_FAILED: "CHECK found the attachment broken.",
     Code.NO_INTERFACE: "CNI_IFNAME is not in CNI_NETNS.",
     Code.ATTACHMENT_EXISTS: "the attachment exists already.",
+    Code.CHECK_PENDING: "CHECK: the attachment is pending in qmpnetd, its VM is not there yet.",
+    Code.CHECK_PLUG_FAILED: "CHECK: the pending attachment's plug failed (DEL clears it).",
     Code.INTERNAL: "internal error: a bug in qmpnet-cni (QMPNET_CNI_DEBUG=1 shows the traceback).",
 }
 
