@@ -225,6 +225,8 @@ class CniHost:
     _writer: Writer = attrs.field(factory=Writer)
     _changed: asyncio.Event = attrs.field(factory=asyncio.Event)
     _looker: asyncio.Task[None] | None = None
+    #: VMs a command used since their links were last followed
+    _touched: set[VmHandle] = attrs.field(factory=set)
     vms: ServiceVms = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -246,6 +248,7 @@ class CniHost:
             status, out = await answer(stdin, env, self.vms, logs)
         finally:
             logs.close()
+            self._follow()
         return {"exit": status, "stdout": out, "stderr": stream.getvalue()}
 
     # --- the VMs ---------------------------------------------------------------------------
@@ -256,8 +259,14 @@ class CniHost:
             handle = self.registry.add(qmp, by_root=True)
             await self.registry.save()
         await handle.ensure_session()
-        handle.follow_links()
+        self._touched.add(handle)
         return handle
+
+    def _follow(self) -> None:
+        """Hear the host links of the NICs the last commands plugged or removed."""
+        touched, self._touched = self._touched, set()
+        for handle in touched:
+            handle.follow_links()
 
     # --- the pending attachments -------------------------------------------------------------
 
@@ -353,6 +362,7 @@ class CniHost:
                 return failed.view()
             del self.waiting[key]
             await self._save()
+            self._follow()
         log.info(
             "the pending %s of container %s is plugged into %s",
             waiting.ifname,
