@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qmpnet.cni.entry import FORWARDED, forward, service_socket
-from qmpnet.cni.request import Deferred
+from qmpnet.cni.request import Deferred, NetConf
 from qmpnet.errors import DeniedError
 from qmpnet.service.auth import Peer, Role
 from qmpnet.service.cni import PENDING_FILE, CniHost, Waiting, listening
@@ -21,6 +21,7 @@ from qmpnet.service.protocol import DEFAULT_SOCKET
 from qmpnet.service.registry import Registry
 
 PLUGIN = Path(sys.executable).with_name("qmpnet-cni")
+EXAMPLES = Path(__file__).parent.parent / "examples" / "cni"
 
 
 def test_the_configuration_names_the_service_socket_or_the_default() -> None:
@@ -165,3 +166,16 @@ async def test_a_forwarded_invocation_gets_the_same_checks_and_errors(tmp_path: 
     assert json.loads(got["stdout"])["code"] == 4
     assert "CNI_CONTAINERID" in json.loads(got["stdout"])["msg"]
     assert os.listdir(tmp_path) == []  # nothing made
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.conflist")), ids=lambda p: p.name)
+def test_the_example_conflists_are_valid(path: Path) -> None:
+    """Each qmpnet-cni entry, as the runtime hands it over (the list's version and name)."""
+    conflist = json.loads(path.read_text())
+    ours = [p for p in conflist["plugins"] if p["type"] == "qmpnet-cni"]
+    assert ours, path
+    for plugin in ours:
+        conf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **plugin}
+        parsed = NetConf.parse(json.dumps(conf).encode(), "DEL")
+        assert parsed.name == conflist["name"]
+        assert parsed.qmpnetd in ("", DEFAULT_SOCKET)
