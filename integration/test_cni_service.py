@@ -160,6 +160,16 @@ async def test_a_pods_first_network_waits_for_its_vm_and_is_plugged_when_it_is_r
         (waiting,) = await pending(service)
         assert waiting["container_id"] == pod.container_id
         assert (waiting["ifname"], waiting["status"], waiting["qmp"]) == ("eth0", "pending", "")
+        table = await asyncio.to_thread(
+            subprocess.run,
+            [QMPNET, "status"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **service.env},
+            check=True,
+        )
+        assert "pending CNI attachments: 1" in table.stdout, table.stdout
+        assert f"{pod.container_id}  eth0  " in table.stdout, table.stdout
         assert (await qemu_view(vm))[0] == devices_before  # nothing plugged yet
         assert owned_links(f"/run/netns/{pod.netns}") == {}  # nor made on the host
         err = await expect_error(runtime, "CHECK", {**conf, "prevResult": result}, pod)

@@ -697,6 +697,12 @@ def svc_status(client: Client, args: argparse.Namespace) -> int:
     print(f"pending unplugs: {len(reply['pending_unplugs'])}")
     for p in reply["pending_unplugs"]:
         print(f"  {p.get('vm')}  {p.get('mac', '')}  {p.get('name', p.get('error', ''))}")
+    attachments = reply.get("pending_attachments", [])
+    print(f"pending CNI attachments: {len(attachments)}")
+    for a in attachments:
+        waits = a.get("qmp") or "registration"
+        why = f"  {a['error']}" if a.get("error") else ""
+        print(f"  {a['container_id']}  {a['ifname']}  {a['network']}  {a['status']}  {waits}{why}")
     print(f"watches: {len(reply['watches'])}")
     for w in reply["watches"]:
         print(f"  {w['id']}  {w['vm']}  {w['netns']}  running={str(w['running']).lower()}")
