@@ -47,6 +47,7 @@ from typing import Any, Self
 
 import attrs
 
+from qmpnet.poll import poll_until
 from qmpnet.testing.scene import unique
 
 __all__ = [
@@ -663,6 +664,20 @@ class Containerd:
             forced.append(f"process {pid}")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # a pod's processes outlive a shim killed with SIGKILL: they are in this node's cgroups
+        pods = self.cgroup_pids()
+        for pid in pods:
+            forced.append(f"pod process {pid}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if pods:
+            with contextlib.suppress(TimeoutError):  # what stays is reported by leftovers()
+                await poll_until(
+                    lambda: not self.cgroup_pids(),
+                    error=lambda: TimeoutError("pod processes did not end"),
+                    timeout=timeout,
+                    interval=0.05,
+                )
         for point in mounts_under(self.top):
             forced.append(f"mount {point}")
             umount = await asyncio.create_subprocess_exec(
@@ -710,6 +725,15 @@ class Containerd:
             found += [d / name for d in top.iterdir() if (d / name).is_dir()]
         return found
 
+    def cgroup_pids(self) -> list[int]:
+        """The processes in this node's cgroups (the pods' processes)."""
+        found: set[int] = set()
+        for where in self.cgroups():
+            for procs in where.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    found.update(int(line) for line in procs.read_text().split())
+        return sorted(found)
+
     def _remove_cgroups(self) -> None:
         for where in self.cgroups():
             for sub in sorted(where.rglob("*"), key=lambda p: len(p.parts), reverse=True):
@@ -724,6 +748,7 @@ class Containerd:
         found = [f"directory {self.top}"] if self.top.exists() else []
         found += [f"process {pid}" for pid in pids_with_argument(str(self.socket))]
         found += [f"mount {m}" for m in mounts_under(self.top)]
+        found += [f"pod process {pid}" for pid in self.cgroup_pids()]
         found += [f"cgroup {c}" for c in self.cgroups()]
         found += [
             f"shim socket {s}"
