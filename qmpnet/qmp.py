@@ -153,11 +153,12 @@ def vm_identity(path: str) -> VmIdentity | None:
             table = fh.read().decode(errors="replace").splitlines()[1:]
     except OSError:
         return None
-    wanted = os.path.abspath(path)
+    # the path as given or through its links: a VM manager may link a monitor elsewhere
+    wanted = {os.path.abspath(path), os.path.realpath(path)}
     inodes = {
         fields[6]
         for fields in (line.split(None, 7) for line in table)
-        if len(fields) == 8 and fields[5] == "01" and fields[7] == wanted
+        if len(fields) == 8 and fields[5] == "01" and fields[7] in wanted
     }
     if len(inodes) != 1:
         return None

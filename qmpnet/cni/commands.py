@@ -11,7 +11,7 @@ from typing import Any
 
 from qmpnet.cni.delegate import find_plugin, ipam, ipam_config, ipam_release, ipam_speaks
 from qmpnet.cni.records import Attachment, Book, Records
-from qmpnet.cni.request import Env, NetConf, Request, bad_config
+from qmpnet.cni.request import Deferred, Env, NetConf, Request, bad_config
 from qmpnet.cni.results import chained_result, ips_of, main_result, prev_interface, sandbox_mac
 from qmpnet.cni.spec import (
     CONTAINER_ID,
@@ -73,9 +73,9 @@ async def _forget(state: NetworkState, entry: Entry) -> None:
             )
 
 
-async def unplug(attachment: Attachment, state_dir: Path, config: Config) -> None:
+async def unplug(req: Request, attachment: Attachment, state_dir: Path, config: Config) -> None:
     """Unplug one attachment; success when the VM, the device or the state is already gone."""
-    state = NetworkState.open(state_dir, attachment.qmp_socket, config)
+    state = await req.vms.state(state_dir, attachment.qmp_socket, config)
     entry = _entry_for(state, attachment.mac)
     if entry is None:
         # an ADD that failed and could not undo itself: finish its rollback now
@@ -141,30 +141,73 @@ def check_sandbox(req: Request) -> None:
 
 
 async def cmd_add(req: Request) -> dict[str, Any]:
-    env, conf = req.env, req.conf
     check_sandbox(req)
     qmp = req.qmp_socket()
+    if req.vms.defers and not await req.vms.present(qmp):
+        return await _add_pending(req, qmp)
+    return await plug(req, qmp)
+
+
+async def plug(
+    req: Request, qmp: str, *, mac: str = "", got: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Record and plug the attachment into the VM at ``qmp``, all or nothing.
+
+    A pending attachment plugged later passes the ``mac`` and IPAM result its ADD already
+    reported (main mode), so the VM gets what the runtime was told.
+    """
+    conf = req.conf
     book = Book(req.state_dir)
     async with book.locked():
         records = book.load()
         if records.find(req.key) is not None:
-            raise CniError(
-                Code.ATTACHMENT_EXISTS,
-                f"{env.ifname} of container "
-                f"{env.container_id} is already attached to network {conf.name}",
-                "DEL it first",
-            )
-        state = NetworkState.open(req.state_dir, qmp, conf.config())
+            raise _exists(req)
+        state = await req.vms.state(req.state_dir, qmp, conf.config())
         try:
             if conf.main:
-                return await _add_main(req, book, records, state)
-            return await _add_chained(req, book, records, state)
+                return await _add_main(req, book, records, state, mac=mac, given=got)
+            return await _add_chained(req, book, records, state, mac)
         finally:
             await book.remove_if_unused(state)
 
 
+def _exists(req: Request) -> CniError:
+    return CniError(
+        Code.ATTACHMENT_EXISTS,
+        f"{req.env.ifname} of container "
+        f"{req.env.container_id} is already attached to network {req.conf.name}",
+        "DEL it first",
+    )
+
+
+async def _add_pending(req: Request, qmp: str) -> dict[str, Any]:
+    """The VM is not there yet: answer as the plug will, and let the service plug it later.
+
+    Everything that can be checked now is (the netns, the pod's link, an earlier record); in
+    main mode the address is taken now, because the result must carry it.
+    """
+    env, conf = req.env, req.conf
+    if Book(req.state_dir).path.exists() and Book(req.state_dir).load().find(req.key):
+        raise _exists(req)
+    if conf.main:
+        mac = req.mac() or random_mac()
+        got = await ipam(req, "ADD") if conf.ipam else None
+        result = main_result(conf, env, mac, got)
+        try:
+            await req.vms.defer(req, qmp, result, mac=mac, got=got)
+        except BaseException:
+            if conf.ipam:
+                await ipam(req, "DEL")
+            raise
+        return result
+    mac, mtu, _ = await sandbox_link(env.netns, env.ifname)
+    result = chained_result(conf, env, mac, mtu)
+    await req.vms.defer(req, qmp, result, mac=mac)
+    return result
+
+
 async def _add_chained(
-    req: Request, book: Book, records: Records, state: NetworkState
+    req: Request, book: Book, records: Records, state: NetworkState, reported: str
 ) -> dict[str, Any]:
     env, conf = req.env, req.conf
     mac, mtu, kind = await sandbox_link(env.netns, env.ifname)
@@ -180,6 +223,7 @@ async def _add_chained(
         netns=env.netns,
         mac=mac,
         qmp_socket=state.qmp_path,
+        reported_mac=reported,
     )
     # The record goes first: a crash after the plug leaves something DEL can find.
     await book.save(Records((*records.known, record), records.unknown))
@@ -198,11 +242,18 @@ async def _add_chained(
 
 
 async def _add_main(
-    req: Request, book: Book, records: Records, state: NetworkState
+    req: Request,
+    book: Book,
+    records: Records,
+    state: NetworkState,
+    *,
+    mac: str,
+    given: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     env, conf = req.env, req.conf
-    mac = req.mac() or random_mac()
-    got = await ipam(req, "ADD") if conf.ipam else None
+    mac = mac or req.mac() or random_mac()
+    # an address an earlier ADD took (a pending attachment) is the DEL's to release
+    got = given if given is not None else (await ipam(req, "ADD") if conf.ipam else None)
     record = Attachment(
         network=conf.name,
         container_id=env.container_id,
@@ -233,7 +284,7 @@ async def _add_main(
         )
     except BaseException:
         await _forget_failed_add(book, records, state)
-        if conf.ipam:
+        if conf.ipam and given is None:
             try:
                 await ipam(req, "DEL")
             except CniError as err:
@@ -252,15 +303,17 @@ async def _forget_failed_add(book: Book, records: Records, state: NetworkState) 
 async def cmd_del(req: Request) -> None:
     """Unplug and forget; every "already gone" is success, as the spec demands."""
     conf = req.conf
+    if await req.vms.cancel(req):
+        log.info("%s of container %s was pending: dropped", req.env.ifname, req.env.container_id)
     if req.state_dir.is_dir():
         book = Book(req.state_dir)
         async with book.locked():
             records = book.load()
             found = records.find(req.key)
             qmp = found.qmp_socket if found else ""
-            state = NetworkState.open(req.state_dir, qmp, conf.config())
+            state = await req.vms.state(req.state_dir, qmp, conf.config())
             if found is not None:
-                await unplug(found, req.state_dir, conf.config())
+                await unplug(req, found, req.state_dir, conf.config())
                 await book.save(records.without(found))
             await book.remove_if_unused(state)
     if conf.main and conf.ipam:
@@ -271,6 +324,20 @@ async def cmd_check(req: Request) -> None:
     """The attachment is recorded, in qmpnet's state, in QEMU with its MAC, and on the host."""
     env, conf = req.env, req.conf
     check_netns(env.netns)
+    deferred = req.vms.deferred(req)
+    if deferred is not None:
+        status, why = deferred
+        if status is Deferred.PENDING:
+            raise CniError(
+                Code.CHECK_PENDING,
+                f"{env.ifname} of container {env.container_id} is pending: its VM is not there yet",
+                why,
+            )
+        raise CniError(
+            Code.CHECK_PLUG_FAILED,
+            f"{env.ifname} of container {env.container_id} was pending and its plug failed",
+            why,
+        )
     book = Book(req.state_dir)
     if not book.path.exists():
         raise CniError(
@@ -283,7 +350,7 @@ async def cmd_check(req: Request) -> None:
                 Code.CHECK_FAILED,
                 f"no attachment of {env.ifname} to network {conf.name} is recorded",
             )
-        state = NetworkState.open(req.state_dir, found.qmp_socket, conf.config())
+        state = await req.vms.state(req.state_dir, found.qmp_socket, conf.config())
         entry = _entry_for(state, found.mac)
         if entry is None or entry.status is not Status.PLUGGED:
             raise CniError(
@@ -304,7 +371,7 @@ def _check_prev_result(conf: NetConf, env: Env, endpoint: Endpoint, found: Attac
     if prev is None:
         return
     # main mode reports the VM NIC's MAC (the tap is only its wire); chained the link's
-    expected = found.mac if conf.main else sandbox_mac(endpoint)
+    expected = found.mac if conf.main else (found.reported_mac or sandbox_mac(endpoint))
     if str(prev.get("mac", expected)).lower() != expected:
         raise CniError(
             Code.CHECK_FAILED,
@@ -386,6 +453,13 @@ async def cmd_gc(req: Request) -> None:
         raise bad_config(GC_KEYS[0], None, "GC needs the list of valid attachments")
     valid = set(conf.valid_attachments)
     failures: list[CniError] = []
+    for dropped in await req.vms.collect(conf.name, valid):
+        log.info("GC dropped the pending %s of container %s", dropped.ifname, dropped.container_id)
+        if dropped.ipam and conf.main and conf.ipam:
+            try:
+                await ipam_release(req, dropped)
+            except QmpnetError as err:
+                failures.append(to_cni_error(err))
     for directory, _ in state_dirs(conf.state_dir):
         try:
             await _gc_directory(req, directory, valid, failures)
@@ -412,7 +486,7 @@ async def _gc_directory(
             if found.network != conf.name or (found.container_id, found.ifname) in valid:
                 continue
             try:
-                await unplug(found, directory, conf.config())
+                await unplug(req, found, directory, conf.config())
                 if found.ipam and conf.main and conf.ipam:
                     await ipam_release(req, found)
             except QmpnetError as err:
@@ -421,7 +495,7 @@ async def _gc_directory(
             records = records.without(found)
             await book.save(records)
             log.info("GC removed %s of container %s", found.ifname, found.container_id)
-        await book.remove_if_unused(NetworkState.open(directory, "", conf.config()))
+        await book.remove_if_unused(await req.vms.state(directory, "", conf.config()))
 
 
 def cmd_version(raw: bytes) -> dict[str, Any]:

@@ -35,6 +35,9 @@ class Attachment:
     mac: str
     qmp_socket: str
     ipam: bool = False
+    #: the MAC ADD's result gave CNI_IFNAME, when the plug came later (a pending attachment
+    #: of a model that parks the pod's MAC reported the link's MAC as it was at ADD)
+    reported_mac: str = ""
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -55,7 +58,9 @@ class Attachment:
 #: the attachment file's records; keys a later version adds are ignored, as before.
 RECORDS = Boundary("attachment")
 RECORDS.register(
-    Attachment, {"container_id": "containerID", "qmp_socket": "qmpSocket"}, forbid_extra_keys=False
+    Attachment,
+    {"container_id": "containerID", "qmp_socket": "qmpSocket", "reported_mac": "reportedMac"},
+    forbid_extra_keys=False,
 )
 
 
@@ -136,11 +141,27 @@ class Book:
         await self._writer.run(lambda: atomic_write(self.path, text))
 
     async def remove_if_unused(self, state: NetworkState) -> None:
-        """Remove the directory once nothing in it is in use: no record, entry or journal."""
+        """Remove the directory once nothing in it is in use: no record, entry or journal.
+
+        When the VM's state lives elsewhere (the service keeps it under its root), only the
+        records' own files and directory go; the VM's state is the service's to keep.
+        """
         if self.load() != Records():
+            return
+        if not _same_dir(state.store.dir, self.dir):
+            remove_file(self.dir / LOCK_FILE)
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()
             return
         snap = state.store.load()
         if snap.entries or snap.unknown or state.store.journal():
             return
         remove_file(self.dir / LOCK_FILE)  # relative to the checked directory, never through a link
         await state.store.remove_all()
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False

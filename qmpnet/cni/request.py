@@ -1,7 +1,17 @@
-"""One invocation's input, checked: the ``CNI_*`` environment and the network configuration."""
+"""One invocation's input, checked: the ``CNI_*`` environment and the network configuration,
+and where the VM it names lives (:class:`Vms`).
+
+The commands in :mod:`.commands` are the same in the plugin's process and inside qmpnetd;
+what differs is who owns the VM's qmpnet state and session. :class:`Vms` is the direct
+mode: the state lives in the attachment's ``stateDir`` and each invocation connects on its
+own. The service subclasses it (:mod:`qmpnet.service.cni`) to hand out its kept per-VM state
+and session, and to keep the attachments of VMs that are not there yet *pending* instead of
+failing the ADD.
+"""
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,6 +20,7 @@ from typing import Any
 import attrs
 
 from qmpnet.boundary import Boundary
+from qmpnet.cni.records import Attachment
 from qmpnet.cni.spec import (
     ARG_MAC,
     ARG_QMP,
@@ -33,6 +44,8 @@ from qmpnet.model import (
     checked_if_set,
     lowered,
 )
+from qmpnet.network import NetworkState
+from qmpnet.service import protocol
 
 #: CNI_COMMAND -> the variables the spec makes mandatory for it.
 REQUIRED_ENV: Mapping[str, tuple[str, ...]] = {
@@ -190,6 +203,11 @@ class NetConf:
     dns: Mapping[str, Any] | None = attrs.field(default=None, hash=False)
     prev_result: Mapping[str, Any] | None = attrs.field(default=None, hash=False)
     runtime_config: Mapping[str, Any] = attrs.field(factory=dict, hash=False)
+    #: qmpnetd's socket: when it is there the plugin's process only forwards the invocation
+    #: ("" always does the work in the plugin's process; read by :mod:`.entry` first)
+    qmpnetd: str = attrs.field(
+        default=protocol.DEFAULT_SOCKET, validator=checked_if_set(_check_path)
+    )
     valid_attachments: tuple[tuple[str, str], ...] | None = None
     raw: bytes = attrs.field(default=b"", repr=False)
 
@@ -279,12 +297,63 @@ CNI.register(
 )
 
 
+class Deferred(enum.Enum):
+    """What the service knows of an attachment it has not plugged."""
+
+    #: recorded at ADD, waiting for its VM
+    PENDING = "pending"
+    #: its VM appeared, and the plug failed (and was undone); DEL clears it
+    FAILED = "failed"
+
+
+class Vms:
+    """The direct mode: every VM's state in the attachment's own directory."""
+
+    #: an ADD whose VM is not there may be kept pending (only the service can finish it)
+    defers = False
+
+    async def state(self, state_dir: Path, qmp: str, config: Config) -> NetworkState:
+        """The VM's qmpnet state for one command, with that command's settings."""
+        return NetworkState.open(state_dir, qmp, config)
+
+    def registered_socket(self, container_id: str) -> str:
+        """The QMP socket a runtime registered for this sandbox ("" if none)."""
+        return ""
+
+    async def present(self, qmp: str) -> bool:
+        """Whether a QEMU serves ``qmp`` now (the direct mode tries and reports the error)."""
+        return True
+
+    async def defer(self, req: Request, qmp: str, result: Mapping[str, Any], **kw: Any) -> None:
+        """Keep the attachment pending until its VM appears (the service only)."""
+        raise NotImplementedError
+
+    async def cancel(self, req: Request) -> bool:
+        """Drop the attachment if it is pending; whether it was."""
+        return False
+
+    def deferred(self, req: Request) -> tuple[Deferred, str] | None:
+        """The attachment's pending or failed state and why, if the service holds it so."""
+        return None
+
+    async def collect(self, network: str, valid: set[tuple[str, str]]) -> list[Attachment]:
+        """Drop this network's pending attachments missing from the valid list (GC): what
+        was dropped, for the release of the addresses their ADD took."""
+        return []
+
+
+#: the direct mode's placement, shared by every invocation of the plugin's process
+DIRECT = Vms()
+
+
 @attrs.frozen
 class Request:
     """One invocation: its environment and configuration, and what follows from both."""
 
     env: Env
     conf: NetConf
+    #: where the VM's state and session come from: the plugin's own, or the service's
+    vms: Vms = attrs.field(default=DIRECT, eq=False, repr=False)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -295,7 +364,14 @@ class Request:
         return Path(self.conf.state_dir.replace(CONTAINER_ID, self.env.container_id))
 
     def qmp_socket(self) -> str:
-        """The VM's monitor: runtimeConfig, then CNI_ARGS, then the configured template."""
+        """The VM's monitor: runtimeConfig, then CNI_ARGS, then the configured template.
+
+        Through the service, a VM registered under the sandbox's container id comes first,
+        and no socket at all is fine: the attachment waits for the registration.
+        """
+        registered = self.vms.registered_socket(self.env.container_id)
+        if registered:
+            return registered
         runtime = self.conf.runtime_config.get("qmpSocket")
         if runtime is not None and not isinstance(runtime, str):
             raise bad_config("runtimeConfig.qmpSocket", runtime, "must be a path")
@@ -309,6 +385,8 @@ class Request:
                 if not os.path.isabs(path):
                     raise bad_config(source, value, "must be an absolute path")
                 return path
+        if self.vms.defers:
+            return ""
         raise CniError(
             Code.INVALID_CONFIG,
             "no QMP socket for the VM: set qmpSocket (a path, "

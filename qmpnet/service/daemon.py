@@ -158,6 +158,7 @@ async def serve(args: argparse.Namespace, observers: Sequence[Observer] = ()) ->
     activated = sock is not None
     await startup(registry, notifier)
     service = Service(registry, args.socket)
+    service.cni.load()
     server = Server(service, Authority(gid))
     if metrics is not None:
         metrics.watch(service)
@@ -182,12 +183,14 @@ async def serve(args: argparse.Namespace, observers: Sequence[Observer] = ()) ->
     )
     print(f"qmpnetd: ready on {args.socket}", file=sys.stderr, flush=True)
     notifier.ready(f"ready: {len(registry.handles())} VMs")
+    service.cni.start()  # pending attachments whose socket is (or comes) there get plugged
     await stop.wait()
     log.info("stopping")
     notifier.stopping()
     listener.close()
     await server.drain(args.stop_timeout)
     await service.watches.stop_all()
+    await service.cni.close()
     for handle in registry.handles():
         await handle.close()
     if not activated:  # systemd's socket stays for the next activation

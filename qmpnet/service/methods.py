@@ -30,6 +30,7 @@ from qmpnet.network import interface_of
 from qmpnet.qmp import check_socket_path, vm_identity
 from qmpnet.service import protocol
 from qmpnet.service.auth import Peer, Role, netns_allowed, qemu_serves
+from qmpnet.service.cni import CniHost
 from qmpnet.service.registry import Registry, VmHandle
 from qmpnet.service.watches import Watches
 from qmpnet.store import Status
@@ -116,6 +117,10 @@ class Service:
     )
     #: requests in flight, finished (or undone) before the service stops
     inflight: set[asyncio.Task[Any]] = attrs.field(factory=set)
+    #: qmpnet-cni's invocations and the attachments waiting for their VM
+    cni: CniHost = attrs.field(
+        default=attrs.Factory(lambda s: CniHost(s.registry), takes_self=True)
+    )
 
     def table(self) -> dict[str, Callable[[Params, Caller], Coroutine[Any, Any, Any]]]:
         return {
@@ -131,6 +136,7 @@ class Service:
             "watch.start": self.watch_start,
             "watch.stop": self.watch_stop,
             "watch.list": self.watch_list,
+            "cni.exec": self.cni_exec,
         }
 
     def record_error(self, method: str, params: dict[str, Any], err: BaseException) -> None:
@@ -223,7 +229,8 @@ class Service:
         handle = self.registry.add(qmp, vm_id=vm_id, by_root=True, sandbox=sandbox)
         await self.registry.save()
         await handle.ensure_session()
-        return handle.view()
+        attachments = await self.cni.registered(handle)
+        return {**handle.view(), "attachments": attachments}
 
     async def vm_unregister(self, p: Params, caller: Caller) -> Any:
         if not caller.root:
@@ -347,6 +354,20 @@ class Service:
         p.done()
         return {"watches": [w.view() for w in self.watches.all()]}
 
+    # --- CNI -------------------------------------------------------------------------------
+
+    async def cni_exec(self, p: Params, caller: Caller) -> Any:
+        """One ``qmpnet-cni`` invocation forwarded by the plugin's thin process: its
+        ``environ`` (the ``CNI_*`` variables) and ``stdin``; the answer is the plugin's
+        exit status and stdout (and its debug lines, if asked for)."""
+        if not caller.root:
+            raise DeniedError("cni.exec", "only root runs CNI plugins")
+        environ, stdin = p.table("environ"), p.text("stdin")
+        p.done()
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in environ.items()):
+            raise InvalidInputError("environ", "…", "must map names to strings")
+        return await self.cni.execute(environ, stdin.encode())
+
     # --- about the service -----------------------------------------------------------------
 
     async def version(self, p: Params, caller: Caller) -> Any:
@@ -385,6 +406,7 @@ class Service:
             "state_root": self.registry.root,
             "vms": [h.view() for h in self.registry.handles()],
             "pending_unplugs": pending,
+            "pending_attachments": self.cni.views(),
             "watches": [w.view() for w in self.watches.all()],
             "requests_in_flight": len(self.inflight),
             "recent_errors": list(self.errors),

@@ -55,6 +55,7 @@ METHODS = (
     "watch.start",
     "watch.stop",
     "watch.list",
+    "cni.exec",
 )
 
 
