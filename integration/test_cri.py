@@ -142,7 +142,10 @@ async def test_add_runs_before_any_vm_exists_so_direct_mode_fails_and_containerd
     mac = f"52:54:00:{random.randrange(256):02x}:{random.randrange(256):02x}:{b:02x}"
     vms = node.top / "vms"  # where a VM runtime would put each sandbox's monitor: not yet
     network = f"{node.name}net"
-    node.write_conflist(conflist(node, b, mac, {"qmpSocket": f"{vms}/{{containerId}}/qmp2.sock"}))
+    # direct mode: "qmpnetd": "" keeps the work in the plugin's process, whatever runs on
+    # the node's default service socket
+    direct = {"qmpnetd": "", "qmpSocket": f"{vms}/{{containerId}}/qmp2.sock"}
+    node.write_conflist(conflist(node, b, mac, direct))
     await node.start()
     client = node.client()
     version = await client.version()
