@@ -27,9 +27,15 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from qmpnet.testing.cri import Containerd, CriError, pids_with_argument
+from qmpnet.testing.cri import (
+    Containerd,
+    CriClient,
+    CriError,
+    SandboxStatus,
+    pids_with_argument,
+)
 from qmpnet.testing.guest import GuestImage, guest_ip_for_mac, host_ip_for_mac
-from qmpnet.testing.probe import ip_json, qemu_view
+from qmpnet.testing.probe import QemuView, ip_json, qemu_view
 from qmpnet.testing.scene import del_link, run, unique
 from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM
@@ -258,6 +264,49 @@ async def shim_stand_in_starts_the_vm(
     return vm, reply
 
 
+async def pending_pod(
+    node: Containerd, service: ServiceProcess, b: int, mac: str
+) -> tuple[CriClient, str, SandboxStatus]:
+    """RunPodSandbox with qmpnet-cni forwarding to qmpnetd: it succeeds with no VM, and the
+    service holds the attachment pending."""
+    network = f"{node.name}net"
+    node.write_conflist(conflist(node, b, mac, {"qmpnetd": str(service.socket)}))
+    await node.start()
+    client = node.client()
+    sandbox_id = await client.run_pod_sandbox(
+        client.sandbox_config(unique("pod"), cgroup_parent=node.cgroup_parent), timeout=CRI
+    )
+    status = await client.pod_sandbox_status(sandbox_id)
+    assert status.state == "SANDBOX_READY"
+    assert status.netns.startswith(f"{node.netns_dir}/"), status
+    assert pids_with_argument(str(node.socket)), "no shim runs the sandbox's task"
+    # the pod's veth, as containerd's netns holds it: tuning's MAC, host-local's address
+    assert netns_link(status.netns, "eth0")["address"] == mac
+    assert reservations(node, network) == {status.ip}
+    assert status.ip.startswith(f"169.254.{b}.")
+    pending = (await qmpnet_json("status", "--json", socket=service.socket))["pending_attachments"]
+    assert [(p["container_id"], p["network"], p["ifname"], p["status"]) for p in pending] == [
+        (sandbox_id, network, "eth0", "pending")
+    ]
+    return client, sandbox_id, status
+
+
+async def plugged_nic(vm: GuestVM, reply: Any, sandbox_id: str, network: str, mac: str) -> str:
+    """The register reply lists the attachment as plugged and the guest has the NIC; returns
+    the guest's name for it."""
+    assert [(a["container_id"], a["network"], a["status"]) for a in reply["attachments"]] == [
+        (sandbox_id, network, "plugged")
+    ], reply
+    added = await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={mac}\b", GUEST)
+    guest_nic = added.group(0).split("name=")[1].split()[0]
+    await vm.wait_for(rf"QMPNET NIC-ADDR name={guest_nic} ", GUEST)
+    return guest_nic
+
+
+def vm_nics(view: QemuView) -> set[str]:
+    return {d for d in view.devices if d.endswith("-dev")}
+
+
 @pytest.mark.asyncio
 async def test_add_is_pending_in_qmpnetd_until_the_vm_registers_then_plugs_and_del_unplugs(
     node: Containerd, service: ServiceProcess, guest_image: GuestImage
@@ -265,55 +314,20 @@ async def test_add_is_pending_in_qmpnetd_until_the_vm_registers_then_plugs_and_d
     b = free_link_local_byte()
     mac = f"52:54:00:{random.randrange(256):02x}:{random.randrange(256):02x}:{b:02x}"
     network = f"{node.name}net"
-    node.write_conflist(conflist(node, b, mac, {"qmpnetd": str(service.socket)}))
-    await node.start()
-    client = node.client()
-    pod = unique("pod")
-
-    sandbox_id = await client.run_pod_sandbox(
-        client.sandbox_config(pod, cgroup_parent=node.cgroup_parent), timeout=CRI
-    )
+    client, sandbox_id, status = await pending_pod(node, service, b, mac)
     vm: GuestVM | None = None
     try:
-        status = await client.pod_sandbox_status(sandbox_id)
-        assert status.state == "SANDBOX_READY"
-        assert status.netns.startswith(str(node.netns_dir) + "/"), status
-        # the pod's veth, as containerd's netns holds it: tuning's MAC, host-local's address
-        eth0 = netns_link(status.netns, "eth0")
-        assert eth0["address"] == mac
-        assert reservations(node, network) == {status.ip}
-        assert status.ip.startswith(f"169.254.{b}.")
-        # qmpnetd answered ADD by recording the attachment: no VM yet
-        pending = (await qmpnet_json("status", "--json", socket=service.socket))[
-            "pending_attachments"
-        ]
-        assert [(p["container_id"], p["network"], p["ifname"], p["status"]) for p in pending] == [
-            (sandbox_id, network, "eth0", "pending")
-        ]
         # the far side of the pod's veth gets the address the guest expects (no isGateway)
         run("ip", "addr", "add", f"{host_ip_for_mac(mac)}/24", "dev", bridge_of(node))
-
-        vm_dir = node.top / "vm"
-        vm_dir.mkdir()
         vm, reply = await shim_stand_in_starts_the_vm(
-            guest_image, vm_dir, sandbox_id, status.netns, service.socket
+            guest_image, node.top, sandbox_id, status.netns, service.socket
         )
-        cursor = 0
-        assert [(a["container_id"], a["network"], a["status"]) for a in reply["attachments"]] == [
-            (sandbox_id, network, "plugged")
-        ], reply
-        added = await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={mac}\b", GUEST, since=cursor)
-        guest_nic = added.group(0).split("name=")[1].split()[0]
-        await vm.wait_for(rf"QMPNET NIC-ADDR name={guest_nic} ", GUEST, since=cursor)
+        guest_nic = await plugged_nic(vm, reply, sandbox_id, network, mac)
         await ping_until(*PING, "-I", bridge_of(node), guest_ip_for_mac(mac))
         await vm.wait_for(
-            rf"QMPNET PING name={guest_nic} peer={host_ip_for_mac(mac)} result=ok",
-            GUEST,
-            since=cursor,
+            rf"QMPNET PING name={guest_nic} peer={host_ip_for_mac(mac)} result=ok", GUEST
         )
-        plugged = await qemu_view(vm.qmp_path)
-        nics = {d for d in plugged.devices if d.endswith("-dev")}
-        assert len(nics) == 1, plugged
+        assert len(vm_nics(await qemu_view(vm.qmp_path))) == 1
         after = await qmpnet_json("status", "--json", socket=service.socket)
         assert after["pending_attachments"] == []
 
@@ -322,15 +336,53 @@ async def test_add_is_pending_in_qmpnetd_until_the_vm_registers_then_plugs_and_d
         # containerd ran DEL: the NIC is gone from QEMU and the guest, the address released
         await vm.wait_for(rf"QMPNET NIC-DEL name={guest_nic} mac={mac}", GUEST, since=cursor)
         unplugged = await qemu_view(vm.qmp_path)
-        assert not {d for d in unplugged.devices if d.endswith("-dev")}, unplugged
+        assert not vm_nics(unplugged), unplugged
         assert not unplugged.netdevs, unplugged
         assert reservations(node, network) == set()
         assert node.netns() == []
         assert bridge_ports(bridge_of(node)) == []
         await client.remove_pod_sandbox(sandbox_id, timeout=CRI)
         assert await client.list_pod_sandbox() == []
+        # the stand-in shim's end: forget the VM, then stop it
+        await qmpnet_json("vm", "unregister", sandbox_id, socket=service.socket)
     finally:
         if vm is not None:
             await vm.stop()
+    final = await qmpnet_json("status", "--json", socket=service.socket)
+    assert final["pending_attachments"] == []
+    assert all(v["id"] != sandbox_id for v in final["vms"]), final
+    assert await node.close() == []
+    assert node.leftovers() == []
+
+
+@pytest.mark.asyncio
+async def test_del_after_the_vm_is_gone_succeeds_as_with_containerds_own_stop_order(
+    node: Containerd, service: ServiceProcess, guest_image: GuestImage
+) -> None:
+    """containerd's StopPodSandbox stops the sandbox's task first and runs DEL only after it:
+    under a VM runtime the VM is gone by then. The stand-in shim stops its VM first, as the
+    task's end would; DEL must still succeed and leave nothing."""
+    b = free_link_local_byte()
+    mac = f"52:54:00:{random.randrange(256):02x}:{random.randrange(256):02x}:{b:02x}"
+    network = f"{node.name}net"
+    client, sandbox_id, status = await pending_pod(node, service, b, mac)
+    vm, reply = await shim_stand_in_starts_the_vm(
+        guest_image, node.top, sandbox_id, status.netns, service.socket
+    )
+    try:
+        await plugged_nic(vm, reply, sandbox_id, network, mac)
+    finally:
+        await vm.stop()
+    assert not vm.qmp_path.exists()
+
+    await client.stop_pod_sandbox(sandbox_id, timeout=CRI)
+
+    assert reservations(node, network) == set()
+    assert node.netns() == []
+    assert bridge_ports(bridge_of(node)) == []
+    await client.remove_pod_sandbox(sandbox_id, timeout=CRI)
+    assert await client.list_pod_sandbox() == []
+    final = await qmpnet_json("status", "--json", socket=service.socket)
+    assert final["pending_attachments"] == []
     assert await node.close() == []
     assert node.leftovers() == []
