@@ -144,6 +144,15 @@ def _slot_taken(err: QmpCommandError) -> bool:
 
 
 @attrs.define(eq=False)
+class _Kept:
+    """A session's slot lock, vCPU count and kept topology."""
+
+    lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
+    vcpus: int | None = None
+    topology: Topology | None = None
+
+
+@attrs.define(eq=False)
 class QemuHypervisor:
     """Hot-plug network devices into one running QEMU through one QMP session.
 
@@ -156,9 +165,33 @@ class QemuHypervisor:
     qmp: QmpSession
     unplug_timeout: float = 5.0
     guest_timeout: float = 30.0
-    _lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
-    _vcpus: int | None = None
-    _topology: Topology | None = None
+    #: what every view of this session shares (see :meth:`with_timeouts`)
+    _kept: _Kept = attrs.field(factory=_Kept)
+
+    def with_timeouts(self, unplug: float, guest: float) -> QemuHypervisor:
+        """This session with one request's deadlines: the slot lock, vCPU count and kept
+        topology stay shared, so concurrent requests with other deadlines still agree."""
+        return attrs.evolve(self, unplug_timeout=unplug, guest_timeout=guest)
+
+    @property
+    def _lock(self) -> asyncio.Lock:
+        return self._kept.lock
+
+    @property
+    def _vcpus(self) -> int | None:
+        return self._kept.vcpus
+
+    @_vcpus.setter
+    def _vcpus(self, value: int | None) -> None:
+        self._kept.vcpus = value
+
+    @property
+    def _topology(self) -> Topology | None:
+        return self._kept.topology
+
+    @_topology.setter
+    def _topology(self, value: Topology | None) -> None:
+        self._kept.topology = value
 
     async def vcpus(self) -> int:
         if self._vcpus is None:

@@ -148,7 +148,10 @@ class NetworkState:
     async def hypervisor(self) -> AsyncIterator[QemuHypervisor]:
         kept = self._kept()
         if kept is not None:
-            yield kept
+            # a sharer's own deadlines (a service request's --timeout-unplug) over the
+            # base's session
+            t = self.config.timeouts
+            yield kept if self._base is None else kept.with_timeouts(t.unplug, t.guest_ready)
             return
         async with await self._session() as session:
             yield self._adapter(session)
