@@ -218,6 +218,16 @@ async def test_stdin_and_json_logs(
     # -vv shows the QMP traffic as --> / <-- lines.
     assert any(m.startswith("--> netdev_add") for m in messages)
     assert any(m.startswith("<-- device_add") for m in messages)
+    # each record of the plug says which VM and NIC, and the QMP lines which step
+    _, mac, _ = iface
+    netdev = next(r for r in records if r["msg"].startswith("--> netdev_add"))
+    assert (netdev["vm"], netdev["mac"], netdev["step"]) == (
+        str(vm.mgmt_qmp_path),
+        mac,
+        "netdev-add",
+    )
+    device = next(r for r in records if r["msg"].startswith("--> device_add"))
+    assert device["step"] == "device-add"
     removed = await qmpnet(
         "del-iface", "--qmp", str(vm.mgmt_qmp_path), "--state", str(state_dir), str(path)
     )  # the file's hwAddr selects it
@@ -516,6 +526,9 @@ async def test_no_vm_given_is_usage_and_json_errors_are_json(
     doc = json.loads(line)
     assert (doc["level"], doc["exit"]) == ("error", 3)
     assert "mtu" in doc["msg"]
+    # the final error line has the shape of every other record
+    assert {"time", "level", "logger", "msg", "error", "exit"} <= set(doc)
+    assert doc["vm"] == str(tmp_path / "x.sock")
 
 
 async def test_queues_out_of_range_fail_before_anything_is_made(

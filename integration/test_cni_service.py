@@ -61,7 +61,9 @@ async def vm(
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ServiceProcess]:
-    async with await ServiceProcess.start(tmp_path_factory.mktemp("qmpnetd")) as svc:
+    async with await ServiceProcess.start(
+        tmp_path_factory.mktemp("qmpnetd"), args=["--log-format", "json"]
+    ) as svc:
         yield svc
     assert svc.returncode == 0, svc.tail()
 
@@ -192,6 +194,15 @@ async def test_a_pods_first_network_waits_for_its_vm_and_is_plugged_when_it_is_r
         ((plugged,),) = [reply["attachments"]]
         assert plugged["status"] == "plugged", reply
         assert await pending(service) == []
+        # the service's JSON log says which sandbox, VM, NIC and step each record is about
+        records = [json.loads(line) for line in service.lines() if line.startswith("{")]
+        assert any(
+            r.get("container_id") == pod.container_id
+            and r.get("mac") == net.mac
+            and r.get("step") == "device-add"
+            and r.get("vm") == str(vm.mgmt_qmp_path)
+            for r in records
+        ), service.tail()
         guest_nic = await guest_has_it(vm, pod, net.mac, cursor)
         ((_, owner),) = owned_links(f"/run/netns/{pod.netns}").items()
         assert f"{owner}-dev" in (await qemu_view(vm))[0]

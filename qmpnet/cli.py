@@ -735,10 +735,17 @@ def _note(text: str) -> None:
 def _fail(args: argparse.Namespace, code: int, kind: str, message: str) -> int:
     word = "internal error" if code == EXIT_INTERNAL else "error"
     if args.log_format == "json":
-        print(
-            json.dumps({"level": "error", "error": kind, "msg": message, "exit": code}),
-            file=sys.stderr,
-        )
+        # the shape of every other record (qmpnet.logs), with the error's class and exit code
+        import logging
+
+        from qmpnet.logs import JsonFormatter
+
+        record = logging.LogRecord("qmpnet", logging.ERROR, "", 0, message, None, None)
+        record.error, record.exit = kind, code
+        for name in ("qmp", "mac"):
+            if isinstance(getattr(args, name, None), str) and getattr(args, name):
+                setattr(record, "vm" if name == "qmp" else name, getattr(args, name))
+        print(JsonFormatter().format(record), file=sys.stderr)
     else:
         print(f"qmpnet: {word}: {message}", file=sys.stderr)
     return code

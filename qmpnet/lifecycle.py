@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import attrs
 
 from qmpnet.errors import PlugError, QmpnetError
+from qmpnet.logs import fields
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,8 @@ class Operation:
         """Run one step; register its undo at once; wrap a failure as PlugError(step)."""
         await self._notify(step, Phase.BEGIN)
         try:
-            result = await action()
+            with fields(step=step.value):
+                result = await action()
         except (QmpnetError, OSError) as err:
             await self._notify(step, Phase.FAILED)
             if isinstance(err, PlugError):
@@ -148,7 +150,8 @@ class Operation:
         self, step: Step, undo: Callable[[Any], Awaitable[None]], result: Any
     ) -> None:
         try:
-            await undo(result)
+            with fields(step=f"undo {step.value}"):
+                await undo(result)
         except Exception as err:  # keep unwinding: one failed undo must not stop the others
             self.undo_errors.append(err)
             log.error("%s of %s: undo of %s failed: %s", self.kind, self.endpoint, step, err)

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import sys
+import types
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+#: the structured fields a record carries, named as in the JSON log lines
+FIELD_NAMES = ("vm", "mac", "step", "container_id")
+#: what the code running now acts on: set by the operations (:func:`fields`), read by the
+#: JSON formatter, so a record logged anywhere below carries them without being passed them
+_FIELDS: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "qmpnet_log_fields", default=types.MappingProxyType({})
+)
+
+
+@contextlib.contextmanager
+def fields(**values: str) -> Iterator[None]:
+    """Log records within carry these fields (empty values are left out)."""
+    token = _FIELDS.set({**_FIELDS.get(), **{k: v for k, v in values.items() if v}})
+    try:
+        yield
+    finally:
+        _FIELDS.reset(token)
+
+
+def current_fields() -> Mapping[str, str]:
+    return _FIELDS.get()
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, msg, and the structured fields
+    (``vm``, ``mac``, ``step``, ``container_id``) where known; ``extra`` keys of those names
+    or of ``error``/``exit`` are taken too (the CLI's final error line)."""
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
             "time": round(record.created, 3),
@@ -16,6 +46,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        doc.update(_FIELDS.get())
+        for key in (*FIELD_NAMES, "error", "exit"):
+            value = getattr(record, key, None)
+            if value is not None:
+                doc[key] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)

@@ -35,6 +35,7 @@ from qmpnet.errors import (
 )
 from qmpnet.hypervisor import QemuHypervisor
 from qmpnet.lifecycle import Observer, Operation, OpKind, Phase, Step
+from qmpnet.logs import fields
 from qmpnet.model import (
     InterfaceDescription,
     InterworkingModel,
@@ -259,8 +260,30 @@ class NetworkState:
 
         A NetPair refuses a sandbox link of qmpnet's own (the host's) namespace or a port of
         a bridge or bond, unless ``allow_foreign_link``; whatever it changes on that link is
-        given back on unplug.
+        given back on unplug. Log records within carry the VM and MAC.
         """
+        with fields(vm=self.qmp_path, mac=desc.hw_addr):
+            return await self._add_interface(
+                desc,
+                model=model,
+                netns_path=netns_path,
+                queues=queues,
+                tap_name=tap_name,
+                wait_guest=wait_guest,
+                allow_foreign_link=allow_foreign_link,
+            )
+
+    async def _add_interface(
+        self,
+        desc: InterfaceDescription,
+        *,
+        model: InterworkingModel | None,
+        netns_path: str,
+        queues: int,
+        tap_name: str | None,
+        wait_guest: bool,
+        allow_foreign_link: bool,
+    ) -> Endpoint:
         model = model or self.config.internetworking_model
         if queues:
             check_queues("queues", queues)
@@ -332,6 +355,12 @@ class NetworkState:
         await self.store.save(snap)
 
     async def remove_interface(self, hw_addr: str) -> Endpoint:
+        """Unplug the interface with MAC ``hw_addr`` and forget it (see :meth:`_remove_interface`);
+        log records within carry the VM and MAC."""
+        with fields(vm=self.qmp_path, mac=hw_addr):
+            return await self._remove_interface(hw_addr)
+
+    async def _remove_interface(self, hw_addr: str) -> Endpoint:
         """Unplug the interface with MAC ``hw_addr`` and forget it.
 
         If the guest does not release the device in time, the entry is kept as

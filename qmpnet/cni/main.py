@@ -23,6 +23,7 @@ from qmpnet.cni.spec import (
     Code,
     to_cni_error,
 )
+from qmpnet.logs import fields
 
 log = logging.getLogger("qmpnet.cni")
 
@@ -139,7 +140,8 @@ async def answer(raw: bytes, environ: Mapping[str, str], vms: Vms, logs: _Logs) 
             conf.model,
             " (through qmpnetd)" if vms.defers else "",
         )
-        result: dict[str, Any] | None = await COMMANDS[env.command](Request(env, conf, vms))
+        with fields(container_id=env.container_id):
+            result: dict[str, Any] | None = await COMMANDS[env.command](Request(env, conf, vms))
     except Exception as err:
         cni_err = to_cni_error(err)
         level = logging.ERROR if cni_err.code != Code.INTERNAL else logging.CRITICAL

@@ -40,6 +40,7 @@ from qmpnet.cni.spec import DEBUG_ENV, to_cni_error
 from qmpnet.config import Config
 from qmpnet.errors import StateError
 from qmpnet.files import Writer, atomic_write, private_dir, read_text
+from qmpnet.logs import fields
 from qmpnet.network import NetworkState
 from qmpnet.service.registry import Registry, VmHandle
 from qmpnet.store import STATE_FILE
@@ -344,7 +345,8 @@ class CniHost:
                 return {**(waiting.view() if waiting else {}), "key": list(key)}
             try:
                 req = waiting.request(self.vms)
-                await plug(req, qmp, mac=waiting.mac, got=waiting.got)
+                with fields(container_id=waiting.container_id):
+                    await plug(req, qmp, mac=waiting.mac, got=waiting.got)
             except Exception as err:
                 cni = to_cni_error(err)
                 failed = attrs.evolve(

@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="info is logged by default; -vv debug with QMP traffic, -vvv everything",
     )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one object per line, with vm, mac, step and container_id where known",
+    )
     p.add_argument("--version", action="version", version=f"qmpnetd {package_version()}")
     return p
 
@@ -225,7 +231,7 @@ def main(argv: Sequence[str] | None = None, observers: Sequence[Observer] = ()) 
     args = build_parser().parse_args(argv)
     args.state_root = os.path.abspath(args.state_root)
     args.socket = os.path.abspath(args.socket)
-    setup_logging(max(args.verbose, 1), "text", prefix="qmpnetd")
+    setup_logging(max(args.verbose, 1), args.log_format, prefix="qmpnetd")
     if args.metrics_listen:
         try:
             import prometheus_client  # noqa: F401
