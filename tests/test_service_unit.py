@@ -106,3 +106,19 @@ def test_the_thin_clients_copies_of_constants_agree() -> None:
 
     assert cli.STATE_ROOT == layout.DEFAULT_ROOT
     assert cli._READ_MAX == DOCUMENT_MAX + 1
+
+
+@pytest.mark.asyncio
+async def test_status_does_not_count_itself_in_flight(tmp_path: Path) -> None:
+    import asyncio
+
+    service = Service(Registry(str(tmp_path)), str(tmp_path / "s.sock"))
+    root = Caller(Peer(pid=1, uid=0, gid=0), Role.ROOT)
+    other = asyncio.Event()
+    busy = asyncio.create_task(other.wait())  # another request, still running
+    work = asyncio.create_task(service.status(Params({}), root))
+    service.inflight |= {busy, work}
+    got = await work
+    assert got["requests_in_flight"] == 1
+    other.set()
+    await busy

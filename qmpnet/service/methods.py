@@ -408,7 +408,8 @@ class Service:
             "pending_unplugs": pending,
             "pending_attachments": self.cni.views(),
             "watches": [w.view() for w in self.watches.all()],
-            "requests_in_flight": len(self.inflight),
+            # besides this status request itself
+            "requests_in_flight": len(self.inflight - {asyncio.current_task()}),
             "recent_errors": list(self.errors),
         }
 
