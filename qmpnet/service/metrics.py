@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -52,19 +53,25 @@ class Metrics:
             ["kind", "step", "outcome"],
             registry=self.registry,
         )
-        self._began: dict[tuple[int, Step], float] = {}
+        # by operation, weakly: a step cancelled mid-way reports no end, and its entry must
+        # go with its operation rather than stay (and meet a later one that reuses an id)
+        self._began: weakref.WeakKeyDictionary[Operation, dict[Step, float]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def observe(self, op: Operation, step: Step, phase: Phase) -> None:
         """A lifecycle observer (see :data:`qmpnet.lifecycle.Observer`)."""
-        key = (id(op), step)
         if phase is Phase.BEGIN:
-            self._began[key] = time.monotonic()
+            self._began.setdefault(op, {})[step] = time.monotonic()
             return
         if phase in (Phase.UNDO, Phase.UNDO_FAILED):
             outcome = "ok" if phase is Phase.UNDO else "failed"
             self.undos.labels(op.kind.value, step.value, outcome).inc()
             return
-        began = self._began.pop(key, None)
+        steps = self._began.get(op, {})
+        began = steps.pop(step, None)
+        if not steps:
+            self._began.pop(op, None)
         if began is not None:
             self.steps.labels(op.kind.value, step.value).observe(time.monotonic() - began)
         if phase is Phase.FAILED:
