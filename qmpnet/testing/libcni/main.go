@@ -9,12 +9,14 @@
 // CNI_CACHE_DIR. CNI_ARGS ("K=V;K=V") and CAP_ARGS (a JSON object) reach the plugins as
 // args and runtimeConfig. A result (add, cached), the capabilities (validate) or each
 // plugin's version info (version) is printed as JSON on stdout; check and del print
-// nothing. An error goes to stderr and the exit status is 1.
+// nothing. An error goes to stderr (a plugin's as "error CODE: MSG") and the exit
+// status is 1.
 package main
 
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -23,6 +25,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/types"
 )
 
 // timeout bounds one command: a whole list, every plugin of it.
@@ -145,7 +148,13 @@ func run(args []string) error {
 
 func main() {
 	if err := run(os.Args[1:]); err != nil {
-		fmt.Fprintln(os.Stderr, err)
+		// a plugin's error object: its code is part of the answer, not only its text
+		var plugin *types.Error
+		if errors.As(err, &plugin) {
+			fmt.Fprintf(os.Stderr, "error %d: %v\n", plugin.Code, err)
+		} else {
+			fmt.Fprintln(os.Stderr, err)
+		}
 		os.Exit(1)
 	}
 }
