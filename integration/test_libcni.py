@@ -89,6 +89,9 @@ def build_driver(cache: Path) -> Path:
     )
     assert built.returncode == 0, f"go build failed:\n{built.stderr}"
     partial.rename(binary)
+    for stale in cache.iterdir():  # builds of an older main.go
+        if stale.name != digest and stale.name != "go-build":
+            shutil.rmtree(stale)
     return binary
 
 
