@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 qemu-utils iproute2 kmod ethtool iperf3 busybox-static \
-	containernetworking-plugins systemd man-db groff-base zsh containerd runc
+	containernetworking-plugins systemd man-db groff-base zsh containerd runc \
+	golang-go golang-github-appc-cni-dev
 BENCH_APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients time
 PYTEST_ARGS ?=
 
