@@ -21,6 +21,7 @@ same steps can run against other ways of reaching qmpnet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ from qmpnet.marks import claimed_owner
 from qmpnet.testing.guest import GuestImage, guest_ip_for_mac, host_ip_for_mac
 from qmpnet.testing.probe import ip_json
 from qmpnet.testing.scene import RUN, unique
+from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel]
@@ -192,7 +194,8 @@ def free_link_local_byte() -> int:
     return random.choice([b for b in range(16, 250) if b not in used])
 
 
-def pod_conflist(where: Path, vm: GuestVM, *, version: str = VERSION) -> PodList:
+def pod_conflist(where: Path, vm: GuestVM, *, version: str = VERSION, qmpnetd: str = "") -> PodList:
+    """``qmpnetd``: the service's socket, or "" for the plugin's direct mode."""
     b = free_link_local_byte()
     prefix = unique("l")
     mac = f"52:54:00:{random.randrange(256):02x}:{random.randrange(256):02x}:{b:02x}"
@@ -221,6 +224,7 @@ def pod_conflist(where: Path, vm: GuestVM, *, version: str = VERSION) -> PodList
                 "model": "tcfilter",
                 "qmpSocket": f"{where}/vms/{{containerId}}/qmp2.sock",
                 "stateDir": f"{state_dir}/{{containerId}}",
+                "qmpnetd": qmpnetd,
             },
         ],
     }
@@ -245,7 +249,12 @@ async def pod_vm(
 @pytest.fixture
 def pod(pod_vm: GuestVM, tmp_path: Path, driver: Driver) -> Iterator[PodList]:
     """The pod's netns exists before ADD (the runtime makes it); everything goes at the end."""
-    pod = pod_conflist(tmp_path, pod_vm)
+    with _pod(pod_conflist(tmp_path, pod_vm), driver) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def _pod(pod: PodList, driver: Driver) -> Iterator[PodList]:
     subprocess.run(["ip", "netns", "add", pod.netns], check=True)
     try:
         yield pod
@@ -400,3 +409,16 @@ async def test_a_1_1_list_is_refused_by_validate_because_bridge_stops_at_1_0(
     assert refused.status == 1
     assert 'plugin bridge does not support config version "1.1.0"' in refused.err, refused
     assert "qmpnet-cni" not in refused.err
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_libcni_runs_the_list_through_qmpnetd(
+    driver: Driver, pod_vm: GuestVM, tmp_path: Path
+) -> None:
+    """The same flow with the service on the node: qmpnet-cni forwards every command."""
+    async with await ServiceProcess.start(tmp_path / "svc") as svc:
+        with _pod(pod_conflist(tmp_path, pod_vm, qmpnetd=str(svc.socket)), driver) as pod:
+            await libcni_flow(driver, pod, pod_vm)
+            # the service did the work: it knows the VM, and its state is under its root
+            assert any((svc.root).glob("vm-*/state.json")), svc.tail()
+    assert svc.returncode == 0, svc.tail()
