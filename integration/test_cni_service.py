@@ -379,3 +379,29 @@ async def test_a_pod_torn_down_in_the_wrong_order_leaves_the_vm_and_nothing_on_t
         assert await vm.died_by_itself() is None
         assert not (tmp_path / "cni" / pod.container_id).exists()
         await runtime.ok("DEL", conf, **{**call_of(pod), "netns": ""})
+
+
+async def test_a_vm_registered_before_its_monitor_listens_is_plugged_once_it_does(
+    vm: GuestVM, service: ServiceProcess, runtime: Runtime, tmp_path: Path
+) -> None:
+    """A shim may register the sandbox's VM before QEMU has made its monitor: the pending
+    attachment waits on the registered socket and is plugged when it appears."""
+    net = Network(unique("q"))
+    async with net.pod() as pod:
+        conf = chained(pod, stateDir=f"{tmp_path}/cni/{{containerId}}", qmpnetd=str(service.socket))
+        result = await runtime.ok("ADD", conf, **call_of(pod))
+        later = tmp_path / "later" / "qmp.sock"
+        reply = await qmpnet(
+            service, "vm", "register", "--id", pod.container_id, "--qmp", str(later)
+        )
+        ((waiting,),) = [reply["attachments"]]
+        assert (waiting["status"], waiting["qmp"]) == ("pending", str(later)), reply
+        cursor = vm.console_cursor()
+        later.parent.mkdir()
+        later.symlink_to(vm.mgmt_qmp_path)  # the monitor appears
+        await until_none_pending(service)
+        await guest_has_it(vm, pod, net.mac, cursor)
+        await runtime.ok("CHECK", {**conf, "prevResult": result}, **call_of(pod))
+        await runtime.ok("DEL", {**conf, "prevResult": result}, **call_of(pod))
+        assert owned_links(f"/run/netns/{pod.netns}") == {}
+        await qmpnet(service, "vm", "unregister", pod.container_id)
