@@ -405,3 +405,46 @@ async def test_a_vm_registered_before_its_monitor_listens_is_plugged_once_it_doe
         await runtime.ok("DEL", {**conf, "prevResult": result}, **call_of(pod))
         assert owned_links(f"/run/netns/{pod.netns}") == {}
         await qmpnet(service, "vm", "unregister", pod.container_id)
+
+
+async def test_a_plug_the_service_was_killed_in_is_run_again_from_its_record(
+    vm: GuestVM, service: ServiceProcess, runtime: Runtime, tmp_path: Path
+) -> None:
+    """The service records an attachment before it plugs it; killed then, it finds that
+    record next time: the VM's journal says the NIC is not plugged, so the record goes and
+    the plug runs again (rather than failing as "already attached")."""
+    from qmpnet.cni.records import Attachment, Book, Records
+
+    net = Network(unique("q"))
+    async with net.pod() as pod:
+        conf = chained(pod, stateDir=f"{tmp_path}/cni/{{containerId}}", qmpnetd=str(service.socket))
+        result = await runtime.ok("ADD", conf, **call_of(pod))
+        # what a plug interrupted right after its first write leaves behind
+        book = Book(tmp_path / "cni" / pod.container_id)
+        book.dir.mkdir(parents=True, mode=0o700)
+        await book.save(
+            Records(
+                (
+                    Attachment(
+                        network=conf["name"],
+                        container_id=pod.container_id,
+                        ifname="eth0",
+                        netns=f"/run/netns/{pod.netns}",
+                        mac=net.mac,
+                        qmp_socket=str(vm.mgmt_qmp_path),
+                    ),
+                )
+            )
+        )
+        cursor = vm.console_cursor()
+        reply = await qmpnet(
+            service, "vm", "register", "--id", pod.container_id, "--qmp", str(vm.mgmt_qmp_path)
+        )
+        ((plugged,),) = [reply["attachments"]]
+        assert plugged["status"] == "plugged", reply
+        await guest_has_it(vm, pod, net.mac, cursor)
+        await runtime.ok("CHECK", {**conf, "prevResult": result}, **call_of(pod))
+        await runtime.ok("DEL", {**conf, "prevResult": result}, **call_of(pod))
+        assert owned_links(f"/run/netns/{pod.netns}") == {}
+        assert not book.dir.exists()
+        await qmpnet(service, "vm", "unregister", pod.container_id)

@@ -34,7 +34,7 @@ import attrs
 from qmpnet import layout
 from qmpnet.cni.commands import plug
 from qmpnet.cni.main import _Logs, answer
-from qmpnet.cni.records import Attachment
+from qmpnet.cni.records import Attachment, Book
 from qmpnet.cni.request import Deferred, Env, NetConf, Request, Vms
 from qmpnet.cni.spec import DEBUG_ENV, to_cni_error
 from qmpnet.config import Config
@@ -43,7 +43,7 @@ from qmpnet.files import Writer, atomic_write, private_dir, read_text
 from qmpnet.logs import fields
 from qmpnet.network import NetworkState
 from qmpnet.service.registry import Registry, VmHandle
-from qmpnet.store import STATE_FILE
+from qmpnet.store import STATE_FILE, Status
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,8 @@ class CniHost:
             try:
                 req = waiting.request(self.vms)
                 with fields(container_id=waiting.container_id):
-                    await plug(req, qmp, mac=waiting.mac, got=waiting.got)
+                    if not await self._left_plugged(req):
+                        await plug(req, qmp, mac=waiting.mac, got=waiting.got)
             except Exception as err:
                 cni = to_cni_error(err)
                 failed = attrs.evolve(
@@ -372,6 +373,32 @@ class CniHost:
             qmp,
         )
         return {**waiting.view(), "qmp": qmp, "status": "plugged"}
+
+    async def _left_plugged(self, req: Request) -> bool:
+        """A plug of this attachment the service was killed in: its record is there.
+
+        The VM's journal settles what the plug did; if the NIC ended up plugged the attachment
+        is done, else the record of the undone plug is dropped and the plug runs again.
+        """
+        book = Book(req.state_dir)
+        if not book.path.exists():
+            return False
+        async with book.locked():
+            records = book.load()
+            found = records.find(req.key)
+            if found is None:
+                return False
+            state = await self.vms.state(req.state_dir, found.qmp_socket, req.conf.config())
+            await state.recover()
+            if any(
+                e.endpoint.hardware_addr == found.mac and e.status is Status.PLUGGED
+                for e in state.store.load().entries
+            ):
+                log.info("%s of %s was plugged before a restart", found.ifname, found.container_id)
+                return True
+            log.info("dropping the record of an interrupted plug of %s", found.ifname)
+            await book.save(records.without(found))
+            return False
 
     # --- sockets that appear ---------------------------------------------------------------
 
