@@ -23,6 +23,7 @@ from qemu.qmp import QMPClient
 
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import GuestImage
+from qmpnet.testing.output import conforms
 from qmpnet.testing.probe import links
 from qmpnet.testing.scene import RUN, unique
 from qmpnet.testing.vm import GuestVM, marker_fields
@@ -126,7 +127,7 @@ async def test_add_list_del_round_trip(
         str(path),
     )
     assert added.returncode == 0, added.stderr
-    out = json.loads(added.stdout)
+    out = conforms(json.loads(added.stdout), "interface")
     assert out["hwAddr"] == address
     assert out["pciPath"]
     assert out["mtu"] == 1400
@@ -143,7 +144,9 @@ async def test_add_list_del_round_trip(
     assert "plugged" in row
     assert out["pciPath"] in row
     listed = json.loads((await qmpnet("list-ifaces", "--state", str(state_dir), "--json")).stdout)
-    (entry,) = listed["interfaces"]
+    (entry,) = conforms(listed, "interfaceList")["interfaces"]
+    assert (entry["mac"], entry["host_link"], entry["status"]) == (address, tap, "plugged")
+    assert entry["pci_path"] == out["pciPath"]
     device = entry["endpoint"]["tap_interface"]["id"] + "-dev"
     assert device in await monitor.peripherals()
 
@@ -454,7 +457,7 @@ async def test_pending_unplug_exit_6_then_reconcile(
     # The guest never runs: reconcile keeps the entry pending, in JSON for machines.
     report = await qmpnet("reconcile", *base, "--timeout-unplug", "1", "--json")
     assert report.returncode == 0, report.stderr
-    outcomes = {a["outcome"] for a in json.loads(report.stdout)["actions"]}
+    outcomes = {a["outcome"] for a in conforms(json.loads(report.stdout), "reconcile")["actions"]}
     assert outcomes == {"pending-kept"}
 
     # QEMU gone: reconcile drops the entry and the tap QEMU held goes with the process.

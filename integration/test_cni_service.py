@@ -36,6 +36,7 @@ from test_cni import (
 
 from qmpnet.testing.cni import Pod, pod_network
 from qmpnet.testing.guest import GuestImage, guest_ip_for_mac, host_ip_for_mac
+from qmpnet.testing.output import conforms
 from qmpnet.testing.scene import RUN, unique
 from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM
@@ -93,7 +94,7 @@ async def qmpnet(svc: ServiceProcess, *args: str) -> Any:
 
 
 async def pending(svc: ServiceProcess) -> list[dict[str, Any]]:
-    status = await qmpnet(svc, "status", "--json")
+    status = conforms(await qmpnet(svc, "status", "--json"), "status")
     return list(status["pending_attachments"])
 
 
@@ -191,7 +192,7 @@ async def test_a_pods_first_network_waits_for_its_vm_and_is_plugged_when_it_is_r
             "--sandbox",
             f"/run/netns/{pod.netns}",
         )
-        ((plugged,),) = [reply["attachments"]]
+        ((plugged,),) = [conforms(reply, "vmRegistered")["attachments"]]
         assert plugged["status"] == "plugged", reply
         assert await pending(service) == []
         # the service's JSON log says which sandbox, VM, NIC and step each record is about

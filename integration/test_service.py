@@ -22,6 +22,7 @@ import pytest_asyncio
 from qemu.qmp import QMPClient
 
 from qmpnet.testing.fixtures import module_vm
+from qmpnet.testing.output import conforms
 from qmpnet.testing.probe import links
 from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM, marker_fields
@@ -108,7 +109,7 @@ async def test_add_list_del_through_the_service(
     qmp = str(vm.mgmt_qmp_path)
     cursor = vm.console_cursor()
     added = await add_tap(service, qmp, address, tap, tmp_path)
-    reply = json.loads(added.stdout)
+    reply = conforms(json.loads(added.stdout), "interface")
     assert reply["hwAddr"] == address
     assert reply["pciPath"]
     # the guest saw it, and QEMU's other monitor holds it
@@ -119,8 +120,9 @@ async def test_add_list_del_through_the_service(
     # no --state was needed: the service keeps the VM's state under its own root
     listed = await qmpnet("list-ifaces", "--qmp", qmp, "--json", env=service.env)
     assert listed.returncode == 0, listed.stderr
-    doc = json.loads(listed.stdout)
+    doc = conforms(json.loads(listed.stdout), "interfaceList")
     assert [i["status"] for i in doc["interfaces"]] == ["plugged"]
+    assert [i["mac"] for i in doc["interfaces"]] == [address]
     table = await qmpnet("list-ifaces", "--qmp", qmp, env=service.env)
     assert address in table.stdout
     assert "plugged" in table.stdout
@@ -352,15 +354,17 @@ async def test_reconcile_status_vm_and_watch_doors(
     assert rec.returncode == 0, rec.stderr
     rec_json = await qmpnet("reconcile", "--qmp", qmp, "--json", env=service.env)
     assert rec_json.returncode == 0
-    assert json.loads(rec_json.stdout)["qemu"] == "running"
+    assert conforms(json.loads(rec_json.stdout), "reconcile")["qemu"] == "running"
     reg = await qmpnet("vm", "register", "--id", "sandbox-1", "--qmp", qmp, env=service.env)
     assert reg.returncode == 0, reg.stderr
+    conforms(json.loads(reg.stdout), "vmRegistered")
     listed = await qmpnet("vm", "list", "--json", env=service.env)
-    (entry,) = [v for v in json.loads(listed.stdout)["vms"] if v["id"] == "sandbox-1"]
+    vms = conforms(json.loads(listed.stdout), "vmList")["vms"]
+    (entry,) = [v for v in vms if v["id"] == "sandbox-1"]
     assert entry["session"] == "open"
     assert entry["registered_by_root"] is True
     status = await qmpnet("status", "--json", env=service.env)
-    doc = json.loads(status.stdout)
+    doc = conforms(json.loads(status.stdout), "status")
     assert doc["pid"] == service.pid
     assert any(v["id"] == "sandbox-1" for v in doc["vms"])
     human = await qmpnet("status", env=service.env)
@@ -373,7 +377,7 @@ async def test_reconcile_status_vm_and_watch_doors(
     assert started.returncode == 0, started.stderr
     ident = started.stdout.split()[1]
     watches = json.loads((await qmpnet("watches", "--json", env=service.env)).stdout)
-    (w,) = [x for x in watches["watches"] if x["id"] == ident]
+    (w,) = [x for x in conforms(watches, "watchList")["watches"] if x["id"] == ident]
     assert w["running"] is True
     assert (await qmpnet("unwatch", ident, env=service.env)).returncode == 0
     watches = json.loads((await qmpnet("watches", "--json", env=service.env)).stdout)

@@ -402,6 +402,12 @@ def _read_json(path: str) -> Any:
     return load_json(_read_input(path), "interface file", path)
 
 
+def versioned(doc: dict[str, Any]) -> dict[str, Any]:
+    from qmpnet.schema import versioned as with_version
+
+    return with_version(doc)
+
+
 def _print_json(doc: Any) -> None:
     print(json.dumps(doc, indent=1))
 
@@ -459,7 +465,7 @@ async def cmd_del(args: argparse.Namespace) -> int:
 
 def _print_list(doc: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _print_json({k: doc[k] for k in ("interfaces", "unreadable")})
+        _print_json(versioned({k: doc[k] for k in ("interfaces", "unreadable")}))
         return
     _print_table(doc["rows"])
     for note in doc["notes"]:
@@ -483,7 +489,7 @@ async def cmd_list(args: argparse.Namespace) -> int:
 
 def _print_reconcile(report: dict[str, Any], lines: list[str], ok: bool, as_json: bool) -> int:
     if as_json:
-        _print_json(report)
+        _print_json(versioned(report))
     else:
         for line in lines:
             print(line)
@@ -636,7 +642,7 @@ def svc_watch(client: Client, args: argparse.Namespace) -> int:
 def svc_watches(client: Client, args: argparse.Namespace) -> int:
     reply = client.call("watch.list")
     if args.json:
-        _print_json(reply)
+        _print_json(versioned(reply))
         return EXIT_OK
     rows = [["ID", "VM", "NETNS", "MODEL", "RUNNING", "LAST EVENT"]]
     for w in reply["watches"]:
@@ -671,13 +677,13 @@ def _print_vms(vms: list[dict[str, Any]]) -> None:
 def svc_vm(client: Client, args: argparse.Namespace) -> int:
     if args.vm_command == "register":
         params = {"qmp": os.path.abspath(args.qmp), "id": args.id, "sandbox": args.sandbox}
-        _print_json(client.call("vm.register", params))
+        _print_json(versioned(client.call("vm.register", params)))
     elif args.vm_command == "unregister":
-        _print_json(client.call("vm.unregister", {"id": args.id}))
+        _print_json(versioned(client.call("vm.unregister", {"id": args.id})))
     else:
         reply = client.call("vm.list")
         if args.json:
-            _print_json(reply)
+            _print_json(versioned(reply))
         else:
             _print_vms(reply["vms"])
     return EXIT_OK
@@ -686,7 +692,7 @@ def svc_vm(client: Client, args: argparse.Namespace) -> int:
 def svc_status(client: Client, args: argparse.Namespace) -> int:
     reply = client.call("status")
     if args.json:
-        _print_json(reply)
+        _print_json(versioned(reply))
         return EXIT_OK
     print(f"qmpnetd {reply['version']} (protocol {reply['protocol']}), pid {reply['pid']}, ")
     print(f"  up {reply['uptime']:.0f} s on {reply['socket']}, state root {reply['state_root']}")

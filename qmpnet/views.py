@@ -48,7 +48,20 @@ def list_document(
 ) -> dict[str, Any]:
     interfaces = []
     for e in entries:
-        item: dict[str, Any] = {"status": e.status.value, "endpoint": dump_endpoint(e.endpoint)}
+        ep, pair = e.endpoint, e.endpoint.network_pair
+        # the public view (output-schema-v1.json's listEntry), and the saved record beside it
+        item: dict[str, Any] = {
+            "name": ep.name,
+            "type": ep.type.value,
+            "mac": ep.hardware_addr,
+            "model": pair.model.value if pair else "none",
+            "pci_path": ep.pci_path or "",
+            "queues": ep.queues,
+            "host_link": ep.host_link or "",
+            "netns": ep.netns_path or "",
+            "status": e.status.value,
+            "endpoint": dump_endpoint(ep),
+        }
         if e.endpoint.host_link and e.endpoint.host_link in vanished:
             item["host_link_gone"] = True
         interfaces.append(item)

@@ -77,7 +77,18 @@ DEPENDED_ON = [
 ]
 
 #: the kit's modules that must import without pytest (``fixtures`` is the pytest plugin)
-KIT_MODULES = ["cni", "cri", "fakeqemu", "guest", "probe", "scene", "service", "steps", "vm"]
+KIT_MODULES = [
+    "cni",
+    "cri",
+    "fakeqemu",
+    "guest",
+    "output",
+    "probe",
+    "scene",
+    "service",
+    "steps",
+    "vm",
+]
 
 
 @pytest.mark.parametrize("module", sorted(EXPECTED))
