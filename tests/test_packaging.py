@@ -166,6 +166,7 @@ def test_wheel_has_license_package_data_and_the_three_commands(dists: tuple[Path
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
     assert {n.split("/")[0] for n in names} == {"qmpnet", info}
     assert {"qmpnet/py.typed", "qmpnet/testing/init.sh", "qmpnet/cni/entry.py"} <= names
+    assert "qmpnet/output-schema-v1.json" in names
     assert "License-Expression: Apache-2.0" in metadata
     scripts = dict(re.findall(r"^(\S+) = (\S+)$", entry_points.split("[console_scripts]")[1], re.M))
     assert scripts == PROJECT["scripts"]
@@ -179,6 +180,11 @@ def test_installed_package_is_the_wheels(venv: Venv) -> None:
     where, version = venv.ok("python", "-c", code).split()
     assert Path(where).is_relative_to(venv.home / "lib")
     assert version == VERSION
+
+
+def test_the_installed_output_schema_loads(venv: Venv) -> None:
+    code = "import qmpnet.schema as s; print(s.load()['$defs']['schema']['const'])"
+    assert venv.ok("python", "-c", code) == "1\n"
 
 
 def test_qmpnet_version(venv: Venv) -> None:
