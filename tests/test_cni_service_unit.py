@@ -179,3 +179,52 @@ def test_the_example_conflists_are_valid(path: Path) -> None:
         parsed = NetConf.parse(json.dumps(conf).encode(), "DEL")
         assert parsed.name == conflist["name"]
         assert parsed.qmpnetd in ("", DEFAULT_SOCKET)
+
+
+@pytest.mark.asyncio
+async def test_without_inotify_a_pending_socket_is_still_seen_by_the_slow_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """inotify instances are a host-wide limit a test must not use up, so its exhaustion is
+    simulated (the one stand-in here); the socket that appears is a real listening one."""
+    import asyncio
+    import errno
+
+    import asyncinotify
+
+    def exhausted() -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(asyncinotify, "Inotify", exhausted)
+    host = CniHost(Registry(str(tmp_path / "root")))
+    path = tmp_path / "vm" / "qmp.sock"
+    waiting = Waiting(
+        network="n",
+        container_id="c1",
+        ifname="eth0",
+        netns="/run/netns/none",
+        qmp=str(path),
+        stdin="{}",  # not a configuration: the plug, once tried, fails and is kept as failed
+        environ={},
+        mac="52:54:00:00:00:01",
+    )
+    await host.keep(waiting)
+    host.start()
+    try:
+        await asyncio.sleep(0.1)
+        assert host.waiting[waiting.key].status is Deferred.PENDING
+        path.parent.mkdir()
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.listen()
+        try:
+            for _ in range(100):  # up to 10 s: the look comes every 2 s
+                if host.waiting[waiting.key].status is not Deferred.PENDING:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            sock.close()
+    finally:
+        await host.close()
+    assert host.waiting[waiting.key].status is Deferred.FAILED
+    assert "no inotify" in caplog.text

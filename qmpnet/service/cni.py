@@ -417,46 +417,58 @@ class CniHost:
 
     async def _look(self) -> None:
         """Plug pending attachments whose socket appeared: inotify on the nearest existing
-        directory of each socket, a look every :data:`LOOK_EVERY` seconds besides."""
+        directory of each socket, a look every :data:`LOOK_EVERY` seconds besides (alone,
+        when inotify cannot be had: out of instances, say)."""
         from asyncinotify import Inotify, Mask
 
         mask = Mask.CREATE | Mask.MOVED_TO | Mask.ATTRIB | Mask.DELETE_SELF | Mask.MOVE_SELF
         watched: dict[str, Any] = {}
-        with Inotify() as inotify:
-            event: asyncio.Task[Any] | None = None
-            try:
-                while True:
-                    self._changed.clear()
-                    sockets = self._sockets()
-                    wanted = {_nearest_dir(s) for s in sockets}
-                    for gone in set(watched) - wanted:
-                        with contextlib.suppress(OSError, ValueError):
-                            inotify.rm_watch(watched.pop(gone))
-                    for directory in wanted - set(watched):
-                        try:
-                            watched[directory] = inotify.add_watch(directory, mask)
-                        except OSError as err:
-                            log.warning("cannot watch %s: %s", directory, err)
-                    for qmp in sockets:
-                        if await self.vms.present(qmp):
-                            await self._socket_appeared(qmp)
+        try:
+            inotify: Inotify | None = Inotify()
+        except OSError as err:
+            log.warning("no inotify (%s): pending sockets are looked at every %gs", err, LOOK_EVERY)
+            inotify = None
+        event: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                self._changed.clear()
+                sockets = self._sockets()
+                if inotify is not None:
+                    self._arm(inotify, mask, watched, {_nearest_dir(s) for s in sockets})
+                for qmp in sockets:
+                    if await self.vms.present(qmp):
+                        await self._socket_appeared(qmp)
+                waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._changed.wait())}
+                if inotify is not None:
                     if event is None or event.done():
                         event = asyncio.ensure_future(inotify.get())
-                    changed = asyncio.ensure_future(self._changed.wait())
-                    await asyncio.wait(
-                        {event, changed}, timeout=LOOK_EVERY, return_when="FIRST_COMPLETED"
-                    )
-                    changed.cancel()
-                    if event.done() and event.exception() is None:
-                        # a removed directory's watch is gone with it: arm anew next round
-                        gone = event.result()
-                        if gone.mask & (Mask.IGNORED | Mask.DELETE_SELF | Mask.MOVE_SELF):
-                            for name, watch in list(watched.items()):
-                                if watch is gone.watch:
-                                    del watched[name]
-            finally:
-                if event is not None:
-                    event.cancel()
+                    waits.add(event)
+                await asyncio.wait(waits, timeout=LOOK_EVERY, return_when="FIRST_COMPLETED")
+                for waiting in waits - {event}:
+                    waiting.cancel()
+                if event is not None and event.done() and event.exception() is None:
+                    # a removed directory's watch is gone with it: arm anew next round
+                    gone = event.result()
+                    if gone.mask & (Mask.IGNORED | Mask.DELETE_SELF | Mask.MOVE_SELF):
+                        for name, watch in list(watched.items()):
+                            if watch is gone.watch:
+                                del watched[name]
+        finally:
+            if event is not None:
+                event.cancel()
+            if inotify is not None:
+                inotify.close()
+
+    @staticmethod
+    def _arm(inotify: Any, mask: Any, watched: dict[str, Any], wanted: set[str]) -> None:
+        for gone in set(watched) - wanted:
+            with contextlib.suppress(OSError, ValueError):
+                inotify.rm_watch(watched.pop(gone))
+        for directory in wanted - set(watched):
+            try:
+                watched[directory] = inotify.add_watch(directory, mask)
+            except OSError as err:
+                log.warning("cannot watch %s: %s", directory, err)
 
     async def _socket_appeared(self, qmp: str) -> None:
         keys = [
