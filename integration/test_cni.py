@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import shutil
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -28,9 +27,9 @@ import pytest_asyncio
 from qemu.qmp import QMPClient
 
 from qmpnet.marks import claimed_owner
-from qmpnet.testing.cni import Pod, pod_network
+from qmpnet.testing.cni import Pod, free_link_local_byte, ipam_files, ping_until, pod_network
 from qmpnet.testing.guest import GuestImage, guest_ip_for_mac, host_ip_for_mac
-from qmpnet.testing.probe import ip_json, links
+from qmpnet.testing.probe import ip_json, links, manager_device_del, owned_links
 from qmpnet.testing.probe import monitor_command as hmp
 from qmpnet.testing.scene import RUN, run, unique
 from qmpnet.testing.vm import GuestVM
@@ -161,34 +160,8 @@ async def qemu_view(vm: GuestVM) -> tuple[set[str], str]:
     return {c["name"] for c in children if c["type"].startswith("child<")}, str(network)
 
 
-async def manager_device_del(vm: GuestVM, device: str) -> None:
-    """Unplug a device behind qmpnet's back, as a VM manager could."""
-    client = QMPClient("manager")
-    await client.connect(str(vm.qmp_path))
-    try:
-        await client.execute("device_del", {"id": device})
-        async with asyncio.timeout(GUEST):
-            async for event in client.events:
-                if (
-                    event["event"] == "DEVICE_DELETED"
-                    and event.get("data", {}).get("device") == device
-                ):
-                    break
-    finally:
-        await client.disconnect()
-
-
 def ns(path: str) -> str:
     return Path(path).name
-
-
-def owned_links(netns: str) -> dict[str, str]:
-    """Links in the netns carrying qmpnet's mark: name -> owner id."""
-    return {
-        link["ifname"]: claimed_owner(link["ifalias"])
-        for link in ip_json("link", "show", netns=ns(netns))
-        if link.get("ifalias", "").startswith("qmpnet:")
-    }
 
 
 def qdisc_kinds(netns: str, dev: str) -> set[str]:
@@ -211,38 +184,8 @@ async def sh(*cmd: str) -> int:
     return await proc.wait()
 
 
-async def ping_until(cmd: list[str]) -> None:
-    """``ping -c 1`` until it answers, within a generous deadline."""
-    async with asyncio.timeout(GUEST):
-        while True:
-            if await sh(*cmd) == 0:
-                return
-            await asyncio.sleep(0.5)
-
-
-def free_link_local_byte() -> int:
-    """A B for 169.254.B.0/24 that no address or route on the host uses now."""
-    used = {
-        int(a["local"].split(".")[2])
-        for link in ip_json("-4", "addr", "show")
-        for a in link.get("addr_info", [])
-        if a.get("local", "").startswith("169.254.")
-    }
-    for route in ip_json("-4", "route", "show"):
-        match = re.match(r"169\.254\.(\d+)\.", route.get("dst", ""))
-        if match:
-            used.add(int(match.group(1)))
-    return random.choice([b for b in range(16, 250) if b not in used])
-
-
 def mac_ending(last: int) -> str:
     return f"52:54:00:{random.randrange(256):02x}:{random.randrange(256):02x}:{last:02x}"
-
-
-def ipam_files(data_dir: Path, network: str) -> set[str]:
-    """The addresses host-local has reserved for ``network`` (one file per address)."""
-    where = data_dir / network
-    return {p.name for p in where.iterdir() if p.name[0].isdigit()} if where.exists() else set()
 
 
 # --- the pod's VM -----------------------------------------------------------------------------
@@ -474,7 +417,7 @@ async def test_chained_add_plugs_the_pods_veth_and_traffic_flows_then_del_leaves
             await vm.wait_for(rf"QMPNET NIC-ADDR name={guest_nic} ", GUEST, since=cursor)
             # Traffic from the bridge, through the veth, tc, the tap, into the guest; and the
             # guest's own ping of the bridge's address.
-            await ping_until([*PING, "-I", pod.bridge, guest_ip_for_mac(mac)])
+            await ping_until([*PING, "-I", pod.bridge, guest_ip_for_mac(mac)], GUEST)
             await vm.wait_for(
                 rf"QMPNET PING name={guest_nic} peer={host_ip_for_mac(mac)} "
                 "result=ok",
@@ -533,7 +476,7 @@ async def test_check_fails_when_qemu_lost_the_device_and_del_still_cleans_up(
         assert entry["mac"] == veth["address"]
         await runtime.ok("CHECK", {**pod.config, "prevResult": result}, **call)
         await runtime.ok("CHECK", {**conf, "prevResult": result}, **call)
-        await manager_device_del(vm, f"{owner}-dev")
+        await manager_device_del(vm.qmp_path, f"{owner}-dev", GUEST)
         error = (await runtime.call("CHECK", {**conf, "prevResult": result}, **call)).error()
         assert error["code"] == 104
         assert f"{owner}-dev" in error["msg"]
@@ -641,7 +584,7 @@ async def test_main_mode_makes_a_tap_in_the_netns_with_an_address_from_host_loca
             == 0
         )
         await vm.wait_for(rf"QMPNET NIC-ADDR name={guest_nic} ", GUEST, since=cursor)
-        await ping_until(["ip", "netns", "exec", ns(netns), *PING, guest_ip_for_mac(mac)])
+        await ping_until(["ip", "netns", "exec", ns(netns), *PING, guest_ip_for_mac(mac)], GUEST)
         await runtime.ok("CHECK", conf, **call)  # host-local's CHECK is asked too
     finally:
         cursor = vm.console_cursor()

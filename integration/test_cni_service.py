@@ -21,22 +21,12 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from test_cni import (
-    GUEST,
-    PING,
-    VERSION,
-    Runtime,
-    chained,
-    free_link_local_byte,
-    mac_ending,
-    owned_links,
-    ping_until,
-    qemu_view,
-)
+from test_cni import GUEST, PING, VERSION, Runtime, chained, mac_ending, qemu_view
 
-from qmpnet.testing.cni import Pod, pod_network
+from qmpnet.testing.cni import Pod, free_link_local_byte, ping_until, pod_network
 from qmpnet.testing.guest import GuestImage, guest_ip_for_mac, host_ip_for_mac
 from qmpnet.testing.output import conforms
+from qmpnet.testing.probe import owned_links
 from qmpnet.testing.scene import RUN, unique
 from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM
@@ -122,9 +112,7 @@ class Network:
     """One pod network on the bridge plugin, with the addresses the guest's init expects."""
 
     def __init__(self, prefix: str) -> None:
-        self.byte = free_link_local_byte()
-        while self.byte in _TAKEN:
-            self.byte = free_link_local_byte()
+        self.byte = free_link_local_byte(_TAKEN)
         _TAKEN.add(self.byte)
         self.mac = mac_ending(self.byte)
         self.prefix = prefix
@@ -144,7 +132,7 @@ async def guest_has_it(vm: GuestVM, pod: Pod, mac: str, cursor: int) -> str:
     added = await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={mac}\b", GUEST, since=cursor)
     guest_nic = added.group(0).split("name=")[1].split()[0]
     await vm.wait_for(rf"QMPNET NIC-ADDR name={guest_nic} ", GUEST, since=cursor)
-    await ping_until([*PING, "-I", pod.bridge, guest_ip_for_mac(mac)])
+    await ping_until([*PING, "-I", pod.bridge, guest_ip_for_mac(mac)], GUEST)
     return guest_nic
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from qmpnet.testing.cni import free_link_local_byte, ping_until
 from qmpnet.testing.cri import (
     Containerd,
     CriClient,
@@ -65,21 +66,6 @@ async def node() -> AsyncIterator[Containerd]:
 
 def bridge_of(node: Containerd) -> str:
     return f"{node.name}b"
-
-
-def free_link_local_byte() -> int:
-    """A B for 169.254.B.0/24 that no address or route on the host uses now."""
-    used = {
-        int(a["local"].split(".")[2])
-        for link in ip_json("-4", "addr", "show")
-        for a in link.get("addr_info", [])
-        if a.get("local", "").startswith("169.254.")
-    }
-    for route in ip_json("-4", "route", "show"):
-        match = re.match(r"169\.254\.(\d+)\.", route.get("dst", ""))
-        if match:
-            used.add(int(match.group(1)))
-    return random.choice([b for b in range(16, 250) if b not in used])
 
 
 def conflist(node: Containerd, b: int, mac: str, qmpnet: dict[str, Any]) -> dict[str, Any]:
@@ -216,17 +202,6 @@ async def qmpnet_json(*args: str, socket: Path) -> Any:
     return json.loads(proc.stdout)
 
 
-async def ping_until(*cmd: str) -> None:
-    async with asyncio.timeout(GUEST):
-        while True:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-            )
-            if await proc.wait() == 0:
-                return
-            await asyncio.sleep(0.5)
-
-
 @pytest_asyncio.fixture
 async def service() -> AsyncIterator[ServiceProcess]:
     work = Path(tempfile.mkdtemp(prefix=f"{unique('svc')}-"))
@@ -323,7 +298,7 @@ async def test_add_is_pending_in_qmpnetd_until_the_vm_registers_then_plugs_and_d
             guest_image, node.top, sandbox_id, status.netns, service.socket
         )
         guest_nic = await plugged_nic(vm, reply, sandbox_id, network, mac)
-        await ping_until(*PING, "-I", bridge_of(node), guest_ip_for_mac(mac))
+        await ping_until([*PING, "-I", bridge_of(node), guest_ip_for_mac(mac)], GUEST)
         await vm.wait_for(
             rf"QMPNET PING name={guest_nic} peer={host_ip_for_mac(mac)} result=ok", GUEST
         )

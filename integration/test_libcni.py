@@ -36,11 +36,17 @@ from typing import Any
 import attrs
 import pytest
 import pytest_asyncio
-from qemu.qmp import QMPClient
+from test_cni import Reply
 
-from qmpnet.marks import claimed_owner
+from qmpnet.testing.cni import free_link_local_byte, ipam_files, ping_until
 from qmpnet.testing.guest import GuestImage, guest_ip_for_mac, host_ip_for_mac
-from qmpnet.testing.probe import ip_json
+from qmpnet.testing.probe import (
+    has_ingress,
+    ip_json,
+    manager_device_del,
+    owned_links,
+    qemu_view,
+)
 from qmpnet.testing.scene import RUN, unique
 from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM
@@ -100,17 +106,6 @@ def build_driver(cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def libcni_binary() -> Path:
     return build_driver(CHECKOUT / ".venv" / "cache" / "libcni")
-
-
-@attrs.frozen
-class Reply:
-    status: int
-    out: str
-    err: str
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.out)
 
 
 @attrs.frozen
@@ -177,21 +172,6 @@ class PodList:
     @property
     def attachment(self) -> tuple[str, str, str, str]:
         return (str(self.path), self.container, self.netns_path, "eth0")
-
-
-def free_link_local_byte() -> int:
-    used = {
-        int(a["local"].split(".")[2])
-        for link in ip_json("-4", "addr", "show")
-        for a in link.get("addr_info", [])
-        if a.get("local", "").startswith("169.254.")
-    }
-    used |= {
-        int(r["dst"].split(".")[2])
-        for r in ip_json("-4", "route", "show")
-        if r.get("dst", "").startswith("169.254.")
-    }
-    return random.choice([b for b in range(16, 250) if b not in used])
 
 
 def pod_conflist(where: Path, vm: GuestVM, *, version: str = VERSION, qmpnetd: str = "") -> PodList:
@@ -272,65 +252,6 @@ def _pod(pod: PodList, driver: Driver) -> Iterator[PodList]:
 # --- independent views ----------------------------------------------------------------------
 
 
-async def qemu_devices(vm: GuestVM) -> set[str]:
-    """Device ids under /machine/peripheral, from the manager's monitor."""
-    client = QMPClient("manager")
-    await client.connect(str(vm.qmp_path))
-    try:
-        children = await client.execute("qom-list", {"path": "/machine/peripheral"})
-    finally:
-        await client.disconnect()
-    return {c["name"] for c in children if c["type"].startswith("child<")}
-
-
-async def manager_device_del(vm: GuestVM, device: str) -> None:
-    """Unplug a device behind qmpnet's back, as a VM manager could."""
-    client = QMPClient("manager")
-    await client.connect(str(vm.qmp_path))
-    try:
-        await client.execute("device_del", {"id": device})
-        async with asyncio.timeout(GUEST):
-            async for event in client.events:
-                if event["event"] == "DEVICE_DELETED" and event["data"].get("device") == device:
-                    break
-    finally:
-        await client.disconnect()
-
-
-def owned_links(netns: str) -> dict[str, str]:
-    return {
-        link["ifname"]: claimed_owner(link["ifalias"])
-        for link in ip_json("link", "show", netns=netns)
-        if link.get("ifalias", "").startswith("qmpnet:")
-    }
-
-
-def qdisc_kinds(netns: str, dev: str) -> set[str]:
-    out = subprocess.run(
-        ["tc", "-j", "-n", netns, "qdisc", "show", "dev", dev],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return {q["kind"] for q in json.loads(out.stdout or "[]")} if out.returncode == 0 else set()
-
-
-def ipam_files(data_dir: Path, network: str) -> set[str]:
-    where = data_dir / network
-    return {p.name for p in where.iterdir() if p.name[0].isdigit()} if where.exists() else set()
-
-
-async def ping_until(cmd: list[str]) -> None:
-    async with asyncio.timeout(GUEST):
-        while True:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-            )
-            if await proc.wait() == 0:
-                return
-            await asyncio.sleep(0.5)
-
-
 # --- the flow -------------------------------------------------------------------------------
 
 
@@ -360,10 +281,10 @@ async def libcni_flow(driver: Driver, pod: PodList, vm: GuestVM) -> None:
         "ip", "addr", "add", f"{host_ip_for_mac(pod.mac)}/24", "dev", pod.bridge
     )
     assert await ip_add.wait() == 0
-    await ping_until([*PING, "-I", pod.bridge, guest_ip_for_mac(pod.mac)])
+    await ping_until([*PING, "-I", pod.bridge, guest_ip_for_mac(pod.mac)], GUEST)
     ((tap, owner),) = owned_links(pod.netns).items()
-    assert "ingress" in qdisc_kinds(pod.netns, "eth0")
-    assert f"{owner}-dev" in await qemu_devices(vm)
+    assert has_ingress(pod.netns, "eth0")
+    assert f"{owner}-dev" in (await qemu_view(vm.qmp_path)).devices
 
     await driver.ok("check", *pod.attachment)
     cached = (await driver.ok("cached", *pod.attachment)).json
@@ -371,7 +292,7 @@ async def libcni_flow(driver: Driver, pod: PodList, vm: GuestVM) -> None:
     cache_file = driver.cache_dir / "results" / f"{network}-{pod.container}-eth0"
     assert json.loads(cache_file.read_text())["result"] == result
 
-    await manager_device_del(vm, f"{owner}-dev")
+    await manager_device_del(vm.qmp_path, f"{owner}-dev", GUEST)
     failed = await driver.call("check", *pod.attachment)
     assert failed.status == 1, failed
     assert failed.out == ""
@@ -384,7 +305,7 @@ async def libcni_flow(driver: Driver, pod: PodList, vm: GuestVM) -> None:
     assert set(owned_links(pod.netns)) == set(), tap
     assert {link["ifname"] for link in ip_json("link", "show", netns=pod.netns)} == {"lo"}
     assert not (pod.state_dir / pod.container).exists()
-    assert f"{owner}-dev" not in await qemu_devices(vm)
+    assert f"{owner}-dev" not in (await qemu_view(vm.qmp_path)).devices
     assert ipam_files(pod.data_dir, network) == set()
     assert (await driver.ok("cached", *pod.attachment)).json is None
     assert not cache_file.exists()

@@ -28,9 +28,11 @@ import contextlib
 import ipaddress
 import json
 import os
+import random
+import re
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,10 @@ __all__ = [
     "add_pod",
     "bridge_config",
     "del_pod",
+    "free_link_local_byte",
     "invoke",
+    "ipam_files",
+    "ping_until",
     "pod_network",
 ]
 
@@ -312,6 +317,41 @@ class Pod:
             if not iface.sandbox and iface.name != self.bridge:
                 return iface.name
         return ""
+
+
+def free_link_local_byte(taken: Collection[int] = ()) -> int:
+    """A B for 169.254.B.0/24 that no address or route on the host uses now (nor ``taken``)."""
+    from qmpnet.testing.probe import ip_json
+
+    used = set(taken) | {
+        int(a["local"].split(".")[2])
+        for link in ip_json("-4", "addr", "show")
+        for a in link.get("addr_info", [])
+        if a.get("local", "").startswith("169.254.")
+    }
+    for route in ip_json("-4", "route", "show"):
+        match = re.match(r"169\.254\.(\d+)\.", route.get("dst", ""))
+        if match:
+            used.add(int(match.group(1)))
+    return random.choice([b for b in range(16, 250) if b not in used])
+
+
+def ipam_files(data_dir: Path, network: str) -> set[str]:
+    """The addresses host-local has reserved for ``network`` (one file per address)."""
+    where = data_dir / network
+    return {p.name for p in where.iterdir() if p.name[0].isdigit()} if where.exists() else set()
+
+
+async def ping_until(cmd: Sequence[str], timeout: float) -> None:
+    """Run ``cmd`` (a ``ping -c 1``) until it succeeds, within ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+            )
+            if await proc.wait() == 0:
+                return
+            await asyncio.sleep(0.5)
 
 
 async def _ip(*args: str) -> tuple[int, str]:

@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 from qemu.qmp import ExecuteError, QMPClient
 
+from qmpnet.marks import claimed_owner
 from qmpnet.qmp import connect_clean
 
 #: flags the kernel changes by itself (carrier, link watch): not something qmpnet did
@@ -258,6 +259,26 @@ class Monitor:
                 return False
             raise
         return True
+
+
+def owned_links(netns: str = "") -> dict[str, str]:
+    """Links carrying qmpnet's mark: name -> the owner id the mark claims."""
+    return {name: claimed_owner(alias) or "" for name, alias in marked_links(netns).items()}
+
+
+async def manager_device_del(qmp_path: str | Path, device: str, timeout: float) -> None:
+    """Unplug a device behind qmpnet's back, as a VM manager could, and wait for it to go."""
+    client = QMPClient("manager")
+    await client.connect(str(qmp_path))
+    try:
+        await client.execute("device_del", {"id": device})
+        async with asyncio.timeout(timeout):
+            async for event in client.events:
+                data: Any = event.get("data") or {}
+                if event["event"] == "DEVICE_DELETED" and data.get("device") == device:
+                    break
+    finally:
+        await client.disconnect()
 
 
 @attrs.frozen
