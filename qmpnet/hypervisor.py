@@ -173,30 +173,10 @@ class QemuHypervisor:
         topology stay shared, so concurrent requests with other deadlines still agree."""
         return attrs.evolve(self, unplug_timeout=unplug, guest_timeout=guest)
 
-    @property
-    def _lock(self) -> asyncio.Lock:
-        return self._kept.lock
-
-    @property
-    def _vcpus(self) -> int | None:
-        return self._kept.vcpus
-
-    @_vcpus.setter
-    def _vcpus(self, value: int | None) -> None:
-        self._kept.vcpus = value
-
-    @property
-    def _topology(self) -> Topology | None:
-        return self._kept.topology
-
-    @_topology.setter
-    def _topology(self, value: Topology | None) -> None:
-        self._kept.topology = value
-
     async def vcpus(self) -> int:
-        if self._vcpus is None:
-            self._vcpus = len(await self.qmp.execute("query-cpus-fast"))
-        return self._vcpus
+        if self._kept.vcpus is None:
+            self._kept.vcpus = len(await self.qmp.execute("query-cpus-fast"))
+        return self._kept.vcpus
 
     async def plug_tap(
         self,
@@ -317,21 +297,21 @@ class QemuHypervisor:
         monitor): one that has no free slot, or whose slot QEMU refuses as taken, is read
         again once before the plug fails.
         """
-        async with self._lock:
-            fresh = self._topology is None
+        async with self._kept.lock:
+            fresh = self._kept.topology is None
             for attempt in range(2):
                 topology = await self._kept_topology()
                 try:
                     slot = topology.first_free()
                 except UnsupportedError:
-                    self._topology = None
+                    self._kept.topology = None
                     if fresh or attempt:
                         raise
                     continue
                 try:
                     await self.qmp.device_add({**args, "bus": slot.bus, "addr": hex(slot.addr)})
                 except QmpCommandError as err:
-                    self._topology = None  # whatever QEMU has now is read again next time
+                    self._kept.topology = None  # whatever QEMU has now is read again next time
                     if fresh or attempt or not _slot_taken(err):
                         raise
                     log.info("slot %s taken behind this session's back: re-reading", slot)
@@ -341,15 +321,15 @@ class QemuHypervisor:
         raise AssertionError("unreachable")
 
     async def _kept_topology(self) -> Topology:
-        if self._topology is None:
-            self._topology = await self.read_topology()
-        return self._topology
+        if self._kept.topology is None:
+            self._kept.topology = await self.read_topology()
+        return self._kept.topology
 
     def _forget_slot(self, device: str, gone: bool) -> None:
         """After a device_del: a device this session plugged frees its slot; anything else
         (a device plugged before, an unplug still pending) has the layout read anew."""
-        if self._topology is not None and not (gone and self._topology.release(device)):
-            self._topology = None
+        if self._kept.topology is not None and not (gone and self._kept.topology.release(device)):
+            self._kept.topology = None
 
     async def release_fds(self, tap: TapInterface) -> None:
         """Close fds QEMU still holds for ``tap`` by name (``fd0..`` then ``vhost0..``).

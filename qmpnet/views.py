@@ -15,29 +15,42 @@ from qmpnet.store import Entry
 HEADER = ("NAME", "TYPE", "MAC", "MODEL", "PCI", "QUEUES", "HOST LINK", "NETNS", "STATUS")
 
 
-def _status(entry: Entry, vanished: Collection[str]) -> str:
-    link = entry.endpoint.host_link
-    if link and link in vanished:
-        return f"{entry.status.value} (host link gone)"
-    return entry.status.value
+def _view(entry: Entry, vanished: Collection[str]) -> dict[str, Any]:
+    """One interface's public view (output-schema-v1.json's ``listEntry``, without the saved
+    record): what the table shows and ``list-ifaces --json`` prints."""
+    ep, pair = entry.endpoint, entry.endpoint.network_pair
+    view: dict[str, Any] = {
+        "name": ep.name,
+        "type": ep.type.value,
+        "mac": ep.hardware_addr,
+        "model": pair.model.value if pair else "none",
+        "pci_path": ep.pci_path or "",
+        "queues": ep.queues,
+        "host_link": ep.host_link or "",
+        "netns": ep.netns_path or "",
+        "status": entry.status.value,
+    }
+    if ep.host_link and ep.host_link in vanished:
+        view["host_link_gone"] = True
+    return view
 
 
 def interface_rows(entries: Sequence[Entry], vanished: Collection[str] = ()) -> list[list[str]]:
     rows = [list(HEADER)]
     for e in entries:
-        ep = e.endpoint
-        pair = ep.network_pair
+        v = _view(e, vanished)
+        status = v["status"] + (" (host link gone)" if v.get("host_link_gone") else "")
         rows.append(
             [
-                ep.name,
-                ep.type.value,
-                ep.hardware_addr,
-                pair.model.value if pair else "none",
-                ep.pci_path or "-",
-                str(ep.queues or "-"),
-                ep.host_link or "-",
-                ep.netns_path or "(host)",
-                _status(e, vanished),
+                v["name"],
+                v["type"],
+                v["mac"],
+                v["model"],
+                v["pci_path"] or "-",
+                str(v["queues"] or "-"),
+                v["host_link"] or "-",
+                v["netns"] or "(host)",
+                status,
             ]
         )
     return rows
@@ -46,26 +59,10 @@ def interface_rows(entries: Sequence[Entry], vanished: Collection[str] = ()) -> 
 def list_document(
     entries: Sequence[Entry], unknown: Sequence[UnknownEntry], vanished: Collection[str] = ()
 ) -> dict[str, Any]:
-    interfaces = []
-    for e in entries:
-        ep, pair = e.endpoint, e.endpoint.network_pair
-        # the public view (output-schema-v1.json's listEntry), and the saved record beside it
-        item: dict[str, Any] = {
-            "name": ep.name,
-            "type": ep.type.value,
-            "mac": ep.hardware_addr,
-            "model": pair.model.value if pair else "none",
-            "pci_path": ep.pci_path or "",
-            "queues": ep.queues,
-            "host_link": ep.host_link or "",
-            "netns": ep.netns_path or "",
-            "status": e.status.value,
-            "endpoint": dump_endpoint(ep),
-        }
-        if e.endpoint.host_link and e.endpoint.host_link in vanished:
-            item["host_link_gone"] = True
-        interfaces.append(item)
     return {
-        "interfaces": interfaces,
+        # the public view, and the saved record beside it
+        "interfaces": [
+            {**_view(e, vanished), "endpoint": dump_endpoint(e.endpoint)} for e in entries
+        ],
         "unreadable": [{"reason": u.reason, "entry": u.raw} for u in unknown],
     }

@@ -33,6 +33,7 @@ import attrs
 
 from qmpnet import layout
 from qmpnet.cni.commands import plug
+from qmpnet.cni.entry import FORWARDED
 from qmpnet.cni.main import _Logs, answer
 from qmpnet.cni.records import Attachment, Book
 from qmpnet.cni.request import Deferred, Env, NetConf, Request, Vms
@@ -51,8 +52,6 @@ PENDING_FILE = "pending.json"
 #: seconds between looks at the pending sockets besides inotify (a path inotify cannot see
 #: change: a bind mount, a watch limit reached)
 LOOK_EVERY = 2.0
-#: the environment a forwarded invocation may carry (anything else is the client's own)
-FORWARDED = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
 
 Key = tuple[str, str, str]
 
@@ -154,7 +153,7 @@ class ServiceVms(Vms):
             netns=env.netns,
             qmp=qmp,
             stdin=req.conf.raw.decode(),
-            environ={k: v for k, v in env.environ.items() if k in FORWARDED},
+            environ={k: v for k, v in env.environ.items() if k in FORWARDED and k != DEBUG_ENV},
             mac=str(kw.get("mac", "")),
             got=kw.get("got"),
         )
@@ -241,7 +240,7 @@ class CniHost:
 
     async def execute(self, environ: Mapping[str, str], stdin: bytes) -> dict[str, Any]:
         """One forwarded invocation: the plugin's answer, and its debug lines if asked."""
-        env = {k: v for k, v in environ.items() if k in (*FORWARDED, DEBUG_ENV)}
+        env = {k: v for k, v in environ.items() if k in FORWARDED}
         debug = env.get(DEBUG_ENV) == "1"
         stream = io.StringIO()
         logs = _Logs(debug, stream, resident=True)
