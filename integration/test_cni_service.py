@@ -24,10 +24,11 @@ import pytest_asyncio
 from test_cni import GUEST, PING, VERSION, Runtime, chained, mac_ending, qemu_view
 
 from qmpnet.testing.cni import Pod, free_link_local_byte, ping_until, pod_network
-from qmpnet.testing.guest import GuestImage, guest_ip_for_mac, host_ip_for_mac
+from qmpnet.testing.fixtures import module_vm
+from qmpnet.testing.guest import guest_ip_for_mac, host_ip_for_mac
 from qmpnet.testing.output import conforms
 from qmpnet.testing.probe import owned_links
-from qmpnet.testing.scene import RUN, unique
+from qmpnet.testing.scene import unique
 from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM
 
@@ -37,17 +38,7 @@ QMPNET = str(Path(sys.executable).with_name("qmpnet"))
 PENDING_CODE, PLUG_FAILED_CODE, CHECK_FAILED_CODE = 107, 108, 104
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def vm(
-    guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[GuestVM]:
-    guest = await GuestVM.start(
-        guest_image, tmp_path_factory.mktemp("vms"), root_ports=8, name=f"{RUN}cnisvc"
-    )
-    try:
-        yield guest
-    finally:
-        await guest.stop()
+vm = module_vm("cnisvc", root_ports=8)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -29,17 +29,17 @@ import random
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
-import pytest_asyncio
 from test_cni import Reply
 
 from qmpnet.testing.cni import free_link_local_byte, ipam_files, ping_until
-from qmpnet.testing.guest import GuestImage, guest_ip_for_mac, host_ip_for_mac
+from qmpnet.testing.fixtures import module_vm
+from qmpnet.testing.guest import guest_ip_for_mac, host_ip_for_mac
 from qmpnet.testing.probe import (
     has_ingress,
     ip_json,
@@ -47,7 +47,7 @@ from qmpnet.testing.probe import (
     owned_links,
     qemu_view,
 )
-from qmpnet.testing.scene import RUN, unique
+from qmpnet.testing.scene import unique
 from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM
 
@@ -213,17 +213,7 @@ def pod_conflist(where: Path, vm: GuestVM, *, version: str = VERSION, qmpnetd: s
     return PodList(path, conf, prefix, f"{prefix}n", f"{prefix}b", mac, data_dir, state_dir)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def pod_vm(
-    guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[GuestVM]:
-    vm = await GuestVM.start(
-        guest_image, tmp_path_factory.mktemp("vms"), root_ports=8, name=f"{RUN}lib"
-    )
-    try:
-        yield vm
-    finally:
-        await vm.stop()
+pod_vm = module_vm("lib", root_ports=8)
 
 
 @pytest.fixture
