@@ -29,12 +29,14 @@ import pytest_asyncio
 
 from qmpnet.testing.cni import free_link_local_byte, ping_until
 from qmpnet.testing.cri import (
+    CNI_PLUGINS,
     Containerd,
     CriClient,
     CriError,
     SandboxStatus,
     pids_with_argument,
 )
+from qmpnet.testing.gobuild import cni_shim
 from qmpnet.testing.guest import GuestImage, guest_ip_for_mac, host_ip_for_mac
 from qmpnet.testing.probe import QemuView, ip_json, qemu_view
 from qmpnet.testing.scene import del_link, run, unique
@@ -53,10 +55,18 @@ PING = ("busybox", "ping", "-c", "1", "-W", "1")
 # --- the node -------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def compiled_front() -> Path:
+    return cni_shim(full_plugin=CNI_PLUGINS["qmpnet-cni"])
+
+
 @pytest_asyncio.fixture
-async def node() -> AsyncIterator[Containerd]:
-    """A prepared (not yet started) containerd; closed, and its bridge removed, at the end."""
-    node = Containerd.prepare()
+async def node(compiled_front: Path) -> AsyncIterator[Containerd]:
+    """A prepared (not yet started) containerd; closed, and its bridge removed, at the end.
+
+    Its ``qmpnet-cni`` is the compiled front a node installs (``make install-cni``): it
+    forwards to qmpnetd, and runs the Python plugin in the direct mode."""
+    node = Containerd.prepare(plugins={**CNI_PLUGINS, "qmpnet-cni": compiled_front})
     try:
         yield node
     finally:

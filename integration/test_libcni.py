@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -39,6 +37,7 @@ from test_cni import Reply
 
 from qmpnet.testing.cni import free_link_local_byte, ipam_files, ping_until
 from qmpnet.testing.fixtures import module_vm
+from qmpnet.testing.gobuild import CACHE, cni_shim, go_build
 from qmpnet.testing.guest import guest_ip_for_mac, host_ip_for_mac
 from qmpnet.testing.probe import (
     has_ingress,
@@ -69,43 +68,15 @@ PING = ("busybox", "ping", "-c", "1", "-W", "1")
 
 def build_driver(cache: Path) -> Path:
     """Build main.go once per content: ``cache/<sha256 prefix>/libcni``, reused until it changes."""
-    go = shutil.which("go")
-    assert go, "go is missing: make setup installs golang-go"
     assert (GOPATH / "src/github.com/containernetworking/cni/libcni").is_dir(), (
         "libcni source missing: make setup installs golang-github-appc-cni-dev"
     )
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    binary = cache / digest / "libcni"
-    if binary.exists():
-        return binary
-    binary.parent.mkdir(parents=True, exist_ok=True)
-    partial = binary.with_suffix(".partial")
-    env = {
-        **os.environ,
-        "GOPATH": str(GOPATH),
-        "GO111MODULE": "off",
-        "GOFLAGS": "",
-        "GOCACHE": str(cache / "go-build"),
-    }
-    built = subprocess.run(
-        [go, "build", "-o", str(partial), str(SOURCE)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
-    assert built.returncode == 0, f"go build failed:\n{built.stderr}"
-    partial.rename(binary)
-    for stale in cache.iterdir():  # builds of an older main.go
-        if stale.name != digest and stale.name != "go-build":
-            shutil.rmtree(stale)
-    return binary
+    return go_build(SOURCE, cache, "libcni", env={"GOPATH": str(GOPATH)})
 
 
 @pytest.fixture(scope="session")
 def libcni_binary() -> Path:
-    return build_driver(CHECKOUT / ".venv" / "cache" / "libcni")
+    return build_driver(CACHE)
 
 
 @attrs.frozen
@@ -138,14 +109,18 @@ class Driver:
         return reply
 
 
-@pytest.fixture
-def driver(libcni_binary: Path, tmp_path: Path) -> Driver:
+@pytest.fixture(params=["python", "compiled"])
+def driver(request: pytest.FixtureRequest, libcni_binary: Path, tmp_path: Path) -> Driver:
+    """libcni with Debian's plugins and one of qmpnet-cni's two fronts: the Python console
+    script, or the compiled one (``make cni-shim``) that forwards to qmpnetd and runs the
+    Python plugin when no service takes the call."""
     assert PLUGIN.exists(), f"{PLUGIN} missing: pip install -e ."
     bin_dir = tmp_path / "cni-bin"
     bin_dir.mkdir()
     for name in ("bridge", "host-local"):
         (bin_dir / name).symlink_to(DEBIAN_CNI / name)
-    (bin_dir / "qmpnet-cni").symlink_to(PLUGIN)
+    front = PLUGIN if request.param == "python" else cni_shim(full_plugin=PLUGIN)
+    (bin_dir / "qmpnet-cni").symlink_to(front)
     return Driver(libcni_binary, bin_dir, tmp_path / "libcni-cache")
 
 

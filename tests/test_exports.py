@@ -81,6 +81,7 @@ KIT_MODULES = [
     "cni",
     "cri",
     "fakeqemu",
+    "gobuild",
     "guest",
     "output",
     "probe",
