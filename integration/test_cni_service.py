@@ -30,7 +30,7 @@ from qmpnet.testing.output import conforms
 from qmpnet.testing.probe import owned_links
 from qmpnet.testing.scene import unique
 from qmpnet.testing.service import ServiceProcess
-from qmpnet.testing.vm import GuestVM
+from qmpnet.testing.vm import GuestVM, GuestVMError
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]
 
@@ -359,6 +359,51 @@ async def test_a_pod_torn_down_in_the_wrong_order_leaves_the_vm_and_nothing_on_t
         assert await vm.died_by_itself() is None
         assert not (tmp_path / "cni" / pod.container_id).exists()
         await runtime.ok("DEL", conf, **{**call_of(pod), "netns": ""})
+
+
+@pytest.mark.parametrize("queues", [2, 1])
+async def test_a_tap_deleted_behind_our_back_is_not_unplugged_when_multiqueue(
+    vm: GuestVM, service: ServiceProcess, runtime: Runtime, tmp_path: Path, queues: int
+) -> None:
+    """Someone deletes the NIC's tap itself (not the netns, whose taps QEMU's fds keep alive).
+    QEMU 7.2 aborts when the guest then resets a multiqueue NIC (``could not disable queue``,
+    ``virtio_net_set_queue_pairs: Assertion '!r' failed``: seen here with a 2-queue NIC), and
+    an unplug is such a reset. So the DEL succeeds and leaves a 2-queue NIC plugged, without
+    a backend, QEMU alive; a 1-queue NIC, which the reset cannot break, is unplugged."""
+    net = Network(unique("q"))
+    async with net.pod() as pod:
+        conf = chained(
+            pod,
+            stateDir=f"{tmp_path}/cni/{{containerId}}",
+            qmpnetd=str(service.socket),
+            qmpSocket=str(vm.mgmt_qmp_path),
+            queues=queues,
+        )
+        cursor = vm.console_cursor()
+        result = await runtime.ok("ADD", conf, **call_of(pod))
+        guest_nic = await guest_has_it(vm, pod, net.mac, cursor)
+        ((tap, owner),) = owned_links(f"/run/netns/{pod.netns}").items()
+        await asyncio.to_thread(
+            subprocess.run, ["ip", "-n", pod.netns, "link", "del", tap], check=True
+        )
+        cursor = vm.console_cursor()
+        await runtime.ok("DEL", {**conf, "prevResult": result}, **call_of(pod))
+        assert not (tmp_path / "cni" / pod.container_id).exists()  # the runtime is done
+        if queues == 1:
+            await vm.wait_for(
+                rf"QMPNET NIC-DEL name={guest_nic} mac={net.mac}", GUEST, since=cursor
+            )
+            assert f"{owner}-dev" not in (await qemu_view(vm))[0]
+        else:
+            # the guest was not asked to let it go (it would have within seconds)
+            with pytest.raises(GuestVMError, match="no console line matched"):
+                await vm.wait_for(rf"QMPNET NIC-DEL name={guest_nic} ", 5, since=cursor)
+            assert f"{owner}-dev" in (await qemu_view(vm))[0]
+            # marked: the service shows the NIC plugged with its host link gone
+            listed = await qmpnet(service, "list-ifaces", "--qmp", str(vm.mgmt_qmp_path), "--json")
+            (entry,) = [e for e in listed["interfaces"] if e["mac"] == net.mac]
+            assert (entry["status"], entry.get("host_link_gone")) == ("plugged", True), entry
+        assert await vm.died_by_itself() is None
 
 
 async def test_a_vm_registered_before_its_monitor_listens_is_plugged_once_it_does(

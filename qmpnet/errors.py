@@ -10,6 +10,7 @@ without parsing messages, and each is raised ``from`` its cause::
     ├── HostError                a syscall or netlink call failed (operation, object, errno)
     │   ├── LinkExistsError      the requested host link name is taken: refused, left untouched
     │   ├── NotOursError         a link qmpnet did not create: never changed or deleted
+    │   ├── TapGoneError         a multiqueue NIC's tap was deleted: not unplugged (QEMU 7.2)
     │   └── NetnsError           a netns path that does not exist or is not a netns
     ├── QmpError                 anything between us and QEMU
     │   ├── QmpConnectError      socket missing, not a socket, monitor busy: kind says which
@@ -166,6 +167,28 @@ class NotOursError(HostError):
 
     def __init__(self, operation: str, obj: str) -> None:
         super().__init__(operation, obj, None, "link was not created by qmpnet; left untouched")
+
+
+class TapGoneError(HostError):
+    """A multiqueue NIC's tap was deleted behind qmpnet's back: it is not unplugged.
+
+    QEMU 7.2 aborts (``virtio_net_set_queue_pairs: Assertion '!r' failed``) when the guest
+    resets a virtio-net NIC whose multiqueue tap is gone, and an unplug makes the guest reset
+    it; so the NIC is left plugged, without a backend, until the VM stops. A deleted netns is
+    not this: QEMU's queue fds keep it, and its tap, alive until the unplug closes them.
+    """
+
+    def __init__(self, device: str, tap: str) -> None:
+        self.device = device
+        self.tap = tap
+        super().__init__(
+            "unplug",
+            device,
+            None,
+            f"its multiqueue tap {tap} was deleted behind qmpnet's back, and QEMU 7.2 aborts "
+            "when the guest resets such a NIC (an unplug does); the NIC is left plugged, "
+            "without a backend, until the VM stops",
+        )
 
 
 class NetnsError(HostError):

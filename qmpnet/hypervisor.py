@@ -26,12 +26,13 @@ from qmpnet.errors import (
     QmpDisconnectedError,
     QmpnetError,
     QmpTimeoutError,
+    TapGoneError,
     UnsupportedError,
 )
 from qmpnet.lifecycle import Operation, OpKind, Step
 from qmpnet.model import QUEUES_MAX, TapInterface
 from qmpnet.qmp import QmpSession
-from qmpnet.tuntap import QueueFds
+from qmpnet.tuntap import QueueFds, taps_held_by
 
 log = logging.getLogger(__name__)
 
@@ -262,22 +263,44 @@ class QemuHypervisor:
             )
         return slot.pci_path
 
-    async def unplug_tap(self, tap: TapInterface, op: Operation | None = None) -> None:
+    async def unplug_tap(
+        self, tap: TapInterface, op: Operation | None = None, *, tun: bool = True
+    ) -> None:
         """Unplug: device_del, wait for DEVICE_DELETED (bounded), then netdev_del.
 
-        The order matters: QEMU lets a netdev go while the NIC still uses it.
+        The order matters: QEMU lets a netdev go while the NIC still uses it. ``tun``: QEMU
+        reads the queues of a tun tap (not a macvtap's), so a tap deleted behind its back can
+        be told (:class:`TapGoneError`: such a multiqueue NIC is not unplugged).
         """
         if op is None:
             async with Operation(OpKind.UNPLUG, tap.name) as own:
-                await self._unplug(tap, own)
+                await self._unplug(tap, own, tun)
                 own.commit()
         else:
-            await self._unplug(tap, op)
+            await self._unplug(tap, op, tun)
 
-    async def _unplug(self, tap: TapInterface, op: Operation) -> None:
+    async def _unplug(self, tap: TapInterface, op: Operation, tun: bool) -> None:
+        if tun and await self._tap_gone_under_multiqueue(tap):
+            raise TapGoneError(device_id(tap), tap.tap_iface.name)
         # No lock here: waiting for the guest must not hold up other plugs of this VM.
         await op.step(Step.DEVICE_DEL, lambda: self._device_del(device_id(tap)))
         await op.step(Step.NETDEV_DEL, lambda: self.qmp.netdev_del(netdev_id(tap)))
+
+    async def _tap_gone_under_multiqueue(self, tap: TapInterface) -> bool:
+        """QEMU holds no live tap of that name, and the device has several queue pairs.
+
+        Unknown (QEMU's fds unreadable, the device's ``mq`` unreadable) counts as no: the
+        unplug goes ahead as it always did.
+        """
+        peer = self.qmp.peer()
+        held = await asyncio.to_thread(taps_held_by, peer.pid) if peer else None
+        if held is None or tap.tap_iface.name in held:
+            return False
+        try:
+            mq = await self.qmp.qom_get(f"/machine/peripheral/{device_id(tap)}", "mq")
+        except QmpCommandError:
+            return False  # no such device (gone already), or no such property
+        return mq is True
 
     # --- slots -----------------------------------------------------------------------------
 

@@ -184,3 +184,31 @@ def open_vhost_fds(queues: int) -> list[int]:
             os.close(fd)
         raise HostError("open", VHOST_NET_PATH, err.errno) from err
     return fds
+
+
+def taps_held_by(pid: int) -> frozenset[str] | None:
+    """The taps a process's tun fds are attached to (the ``iff:`` of each fd's fdinfo), or
+    None when its fds cannot be read.
+
+    A queue QEMU disabled (TUNSETQUEUE detach) shows no name, but queue 0 of a NIC is never
+    disabled, so a live tap QEMU reads is always listed; a tap deleted behind QEMU's back is
+    not, though QEMU still holds its fds. (A deleted netns keeps its taps: each tun fd holds
+    the netns it was opened in.)
+    """
+    held: set[str] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as fh:
+                info = fh.read(4096)
+        except OSError:
+            continue  # closed meanwhile
+        for line in info.splitlines():
+            if line.startswith(b"iff:"):
+                name = line[4:].strip().decode(errors="replace")
+                if name:
+                    held.add(name)
+    return frozenset(held)

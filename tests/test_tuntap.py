@@ -6,9 +6,11 @@ not with qmpnet's code.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ def _tun_iff(fd: int) -> str:
     with open(f"/proc/self/fdinfo/{fd}") as fh:
         for line in fh:
             if line.startswith("iff:"):
-                return line.split()[1]
+                return line[4:].strip()  # "" once detached
     return ""
 
 
@@ -225,3 +227,28 @@ async def test_plumbing_opens_no_vhost_fds_without_the_device(
     assert fds.vhost == []
     assert op.history == []  # no open-vhost step at all
     assert "is missing" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_taps_held_by_lists_live_taps_even_in_a_deleted_netns(netns: str) -> None:
+    """What an unplug's tap-gone check rests on: a tun fd keeps the netns it was opened in,
+    so deleting the netns leaves the tap attached; deleting the tap itself detaches the fds,
+    which then show no name, though they stay open."""
+    kept, gone = unique("t"), unique("t")
+    fds = [
+        *await run_in_netns(netns, lambda: tuntap.open_tap_queues(kept, 2)),
+        *await run_in_netns(netns, lambda: tuntap.open_tap_queues(gone, 2)),
+    ]
+    try:
+        assert {kept, gone} <= (tuntap.taps_held_by(os.getpid()) or set())
+        name = os.path.basename(netns)
+        for argv in (["ip", "-n", name, "link", "del", gone], ["ip", "netns", "del", name]):
+            await asyncio.to_thread(subprocess.run, argv, check=True)
+        held = tuntap.taps_held_by(os.getpid()) or set()
+        assert kept in held
+        assert gone not in held
+        assert [_tun_iff(fd) for fd in fds] == [kept, kept, "", ""]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert tuntap.taps_held_by(1 << 30) is None  # no such process: unknown, not "none held"

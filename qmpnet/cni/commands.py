@@ -29,8 +29,10 @@ from qmpnet.endpoints import Endpoint
 from qmpnet.endpoints.base import random_mac
 from qmpnet.errors import (
     InvalidInputError,
+    PlugError,
     QmpConnectError,
     QmpnetError,
+    TapGoneError,
 )
 from qmpnet.hypervisor import device_id
 from qmpnet.links import Links
@@ -99,6 +101,13 @@ async def unplug(req: Request, attachment: Attachment, state_dir: Path, config: 
             raise
         log.info("the VM is gone (%s): removing the host side of %s only", err, attachment.ifname)
         await _forget(state, entry)
+    except (TapGoneError, PlugError) as err:
+        gone = err if isinstance(err, TapGoneError) else err.cause
+        if not isinstance(gone, TapGoneError):
+            raise
+        # The runtime's DEL must end (kubelet retries a failed one forever), and the VM must
+        # live: the NIC stays, without a backend, and its record says so until the VM stops.
+        log.warning("%s: %s; DEL succeeds without unplugging it", attachment.ifname, gone)
 
 
 async def sandbox_link(netns: str, ifname: str) -> tuple[str, int, str]:

@@ -520,7 +520,9 @@ class NetPairEndpoint:
         return attrs.evolve(ep, pci_path=pci_path, queues=queues)
 
     async def hot_detach(self, ctx: PlugContext) -> None:
-        await ctx.hypervisor.unplug_tap(self.tap, ctx.op)
+        # with the macvtap model QEMU reads a macvtap's queues, not a tun tap's
+        tun = self.net_pair.model is not InterworkingModel.MACVTAP
+        await ctx.hypervisor.unplug_tap(self.tap, ctx.op, tun=tun)
         await self.teardown(ctx.op)
 
     async def teardown(self, op: Operation) -> None:

@@ -115,7 +115,10 @@ class VmHandle:
 
         A vanished link is logged and shown (``list-ifaces``, ``status``), never acted on:
         QEMU 7.2 aborts when the guest resets a multiqueue NIC whose tap is gone, and an
-        unplug is such a reset, so the service leaves the NIC plugged for its owner to decide.
+        unplug is such a reset, so the service leaves the NIC plugged for its owner to decide
+        (whose unplug refuses that case: :class:`~qmpnet.errors.TapGoneError`). A deleted
+        netns counts as vanished too, though its taps live on in it: QEMU's queue fds hold
+        the namespace until the unplug closes them, and no path reaches it any more.
         """
         try:
             entries = self.state.store.load().entries
@@ -154,7 +157,12 @@ class VmHandle:
                 log.warning("%s: cannot hear link events of %s: %s", self.id, netns or "host", err)
                 self._followers.pop(netns, None)
                 return
-        log.warning("%s: netns %s was deleted with the host links of its NICs", self.id, netns)
+        log.warning(
+            "%s: netns %s was deleted; the taps of its NICs live on in it, held by QEMU's "
+            "queue fds, until the NICs are unplugged",
+            self.id,
+            netns,
+        )
         for entry in self.state.store.load().entries:
             if entry.endpoint.netns_path == netns and entry.endpoint.host_link:
                 self._vanish(entry.endpoint.host_link)
@@ -171,9 +179,9 @@ class VmHandle:
         if name not in self.vanished:
             self.vanished[name] = time.time()
             log.warning(
-                "%s: host link %s of a plugged NIC was deleted; the NIC stays plugged "
-                "(an unplug would reset it in the guest, which QEMU 7.2 cannot survive for "
-                "a multiqueue NIC without its tap)",
+                "%s: host link %s of a plugged NIC is gone; the NIC stays plugged (an unplug "
+                "resets it in the guest, which QEMU 7.2 cannot survive for a multiqueue NIC "
+                "whose tap was deleted)",
                 self.id,
                 name,
             )
