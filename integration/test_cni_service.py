@@ -27,7 +27,7 @@ from qmpnet.testing.cni import Pod, free_link_local_byte, ping_until, pod_networ
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import guest_ip_for_mac, host_ip_for_mac
 from qmpnet.testing.output import conforms
-from qmpnet.testing.probe import owned_links
+from qmpnet.testing.probe import ip_json, owned_links
 from qmpnet.testing.scene import unique
 from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM, GuestVMError
@@ -197,6 +197,38 @@ async def test_a_pods_first_network_waits_for_its_vm_and_is_plugged_when_it_is_r
         assert owned_links(f"/run/netns/{pod.netns}") == {}
         assert not state.exists()
         await runtime.ok("DEL", conf, **call_of(pod))  # again: fine
+        await qmpnet(service, "vm", "unregister", pod.container_id)
+
+
+async def test_a_pending_bridged_attachment_reports_the_mac_its_pod_link_will_wear(
+    vm: GuestVM, service: ServiceProcess, runtime: Runtime, tmp_path: Path
+) -> None:
+    """The bridged model parks the pod's link on a MAC derived from the NIC's id, and gives
+    the guest's NIC the pod's own: a pending ADD chooses that id, so its result names what
+    the link wears once the VM is there, as an ADD into a running VM does."""
+    net = Network(unique("q"))
+    async with net.pod() as pod:
+        netns = f"/run/netns/{pod.netns}"
+        conf = chained(pod, stateDir=f"{tmp_path}/cni/{{containerId}}", qmpnetd=str(service.socket))
+        conf["model"] = "bridged"
+        result = await runtime.ok("ADD", conf, **call_of(pod))
+        (ours,) = [i for i in result["interfaces"] if i.get("sandbox") and i["name"] == "eth0"]
+        parked = ours["mac"]
+        assert parked != pod.mac
+        assert ip_json("link", "show", "eth0", netns=netns)[0]["address"] == pod.mac  # not yet
+        cursor = vm.console_cursor()
+        reply = await qmpnet(
+            service, "vm", "register", "--id", pod.container_id, "--qmp", str(vm.mgmt_qmp_path)
+        )
+        ((plugged,),) = [reply["attachments"]]
+        assert plugged["status"] == "plugged", reply
+        await guest_has_it(vm, pod, net.mac, cursor)  # the guest's NIC has the pod's MAC
+        assert ip_json("link", "show", "eth0", netns=netns)[0]["address"] == parked
+        await runtime.ok("CHECK", {**conf, "prevResult": result}, **call_of(pod))
+        cursor = vm.console_cursor()
+        await runtime.ok("DEL", {**conf, "prevResult": result}, **call_of(pod))
+        await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={net.mac}", GUEST, since=cursor)
+        assert ip_json("link", "show", "eth0", netns=netns)[0]["address"] == pod.mac  # back
         await qmpnet(service, "vm", "unregister", pod.container_id)
 
 

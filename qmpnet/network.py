@@ -255,12 +255,15 @@ class NetworkState:
         tap_name: str | None = None,
         wait_guest: bool = False,
         allow_foreign_link: bool = False,
+        endpoint_id: str = "",
     ) -> Endpoint:
         """Hot-plug the described interface; returns the plugged endpoint. All or nothing.
 
         A NetPair refuses a sandbox link of qmpnet's own (the host's) namespace or a port of
         a bridge or bond, unless ``allow_foreign_link``; whatever it changes on that link is
-        given back on unplug. Log records within carry the VM and MAC.
+        given back on unplug. Log records within carry the VM and MAC. ``endpoint_id`` (the
+        form :func:`~qmpnet.endpoints.base.new_id` makes) is for a caller that answered
+        before the plug: a pending CNI ADD reported the parked MAC the id derives.
         """
         with fields(vm=self.qmp_path, mac=desc.hw_addr):
             return await self._add_interface(
@@ -271,6 +274,7 @@ class NetworkState:
                 tap_name=tap_name,
                 wait_guest=wait_guest,
                 allow_foreign_link=allow_foreign_link,
+                endpoint_id=endpoint_id,
             )
 
     async def _add_interface(
@@ -283,6 +287,7 @@ class NetworkState:
         tap_name: str | None,
         wait_guest: bool,
         allow_foreign_link: bool,
+        endpoint_id: str,
     ) -> Endpoint:
         model = model or self.config.internetworking_model
         if queues:
@@ -299,6 +304,10 @@ class NetworkState:
                 raise InvalidInputError(
                     "hwAddr", desc.hw_addr, "the VM already has an interface with this MAC"
                 )
+            if endpoint_id and any(e.endpoint.id == endpoint_id for e in snap.entries):
+                raise InvalidInputError(
+                    "endpoint id", endpoint_id, "the VM already has an interface with this id"
+                )
             idx = _free_index(snap, self.config.tap_name)
             name = tap_name or self.config.tap_name.format(idx=idx)
             endpoint = create_endpoint(
@@ -308,6 +317,7 @@ class NetworkState:
                 netns_path=netns_path,
                 tap_name=name,
                 queues=queues,
+                endpoint_id=endpoint_id,
             )
             async with self.hypervisor() as hv:
                 if endpoint.hardware_addr:

@@ -150,6 +150,19 @@ def test_create_endpoint_refuses_unknown_link_types_and_negative_index() -> None
         )
 
 
+@pytest.mark.parametrize("link_type", ["tap", "veth"])
+def test_a_chosen_endpoint_id_is_used_and_checked(link_type: str) -> None:
+    """A pending CNI ADD chooses the id (its result names the parked MAC derived from it)."""
+    model = InterworkingModel.NONE if link_type == "tap" else InterworkingModel.BRIDGED
+    info = net_info_from_interface(attrs.evolve(DESC, link_type=link_type), model)
+    chosen = new_id()
+    assert create_endpoint(info, 0, model, endpoint_id=chosen).id == chosen
+    assert create_endpoint(info, 0, model).id != chosen
+    for bad in ("qn0123", "QN0123456789", "qn012345678g", "x" * 300):
+        with pytest.raises(InvalidInputError, match="endpoint id"):
+            create_endpoint(info, 0, model, endpoint_id=bad)
+
+
 def test_netpair_model_default_is_stored_resolved() -> None:
     endpoint = create_endpoint(
         net_info_from_interface(DESC, InterworkingModel.DEFAULT), 0, InterworkingModel.DEFAULT

@@ -26,7 +26,8 @@ from qmpnet.cni.spec import (
 from qmpnet.cni.versions import version_answer
 from qmpnet.config import Config
 from qmpnet.endpoints import Endpoint
-from qmpnet.endpoints.base import random_mac
+from qmpnet.endpoints.base import new_id, random_mac
+from qmpnet.endpoints.netpair import pair_model, parked_mac
 from qmpnet.errors import (
     InvalidInputError,
     PlugError,
@@ -158,12 +159,18 @@ async def cmd_add(req: Request) -> dict[str, Any]:
 
 
 async def plug(
-    req: Request, qmp: str, *, mac: str = "", got: Mapping[str, Any] | None = None
+    req: Request,
+    qmp: str,
+    *,
+    mac: str = "",
+    got: Mapping[str, Any] | None = None,
+    endpoint_id: str = "",
 ) -> dict[str, Any]:
     """Record and plug the attachment into the VM at ``qmp``, all or nothing.
 
     A pending attachment plugged later passes the ``mac`` and IPAM result its ADD already
-    reported (main mode), so the VM gets what the runtime was told.
+    reported (main mode), and the NIC id whose parked MAC it reported (a chained macvtap or
+    bridged model), so the VM and the pod's link get what the runtime was told.
     """
     conf = req.conf
     book = Book(req.state_dir)
@@ -175,7 +182,7 @@ async def plug(
         try:
             if conf.main:
                 return await _add_main(req, book, records, state, mac=mac, given=got)
-            return await _add_chained(req, book, records, state, mac)
+            return await _add_chained(req, book, records, state, mac, endpoint_id=endpoint_id)
         finally:
             await book.remove_if_unused(state)
 
@@ -210,13 +217,23 @@ async def _add_pending(req: Request, qmp: str) -> dict[str, Any]:
             raise
         return result
     mac, mtu, _ = await sandbox_link(env.netns, env.ifname)
-    result = chained_result(conf, env, mac, mtu)
-    await req.vms.defer(req, qmp, result, mac=mac)
+    # macvtap and bridged park the pod's link on a MAC derived from the NIC's id: choose the
+    # id now, so that the result names the MAC the link will wear once plugged
+    endpoint_id = new_id() if pair_model(conf.model).parks_mac else ""
+    reported = parked_mac(endpoint_id) if endpoint_id else mac
+    result = chained_result(conf, env, reported, mtu)
+    await req.vms.defer(req, qmp, result, mac=reported, endpoint_id=endpoint_id)
     return result
 
 
 async def _add_chained(
-    req: Request, book: Book, records: Records, state: NetworkState, reported: str
+    req: Request,
+    book: Book,
+    records: Records,
+    state: NetworkState,
+    reported: str,
+    *,
+    endpoint_id: str = "",
 ) -> dict[str, Any]:
     env, conf = req.env, req.conf
     mac, mtu, kind = await sandbox_link(env.netns, env.ifname)
@@ -243,6 +260,7 @@ async def _add_chained(
             netns_path=env.netns,
             queues=conf.queues,
             wait_guest=conf.wait_guest,
+            endpoint_id=endpoint_id,
         )
     except BaseException:
         await _forget_failed_add(book, records, state)

@@ -11,6 +11,7 @@ settled on) instead of mutating it.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
@@ -46,6 +47,8 @@ class EndpointSpec:
     tap_name: str | None = None
     #: queue pairs; 0 means "as configured / one per vCPU"
     queues: int = 0
+    #: the NIC's id, chosen by a caller that answered before the plug ("": a new one)
+    endpoint_id: str = ""
 
 
 @attrs.define(eq=False)
@@ -148,6 +151,16 @@ def new_id() -> str:
     return "qn" + secrets.token_hex(5)
 
 
+_ENDPOINT_ID = re.compile(r"qn[0-9a-f]{10}")
+
+
+def check_endpoint_id(field: str, value: object) -> str:
+    """An id as :func:`new_id` makes them: QEMU's ids and the owner marks rest on the form."""
+    if not isinstance(value, str) or not _ENDPOINT_ID.fullmatch(value):
+        raise InvalidInputError(field, value, "must be 'qn' and 10 lowercase hex digits")
+    return value
+
+
 def random_mac() -> str:
     """A MAC in QEMU's 52:54:00 range for a guest NIC that was given none."""
     return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
@@ -203,10 +216,13 @@ def create_endpoint(
     netns_path: str = "",
     tap_name: str | None = None,
     queues: int = 0,
+    endpoint_id: str = "",
 ) -> Endpoint:
     """An endpoint for ``net_info``, its type picked from the interface's link type."""
     if idx < 0:
         raise InvalidInputError("index", idx, "must be >= 0")
+    if endpoint_id:
+        check_endpoint_id("endpoint id", endpoint_id)
     kind = endpoint_type_for(net_info.link_type)
     spec = EndpointSpec(
         net_info=net_info,
@@ -215,6 +231,7 @@ def create_endpoint(
         netns_path=netns_path,
         tap_name=tap_name,
         queues=queues,
+        endpoint_id=endpoint_id,
     )
     return REGISTRY[kind].create(spec)
 

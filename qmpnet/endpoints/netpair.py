@@ -432,7 +432,7 @@ class NetPairEndpoint:
         info = spec.net_info
         virt_name = info.iface.name or f"eth{spec.idx}"
         tap = TapInterface(
-            id=new_id(),
+            id=spec.endpoint_id or new_id(),
             name=virt_name,
             tap_iface=NetworkInterface(
                 name=check_ifname("tap name", spec.tap_name or f"tap{spec.idx}_kata"),

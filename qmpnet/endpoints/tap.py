@@ -80,7 +80,11 @@ class TapEndpoint:
         iface = spec.net_info.iface
         check_tap_mtu("mtu", iface.mtu)  # the kernel's limit, before anything is made
         endpoint = create_tap_endpoint(
-            spec.idx, iface.name, tap_name=spec.tap_name, mac=iface.hardware_addr
+            spec.idx,
+            iface.name,
+            tap_name=spec.tap_name,
+            mac=iface.hardware_addr,
+            endpoint_id=spec.endpoint_id,
         )
         return cls(
             tap_interface=endpoint.tap_interface,
@@ -119,7 +123,12 @@ class TapEndpoint:
 
 
 def create_tap_endpoint(
-    idx: int, if_name: str = "", *, tap_name: str | None = None, mac: str = ""
+    idx: int,
+    if_name: str = "",
+    *,
+    tap_name: str | None = None,
+    mac: str = "",
+    endpoint_id: str = "",
 ) -> TapEndpoint:
     """A tap endpoint ``tap{idx}_kata`` for guest interface ``if_name`` (``eth{idx}``)."""
     if not isinstance(idx, int) or idx < 0:
@@ -127,7 +136,7 @@ def create_tap_endpoint(
     guest_name = check_ifname("name", if_name or f"eth{idx}")
     host_name = check_ifname("tap name", tap_name or f"tap{idx}_kata")
     tap = TapInterface(
-        id=new_id(),
+        id=endpoint_id or new_id(),
         name=guest_name,
         tap_iface=NetworkInterface(name=host_name, hard_addr=mac or random_mac()),
     )

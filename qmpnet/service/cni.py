@@ -72,6 +72,8 @@ class Waiting:
     mac: str
     #: main mode: the IPAM result the ADD took (released by the DEL)
     got: Mapping[str, Any] | None = None
+    #: chained macvtap or bridged: the NIC id whose parked MAC the result gave the pod link
+    endpoint_id: str = ""
     since: float = attrs.field(factory=time.time)
     status: Deferred = Deferred.PENDING
     error: str = ""
@@ -156,6 +158,7 @@ class ServiceVms(Vms):
             environ={k: v for k, v in env.environ.items() if k in FORWARDED and k != DEBUG_ENV},
             mac=str(kw.get("mac", "")),
             got=kw.get("got"),
+            endpoint_id=str(kw.get("endpoint_id", "")),
         )
         await self.host.keep(waiting)
         log.info(
@@ -346,7 +349,13 @@ class CniHost:
                 req = waiting.request(self.vms)
                 with fields(container_id=waiting.container_id):
                     if not await self._left_plugged(req):
-                        await plug(req, qmp, mac=waiting.mac, got=waiting.got)
+                        await plug(
+                            req,
+                            qmp,
+                            mac=waiting.mac,
+                            got=waiting.got,
+                            endpoint_id=waiting.endpoint_id,
+                        )
             except Exception as err:
                 cni = to_cni_error(err)
                 failed = attrs.evolve(
