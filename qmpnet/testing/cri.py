@@ -253,6 +253,7 @@ class CriClient:
     socket: Path
     _channel: Any
     _stub: Any
+    _images: Any
     _pb: ModuleType
     on_sandbox: Callable[[str], None] | None = None
 
@@ -262,23 +263,36 @@ class CriClient:
 
         messages, services = stubs()
         channel = grpc.aio.insecure_channel(f"unix://{socket}")
-        return cls(socket, channel, services.RuntimeServiceStub(channel), messages, on_sandbox)
+        return cls(
+            socket,
+            channel,
+            services.RuntimeServiceStub(channel),
+            services.ImageServiceStub(channel),
+            messages,
+            on_sandbox,
+        )
 
     @property
     def pb(self) -> ModuleType:
         """The message classes, to build requests a helper here does not cover."""
         return self._pb
 
-    async def _call(self, method: str, request: Any, timeout: float) -> Any:
+    async def _call(self, method: str, request: Any, timeout: float, *, stub: Any = None) -> Any:
         import grpc
 
         try:
-            return await getattr(self._stub, method)(request, timeout=timeout)
+            return await getattr(stub or self._stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
             raise CriError(method, err.code().name, err.details() or "") from err
 
     async def version(self, timeout: float = 30.0) -> Any:
         return await self._call("Version", self._pb.VersionRequest(version="v1"), timeout)
+
+    async def image_id(self, ref: str, timeout: float = 30.0) -> str:
+        """The id the CRI knows image ``ref`` by, "" while it does not know it."""
+        request = self._pb.ImageStatusRequest(image=self._pb.ImageSpec(image=ref))
+        reply = await self._call("ImageStatus", request, timeout, stub=self._images)
+        return str(reply.image.id) if reply.HasField("image") else ""
 
     def sandbox_config(
         self,
@@ -606,6 +620,12 @@ class Containerd:
         await self.ctr(
             "images", "import", "--snapshotter", self.snapshotter, str(self.top / "pause.tar")
         )
+        # the CRI learns of an imported image from containerd's events: a RunPodSandbox
+        # before it did would look for the pause image in a registry
+        while not await client.image_id(self.sandbox_image, timeout=5.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the CRI did not see {self.sandbox_image} in {timeout:g} s")
+            await asyncio.sleep(0.1)
 
     async def ctr(self, *args: str, timeout: float = 120.0) -> str:
         proc = await asyncio.create_subprocess_exec(
