@@ -185,6 +185,12 @@ def _add_iface_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="return only when the guest driver has the NIC (DRIVER_OK)",
     )
+    add.add_argument(
+        "--link",
+        choices=["up", "down"],
+        default="up",
+        help="the NIC's link as the guest first sees it (default up; see set-link)",
+    )
     add.add_argument("file", metavar="FILE|-", help="interface JSON (Kata agent style)")
 
 
@@ -196,6 +202,15 @@ def _del_iface_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     group.add_argument(
         "file", nargs="?", metavar="FILE|-", help="interface JSON; its hwAddr selects the interface"
     )
+
+
+def _set_link_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    link = sub.add_parser(
+        "set-link", help="set a plugged NIC's link up or down: the guest sees its carrier"
+    )
+    _vm_options(link)
+    link.add_argument("--mac", required=True, help="MAC of the interface")
+    link.add_argument("link_state", metavar="up|down", choices=["up", "down"])
 
 
 def _list_ifaces_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -267,6 +282,7 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 _PARSERS = {
     "add-iface": _add_iface_parser,
     "del-iface": _del_iface_parser,
+    "set-link": _set_link_parser,
     "list-ifaces": _list_ifaces_parser,
     "reconcile": _reconcile_parser,
     "watch": _watch_parser,
@@ -435,6 +451,7 @@ async def cmd_add(args: argparse.Namespace) -> int:
         tap_name=args.tap_name,
         wait_guest=args.wait_guest,
         allow_foreign_link=args.allow_foreign_link,
+        link=args.link,
     )
     _log().info(
         "plugged %s (%s) at %s in %.1f ms",
@@ -460,6 +477,15 @@ async def cmd_del(args: argparse.Namespace) -> int:
             raise InvalidInputError("hwAddr", "", "the interface JSON must name the MAC")
     endpoint = await _state(args).remove_interface(mac)
     _print_json(interface_of(endpoint).to_json())
+    return EXIT_OK
+
+
+async def cmd_set_link(args: argparse.Namespace) -> int:
+    from qmpnet.model import check_mac
+    from qmpnet.views import entry_document
+
+    entry = await _state(args).set_link(check_mac("--mac", args.mac), args.link_state)
+    _print_json(versioned({"interface": entry_document(entry)}))
     return EXIT_OK
 
 
@@ -544,6 +570,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {
     "add-iface": cmd_add,
     "del-iface": cmd_del,
+    "set-link": cmd_set_link,
     "list-ifaces": cmd_list,
     "reconcile": cmd_reconcile,
     "watch": cmd_watch,
@@ -597,6 +624,7 @@ def svc_add(client: Client, args: argparse.Namespace) -> int:
         netns=args.netns,
         wait_guest=args.wait_guest,
         allow_foreign_link=args.allow_foreign_link,
+        link=args.link,
     )
     if args.tap_name is not None:
         params["tap_name"] = args.tap_name
@@ -611,6 +639,12 @@ def svc_del(client: Client, args: argparse.Namespace) -> int:
     else:
         params.update(interface=_interface_param(args.file), source=args.file)
     _print_json(client.call("iface.remove", params))
+    return EXIT_OK
+
+
+def svc_set_link(client: Client, args: argparse.Namespace) -> int:
+    params = {**_vm_params(args), "mac": args.mac, "link": args.link_state}
+    _print_json(versioned(client.call("iface.set_link", params)))
     return EXIT_OK
 
 
@@ -694,7 +728,7 @@ def svc_status(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(versioned(reply))
         return EXIT_OK
-    print(f"qmpnetd {reply['version']} (protocol {reply['protocol']}), pid {reply['pid']}, ")
+    print(f"qmpnetd {reply['version']} (protocol {reply['protocol']}), pid {reply['pid']}")
     print(f"  up {reply['uptime']:.0f} s on {reply['socket']}, state root {reply['state_root']}")
     print(f"  requests in flight: {reply['requests_in_flight']}")
     print()
@@ -721,6 +755,7 @@ def svc_status(client: Client, args: argparse.Namespace) -> int:
 SERVICE_COMMANDS = {
     "add-iface": svc_add,
     "del-iface": svc_del,
+    "set-link": svc_set_link,
     "list-ifaces": svc_list,
     "reconcile": svc_reconcile,
     "watch": svc_watch,

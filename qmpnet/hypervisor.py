@@ -187,27 +187,36 @@ class QemuHypervisor:
         op: Operation | None = None,
         *,
         wait_guest: bool = False,
+        link_up: bool = True,
     ) -> str:
         """Hand ``tap``'s open queue fds to QEMU and plug a NIC on them; return its PCI path.
 
         All or nothing. Only the slot choice is serialized; fds and netdevs have names unique
         to the NIC. With ``op`` the steps join the caller's operation (whose undo covers the
         host side); without, a private operation is used and committed on success. The fds
-        stay the caller's: QEMU holds its own copies once this returns.
+        stay the caller's: QEMU holds its own copies once this returns. ``link_up=False``
+        sets the NIC's link down right after its ``device_add``, before the guest's driver
+        can have read it.
         """
         if not fds.tap:
             raise UnsupportedError(
                 f"tap {tap.tap_iface.name}", "hot-plug", "no tap queue fds were opened"
             )
         if op is not None:
-            return await self._plug(tap, fds, mac, op, wait_guest)
+            return await self._plug(tap, fds, mac, op, wait_guest, link_up)
         async with Operation(OpKind.HOT_PLUG, tap.name) as own:
-            path = await self._plug(tap, fds, mac, own, wait_guest)
+            path = await self._plug(tap, fds, mac, own, wait_guest, link_up)
             own.commit()
         return path
 
-    async def _plug(
-        self, tap: TapInterface, fds: QueueFds, mac: str, op: Operation, wait_guest: bool
+    async def _plug(  # noqa: PLR0917 - the private half of plug_tap, called from it alone
+        self,
+        tap: TapInterface,
+        fds: QueueFds,
+        mac: str,
+        op: Operation,
+        wait_guest: bool,
+        link_up: bool,
     ) -> str:
         names: list[str] = []
         tap_fds, vhost_fds = tuple(fds.tap), tuple(fds.vhost)
@@ -257,6 +266,8 @@ class QemuHypervisor:
             await self._device_del(device_id(tap))
 
         slot = await _qemu_step(op, Step.DEVICE_ADD, device_add, device_del)
+        if not link_up:  # undone with the device
+            await op.step(Step.SET_LINK, lambda: self.set_link(tap, False))
         if wait_guest:
             await op.step(
                 Step.WAIT_GUEST, lambda: self.qmp.wait_driver_ok(device_id(tap), self.guest_timeout)
@@ -285,6 +296,11 @@ class QemuHypervisor:
         # No lock here: waiting for the guest must not hold up other plugs of this VM.
         await op.step(Step.DEVICE_DEL, lambda: self._device_del(device_id(tap)))
         await op.step(Step.NETDEV_DEL, lambda: self.qmp.netdev_del(netdev_id(tap)))
+
+    async def set_link(self, tap: TapInterface, up: bool) -> None:
+        """The NIC's link up or down (QMP ``set_link`` on the device): the guest's carrier
+        follows; the tap stays as it is. Idempotent: QEMU tells the guest only of a change."""
+        await self.qmp.execute("set_link", {"name": device_id(tap), "up": up})
 
     async def _tap_gone_under_multiqueue(self, tap: TapInterface) -> bool:
         """QEMU holds no live tap of that name, and the device has several queue pairs.

@@ -39,6 +39,7 @@ class Step(enum.StrEnum):
     PASS_FDS = "pass-fds"
     NETDEV_ADD = "netdev-add"
     DEVICE_ADD = "device-add"
+    SET_LINK = "set-link"
     WAIT_GUEST = "wait-guest"
     PERSIST = "persist"
 

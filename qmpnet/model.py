@@ -79,6 +79,17 @@ class InterworkingModel(enum.StrEnum):
         return InterworkingModel.TCFILTER if self is InterworkingModel.DEFAULT else self
 
 
+class LinkState(enum.StrEnum):
+    """A guest NIC's link as qmpnet sets it (QMP ``set_link``): the guest sees its carrier."""
+
+    UP = "up"
+    DOWN = "down"
+
+    @classmethod
+    def parse(cls, value: object) -> LinkState:
+        return _parse_enum(cls, "link", value)
+
+
 def _parse_enum(cls: type[_E], field: str, value: object) -> _E:
     if isinstance(value, cls):
         return value

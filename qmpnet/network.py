@@ -32,6 +32,7 @@ from qmpnet.errors import (
     PlugError,
     StateError,
     UnplugRefusedError,
+    UnsupportedError,
 )
 from qmpnet.hypervisor import QemuHypervisor
 from qmpnet.lifecycle import Observer, Operation, OpKind, Phase, Step
@@ -39,6 +40,8 @@ from qmpnet.logs import fields
 from qmpnet.model import (
     InterfaceDescription,
     InterworkingModel,
+    LinkState,
+    TapInterface,
     VmIdentity,
     check_ifname,
     check_mac,
@@ -256,6 +259,7 @@ class NetworkState:
         wait_guest: bool = False,
         allow_foreign_link: bool = False,
         endpoint_id: str = "",
+        link: LinkState = LinkState.UP,
     ) -> Endpoint:
         """Hot-plug the described interface; returns the plugged endpoint. All or nothing.
 
@@ -263,7 +267,8 @@ class NetworkState:
         a bridge or bond, unless ``allow_foreign_link``; whatever it changes on that link is
         given back on unplug. Log records within carry the VM and MAC. ``endpoint_id`` (the
         form :func:`~qmpnet.endpoints.base.new_id` makes) is for a caller that answered
-        before the plug: a pending CNI ADD reported the parked MAC the id derives.
+        before the plug: a pending CNI ADD reported the parked MAC the id derives. ``link``
+        is the NIC's link as the guest first sees it (see :meth:`set_link`).
         """
         with fields(vm=self.qmp_path, mac=desc.hw_addr):
             return await self._add_interface(
@@ -275,6 +280,7 @@ class NetworkState:
                 wait_guest=wait_guest,
                 allow_foreign_link=allow_foreign_link,
                 endpoint_id=endpoint_id,
+                link=LinkState.parse(link),
             )
 
     async def _add_interface(
@@ -288,6 +294,7 @@ class NetworkState:
         wait_guest: bool,
         allow_foreign_link: bool,
         endpoint_id: str,
+        link: LinkState,
     ) -> Endpoint:
         model = model or self.config.internetworking_model
         if queues:
@@ -338,10 +345,11 @@ class NetworkState:
                             op,
                             wait_guest=wait_guest,
                             allow_foreign_link=allow_foreign_link,
+                            link_up=link is LinkState.UP,
                         )
                         plugged = await endpoint.hot_attach(ctx)
                         op.subject = plugged
-                        entry = Entry(plugged)
+                        entry = Entry(plugged, link=link)
 
                         async def persist() -> None:
                             await self._save(attrs.evolve(snap, entries=(*snap.entries, entry)))
@@ -430,6 +438,52 @@ class NetworkState:
                     if recorded:
                         await self.store.journal_end(entry.endpoint.id)
             return entry.endpoint
+
+    async def set_link(self, hw_addr: str, link: LinkState | str) -> Entry:
+        """Set a plugged NIC's link up or down (QMP ``set_link``): the guest's carrier follows.
+
+        The state is saved first and given back if QEMU refuses, so a crash in between leaves
+        the asked-for state for :func:`~qmpnet.reconcile.reconcile` to apply (QEMU 7.2 has no
+        command that reads a NIC's link, so reconcile sets every NIC's link again).
+        """
+        mac = check_mac("hwAddr", hw_addr)
+        want = LinkState.parse(link)
+        with fields(vm=self.qmp_path, mac=mac):
+            async with self.store.locked():
+                await self.settle_vm_change()
+                await self._recover()
+                snap = self.store.load()
+                entry = self._plugged(snap, mac)
+                changed = attrs.evolve(entry, link=want)
+                if changed != entry:
+                    await self._save(_replaced(snap, entry, changed))
+                try:
+                    async with self.hypervisor() as hv:
+                        await hv.set_link(_tap_of(entry.endpoint), want is LinkState.UP)
+                except BaseException:
+                    if changed != entry:
+                        await self._save(snap)
+                    raise
+                return changed
+
+    def _plugged(self, snap: Snapshot, mac: str) -> Entry:
+        """The plugged entry with this MAC, or the error that names why there is none."""
+        for entry in snap.entries:
+            if entry.endpoint.hardware_addr == mac:
+                if entry.status is not Status.PLUGGED:
+                    raise InvalidInputError("hwAddr", mac, f"the interface is {entry.status}")
+                return entry
+        raise NoSuchInterfaceError("hwAddr", mac, "no interface of this VM has it")
+
+
+def _replaced(snap: Snapshot, old: Entry, new: Entry) -> Snapshot:
+    return attrs.evolve(snap, entries=tuple(new if e is old else e for e in snap.entries))
+
+
+def _tap_of(endpoint: Endpoint) -> TapInterface:
+    if endpoint.tap is None:  # never plugged, so never in this VM's plugged entries
+        raise UnsupportedError(f"{endpoint.type} endpoint {endpoint.name}", "live change", "no NIC")
+    return endpoint.tap
 
 
 def _absolute(path: str) -> str:

@@ -9,7 +9,8 @@ then every saved entry:
 
 - an ``unplug-pending`` entry is completed once QEMU no longer has the device (a new request
   waits for it up to the unplug deadline), else kept pending;
-- a plugged entry whose device QEMU no longer has is cleaned and dropped;
+- a plugged entry whose device QEMU no longer has is cleaned and dropped; one it has gets its
+  saved link state set again (QEMU 7.2 has no command that reads it);
 - devices and netdevs in QEMU that carry qmpnet's id pattern but no record are reported,
   never touched (another state directory may own them);
 - when QEMU is gone (socket missing, connection refused) the host side of every endpoint is
@@ -25,6 +26,7 @@ import attrs
 from qmpnet.codec import UnknownEntry
 from qmpnet.errors import QmpnetError, shown
 from qmpnet.hypervisor import device_id
+from qmpnet.model import LinkState
 from qmpnet.network import NetworkState
 from qmpnet.recovery import (
     Action,
@@ -111,6 +113,10 @@ class _Auditor(Settler):
                 detail=f"QEMU has no device {dev} (unplugged by someone else)",
             )
         else:
+            # QEMU 7.2 cannot be asked for a NIC's link, so the saved one is set again (QEMU
+            # tells the guest only of a change): a set_link through another monitor is undone
+            assert self.hv is not None
+            await self.hv.set_link(ep.tap, entry.link is LinkState.UP)
             self.consistent.append(ep.id)
 
     async def _find_orphans(self) -> None:

@@ -38,7 +38,7 @@ from qmpnet.files import (
     sweep_temps,
 )
 from qmpnet.marks import Mark, using
-from qmpnet.model import VmIdentity
+from qmpnet.model import LinkState, VmIdentity
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"
@@ -61,6 +61,8 @@ class Status(enum.StrEnum):
 class Entry:
     endpoint: Endpoint
     status: Status = Status.PLUGGED
+    #: saved only when down; QEMU 7.2 cannot be asked for it, so reconcile sets it again
+    link: LinkState = LinkState.UP
 
 
 @attrs.frozen
@@ -193,20 +195,16 @@ class Store:
         unknown: list[UnknownEntry] = []
         for item in data["endpoints"]:
             status_text = item.get("status") if isinstance(item, dict) else None
+            link_text = item.get("link", "up") if isinstance(item, dict) else "up"
             loaded = load_endpoint(item.get("endpoint") if isinstance(item, dict) else item)
-            if (
-                isinstance(loaded, UnknownEntry)
-                or not isinstance(status_text, str)
-                or status_text not in Status._value2member_map_
-            ):
-                reason = (
-                    loaded.reason
-                    if isinstance(loaded, UnknownEntry)
-                    else f"unknown status {shown(status_text)}"
-                )
-                unknown.append(UnknownEntry(item, reason))
+            if isinstance(loaded, UnknownEntry):
+                unknown.append(UnknownEntry(item, loaded.reason))
+            elif not isinstance(status_text, str) or status_text not in Status._value2member_map_:
+                unknown.append(UnknownEntry(item, f"unknown status {shown(status_text)}"))
+            elif not isinstance(link_text, str) or link_text not in LinkState._value2member_map_:
+                unknown.append(UnknownEntry(item, f"unknown link state {shown(link_text)}"))
             else:
-                entries.append(Entry(loaded, Status(str(status_text))))
+                entries.append(Entry(loaded, Status(status_text), LinkState(link_text)))
         qmp = data.get("qmp")
         return Snapshot(
             tuple(entries),
@@ -217,7 +215,11 @@ class Store:
 
     async def save(self, snapshot: Snapshot) -> None:
         items: list[Any] = [
-            {"status": e.status.value, "endpoint": dump_endpoint(e.endpoint)}
+            {
+                "status": e.status.value,
+                **({"link": e.link.value} if e.link is not LinkState.UP else {}),
+                "endpoint": dump_endpoint(e.endpoint),
+            }
             for e in snapshot.entries
         ]
         items.extend(u.raw for u in snapshot.unknown)

@@ -29,10 +29,16 @@ def _view(entry: Entry, vanished: Collection[str]) -> dict[str, Any]:
         "host_link": ep.host_link or "",
         "netns": ep.netns_path or "",
         "status": entry.status.value,
+        "link": entry.link.value,
     }
     if ep.host_link and ep.host_link in vanished:
         view["host_link_gone"] = True
     return view
+
+
+def entry_document(entry: Entry, vanished: Collection[str] = ()) -> dict[str, Any]:
+    """One interface as list-ifaces shows it (the public view and the saved record)."""
+    return {**_view(entry, vanished), "endpoint": dump_endpoint(entry.endpoint)}
 
 
 def interface_rows(entries: Sequence[Entry], vanished: Collection[str] = ()) -> list[list[str]]:
@@ -40,6 +46,7 @@ def interface_rows(entries: Sequence[Entry], vanished: Collection[str] = ()) -> 
     for e in entries:
         v = _view(e, vanished)
         status = v["status"] + (" (host link gone)" if v.get("host_link_gone") else "")
+        status += ", link down" if v["link"] == "down" else ""
         rows.append(
             [
                 v["name"],
@@ -61,8 +68,6 @@ def list_document(
 ) -> dict[str, Any]:
     return {
         # the public view, and the saved record beside it
-        "interfaces": [
-            {**_view(e, vanished), "endpoint": dump_endpoint(e.endpoint)} for e in entries
-        ],
+        "interfaces": [entry_document(e, vanished) for e in entries],
         "unreadable": [{"reason": u.reason, "entry": u.raw} for u in unknown],
     }

@@ -18,7 +18,7 @@ import pytest
 from qmpnet.codec import UnknownEntry
 from qmpnet.endpoints import create_endpoint, create_tap_endpoint, net_info_from_interface
 from qmpnet.errors import StateError
-from qmpnet.model import InterfaceDescription, InterworkingModel
+from qmpnet.model import InterfaceDescription, InterworkingModel, LinkState
 from qmpnet.store import Entry, Snapshot, Status, Store
 
 
@@ -58,6 +58,27 @@ def test_unknown_entries_are_kept_verbatim(tmp_path: Path) -> None:
     asyncio.run(store.save(Snapshot((Entry(tap),), snap.unknown)))
     written = json.loads(store.state_path.read_text())["endpoints"]
     assert written[1:] == [alien, odd_status, 7]
+
+
+def test_a_link_set_down_is_saved_and_an_unknown_link_state_is_kept_verbatim(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s")
+    up = create_tap_endpoint(0, "eth0", tap_name="t0", mac="52:54:00:00:05:03")
+    down = create_tap_endpoint(1, "eth1", tap_name="t1", mac="52:54:00:00:05:04")
+    snap = Snapshot((Entry(up), Entry(down, link=LinkState.DOWN)))
+    asyncio.run(store.save(snap))
+    assert store.load() == snap
+    written = json.loads(store.state_path.read_text())["endpoints"]
+    assert ["link" in e for e in written] == [False, True]  # up is the default, not written
+    assert written[1]["link"] == "down"
+    written[0]["link"] = "sideways"
+    store.state_path.write_text(json.dumps({"version": 1, "endpoints": written}))
+    loaded = store.load()
+    assert [e.endpoint.id for e in loaded.entries] == [down.id]
+    (kept,) = loaded.unknown
+    assert kept.raw == written[0]
+    assert "unknown link state 'sideways'" in kept.reason
 
 
 @pytest.mark.parametrize(

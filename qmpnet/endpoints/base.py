@@ -59,6 +59,8 @@ class PlugContext:
     config: Config
     op: Operation
     wait_guest: bool = False
+    #: the NIC's link as the guest first sees it
+    link_up: bool = True
     #: a NetPair may join a link of the host's namespace or a bridge's port (default: refused)
     allow_foreign_link: bool = False
 

@@ -38,7 +38,9 @@ async def plug_queues(
     try:
         await open_host(queues, fds)
         await open_vhost(ctx.op, ctx.config, queues, fds)
-        pci_path = await ctx.hypervisor.plug_tap(tap, fds, mac, ctx.op, wait_guest=ctx.wait_guest)
+        pci_path = await ctx.hypervisor.plug_tap(
+            tap, fds, mac, ctx.op, wait_guest=ctx.wait_guest, link_up=ctx.link_up
+        )
     finally:
         fds.close()
     return pci_path, queues

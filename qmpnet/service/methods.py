@@ -24,7 +24,13 @@ from qmpnet.boundary import load_json, load_toml
 from qmpnet.config import Config, with_options
 from qmpnet.endpoints.netpair import pair_model
 from qmpnet.errors import DeniedError, InvalidInputError, QmpnetError
-from qmpnet.model import InterfaceDescription, InterworkingModel, check_ifname, check_mac
+from qmpnet.model import (
+    InterfaceDescription,
+    InterworkingModel,
+    LinkState,
+    check_ifname,
+    check_mac,
+)
 from qmpnet.netns import check_sandbox_netns
 from qmpnet.network import interface_of
 from qmpnet.qmp import check_socket_path, vm_identity
@@ -34,7 +40,7 @@ from qmpnet.service.cni import CniHost
 from qmpnet.service.registry import Registry, VmHandle
 from qmpnet.service.watches import Watches
 from qmpnet.store import Status
-from qmpnet.views import interface_rows, list_document
+from qmpnet.views import entry_document, interface_rows, list_document
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +137,7 @@ class Service:
             "vm.list": self.vm_list,
             "iface.add": self.iface_add,
             "iface.remove": self.iface_remove,
+            "iface.set_link": self.iface_set_link,
             "iface.list": self.iface_list,
             "reconcile": self.reconcile,
             "watch.start": self.watch_start,
@@ -251,6 +258,7 @@ class Service:
         raw, source = p.text("interface"), p.text("source", "-")
         netns, tap_name = p.text("netns"), p.text("tap_name")
         wait_guest, foreign = p.flag("wait_guest"), p.flag("allow_foreign_link")
+        link = LinkState.parse(p.text("link", "up"))
         config = self._config(p)
         handle = await self._vm(p, caller)
         p.done()
@@ -264,6 +272,7 @@ class Service:
             tap_name=tap_name or None,
             wait_guest=wait_guest,
             allow_foreign_link=foreign,
+            link=link,
         )
         handle.follow_links()
         return interface_of(endpoint).to_json()
@@ -287,6 +296,14 @@ class Service:
         handle.vanished.pop(endpoint.host_link, None)
         handle.follow_links()
         return interface_of(endpoint).to_json()
+
+    async def iface_set_link(self, p: Params, caller: Caller) -> Any:
+        mac, link = p.text("mac"), LinkState.parse(p.text("link"))
+        config = self._config(p)
+        handle = await self._vm(p, caller)
+        p.done()
+        entry = await handle.for_request(config).set_link(check_mac("--mac", mac), link)
+        return {"interface": entry_document(entry, handle.vanished)}
 
     async def iface_list(self, p: Params, caller: Caller) -> Any:
         handle = await self._vm(p, caller)

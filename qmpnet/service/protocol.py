@@ -50,6 +50,7 @@ METHODS = (
     "vm.list",
     "iface.add",
     "iface.remove",
+    "iface.set_link",
     "iface.list",
     "reconcile",
     "watch.start",

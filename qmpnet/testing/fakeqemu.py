@@ -311,6 +311,12 @@ def _rx_filter(peer: FakeQemu, client: Client, args: dict[str, Any]) -> list[dic
     return []  # the fake's NICs have no rx-filter view
 
 
+def _set_link(peer: FakeQemu, client: Client, args: dict[str, Any]) -> dict[str, Any]:
+    if args["name"] not in peer.devices and args["name"] not in peer.netdevs:
+        raise Reply(f"Device '{args['name']}' not found", "DeviceNotFound")
+    return {}
+
+
 def _status(peer: FakeQemu, client: Client, args: dict[str, Any]) -> dict[str, Any]:
     return {"status": "running", "running": True}
 
@@ -331,4 +337,5 @@ COMMANDS: dict[str, Handler] = {
     "human-monitor-command": _hmp,
     "query-cpus-fast": _cpus,
     "query-rx-filter": _rx_filter,
+    "set_link": _set_link,
 }

@@ -7,6 +7,7 @@
 #   QMPNET NIC-ADDR name= addr=       169.254.B.2/24 set and link up (B = last MAC byte)
 #   QMPNET PING name= peer= result=ok|fail    peer 169.254.B.1, the host end
 #   QMPNET NIC-DEL name= mac=
+#   QMPNET CARRIER name= mac= state=up|down   the NIC's carrier, first seen and on each change
 # MACs are printed as the kernel does, in lower case. There is no udev: NICs are found by
 # polling /sys/class/net.
 
@@ -70,12 +71,24 @@ nic_added() {
     fi
 }
 
+# carrier NAME MACFILE: say CARRIER when the NIC's carrier is first readable (its link is up)
+# and whenever it changes; shell built-ins only, as this runs every 50 ms for every NIC.
+carrier() {
+    local now was="" mac
+    read -r now 2>/dev/null <"/sys/class/net/$1/carrier" || return
+    [ -e "/run/carrier/$1" ] && read -r was <"/run/carrier/$1"
+    [ "$now" = "$was" ] && return
+    echo "$now" >"/run/carrier/$1"
+    read -r mac <"$2"
+    if [ "$now" = 1 ]; then say "CARRIER name=$1 mac=$mac state=up"; else say "CARRIER name=$1 mac=$mac state=down"; fi
+}
+
 # guest.py numbers the modules in dependency order, so the glob's order is the right one.
 for m in /lib/modules/*.ko; do
     insmod "$m" || say "ERROR insmod $m"
 done
 ip link set lo up
-mkdir -p /run/nic
+mkdir -p /run/nic /run/carrier
 say READY
 
 if [ -x /usr/bin/iperf3 ]; then
@@ -102,7 +115,9 @@ while :; do
         n=${f##*/}
         if [ -e "$f" ] && [ ! -e /sys/class/net/$n ]; then
             say "NIC-DEL name=$n mac=$(cat $f)"
-            rm -f "$f"
+            rm -f "$f" "/run/carrier/$n"
+        elif [ -e "$f" ]; then
+            carrier "$n" "$f"
         fi
     done
     usleep 50000

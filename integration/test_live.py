@@ -1,0 +1,213 @@
+"""Live control of a plugged NIC, seen from the guest: its link (``set-link``, ``--link`` at
+plug, reconcile setting it again), in the direct mode and through qmpnetd.
+
+The guest reports its NIC's carrier on the console (``CARRIER`` markers); traffic is a ping
+from the host end of the tap to the guest's own address; QEMU's first monitor (the VM
+manager's) stands for someone else changing the link behind qmpnet's back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_asyncio
+
+from qmpnet.testing.cni import free_link_local_byte, ping_until
+from qmpnet.testing.fixtures import module_vm
+from qmpnet.testing.guest import guest_ip_for_mac, host_ip_for_mac
+from qmpnet.testing.output import conforms
+from qmpnet.testing.probe import monitor_command
+from qmpnet.testing.scene import del_link, unique
+from qmpnet.testing.service import ServiceProcess
+from qmpnet.testing.vm import GuestVM
+
+pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]
+
+QMPNET = str(Path(sys.executable).with_name("qmpnet"))
+GUEST = 90.0  # generous: TCG guests on a shared 2-core machine
+PING = ("busybox", "ping", "-c", "1", "-W", "1")
+
+vm = module_vm("live")
+
+
+async def qmpnet(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [QMPNET, *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+async def ok(*args: str, env: dict[str, str] | None = None) -> Any:
+    done = await qmpnet(*args, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout) if done.stdout.strip() else None
+
+
+@attrs.frozen
+class Nic:
+    """A tap NIC in the host namespace whose host end answers at the guest's peer address."""
+
+    mac: str
+    tap: str
+    state: Path
+
+    @property
+    def guest_ip(self) -> str:
+        return guest_ip_for_mac(self.mac)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def spec(tmp_path: Path) -> AsyncIterator[Nic]:
+    b = free_link_local_byte()
+    nic = Nic(
+        mac=f"52:54:00:{random.randrange(256):02x}:{random.randrange(256):02x}:{b:02x}",
+        tap=unique("l"),
+        state=tmp_path / "state",
+    )
+    (tmp_path / "nic.json").write_text(json.dumps({"name": "eth9", "hwAddr": nic.mac}))
+    try:
+        yield nic
+    finally:
+        del_link(nic.tap)
+
+
+def plug_args(vm: GuestVM, nic: Nic, *more: str) -> list[str]:
+    return [
+        "add-iface",
+        "--qmp",
+        str(vm.mgmt_qmp_path),
+        "--state",
+        str(nic.state),
+        "--model",
+        "none",
+        "--queues",
+        "1",
+        "--tap-name",
+        nic.tap,
+        *more,
+        str(nic.state.parent / "nic.json"),
+    ]
+
+
+async def address_host_end(nic: Nic) -> None:
+    for argv in (
+        ["ip", "addr", "add", f"{host_ip_for_mac(nic.mac)}/24", "dev", nic.tap],
+        ["ip", "link", "set", nic.tap, "up"],
+    ):
+        await asyncio.to_thread(subprocess.run, argv, check=True)
+
+
+async def carrier(vm: GuestVM, nic: Nic, state: str, cursor: int) -> None:
+    await vm.wait_for(rf"QMPNET CARRIER name=\S+ mac={nic.mac} state={state}", GUEST, since=cursor)
+
+
+async def unreachable(nic: Nic) -> None:
+    """Pings from the host end get no answer (the guest's NIC has no carrier)."""
+    for _ in range(3):
+        done = await asyncio.create_subprocess_exec(
+            *PING, "-I", nic.tap, nic.guest_ip, stdout=subprocess.DEVNULL
+        )
+        assert await done.wait() != 0, f"{nic.guest_ip} answered with its link down"
+
+
+def vm_args(vm: GuestVM, nic: Nic) -> list[str]:
+    return ["--qmp", str(vm.mgmt_qmp_path), "--state", str(nic.state)]
+
+
+async def test_link_down_at_plug_then_up_and_down_live_and_reconcile_sets_it_again(
+    vm: GuestVM, spec: Nic
+) -> None:
+    cursor = vm.console_cursor()
+    plugged = await ok(*plug_args(vm, spec, "--link", "down"))
+    assert plugged["hwAddr"] == spec.mac
+    await address_host_end(spec)
+    await carrier(vm, spec, "down", cursor)  # the guest never saw it up
+    listed = conforms(await ok("list-ifaces", *vm_args(vm, spec), "--json"), "interfaceList")
+    (entry,) = listed["interfaces"]
+    assert entry["link"] == "down"
+    table = await qmpnet("list-ifaces", *vm_args(vm, spec))
+    assert "plugged, link down" in table.stdout, table.stdout
+    await unreachable(spec)
+
+    cursor = vm.console_cursor()
+    changed = conforms(
+        await ok("set-link", *vm_args(vm, spec), "--mac", spec.mac, "up"), "interfaceChanged"
+    )
+    assert changed["interface"]["link"] == "up"
+    await carrier(vm, spec, "up", cursor)
+    await ping_until([*PING, "-I", spec.tap, spec.guest_ip], GUEST)
+
+    cursor = vm.console_cursor()
+    await ok("set-link", *vm_args(vm, spec), "--mac", spec.mac, "down")
+    await carrier(vm, spec, "down", cursor)
+    await unreachable(spec)
+
+    # someone else sets it up through their own monitor; reconcile sets the saved state again
+    device = entry["endpoint"]["tap_interface"]["id"] + "-dev"
+    cursor = vm.console_cursor()
+    await monitor_command(vm.qmp_path, "set_link", {"name": device, "up": True})
+    await carrier(vm, spec, "up", cursor)
+    cursor = vm.console_cursor()
+    report = conforms(await ok("reconcile", *vm_args(vm, spec), "--json"), "reconcile")
+    assert report["errors"] == [], report
+    assert len(report["consistent"]) == 1, report
+    await carrier(vm, spec, "down", cursor)
+
+    # bad input: one line naming the field and the value, nothing changed
+    unknown = await qmpnet("set-link", *vm_args(vm, spec), "--mac", "52:54:00:00:00:01", "up")
+    assert unknown.returncode == 3, unknown.stderr
+    assert "52:54:00:00:00:01" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    word = await qmpnet("set-link", *vm_args(vm, spec), "--mac", spec.mac, "sideways")
+    assert word.returncode == 2, word.stderr
+    (entry,) = (await ok("list-ifaces", *vm_args(vm, spec), "--json"))["interfaces"]
+    assert entry["link"] == "down"
+
+    cursor = vm.console_cursor()
+    await ok("del-iface", *vm_args(vm, spec), "--mac", spec.mac)
+    await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={spec.mac}", GUEST, since=cursor)
+
+
+async def test_set_link_through_qmpnetd(vm: GuestVM, spec: Nic, tmp_path: Path) -> None:
+    async with await ServiceProcess.start(tmp_path / "svc") as svc:
+        qmp = ["--qmp", str(vm.mgmt_qmp_path)]
+        cursor = vm.console_cursor()
+        args = plug_args(vm, spec)
+        del args[3:5]  # the service keeps the state: no --state
+        await ok(*args, env=svc.env)
+        await address_host_end(spec)
+        await carrier(vm, spec, "up", cursor)
+        await ping_until([*PING, "-I", spec.tap, spec.guest_ip], GUEST)
+
+        cursor = vm.console_cursor()
+        changed = await ok("set-link", *qmp, "--mac", spec.mac, "down", env=svc.env)
+        assert conforms(changed, "interfaceChanged")["interface"]["link"] == "down"
+        await carrier(vm, spec, "down", cursor)
+        await unreachable(spec)
+        (entry,) = (await ok("list-ifaces", *qmp, "--json", env=svc.env))["interfaces"]
+        assert entry["link"] == "down"
+
+        cursor = vm.console_cursor()
+        await ok("set-link", *qmp, "--mac", spec.mac, "up", env=svc.env)
+        await carrier(vm, spec, "up", cursor)
+        await ping_until([*PING, "-I", spec.tap, spec.guest_ip], GUEST)
+
+        cursor = vm.console_cursor()
+        await ok("del-iface", *qmp, "--mac", spec.mac, env=svc.env)
+        await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={spec.mac}", GUEST, since=cursor)
+    assert svc.returncode == 0, svc.tail()
