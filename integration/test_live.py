@@ -26,7 +26,7 @@ from qmpnet.testing.cni import free_link_local_byte, ping_until
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import guest_ip_for_mac, host_ip_for_mac
 from qmpnet.testing.output import conforms
-from qmpnet.testing.probe import monitor_command
+from qmpnet.testing.probe import ip_json, monitor_command
 from qmpnet.testing.scene import del_link, unique
 from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM
@@ -183,6 +183,51 @@ async def test_link_down_at_plug_then_up_and_down_live_and_reconcile_sets_it_aga
     await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={spec.mac}", GUEST, since=cursor)
 
 
+def host_counters(tap: str) -> dict[str, int]:
+    """The tap's counters as ``ip -s -j link`` reports them (the independent view)."""
+    (link,) = ip_json("-s", "link", "show", tap)
+    rx, tx = link["stats64"]["rx"], link["stats64"]["tx"]
+    return {"rx_packets": rx["packets"], "tx_packets": tx["packets"], "rx_bytes": rx["bytes"]}
+
+
+async def test_stats_count_the_host_links_traffic(vm: GuestVM, spec: Nic) -> None:
+    cursor = vm.console_cursor()
+    await ok(*plug_args(vm, spec))
+    await address_host_end(spec)
+    await carrier(vm, spec, "up", cursor)
+    await ping_until([*PING, "-I", spec.tap, spec.guest_ip], GUEST)
+    for _ in range(5):
+        await ping_until([*PING, "-I", spec.tap, spec.guest_ip], GUEST)
+    before = host_counters(spec.tap)
+    doc = conforms(await ok("stats", *vm_args(vm, spec), "--json"), "stats")
+    after = host_counters(spec.tap)
+    (nic,) = doc["interfaces"]
+    assert (nic["mac"], nic["host_link"], nic["queues"], nic["link"]) == (
+        spec.mac,
+        spec.tap,
+        1,
+        "up",
+    )
+    got = nic["counters"]
+    # the guest answered every ping: at least 6 frames each way, and what ip saw around it
+    assert got["rx_packets"] >= 6
+    assert got["tx_packets"] >= 6
+    for name, value in before.items():
+        assert value <= got[name] <= after[name], (name, before, got, after)
+    assert got["rx_errors"] == got["tx_errors"] == 0
+    one = conforms(await ok("stats", *vm_args(vm, spec), "--mac", spec.mac, "--json"), "stats")
+    assert [n["mac"] for n in one["interfaces"]] == [spec.mac]
+    table = await qmpnet("stats", *vm_args(vm, spec))
+    assert "RX_PACKETS" in table.stdout
+    assert spec.mac in table.stdout
+    unknown = await qmpnet("stats", *vm_args(vm, spec), "--mac", "52:54:00:00:00:01")
+    assert unknown.returncode == 3, unknown.stderr
+    assert "52:54:00:00:00:01" in unknown.stderr
+    cursor = vm.console_cursor()
+    await ok("del-iface", *vm_args(vm, spec), "--mac", spec.mac)
+    await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={spec.mac}", GUEST, since=cursor)
+
+
 async def test_set_link_through_qmpnetd(vm: GuestVM, spec: Nic, tmp_path: Path) -> None:
     async with await ServiceProcess.start(tmp_path / "svc") as svc:
         qmp = ["--qmp", str(vm.mgmt_qmp_path)]
@@ -201,6 +246,13 @@ async def test_set_link_through_qmpnetd(vm: GuestVM, spec: Nic, tmp_path: Path) 
         await unreachable(spec)
         (entry,) = (await ok("list-ifaces", *qmp, "--json", env=svc.env))["interfaces"]
         assert entry["link"] == "down"
+        before = host_counters(spec.tap)
+        stats = conforms(await ok("stats", *qmp, "--json", env=svc.env), "stats")
+        after = host_counters(spec.tap)
+        ((nic,),) = [stats["interfaces"]]
+        assert (nic["link"], nic["host_link"]) == ("down", spec.tap)
+        for name, value in before.items():
+            assert value <= nic["counters"][name] <= after[name], (name, before, nic, after)
 
         cursor = vm.console_cursor()
         await ok("set-link", *qmp, "--mac", spec.mac, "up", env=svc.env)

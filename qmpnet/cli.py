@@ -213,6 +213,13 @@ def _set_link_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     link.add_argument("link_state", metavar="up|down", choices=["up", "down"])
 
 
+def _stats_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    stats = sub.add_parser("stats", help="each NIC's host-link counters, queues and link")
+    _vm_options(stats, qmp_required=False)
+    stats.add_argument("--mac", help="only the interface with this MAC")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def _list_ifaces_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ls = sub.add_parser("list-ifaces", help="list the VM's interfaces from its saved state")
     _vm_options(ls, qmp_required=False)
@@ -284,6 +291,7 @@ _PARSERS = {
     "del-iface": _del_iface_parser,
     "set-link": _set_link_parser,
     "list-ifaces": _list_ifaces_parser,
+    "stats": _stats_parser,
     "reconcile": _reconcile_parser,
     "watch": _watch_parser,
     "watches": _watches_parser,
@@ -489,6 +497,22 @@ async def cmd_set_link(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_stats(doc: dict[str, Any], as_json: bool) -> None:
+    from qmpnet.views import stats_rows
+
+    if as_json:
+        _print_json(versioned(doc))
+    else:
+        _print_table(stats_rows(doc))
+
+
+async def cmd_stats(args: argparse.Namespace) -> int:
+    from qmpnet.views import stats_document
+
+    _print_stats(stats_document(await _state(args).stats(args.mac)), args.json)
+    return EXIT_OK
+
+
 def _print_list(doc: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(versioned({k: doc[k] for k in ("interfaces", "unreadable")}))
@@ -572,6 +596,7 @@ COMMANDS = {
     "del-iface": cmd_del,
     "set-link": cmd_set_link,
     "list-ifaces": cmd_list,
+    "stats": cmd_stats,
     "reconcile": cmd_reconcile,
     "watch": cmd_watch,
     "demo": cmd_demo,
@@ -645,6 +670,14 @@ def svc_del(client: Client, args: argparse.Namespace) -> int:
 def svc_set_link(client: Client, args: argparse.Namespace) -> int:
     params = {**_vm_params(args), "mac": args.mac, "link": args.link_state}
     _print_json(versioned(client.call("iface.set_link", params)))
+    return EXIT_OK
+
+
+def svc_stats(client: Client, args: argparse.Namespace) -> int:
+    params = _vm_params(args)
+    if args.mac is not None:
+        params["mac"] = args.mac
+    _print_stats(client.call("iface.stats", params), args.json)
     return EXIT_OK
 
 
@@ -757,6 +790,7 @@ SERVICE_COMMANDS = {
     "del-iface": svc_del,
     "set-link": svc_set_link,
     "list-ifaces": svc_list,
+    "stats": svc_stats,
     "reconcile": svc_reconcile,
     "watch": svc_watch,
     "watches": svc_watches,

@@ -73,6 +73,27 @@ class LinkInfo:
 
 
 @attrs.frozen(kw_only=True)
+class LinkCounters:
+    """A link's own counters (IFLA_STATS64), from the host's side: on a tap QEMU reads, ``rx``
+    is what the guest sent and ``tx`` what it was given."""
+
+    rx_packets: int
+    rx_bytes: int
+    rx_dropped: int
+    rx_errors: int
+    tx_packets: int
+    tx_bytes: int
+    tx_dropped: int
+    tx_errors: int
+
+
+def _counters(msg: Any) -> LinkCounters:
+    stats = msg.get("stats64")
+    fields = [f.name for f in attrs.fields(LinkCounters)]
+    return LinkCounters(**{f: int(stats.get(f) or 0) if stats else 0 for f in fields})
+
+
+@attrs.frozen(kw_only=True)
 class LinkEvent:
     """A link appeared or changed (``present``) or went away, as netlink announced it."""
 
@@ -179,16 +200,21 @@ class Links:
     # --- reading ---------------------------------------------------------------------------
 
     async def lookup(self, name: str) -> LinkInfo | None:
+        msg = await self._get(name)
+        return _info(msg) if msg is not None else None
+
+    async def counters(self, name: str) -> LinkCounters | None:
+        """The link's counters, None when there is no such link."""
+        msg = await self._get(name)
+        return _counters(msg) if msg is not None else None
+
+    async def _get(self, name: str) -> Any:
         try:
             # One RTM_GETLINK by name, not a filtered dump of every link (4x faster). The
             # reply is drained: a half-read one makes the socket's next request fail with
             # EBUSY (pyroute2 0.9).
             reply = await self._ipr.link("get", ifname=name)
-            found = (
-                [_info(msg) async for msg in reply]
-                if hasattr(reply, "__aiter__")
-                else [_info(msg) for msg in reply]
-            )
+            found = [msg async for msg in reply] if hasattr(reply, "__aiter__") else list(reply)
         except _FAILURES as err:
             if _errno(err) in (errno.ENODEV, errno.ENOENT):
                 return None

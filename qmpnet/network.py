@@ -16,6 +16,7 @@ long-lived caller instead.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from qmpnet import layout
 from qmpnet.config import Config
 from qmpnet.endpoints import Endpoint, PlugContext, create_endpoint, net_info_from_interface
 from qmpnet.errors import (
+    HostError,
     InvalidInputError,
     MonitorHeldError,
     PlugError,
@@ -36,6 +38,7 @@ from qmpnet.errors import (
 )
 from qmpnet.hypervisor import QemuHypervisor
 from qmpnet.lifecycle import Observer, Operation, OpKind, Phase, Step
+from qmpnet.links import LinkCounters, Links
 from qmpnet.logs import fields
 from qmpnet.model import (
     InterfaceDescription,
@@ -52,9 +55,20 @@ from qmpnet.qmp import QmpSession, vm_identity
 from qmpnet.recovery import ReconcileReport, Settler, recover_journal
 from qmpnet.store import Entry, Snapshot, Status, Store
 
+log = logging.getLogger(__name__)
+
 
 class NoSuchInterfaceError(InvalidInputError):
     """No interface of the VM has the given MAC."""
+
+
+@attrs.frozen
+class NicStats:
+    """One NIC and its host link's counters as read now; None when that link cannot be
+    reached (deleted, or its netns gone from every path)."""
+
+    entry: Entry
+    counters: LinkCounters | None
 
 
 def host_link(endpoint: Endpoint) -> str:
@@ -465,6 +479,32 @@ class NetworkState:
                         await self._save(snap)
                     raise
                 return changed
+
+    async def stats(self, hw_addr: str | None = None) -> list[NicStats]:
+        """Every NIC's (or the one with MAC ``hw_addr``) host-link counters, read now.
+
+        Nothing is changed, so no lock is taken: one netlink socket per netns, one request
+        per link.
+        """
+        entries = await self.list_interfaces()
+        if hw_addr is not None:
+            mac = check_mac("--mac", hw_addr)
+            entries = [e for e in entries if e.endpoint.hardware_addr == mac]
+            if not entries:
+                raise NoSuchInterfaceError("hwAddr", mac, "no interface of this VM has it")
+        found: dict[str, LinkCounters | None] = {}
+        for netns in dict.fromkeys(e.endpoint.netns_path for e in entries):
+            names = [e.endpoint.host_link for e in entries if e.endpoint.netns_path == netns]
+            try:
+                async with Links.open(netns) as links:
+                    for name in filter(None, names):
+                        found[f"{netns}/{name}"] = await links.counters(name)
+            except HostError as err:
+                log.info("counters of the links in %s: %s", netns or "the host netns", err)
+        return [
+            NicStats(e, found.get(f"{e.endpoint.netns_path}/{e.endpoint.host_link}"))
+            for e in entries
+        ]
 
     def _plugged(self, snap: Snapshot, mac: str) -> Entry:
         """The plugged entry with this MAC, or the error that names why there is none."""

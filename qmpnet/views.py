@@ -7,10 +7,13 @@ deleted (only a resident service hears that) is shown beside its entry's status.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmpnet.codec import UnknownEntry, dump_endpoint
 from qmpnet.store import Entry
+
+if TYPE_CHECKING:
+    from qmpnet.network import NicStats
 
 HEADER = ("NAME", "TYPE", "MAC", "MODEL", "PCI", "QUEUES", "HOST LINK", "NETNS", "STATUS")
 
@@ -71,3 +74,45 @@ def list_document(
         "interfaces": [entry_document(e, vanished) for e in entries],
         "unreadable": [{"reason": u.reason, "entry": u.raw} for u in unknown],
     }
+
+
+#: the counters ``stats`` shows, in its table's order (IFLA_STATS64 names)
+COUNTERS = (
+    "rx_packets",
+    "rx_bytes",
+    "rx_dropped",
+    "rx_errors",
+    "tx_packets",
+    "tx_bytes",
+    "tx_dropped",
+    "tx_errors",
+)
+STATS_HEADER = ("MAC", "NAME", "HOST LINK", "QUEUES", "LINK", *(c.upper() for c in COUNTERS))
+
+
+def stats_document(stats: Sequence[NicStats], vanished: Collection[str] = ()) -> dict[str, Any]:
+    """``stats --json``: each NIC's public view and its host link's counters (null when the
+    link cannot be reached)."""
+    out = []
+    for s in stats:
+        view = _view(s.entry, vanished)
+        counters = {c: getattr(s.counters, c) for c in COUNTERS} if s.counters else None
+        out.append({**view, "counters": counters})
+    return {"interfaces": out}
+
+
+def stats_rows(doc: dict[str, Any]) -> list[list[str]]:
+    rows = [list(STATS_HEADER)]
+    for v in doc["interfaces"]:
+        counters = v["counters"]
+        rows.append(
+            [
+                v["mac"],
+                v["name"],
+                v["host_link"] or "-",
+                str(v["queues"] or "-"),
+                v["link"],
+                *(str(counters[c]) if counters else "-" for c in COUNTERS),
+            ]
+        )
+    return rows

@@ -21,6 +21,7 @@ from qmpnet.errors import HostError, LinkExistsError, NotOursError
 from qmpnet.links import Links
 from qmpnet.marks import claimed_owner
 from qmpnet.netns import run_in_netns
+from qmpnet.testing.probe import ip_json
 from qmpnet.testing.scene import unique
 
 pytestmark = [pytest.mark.kernel]
@@ -50,6 +51,30 @@ async def test_lookup_get_and_wait(netns: str) -> None:
         await links.wait_for("absent0", present=False)
         with pytest.raises(HostError, match="still missing"):
             await links.wait_for("absent0", timeout=0.05)
+
+
+@pytest.mark.asyncio
+async def test_counters_are_the_links_own_as_ip_reports_them(netns: str) -> None:
+    """Frames sent on lo in the netns are counted; a missing link has no counters."""
+    name = os.path.basename(netns)
+    await asyncio.to_thread(
+        subprocess.run, ["ip", "-n", name, "link", "set", "lo", "up"], check=True
+    )
+    await asyncio.to_thread(
+        subprocess.run,
+        ["ip", "netns", "exec", name, "busybox", "ping", "-c", "3", "-W", "1", "127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    async with Links.open(netns) as links:
+        assert await links.counters("absent0") is None
+        got = await links.counters("lo")
+    assert got is not None
+    (lo,) = ip_json("-s", "link", "show", "lo", netns=netns)
+    assert got.rx_packets >= 6  # 3 echo requests and 3 replies, all through lo
+    assert got.rx_packets <= lo["stats64"]["rx"]["packets"]
+    assert got.tx_bytes <= lo["stats64"]["tx"]["bytes"]
+    assert got.rx_errors == got.tx_dropped == 0
 
 
 @pytest.mark.asyncio

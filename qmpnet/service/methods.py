@@ -40,7 +40,7 @@ from qmpnet.service.cni import CniHost
 from qmpnet.service.registry import Registry, VmHandle
 from qmpnet.service.watches import Watches
 from qmpnet.store import Status
-from qmpnet.views import entry_document, interface_rows, list_document
+from qmpnet.views import entry_document, interface_rows, list_document, stats_document
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ class Service:
             "iface.remove": self.iface_remove,
             "iface.set_link": self.iface_set_link,
             "iface.list": self.iface_list,
+            "iface.stats": self.iface_stats,
             "reconcile": self.reconcile,
             "watch.start": self.watch_start,
             "watch.stop": self.watch_stop,
@@ -304,6 +305,13 @@ class Service:
         p.done()
         entry = await handle.for_request(config).set_link(check_mac("--mac", mac), link)
         return {"interface": entry_document(entry, handle.vanished)}
+
+    async def iface_stats(self, p: Params, caller: Caller) -> Any:
+        has_mac, mac = p.has("mac"), p.text("mac")
+        handle = await self._vm(p, caller)
+        p.done()
+        stats = await handle.state.stats(mac if has_mac else None)
+        return stats_document(stats, handle.vanished)
 
     async def iface_list(self, p: Params, caller: Caller) -> Any:
         handle = await self._vm(p, caller)

@@ -52,6 +52,7 @@ METHODS = (
     "iface.remove",
     "iface.set_link",
     "iface.list",
+    "iface.stats",
     "reconcile",
     "watch.start",
     "watch.stop",
