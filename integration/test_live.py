@@ -12,8 +12,10 @@ import asyncio
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -263,3 +265,88 @@ async def test_set_link_through_qmpnetd(vm: GuestVM, spec: Nic, tmp_path: Path) 
         await ok("del-iface", *qmp, "--mac", spec.mac, env=svc.env)
         await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={spec.mac}", GUEST, since=cursor)
     assert svc.returncode == 0, svc.tail()
+
+
+# --- announce ---------------------------------------------------------------------------------
+
+ETH_P_RARP = 0x8035
+
+
+class Rarps:
+    """RARP frames arriving on the host's links (QEMU's announce-self sends one per round,
+    from the NIC's MAC, into its tap), captured with an AF_PACKET socket from the moment it
+    is made."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_RARP))
+        self._sock.settimeout(0.2)
+        self.seen: list[tuple[str, str]] = []  # (link, source MAC)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame, where = self._sock.recvfrom(2048)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.seen.append((where[0], frame[6:12].hex(":")))
+
+    def count(self, link: str, mac: str) -> int:
+        return self.seen.count((link, mac))
+
+    async def close(self, after: float) -> None:
+        await asyncio.sleep(after)
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join, 5)
+        self._sock.close()
+
+
+async def test_announce_after_plug_and_link_up_for_that_nic_alone(
+    vm: GuestVM, spec: Nic, tmp_path: Path
+) -> None:
+    # another NIC with slow rounds of its own (10, 0.3 s apart) while ours is plugged: a new
+    # announce-self without its own timer id would cancel them
+    other = Nic(
+        mac=spec.mac[:-2] + f"{(int(spec.mac[-2:], 16) + 1) % 256:02x}",
+        tap=unique("l"),
+        state=spec.state,
+    )
+    (tmp_path / "other.json").write_text(json.dumps({"name": "eth8", "hwAddr": other.mac}))
+    slow = tmp_path / "slow.toml"
+    slow.write_text("[announce]\nrounds = 10\ninitial = 300\nstep = 0\nmax = 300\n")
+    try:
+        rarps = Rarps()
+        args = plug_args(vm, other, "--config", str(slow))
+        args[-1] = str(tmp_path / "other.json")
+        args[args.index("--tap-name") + 1] = other.tap
+        await ok(*args)
+        await ok(*plug_args(vm, spec))
+        await rarps.close(after=4.0)
+        assert rarps.count(other.tap, other.mac) == 10, rarps.seen
+        assert rarps.count(spec.tap, spec.mac) == 5, rarps.seen  # QEMU's default rounds
+
+        await ok("set-link", *vm_args(vm, spec), "--mac", spec.mac, "down")
+        rarps = Rarps()
+        await ok("set-link", *vm_args(vm, spec), "--mac", spec.mac, "up", "--announce-rounds", "3")
+        await rarps.close(after=2.0)
+        assert rarps.count(spec.tap, spec.mac) == 3, rarps.seen
+        assert rarps.count(other.tap, other.mac) == 0, rarps.seen
+
+        await ok("set-link", *vm_args(vm, spec), "--mac", spec.mac, "down")
+        rarps = Rarps()
+        await ok("set-link", *vm_args(vm, spec), "--mac", spec.mac, "up", "--no-announce")
+        await ok("del-iface", *vm_args(vm, other), "--mac", other.mac)
+        args = plug_args(vm, other, "--no-announce")
+        args[-1] = str(tmp_path / "other.json")
+        args[args.index("--tap-name") + 1] = other.tap
+        await ok(*args)
+        await rarps.close(after=2.0)
+        assert rarps.seen == [], rarps.seen
+    finally:
+        for nic in (spec, other):
+            await qmpnet("del-iface", *vm_args(vm, nic), "--mac", nic.mac)
+        del_link(other.tap)

@@ -148,6 +148,20 @@ def _vm_options(p: argparse.ArgumentParser, qmp_required: bool = True) -> None:
         )
 
 
+def _announce_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-announce",
+        action="store_true",
+        help="do not announce the NIC (QMP announce-self) once its link is up",
+    )
+    p.add_argument(
+        "--announce-rounds",
+        type=_positive_int,
+        metavar="N",
+        help="announcement rounds (default: from config, else 5)",
+    )
+
+
 def _plug_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -167,6 +181,7 @@ def _plug_options(p: argparse.ArgumentParser) -> None:
         help="queue pairs (default: from config, else one per guest vCPU)",
     )
     p.add_argument("--no-vhost", action="store_true", help="never use vhost-net")
+    _announce_options(p)
     p.add_argument("--tap-name", metavar="NAME", help="host tap name (default: tap{idx}_kata)")
 
 
@@ -210,6 +225,7 @@ def _set_link_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     _vm_options(link)
     link.add_argument("--mac", required=True, help="MAC of the interface")
+    _announce_options(link)
     link.add_argument("link_state", metavar="up|down", choices=["up", "down"])
 
 
@@ -385,6 +401,8 @@ def _config(args: argparse.Namespace) -> Config:
         no_vhost=getattr(args, "no_vhost", False),
         queues=getattr(args, "queues", None),
         timeouts=_timeouts(args),
+        no_announce=getattr(args, "no_announce", False),
+        announce_rounds=getattr(args, "announce_rounds", None),
     )
 
 
@@ -633,6 +651,10 @@ def _vm_params(args: argparse.Namespace) -> dict[str, Any]:
             params[name] = value
     if getattr(args, "no_vhost", False):
         params["no_vhost"] = True
+    if getattr(args, "no_announce", False):
+        params["no_announce"] = True
+    if getattr(args, "announce_rounds", None):
+        params["announce_rounds"] = args.announce_rounds
     return params
 
 

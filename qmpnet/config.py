@@ -40,6 +40,47 @@ class Timeouts:
     guest_ready: float = _seconds(30.0)
 
 
+def check_announce_count(field: str, value: object) -> int:
+    if type(value) is not int or not 1 <= value <= ANNOUNCE_ROUNDS_MAX:
+        raise InvalidInputError(field, value, f"must be an integer from 1 to {ANNOUNCE_ROUNDS_MAX}")
+    return value
+
+
+def check_announce_ms(field: str, value: object) -> int:
+    if type(value) is not int or not 0 <= value <= ANNOUNCE_MS_MAX:
+        raise InvalidInputError(
+            field, value, f"must be an integer from 0 to {ANNOUNCE_MS_MAX} (ms)"
+        )
+    return value
+
+
+ANNOUNCE_ROUNDS_MAX = 1000
+ANNOUNCE_MS_MAX = 60_000
+
+
+def _ms(default: int) -> int:
+    return attrs.field(default=default, validator=checked_by(check_announce_ms))
+
+
+@attrs.frozen(kw_only=True)
+class Announce:
+    """QEMU's ``announce-self`` for one NIC after its plug and after its link comes up: a
+    RARP of its MAC per round (and the guest's own announcement where it negotiated it), so
+    switches learn where it is. Defaults: QEMU's own for a migration; round *k* comes
+    ``initial + k * step`` ms (at most ``max``) after the one before."""
+
+    enabled: bool = True
+    rounds: int = attrs.field(default=5, validator=checked_by(check_announce_count))
+    initial: int = _ms(50)
+    max: int = _ms(550)
+    step: int = _ms(100)
+
+    @max.validator
+    def _check_max(self, _attr: object, value: int) -> None:
+        if value < self.initial:
+            raise InvalidInputError("max", value, f"must be >= initial ({self.initial})")
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """Settings for one driver; ``queues = 0`` means one queue pair per guest vCPU."""
@@ -50,6 +91,7 @@ class Config:
     #: host tap name for the endpoint with index ``idx``; must stay within 15 bytes.
     tap_name: str = attrs.field(default="tap{idx}_kata")
     timeouts: Timeouts = Timeouts()
+    announce: Announce = Announce()
 
     @tap_name.validator
     def _check_tap_name(self, _attr: object, value: str) -> None:
@@ -109,6 +151,8 @@ def with_options(
     no_vhost: bool = False,
     queues: int | None = None,
     timeouts: Mapping[str, float | None] | None = None,
+    no_announce: bool = False,
+    announce_rounds: int | None = None,
 ) -> Config:
     """``config`` with one request's options applied (the CLI's flags, a service request's
     params), each checked as the config file's own keys are."""
@@ -129,16 +173,25 @@ def with_options(
         changes["disable_vhost_net"] = True
     if queues:
         changes["queues"] = queues
+    if no_announce or announce_rounds is not None:
+        announce = config.announce
+        if announce_rounds is not None:
+            announce = attrs.evolve(
+                announce, rounds=check_announce_count("--announce-rounds", announce_rounds)
+            )
+        changes["announce"] = attrs.evolve(announce, enabled=announce.enabled and not no_announce)
     return attrs.evolve(config, **changes)
 
 
 #: qmpnet's TOML configuration: keys as the attributes are named.
 TOML = Boundary("config", mapping="a table", key_field="{} key")
 TOML.register(Timeouts)
+TOML.register(Announce)
 TOML.register(Config)
 
 __all__ = [
     "SECONDS_MAX",
+    "Announce",
     "TOML",
     "Config",
     "Timeouts",

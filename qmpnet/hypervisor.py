@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from qmpnet.config import Announce
 from qmpnet.errors import (
     PlugError,
     QmpCommandError,
@@ -153,6 +154,15 @@ class _Kept:
     topology: Topology | None = None
 
 
+@attrs.frozen
+class _Plug:
+    """What a plug was asked besides the tap: wait for the driver, link, announcement."""
+
+    wait_guest: bool
+    link_up: bool
+    announce: Announce | None
+
+
 @attrs.define(eq=False)
 class QemuHypervisor:
     """Hot-plug network devices into one running QEMU through one QMP session.
@@ -188,6 +198,7 @@ class QemuHypervisor:
         *,
         wait_guest: bool = False,
         link_up: bool = True,
+        announce: Announce | None = None,
     ) -> str:
         """Hand ``tap``'s open queue fds to QEMU and plug a NIC on them; return its PCI path.
 
@@ -196,27 +207,23 @@ class QemuHypervisor:
         host side); without, a private operation is used and committed on success. The fds
         stay the caller's: QEMU holds its own copies once this returns. ``link_up=False``
         sets the NIC's link down right after its ``device_add``, before the guest's driver
-        can have read it.
+        can have read it; ``announce`` (unless disabled) announces a NIC plugged with its
+        link up once it is in (and, with ``wait_guest``, its driver too).
         """
         if not fds.tap:
             raise UnsupportedError(
                 f"tap {tap.tap_iface.name}", "hot-plug", "no tap queue fds were opened"
             )
+        says = _Plug(wait_guest, link_up, announce)
         if op is not None:
-            return await self._plug(tap, fds, mac, op, wait_guest, link_up)
+            return await self._plug(tap, fds, mac, op, says)
         async with Operation(OpKind.HOT_PLUG, tap.name) as own:
-            path = await self._plug(tap, fds, mac, own, wait_guest, link_up)
+            path = await self._plug(tap, fds, mac, own, says)
             own.commit()
         return path
 
-    async def _plug(  # noqa: PLR0917 - the private half of plug_tap, called from it alone
-        self,
-        tap: TapInterface,
-        fds: QueueFds,
-        mac: str,
-        op: Operation,
-        wait_guest: bool,
-        link_up: bool,
+    async def _plug(
+        self, tap: TapInterface, fds: QueueFds, mac: str, op: Operation, says: _Plug
     ) -> str:
         names: list[str] = []
         tap_fds, vhost_fds = tuple(fds.tap), tuple(fds.vhost)
@@ -266,12 +273,15 @@ class QemuHypervisor:
             await self._device_del(device_id(tap))
 
         slot = await _qemu_step(op, Step.DEVICE_ADD, device_add, device_del)
-        if not link_up:  # undone with the device
+        if not says.link_up:  # undone with the device
             await op.step(Step.SET_LINK, lambda: self.set_link(tap, False))
-        if wait_guest:
+        if says.wait_guest:
             await op.step(
                 Step.WAIT_GUEST, lambda: self.qmp.wait_driver_ok(device_id(tap), self.guest_timeout)
             )
+        if says.link_up and says.announce is not None and says.announce.enabled:
+            plan = says.announce
+            await op.step(Step.ANNOUNCE, lambda: self.announce(tap, plan))
         return slot.pci_path
 
     async def unplug_tap(
@@ -296,6 +306,22 @@ class QemuHypervisor:
         # No lock here: waiting for the guest must not hold up other plugs of this VM.
         await op.step(Step.DEVICE_DEL, lambda: self._device_del(device_id(tap)))
         await op.step(Step.NETDEV_DEL, lambda: self.qmp.netdev_del(netdev_id(tap)))
+
+    async def announce(self, tap: TapInterface, plan: Announce) -> None:
+        """``announce-self`` for this NIC alone, with a timer of its own (its device id): the
+        rounds of other NICs' announcements go on (FACTS: without ``interfaces`` every NIC is
+        announced, and a new call cancels the rounds of the last)."""
+        await self.qmp.execute(
+            "announce-self",
+            {
+                "initial": plan.initial,
+                "max": plan.max,
+                "rounds": plan.rounds,
+                "step": plan.step,
+                "interfaces": [device_id(tap)],
+                "id": device_id(tap),
+            },
+        )
 
     async def set_link(self, tap: TapInterface, up: bool) -> None:
         """The NIC's link up or down (QMP ``set_link`` on the device): the guest's carrier

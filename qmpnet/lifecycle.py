@@ -41,6 +41,7 @@ class Step(enum.StrEnum):
     DEVICE_ADD = "device-add"
     SET_LINK = "set-link"
     WAIT_GUEST = "wait-guest"
+    ANNOUNCE = "announce"
     PERSIST = "persist"
 
     DEVICE_DEL = "device-del"

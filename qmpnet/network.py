@@ -454,7 +454,8 @@ class NetworkState:
             return entry.endpoint
 
     async def set_link(self, hw_addr: str, link: LinkState | str) -> Entry:
-        """Set a plugged NIC's link up or down (QMP ``set_link``): the guest's carrier follows.
+        """Set a plugged NIC's link up or down (QMP ``set_link``): the guest's carrier follows;
+        a link set up is announced (the configuration's ``announce``).
 
         The state is saved first and given back if QEMU refuses, so a crash in between leaves
         the asked-for state for :func:`~qmpnet.reconcile.reconcile` to apply (QEMU 7.2 has no
@@ -473,7 +474,10 @@ class NetworkState:
                     await self._save(_replaced(snap, entry, changed))
                 try:
                     async with self.hypervisor() as hv:
-                        await hv.set_link(_tap_of(entry.endpoint), want is LinkState.UP)
+                        tap = _tap_of(entry.endpoint)
+                        await hv.set_link(tap, want is LinkState.UP)
+                        if want is LinkState.UP and self.config.announce.enabled:
+                            await hv.announce(tap, self.config.announce)
                 except BaseException:
                     if changed != entry:
                         await self._save(snap)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import attrs
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from qmpnet.config import Config, Timeouts
+from qmpnet.config import Announce, Config, Timeouts, with_options
 from qmpnet.errors import InvalidInputError, UnknownValueError
 from qmpnet.model import QUEUES_MAX, InterworkingModel, check_ifname
 
@@ -20,6 +21,8 @@ def test_defaults_are_documented_ones() -> None:
     assert cfg.model is InterworkingModel.TCFILTER  # "default" means tcfilter
     assert (cfg.disable_vhost_net, cfg.queues, cfg.tap_name) == (False, 0, "tap{idx}_kata")
     assert cfg.timeouts == Timeouts(connect=5.0, command=10.0, unplug=5.0, guest_ready=30.0)
+    # QEMU's own announce-self parameters for a migration
+    assert cfg.announce == Announce(enabled=True, rounds=5, initial=50, max=550, step=100)
     assert Config.from_mapping({}) == cfg
 
 
@@ -75,6 +78,11 @@ def test_load_reports_missing_and_broken_files(tmp_path: Path) -> None:
         ({"timeouts": {"connect": 3601}}, "timeouts.connect"),
         ({"timeouts": {"later": 1}}, "timeouts key"),
         ({"timeouts": 5}, "timeouts"),
+        ({"announce": {"rounds": 0}}, "announce.rounds"),
+        ({"announce": {"rounds": 1001}}, "announce.rounds"),
+        ({"announce": {"step": -1}}, "announce.step"),
+        ({"announce": {"initial": 600}}, "announce.max"),
+        ({"announce": {"enabled": "yes"}}, "announce.enabled"),
         ({"vhost": True}, "config key"),
         ({"network": 1}, "network"),
         ({"queues": 4, "network": {"tap_name": "t{idx}"}}, "config key"),
@@ -181,3 +189,14 @@ def test_a_config_made_in_code_checks_queues_too(queues: object) -> None:
     with pytest.raises(InvalidInputError) as caught:
         Config(queues=queues)  # type: ignore[arg-type]
     assert caught.value.field == "queues"
+
+
+def test_request_options_turn_announcing_off_or_change_its_rounds() -> None:
+    base = Config.from_mapping({"announce": {"rounds": 7, "step": 0}})
+    assert with_options(base, no_announce=True).announce == attrs.evolve(
+        base.announce, enabled=False
+    )
+    assert with_options(base, announce_rounds=2).announce.rounds == 2
+    assert with_options(base).announce == base.announce
+    with pytest.raises(InvalidInputError, match="--announce-rounds"):
+        with_options(base, announce_rounds=0)

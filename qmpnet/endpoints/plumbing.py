@@ -39,7 +39,13 @@ async def plug_queues(
         await open_host(queues, fds)
         await open_vhost(ctx.op, ctx.config, queues, fds)
         pci_path = await ctx.hypervisor.plug_tap(
-            tap, fds, mac, ctx.op, wait_guest=ctx.wait_guest, link_up=ctx.link_up
+            tap,
+            fds,
+            mac,
+            ctx.op,
+            wait_guest=ctx.wait_guest,
+            link_up=ctx.link_up,
+            announce=ctx.config.announce,
         )
     finally:
         fds.close()

@@ -213,12 +213,15 @@ class Service:
         timeouts = p.table("timeouts")
         model = p.text("model")
         queues = p.count("queues")
+        rounds = p.count("announce_rounds")
         return with_options(
             base,
             model=model or None,
             no_vhost=p.flag("no_vhost"),
             queues=queues,
             timeouts={str(k): v for k, v in timeouts.items()},
+            no_announce=p.flag("no_announce"),
+            announce_rounds=rounds or None,
         )
 
     async def vm_register(self, p: Params, caller: Caller) -> Any:
@@ -308,6 +311,7 @@ class Service:
 
     async def iface_stats(self, p: Params, caller: Caller) -> Any:
         has_mac, mac = p.has("mac"), p.text("mac")
+        self._config(p)  # checked as every request's, though reading needs none of it
         handle = await self._vm(p, caller)
         p.done()
         stats = await handle.state.stats(mac if has_mac else None)

@@ -317,6 +317,10 @@ def _set_link(peer: FakeQemu, client: Client, args: dict[str, Any]) -> dict[str,
     return {}
 
 
+def _announce(peer: FakeQemu, client: Client, args: dict[str, Any]) -> dict[str, Any]:
+    return {}  # the fake's NICs have no wire to announce on
+
+
 def _status(peer: FakeQemu, client: Client, args: dict[str, Any]) -> dict[str, Any]:
     return {"status": "running", "running": True}
 
@@ -338,4 +342,5 @@ COMMANDS: dict[str, Handler] = {
     "query-cpus-fast": _cpus,
     "query-rx-filter": _rx_filter,
     "set_link": _set_link,
+    "announce-self": _announce,
 }
