@@ -269,7 +269,7 @@ def owned_links(netns: str = "") -> dict[str, str]:
 async def manager_device_del(qmp_path: str | Path, device: str, timeout: float) -> None:
     """Unplug a device behind qmpnet's back, as a VM manager could, and wait for it to go."""
     client = QMPClient("manager")
-    await client.connect(str(qmp_path))
+    await connect_clean(client, str(qmp_path))
     try:
         await client.execute("device_del", {"id": device})
         async with asyncio.timeout(timeout):
