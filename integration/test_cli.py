@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 from qemu.qmp import QMPClient
 
+from qmpnet.qmp import connect_clean
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import GuestImage
 from qmpnet.testing.output import conforms
@@ -72,7 +73,7 @@ class Monitor:
     @classmethod
     async def connect(cls, path: Path) -> Monitor:
         client = QMPClient("manager")
-        await client.connect(str(path))
+        await connect_clean(client, str(path))
         return cls(client)
 
     async def peripherals(self) -> set[str]:

@@ -24,12 +24,11 @@ from typing import Any
 import attrs
 import pytest
 import pytest_asyncio
-from qemu.qmp import QMPClient
 
 from qmpnet.marks import claimed_owner
 from qmpnet.testing.cni import Pod, free_link_local_byte, ipam_files, ping_until, pod_network
 from qmpnet.testing.guest import GuestImage, guest_ip_for_mac, host_ip_for_mac
-from qmpnet.testing.probe import ip_json, links, manager_device_del, owned_links
+from qmpnet.testing.probe import ip_json, links, manager_device_del, owned_links, qemu_view
 from qmpnet.testing.probe import monitor_command as hmp
 from qmpnet.testing.scene import RUN, run, unique
 from qmpnet.testing.vm import GuestVM
@@ -146,18 +145,6 @@ def chained(pod: Pod, **fields: Any) -> dict[str, Any]:
 
 
 # --- independent views ----------------------------------------------------------------------
-
-
-async def qemu_view(vm: GuestVM) -> tuple[set[str], str]:
-    """Device ids under /machine/peripheral and ``info network``, from the manager's monitor."""
-    client = QMPClient("manager")
-    await client.connect(str(vm.qmp_path))
-    try:
-        children = await client.execute("qom-list", {"path": "/machine/peripheral"})
-        network = await client.execute("human-monitor-command", {"command-line": "info network"})
-    finally:
-        await client.disconnect()
-    return {c["name"] for c in children if c["type"].startswith("child<")}, str(network)
 
 
 def ns(path: str) -> str:
@@ -428,9 +415,9 @@ async def test_chained_add_plugs_the_pods_veth_and_traffic_flows_then_del_leaves
             assert len(ours) == 1
             ((tap, owner),) = ours.items()
             assert "ingress" in qdisc_kinds(netns, "eth0")
-            devices, network = await qemu_view(vm)
-            assert f"{owner}-dev" in devices
-            assert f"{owner}-net" in network
+            view = await qemu_view(vm.qmp_path)
+            assert f"{owner}-dev" in view.devices
+            assert f"{owner}-net" in view.netdevs
             state = state_of(state_template, pod.container_id)
             assert (state / "state.json").exists()
             # CHECK through the whole list, as the runtime does it.
@@ -440,9 +427,7 @@ async def test_chained_add_plugs_the_pods_veth_and_traffic_flows_then_del_leaves
             cursor = vm.console_cursor()
             await runtime.ok("DEL", {**conf, "prevResult": result}, **call)
         await vm.wait_for(rf"QMPNET NIC-DEL name={guest_nic} mac={mac}", GUEST, since=cursor)
-        devices, network = await qemu_view(vm)
-        assert f"{owner}-dev" not in devices
-        assert f"{owner}-net" not in network
+        assert not (await qemu_view(vm.qmp_path)).has_any_of(owner)
         assert tap not in {link["ifname"] for link in ip_json("link", "show", netns=pod.netns)}
         assert "ingress" not in qdisc_kinds(netns, "eth0")
         assert not state.exists()
@@ -575,7 +560,8 @@ async def test_main_mode_makes_a_tap_in_the_netns_with_an_address_from_host_loca
         assert tap["linkinfo"]["info_data"]["type"] == "tap"
         assert tap["ifalias"].startswith("qmpnet:")
         owner = claimed_owner(tap["ifalias"])
-        assert f"{owner}-dev" in (await qemu_view(vm))[0]
+        assert owner, tap["ifalias"]
+        assert f"{owner}-dev" in (await qemu_view(vm.qmp_path)).devices
         # The tap is the pod end of the guest's link: traffic from inside the netns.
         assert (
             await sh(
@@ -592,9 +578,7 @@ async def test_main_mode_makes_a_tap_in_the_netns_with_an_address_from_host_loca
     await vm.wait_for(rf"QMPNET NIC-DEL name={guest_nic} mac={mac}", GUEST, since=cursor)
     assert "net1" not in links(ns(netns))
     assert ipam_files(data_dir, network) == set()
-    devices, network_info = await qemu_view(vm)
-    assert f"{owner}-dev" not in devices
-    assert f"{owner}-net" not in network_info
+    assert not (await qemu_view(vm.qmp_path)).has_any_of(owner)
     assert not state_of(state_template, pod_vm.container).exists()
     await runtime.ok("DEL", conf, **call)
 
@@ -694,7 +678,7 @@ async def test_gc_removes_only_this_networks_attachments_missing_from_the_valid_
         assert sorted(owned_links(netns)) == ["a1", "b1"]
         assert len(ipam_files(data_dir, net_a)) == 1
         assert len(ipam_files(data_dir, net_b)) == 1
-        devices, _ = await qemu_view(vm)
+        devices = (await qemu_view(vm.qmp_path)).devices
         assert {f"{owners[n]}-dev" for n in ("a1", "b1")} <= devices
         assert f"{owners['a2']}-dev" not in devices
         # CHECK still passes for what GC kept.
@@ -769,21 +753,19 @@ async def test_an_add_that_cannot_undo_itself_is_settled_by_the_runtimes_del(
             qmpSocket=socket_template(pod_vm, pod.container_id, tmp_path),
         )
         call = {"container": pod.container_id, "netns": netns, "ifname": pod.ifname}
-        before = (await qemu_view(vm))[0]
+        before = (await qemu_view(vm.qmp_path)).devices
         await hmp(vm.qmp_path, "stop")
         try:
             error = (await runtime.call("ADD", conf, **call)).error()
             assert "wait-guest" in error["msg"], error
             # the undo could not finish: QEMU still has the device
-            (left,) = (await qemu_view(vm))[0] - before
+            (left,) = (await qemu_view(vm.qmp_path)).devices - before
             assert left.endswith("-dev")
             assert state_of(state_template, pod.container_id).exists()
         finally:
             await hmp(vm.qmp_path, "cont")
         await runtime.ok("DEL", conf, **call)
-        devices, network = await qemu_view(vm)
-        assert left not in devices
-        assert left.removesuffix("-dev") + "-net" not in network
+        assert not (await qemu_view(vm.qmp_path)).has_any_of(left.removesuffix("-dev"))
         assert owned_links(netns) == {}
         assert "ingress" not in qdisc_kinds(netns, "eth0")
         assert not state_of(state_template, pod.container_id).exists()

@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from test_cni import GUEST, PING, VERSION, Runtime, chained, mac_ending, qemu_view
+from test_cni import GUEST, PING, VERSION, Runtime, chained, mac_ending
 
 from qmpnet.testing.cni import Pod, free_link_local_byte, ping_until, pod_network
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import guest_ip_for_mac, host_ip_for_mac
 from qmpnet.testing.output import conforms
-from qmpnet.testing.probe import ip_json, owned_links
+from qmpnet.testing.probe import ip_json, owned_links, qemu_view
 from qmpnet.testing.scene import unique
 from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM, GuestVMError
@@ -135,7 +135,7 @@ async def test_a_pods_first_network_waits_for_its_vm_and_is_plugged_when_it_is_r
         state = tmp_path / "cni" / pod.container_id
         # no qmpSocket: the runtime's shim registers the VM under the sandbox's id
         conf = chained(pod, stateDir=f"{tmp_path}/cni/{{containerId}}", qmpnetd=str(service.socket))
-        devices_before, _ = await qemu_view(vm)
+        devices_before = (await qemu_view(vm.qmp_path)).devices
         result = await runtime.ok("ADD", conf, **call_of(pod))
         # the result a chained plugin owes, at once: prevResult passed on with our interface
         assert result == {**pod.result.raw, "cniVersion": VERSION}
@@ -152,7 +152,7 @@ async def test_a_pods_first_network_waits_for_its_vm_and_is_plugged_when_it_is_r
         )
         assert "pending CNI attachments: 1" in table.stdout, table.stdout
         assert f"{pod.container_id}  eth0  " in table.stdout, table.stdout
-        assert (await qemu_view(vm))[0] == devices_before  # nothing plugged yet
+        assert (await qemu_view(vm.qmp_path)).devices == devices_before  # nothing plugged yet
         assert owned_links(f"/run/netns/{pod.netns}") == {}  # nor made on the host
         err = await expect_error(runtime, "CHECK", {**conf, "prevResult": result}, pod)
         assert err["code"] == PENDING_CODE, err
@@ -185,7 +185,7 @@ async def test_a_pods_first_network_waits_for_its_vm_and_is_plugged_when_it_is_r
         ), service.tail()
         guest_nic = await guest_has_it(vm, pod, net.mac, cursor)
         ((_, owner),) = owned_links(f"/run/netns/{pod.netns}").items()
-        assert f"{owner}-dev" in (await qemu_view(vm))[0]
+        assert f"{owner}-dev" in (await qemu_view(vm.qmp_path)).devices
         # the VM's state is the service's; the CNI's directory holds only its records
         assert not (state / "state.json").exists()
         await runtime.ok("CHECK", {**conf, "prevResult": result}, **call_of(pod))
@@ -193,7 +193,7 @@ async def test_a_pods_first_network_waits_for_its_vm_and_is_plugged_when_it_is_r
         cursor = vm.console_cursor()
         await runtime.ok("DEL", {**conf, "prevResult": result}, **call_of(pod))
         await vm.wait_for(rf"QMPNET NIC-DEL name={guest_nic} mac={net.mac}", GUEST, since=cursor)
-        assert f"{owner}-dev" not in (await qemu_view(vm))[0]
+        assert f"{owner}-dev" not in (await qemu_view(vm.qmp_path)).devices
         assert owned_links(f"/run/netns/{pod.netns}") == {}
         assert not state.exists()
         await runtime.ok("DEL", conf, **call_of(pod))  # again: fine
@@ -330,7 +330,7 @@ async def test_del_cancels_gc_drops_and_check_reports_a_failed_plug(
         assert "eth0" in failed["error"], reply
         err = await expect_error(runtime, "CHECK", confs[third.container_id], third)
         assert err["code"] == PLUG_FAILED_CODE, err
-        devices, _ = await qemu_view(vm)
+        devices = (await qemu_view(vm.qmp_path)).devices
         assert not any(d.startswith("qn") for d in devices), devices
         await runtime.ok("DEL", confs[third.container_id], **call_of(third))
         assert await pending(service) == []
@@ -387,7 +387,7 @@ async def test_a_pod_torn_down_in_the_wrong_order_leaves_the_vm_and_nothing_on_t
         cursor = vm.console_cursor()
         await runtime.ok("DEL", {**conf, "prevResult": result}, **{**call_of(pod), "netns": ""})
         await vm.wait_for(rf"QMPNET NIC-DEL name={guest_nic} mac={net.mac}", GUEST, since=cursor)
-        assert f"{owner}-dev" not in (await qemu_view(vm))[0]
+        assert f"{owner}-dev" not in (await qemu_view(vm.qmp_path)).devices
         assert await vm.died_by_itself() is None
         assert not (tmp_path / "cni" / pod.container_id).exists()
         await runtime.ok("DEL", conf, **{**call_of(pod), "netns": ""})
@@ -425,12 +425,12 @@ async def test_a_tap_deleted_behind_our_back_is_not_unplugged_when_multiqueue(
             await vm.wait_for(
                 rf"QMPNET NIC-DEL name={guest_nic} mac={net.mac}", GUEST, since=cursor
             )
-            assert f"{owner}-dev" not in (await qemu_view(vm))[0]
+            assert f"{owner}-dev" not in (await qemu_view(vm.qmp_path)).devices
         else:
             # the guest was not asked to let it go (it would have within seconds)
             with pytest.raises(GuestVMError, match="no console line matched"):
                 await vm.wait_for(rf"QMPNET NIC-DEL name={guest_nic} ", 5, since=cursor)
-            assert f"{owner}-dev" in (await qemu_view(vm))[0]
+            assert f"{owner}-dev" in (await qemu_view(vm.qmp_path)).devices
             # marked: the service shows the NIC plugged with its host link gone
             listed = await qmpnet(service, "list-ifaces", "--qmp", str(vm.mgmt_qmp_path), "--json")
             (entry,) = [e for e in listed["interfaces"] if e["mac"] == net.mac]

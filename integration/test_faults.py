@@ -63,7 +63,7 @@ from qmpnet.testing.fakeqemu import FakeQemu
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import GuestImage
 from qmpnet.testing.probe import (
-    fd_targets,
+    OpenFd,
     has_ingress,
     held_fd_names,
     journal_file,
@@ -71,6 +71,7 @@ from qmpnet.testing.probe import (
     marked_links,
     netns_names,
     ns_name,
+    open_fds,
     qemu_view,
     saved_ids,
     state_file,
@@ -208,26 +209,15 @@ class Views:
     tun: int
     qemu_fds: int
     state: Any
-    driver_fds: int
-    #: our ends of the pipes to QEMU's console: they close when QEMU dies, not a driver matter
-    console_pipes: frozenset[str] = frozenset()
+    #: this process's open fds: one the operation left open is new after it (tap queues,
+    #: vhost, QMP and netlink sockets, files). Fds that close meanwhile do not matter: the
+    #: collector closes earlier tests' garbage when it likes, and a QEMU killed by the test
+    #: closes our ends of its console pipes.
+    driver_fds: frozenset[OpenFd]
 
 
-def driver_fds(excluded: frozenset[str]) -> int:
-    return sum(1 for t in fd_targets() if t not in excluded)
-
-
-async def views(
-    vm_qmp: str | None,
-    pid: int | None,
-    netns: str,
-    state_dir: Path,
-    excluded: frozenset[str] = frozenset(),
-) -> Views:
+async def views(vm_qmp: str | None, pid: int | None, netns: str, state_dir: Path) -> Views:
     qemu = await qemu_view(vm_qmp) if vm_qmp else None
-    if pid:
-        # QEMU's stdout and stderr are pipes whose other ends this process reads
-        excluded = frozenset(os.readlink(f"/proc/{pid}/fd/{i}") for i in (1, 2))
     return Views(
         netns=netns,
         sandbox={n: link_fingerprint(v) for n, v in ip_links(netns).items()} if netns else {},
@@ -238,8 +228,7 @@ async def views(
         tun=tun_count(pid) if pid else 0,
         qemu_fds=len(os.listdir(f"/proc/{pid}/fd")) if pid else 0,
         state=state_file(state_dir),
-        driver_fds=driver_fds(excluded),
-        console_pipes=excluded,
+        driver_fds=open_fds(),
     )
 
 
@@ -281,9 +270,7 @@ async def assert_clean(
 ) -> None:
     """Every view as before the operation, and nothing of ``endpoint_id`` anywhere."""
     assert endpoint_id, "the operation never got an endpoint"
-    after = await views(
-        vm_qmp, pid, "" if netns_gone else before.netns, state_dir, before.console_pipes
-    )
+    after = await views(vm_qmp, pid, "" if netns_gone else before.netns, state_dir)
     if netns_gone:
         assert ns_name(before.netns) not in netns_names()
     elif before.netns:
@@ -305,7 +292,8 @@ async def assert_clean(
     # the state also records which QEMU its NICs belong to: what matters here is the NICs
     assert _nics(after.state) == _nics(before.state), "the state file changed"
     assert journal_file(state_dir) is None, "the journal must be empty"
-    assert after.driver_fds == before.driver_fds, "the driver leaked fds"
+    leaked = sorted(after.driver_fds - before.driver_fds, key=lambda fd: fd.number)
+    assert not leaked, f"the driver left fds open: {[(fd.number, fd.target) for fd in leaked]}"
 
 
 def expect(err: PlugError, step: Step, cause: type[BaseException], text: str) -> str:

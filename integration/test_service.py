@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 from qemu.qmp import QMPClient
 
+from qmpnet.qmp import connect_clean
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.output import conforms
 from qmpnet.testing.probe import links
@@ -64,7 +65,7 @@ async def service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ser
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def manager(vm: GuestVM) -> AsyncIterator[QMPClient]:
     client = QMPClient("manager")
-    await client.connect(str(vm.qmp_path))
+    await connect_clean(client, str(vm.qmp_path))
     try:
         yield client
     finally:
@@ -433,7 +434,7 @@ async def test_a_qemu_restarted_on_the_same_path_is_a_new_vm(
         assert ours["qemu_pid"] == second.pid
         assert ours["session"] == "open"
         client = QMPClient("second")
-        await client.connect(str(second.qmp_path))
+        await connect_clean(client, str(second.qmp_path))
         try:
             assert not {p for p in await peripherals(client) if p.endswith("-dev")}
         finally:

@@ -32,6 +32,7 @@ from qmpnet.config import Config
 from qmpnet.marks import claimed_owner
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
+from qmpnet.qmp import connect_clean
 from qmpnet.testing import probe
 from qmpnet.testing.guest import build_guest, guest_ip_for_mac, host_ip_for_mac
 from qmpnet.testing.scene import RUN, run, unique
@@ -193,7 +194,7 @@ async def pod(guest: GuestVM, tmp_path: Path) -> AsyncIterator[Pod]:
 async def qemu_view(vm: GuestVM) -> tuple[set[str], set[str]]:
     """(NIC device ids, netdev ids) from QEMU's other monitor, as qmpnet ids."""
     client = QMPClient("watch-test")
-    await asyncio.wait_for(client.connect(str(vm.qmp_path)), SLOW)
+    await asyncio.wait_for(connect_clean(client, str(vm.qmp_path)), SLOW)
     try:
         devices = await client.execute("qom-list", {"path": "/machine/peripheral"})
         info = await client.execute("human-monitor-command", {"command-line": "info network"})
@@ -594,7 +595,7 @@ async def test_the_command_stops_cleanly_on_sigterm_and_sigint(pod: Pod) -> None
 async def hmp_stop_cont(vm: GuestVM, command: str) -> None:
     """Pause (``stop``) or resume (``cont``) the guest through the VM manager's monitor."""
     client = QMPClient("watch-test")
-    await asyncio.wait_for(client.connect(str(vm.qmp_path)), SLOW)
+    await asyncio.wait_for(connect_clean(client, str(vm.qmp_path)), SLOW)
     try:
         await client.execute(command)
     finally:

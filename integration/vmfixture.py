@@ -42,6 +42,7 @@ from qmpnet.endpoints import Endpoint
 from qmpnet.lifecycle import Phase, Step
 from qmpnet.model import InterfaceDescription
 from qmpnet.network import NetworkState, host_link
+from qmpnet.qmp import connect_clean
 from qmpnet.testing import probe
 from qmpnet.testing.guest import GuestImage, host_ip_for_mac
 from qmpnet.testing.probe import ip_json, neighbour_mac
@@ -179,7 +180,7 @@ class TestVM:
             pytest.fail(f"the test guest did not boot on {machine}: {err}")
         manager = QMPClient(f"{PREFIX}-{machine}-manager")
         try:
-            await asyncio.wait_for(manager.connect(str(vm.qmp_path)), 15)
+            await asyncio.wait_for(connect_clean(manager, str(vm.qmp_path)), 15)
         except BaseException:
             await vm.stop()
             raise

@@ -9,7 +9,11 @@
 #   QMPNET NIC-DEL name= mac=
 #   QMPNET CARRIER name= mac= state=up|down   the NIC's carrier, first seen and on each change
 # MACs are printed as the kernel does, in lower case. There is no udev: NICs are found by
-# polling /sys/class/net.
+# polling /sys/class/net, every 50 ms. A NIC is known by its ifindex, not its name: when a NIC
+# goes and the next one registers under the same name between two looks, the first one's
+# NIC-DEL and the second one's NIC-ADD are both printed. A NIC that comes and goes within one
+# look's interval is never seen: a test that needs the guest's markers waits for NIC-ADD
+# before it unplugs.
 
 /bin/busybox --install -s
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -23,11 +27,19 @@ say() { echo "QMPNET $*"; }
 # count GLOB-EXPANSION: how many paths the glob matched (an unmatched glob stays literal).
 count() { if [ -e "$1" ]; then echo $#; else echo 0; fi; }
 
-# The queue directories are rebuilt right after the netdev registers: wait until both
-# counts are non-zero and the same in three reads ~10 ms apart (at most ~5 s).
+# still NAME IFINDEX: whether NAME is still the NIC that had IFINDEX (not gone, not replaced).
+still() {
+    local now=""
+    { read -r now <"/sys/class/net/$1/ifindex"; } 2>/dev/null
+    [ -n "$now" ] && [ "$now" = "$2" ]
+}
+
+# settled_queues NAME IFINDEX: the queue directories are rebuilt right after the netdev
+# registers: wait until both counts are non-zero and the same in three reads ~10 ms apart (at
+# most 500 reads); stop at once when the NIC is gone, so that the loop can report it.
 settled_queues() {
-    local now last="" same=0 tries=0
-    while [ $tries -lt 500 ]; do
+    local now="0 0" last="" same=0 tries=0
+    while [ $tries -lt 500 ] && still "$1" "$2"; do
         now="$(count /sys/class/net/$1/queues/rx-*) $(count /sys/class/net/$1/queues/tx-*)"
         case "$now" in
             0\ * | *\ 0) same=0 ;;
@@ -50,18 +62,22 @@ ping_peer() {
     say "PING name=$1 peer=$2 result=$result"
 }
 
+# /run/nic/NAME holds "MAC IFINDEX" of the NIC seen under NAME.
 nic_added() {
-    local n=$1 mac queues msix b
-    mac=$(cat /sys/class/net/$n/address 2>/dev/null)
+    local n=$1 mac="" idx="" queues msix b
+    { read -r mac <"/sys/class/net/$n/address" && read -r idx <"/sys/class/net/$n/ifindex"; } \
+        2>/dev/null
     case "$mac" in
         ??:??:??:??:??:??) ;;
         *) return ;;  # gone again before it could be read: init must not die on it
     esac
-    echo "$mac" >/run/nic/$n
-    queues=$(settled_queues $n)
+    [ -n "$idx" ] || return
+    echo "$mac $idx" >/run/nic/$n
+    queues=$(settled_queues $n $idx)
     # device is the virtio device; its parent is the PCI function that owns the vectors.
     msix=$(count /sys/class/net/$n/device/../msi_irqs/*)
     say "NIC-ADD name=$n mac=$mac rxq=${queues% *} txq=${queues#* } msix=$msix"
+    still $n $idx || return  # gone (or replaced) already: the loop reports it
     b=$((0x${mac##*:}))
     if ip addr add 169.254.$b.2/24 dev $n && ip link set $n up; then
         say "NIC-ADDR name=$n addr=169.254.$b.2"
@@ -79,7 +95,7 @@ carrier() {
     [ -e "/run/carrier/$1" ] && read -r was <"/run/carrier/$1"
     [ "$now" = "$was" ] && return
     echo "$now" >"/run/carrier/$1"
-    read -r mac <"$2"
+    read -r mac _ <"$2"
     if [ "$now" = 1 ]; then say "CARRIER name=$1 mac=$mac state=up"; else say "CARRIER name=$1 mac=$mac state=down"; fi
 }
 
@@ -106,19 +122,24 @@ if [ -x /usr/bin/iperf3 ]; then
     fi
 fi
 
+nic_gone() {
+    local mac idx
+    read -r mac idx <"/run/nic/$1"
+    say "NIC-DEL name=$1 mac=$mac"
+    rm -f "/run/nic/$1" "/run/carrier/$1"
+}
+
 while :; do
+    for f in /run/nic/*; do
+        n=${f##*/}
+        if [ -e "$f" ]; then
+            read -r mac idx <"$f"
+            if still "$n" "$idx"; then carrier "$n" "$f"; else nic_gone "$n"; fi
+        fi
+    done
     for d in /sys/class/net/*; do
         n=${d##*/}
         [ "$n" = lo ] || [ -e /run/nic/$n ] || nic_added "$n"
-    done
-    for f in /run/nic/*; do
-        n=${f##*/}
-        if [ -e "$f" ] && [ ! -e /sys/class/net/$n ]; then
-            say "NIC-DEL name=$n mac=$(cat $f)"
-            rm -f "$f" "/run/carrier/$n"
-        elif [ -e "$f" ]; then
-            carrier "$n" "$f"
-        fi
     done
     usleep 50000
 done

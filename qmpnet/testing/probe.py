@@ -138,6 +138,40 @@ def fd_count(pid: int | str = "self") -> int:
     return len(fd_targets(pid))
 
 
+@attrs.frozen
+class OpenFd:
+    """One open fd of a process: its number and the open file it refers to.
+
+    Equal only when number, device and inode are: an fd that was closed and whose number was
+    taken again by another file is a different one. Sockets, pipes and anonymous inodes have an
+    inode each; device nodes (``/dev/net/tun``) share theirs, so there the number tells them
+    apart.
+    """
+
+    number: int
+    dev: int
+    ino: int
+    #: what ``readlink`` said (``socket:[123]``, ``/dev/net/tun``): for messages only, since a
+    #: file can be renamed or deleted while it is open
+    target: str = attrs.field(eq=False)
+
+
+def open_fds(pid: int | str = "self") -> frozenset[OpenFd]:
+    """The open fds of process ``pid`` (``/proc/PID/fd``).
+
+    To find what an operation left open, compare two of these as sets: what is new after it
+    is what it left. Their sizes say nothing: in a test process, the garbage of earlier tests
+    (transports, sockets) is closed whenever the collector gets to it.
+    """
+    base = f"/proc/{pid}/fd"
+    found = set()
+    for name in os.listdir(base):
+        with contextlib.suppress(FileNotFoundError):  # closed while we looked
+            st = os.stat(f"{base}/{name}")
+            found.add(OpenFd(int(name), st.st_dev, st.st_ino, os.readlink(f"{base}/{name}")))
+    return frozenset(found)
+
+
 def tun_fds(pid: int | str) -> list[str]:
     """The fd numbers of process ``pid`` open on /dev/net/tun (tap queues)."""
     base = f"/proc/{pid}/fd"
@@ -269,7 +303,7 @@ def owned_links(netns: str = "") -> dict[str, str]:
 async def manager_device_del(qmp_path: str | Path, device: str, timeout: float) -> None:
     """Unplug a device behind qmpnet's back, as a VM manager could, and wait for it to go."""
     client = QMPClient("manager")
-    await client.connect(str(qmp_path))
+    await connect_clean(client, str(qmp_path))
     try:
         await client.execute("device_del", {"id": device})
         async with asyncio.timeout(timeout):
