@@ -109,6 +109,13 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "qmpnet" / "cri"
 
 
+#: grpc's fork handlers run in a child forked while a channel is open (a QEMU or containerd
+#: this process starts) and can abort it before its exec ("epoll_wait error: Bad file
+#: descriptor", seen here as a QEMU that exited with SIGABRT before its monitors): off, before
+#: grpc is first imported
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+
 @functools.cache
 def stubs(cache_dir: Path | None = None) -> tuple[ModuleType, ModuleType]:
     """``(messages, services)``: the ``_pb2`` and ``_pb2_grpc`` modules of :data:`PROTO`.
