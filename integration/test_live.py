@@ -350,3 +350,61 @@ async def test_announce_after_plug_and_link_up_for_that_nic_alone(
         for nic in (spec, other):
             await qmpnet("del-iface", *vm_args(vm, nic), "--mac", nic.mac)
         del_link(other.tap)
+
+
+# --- MTU ------------------------------------------------------------------------------------
+
+
+def tap_mtu(tap: str) -> int:
+    (link,) = ip_json("link", "show", tap)
+    return int(link["mtu"])
+
+
+def saved_mtu(entry: dict[str, Any]) -> int:
+    return int(entry["endpoint"]["properties"]["iface"]["mtu"])
+
+
+async def test_set_mtu_lives_within_what_the_nic_offered_its_guest(
+    vm: GuestVM, spec: Nic, tmp_path: Path
+) -> None:
+    """A NIC plugged with MTU 1400 offers it to its guest (host_mtu: the guest's driver takes
+    it); its host side can go lower live, never above that (a re-plug is needed). A NIC
+    plugged at 1500 offers nothing, and its host side can go up."""
+    (tmp_path / "nic.json").write_text(
+        json.dumps({"name": "eth9", "hwAddr": spec.mac, "mtu": 1400})
+    )
+    cursor = vm.console_cursor()
+    await ok(*plug_args(vm, spec))
+    added = await vm.wait_for(
+        rf"QMPNET NIC-ADD name=\S+ mac={spec.mac} .*mtu=1400", GUEST, since=cursor
+    )
+    assert added
+    changed = conforms(
+        await ok("set-mtu", *vm_args(vm, spec), "--mac", spec.mac, "1300"), "interfaceChanged"
+    )
+    assert saved_mtu(changed["interface"]) == 1300
+    assert tap_mtu(spec.tap) == 1300
+    (entry,) = (await ok("list-ifaces", *vm_args(vm, spec), "--json"))["interfaces"]
+    assert saved_mtu(entry) == 1300
+    higher = await qmpnet("set-mtu", *vm_args(vm, spec), "--mac", spec.mac, "1500")
+    assert higher.returncode == 7, higher.stderr
+    assert "host_mtu" in higher.stderr
+    assert "re-plug" in higher.stderr
+    assert tap_mtu(spec.tap) == 1300  # nothing changed
+    for bad, code in (("10", 3), ("70000", 3), ("many", 2)):
+        done = await qmpnet("set-mtu", *vm_args(vm, spec), "--mac", spec.mac, bad)
+        assert done.returncode == code, done.stderr
+        assert "Traceback" not in done.stderr
+    cursor = vm.console_cursor()
+    await ok("del-iface", *vm_args(vm, spec), "--mac", spec.mac)
+    await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={spec.mac}", GUEST, since=cursor)
+
+    (tmp_path / "nic.json").write_text(json.dumps({"name": "eth9", "hwAddr": spec.mac}))
+    cursor = vm.console_cursor()
+    await ok(*plug_args(vm, spec))
+    await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={spec.mac} .*mtu=1500", GUEST, since=cursor)
+    await ok("set-mtu", *vm_args(vm, spec), "--mac", spec.mac, "4000")
+    assert tap_mtu(spec.tap) == 4000
+    cursor = vm.console_cursor()
+    await ok("del-iface", *vm_args(vm, spec), "--mac", spec.mac)
+    await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={spec.mac}", GUEST, since=cursor)

@@ -229,6 +229,13 @@ def _set_link_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     link.add_argument("link_state", metavar="up|down", choices=["up", "down"])
 
 
+def _set_mtu_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mtu = sub.add_parser("set-mtu", help="set the MTU of a plugged NIC's host links, live")
+    _vm_options(mtu)
+    mtu.add_argument("--mac", required=True, help="MAC of the interface")
+    mtu.add_argument("mtu", type=int, metavar="MTU")
+
+
 def _stats_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     stats = sub.add_parser("stats", help="each NIC's host-link counters, queues and link")
     _vm_options(stats, qmp_required=False)
@@ -306,6 +313,7 @@ _PARSERS = {
     "add-iface": _add_iface_parser,
     "del-iface": _del_iface_parser,
     "set-link": _set_link_parser,
+    "set-mtu": _set_mtu_parser,
     "list-ifaces": _list_ifaces_parser,
     "stats": _stats_parser,
     "reconcile": _reconcile_parser,
@@ -524,6 +532,15 @@ def _print_stats(doc: dict[str, Any], as_json: bool) -> None:
         _print_table(stats_rows(doc))
 
 
+async def cmd_set_mtu(args: argparse.Namespace) -> int:
+    from qmpnet.model import check_mac
+    from qmpnet.views import entry_document
+
+    entry = await _state(args).set_mtu(check_mac("--mac", args.mac), args.mtu)
+    _print_json(versioned({"interface": entry_document(entry)}))
+    return EXIT_OK
+
+
 async def cmd_stats(args: argparse.Namespace) -> int:
     from qmpnet.views import stats_document
 
@@ -613,6 +630,7 @@ COMMANDS = {
     "add-iface": cmd_add,
     "del-iface": cmd_del,
     "set-link": cmd_set_link,
+    "set-mtu": cmd_set_mtu,
     "list-ifaces": cmd_list,
     "stats": cmd_stats,
     "reconcile": cmd_reconcile,
@@ -692,6 +710,12 @@ def svc_del(client: Client, args: argparse.Namespace) -> int:
 def svc_set_link(client: Client, args: argparse.Namespace) -> int:
     params = {**_vm_params(args), "mac": args.mac, "link": args.link_state}
     _print_json(versioned(client.call("iface.set_link", params)))
+    return EXIT_OK
+
+
+def svc_set_mtu(client: Client, args: argparse.Namespace) -> int:
+    params = {**_vm_params(args), "mac": args.mac, "mtu": args.mtu}
+    _print_json(versioned(client.call("iface.set_mtu", params)))
     return EXIT_OK
 
 
@@ -811,6 +835,7 @@ SERVICE_COMMANDS = {
     "add-iface": svc_add,
     "del-iface": svc_del,
     "set-link": svc_set_link,
+    "set-mtu": svc_set_mtu,
     "list-ifaces": svc_list,
     "stats": svc_stats,
     "reconcile": svc_reconcile,

@@ -37,6 +37,9 @@ from qmpnet.tuntap import QueueFds, taps_held_by
 
 log = logging.getLogger(__name__)
 
+#: Ethernet's MTU: a NIC plugged with it is offered none (QEMU's and the guest's default)
+DEFAULT_MTU = 1500
+
 #: QOM types of the bridges a NIC can be hot-plugged behind.
 BRIDGE_TYPES = ("pcie-root-port", "pci-bridge")
 #: Device id of Q35's host bridge in query-pci: its root bus is not hot-pluggable.
@@ -161,6 +164,7 @@ class _Plug:
     wait_guest: bool
     link_up: bool
     announce: Announce | None
+    mtu: int
 
 
 @attrs.define(eq=False)
@@ -199,6 +203,7 @@ class QemuHypervisor:
         wait_guest: bool = False,
         link_up: bool = True,
         announce: Announce | None = None,
+        mtu: int = DEFAULT_MTU,
     ) -> str:
         """Hand ``tap``'s open queue fds to QEMU and plug a NIC on them; return its PCI path.
 
@@ -208,13 +213,15 @@ class QemuHypervisor:
         stay the caller's: QEMU holds its own copies once this returns. ``link_up=False``
         sets the NIC's link down right after its ``device_add``, before the guest's driver
         can have read it; ``announce`` (unless disabled) announces a NIC plugged with its
-        link up once it is in (and, with ``wait_guest``, its driver too).
+        link up once it is in (and, with ``wait_guest``, its driver too). An ``mtu`` other
+        than 1500 is offered to the guest (``host_mtu``: its driver takes it, and can lower
+        but never raise it while the NIC is plugged).
         """
         if not fds.tap:
             raise UnsupportedError(
                 f"tap {tap.tap_iface.name}", "hot-plug", "no tap queue fds were opened"
             )
-        says = _Plug(wait_guest, link_up, announce)
+        says = _Plug(wait_guest, link_up, announce, mtu)
         if op is not None:
             return await self._plug(tap, fds, mac, op, says)
         async with Operation(OpKind.HOT_PLUG, tap.name) as own:
@@ -267,6 +274,8 @@ class QemuHypervisor:
             }
             if queues > 1:
                 args.update(mq=True, vectors=vectors_for(queues))
+            if says.mtu != DEFAULT_MTU:
+                args["host_mtu"] = says.mtu
             return await self._add_on_free_slot(device_id(tap), args)
 
         async def device_del() -> None:
@@ -285,13 +294,14 @@ class QemuHypervisor:
         return slot.pci_path
 
     async def unplug_tap(
-        self, tap: TapInterface, op: Operation | None = None, *, tun: bool = True
+        self, tap: TapInterface, op: Operation | None = None, *, tun: bool = False
     ) -> None:
         """Unplug: device_del, wait for DEVICE_DELETED (bounded), then netdev_del.
 
         The order matters: QEMU lets a netdev go while the NIC still uses it. ``tun``: QEMU
-        reads the queues of a tun tap (not a macvtap's), so a tap deleted behind its back can
-        be told (:class:`TapGoneError`: such a multiqueue NIC is not unplugged).
+        reads the queues of a tun tap (not a macvtap's, whose fds name no link), so a tap
+        deleted behind its back can be told (:class:`TapGoneError`: such a multiqueue NIC is
+        not unplugged).
         """
         if op is None:
             async with Operation(OpKind.UNPLUG, tap.name) as own:
@@ -306,6 +316,11 @@ class QemuHypervisor:
         # No lock here: waiting for the guest must not hold up other plugs of this VM.
         await op.step(Step.DEVICE_DEL, lambda: self._device_del(device_id(tap)))
         await op.step(Step.NETDEV_DEL, lambda: self.qmp.netdev_del(netdev_id(tap)))
+
+    async def host_mtu(self, tap: TapInterface) -> int:
+        """The MTU the NIC offers its guest (``host_mtu``, 0: none), fixed once realized."""
+        value = await self.qmp.qom_get(f"/machine/peripheral/{device_id(tap)}", "host_mtu")
+        return value if isinstance(value, int) else 0
 
     async def announce(self, tap: TapInterface, plan: Announce) -> None:
         """``announce-self`` for this NIC alone, with a timer of its own (its device id): the
@@ -331,8 +346,11 @@ class QemuHypervisor:
     async def _tap_gone_under_multiqueue(self, tap: TapInterface) -> bool:
         """QEMU holds no live tap of that name, and the device has several queue pairs.
 
-        Unknown (QEMU's fds unreadable, the device's ``mq`` unreadable) counts as no: the
-        unplug goes ahead as it always did.
+        For a plugged NIC only: a netdev deleted before its device (a rollback's undo) also
+        leaves no live tap, but QEMU then marks the NIC's peer deleted and no longer touches
+        its queues, and ``info network`` still lists the netdev under its NIC, so the two
+        cannot be told apart here. Unknown (QEMU's fds unreadable, the device's ``mq``
+        unreadable) counts as no: the unplug goes ahead as it always did.
         """
         peer = self.qmp.peer()
         held = await asyncio.to_thread(taps_held_by, peer.pid) if peer else None

@@ -49,6 +49,7 @@ from qmpnet.model import (
     check_ifname,
     check_mac,
     check_queues,
+    check_tap_mtu,
 )
 from qmpnet.netns import check_netns
 from qmpnet.qmp import QmpSession, vm_identity
@@ -482,6 +483,35 @@ class NetworkState:
                     if changed != entry:
                         await self._save(snap)
                     raise
+                return changed
+
+    async def set_mtu(self, hw_addr: str, mtu: int) -> Entry:
+        """Give a plugged NIC's host links (qmpnet's: the tap, a bridge) this MTU, live.
+
+        The guest follows on its own (or through its agent) wherever its driver allows: up to
+        the ``host_mtu`` the NIC offered at its plug, which is fixed once realized, so more
+        than that is refused (a re-plug offers more); a NetPair's links stay within the
+        sandbox link's MTU.
+        """
+        mac = check_mac("hwAddr", hw_addr)
+        check_tap_mtu("mtu", mtu)
+        with fields(vm=self.qmp_path, mac=mac):
+            async with self.store.locked():
+                await self.settle_vm_change()
+                await self._recover()
+                snap = self.store.load()
+                entry = self._plugged(snap, mac)
+                async with self.hypervisor() as hv:
+                    offered = await hv.host_mtu(_tap_of(entry.endpoint))
+                if offered and mtu > offered:
+                    raise UnsupportedError(
+                        f"NIC {entry.endpoint.name}",
+                        "set mtu",
+                        f"it was plugged offering its guest MTU {offered} (host_mtu), its "
+                        "driver's ceiling while the NIC is plugged: a larger MTU needs a re-plug",
+                    )
+                changed = attrs.evolve(entry, endpoint=await entry.endpoint.set_mtu(mtu))
+                await self._save(_replaced(snap, entry, changed))
                 return changed
 
     async def stats(self, hw_addr: str | None = None) -> list[NicStats]:

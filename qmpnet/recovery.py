@@ -293,6 +293,9 @@ class Settler:
         tap = ep.tap
         if tap is not None:
             try:
+                # No tap-gone guard here: a rollback's own undo may have closed the tap after
+                # its netdev_del (QEMU then leaves the NIC's queues alone), which the guard
+                # cannot tell from a tap deleted behind QEMU's back
                 await self.hv.unplug_tap(tap)
             except PlugError as err:
                 if isinstance(err.cause, UnplugTimeoutError | UnplugRefusedError):

@@ -111,6 +111,17 @@ class Endpoint(Protocol):
         ...
 
     @property
+    def mtu(self) -> int:
+        """The MTU of the host link QEMU reads (1500 when nothing was described)."""
+        ...
+
+    @property
+    def reads_tun(self) -> bool:
+        """QEMU reads a tun tap's queues (not a macvtap's): a tap deleted behind its back
+        shows in QEMU's fds (see :class:`~qmpnet.errors.TapGoneError`)."""
+        ...
+
+    @property
     def host_link(self) -> str:
         """The host link QEMU reads (a tap or macvtap), ``""`` if there is none."""
         ...
@@ -136,6 +147,11 @@ class Endpoint(Protocol):
         QEMU: for a VM that is gone or a device already removed. Safe to repeat."""
         ...
 
+    async def set_mtu(self, mtu: int) -> Self:
+        """Give the host links of a plugged NIC that are qmpnet's this MTU, live; the
+        endpoint as it is then. The guest's side is the guest's to follow."""
+        ...
+
 
 E = TypeVar("E", bound=type[Any])
 
@@ -146,6 +162,13 @@ REGISTRY: dict[EndpointType, type[Endpoint]] = {}
 def register(cls: E) -> E:
     REGISTRY[cls.type] = cls
     return cls
+
+
+def with_mtu(info: NetworkInfo | None, mtu: int) -> NetworkInfo | None:
+    """``info`` with the link's MTU set (None stays None: nothing was described)."""
+    if info is None:
+        return None
+    return attrs.evolve(info, iface=attrs.evolve(info.iface, mtu=mtu))
 
 
 def new_id() -> str:

@@ -31,7 +31,14 @@ import attrs
 
 from qmpnet import tuntap
 from qmpnet.endpoints import plumbing
-from qmpnet.endpoints.base import EndpointSpec, PlugContext, new_id, register, unsupported
+from qmpnet.endpoints.base import (
+    EndpointSpec,
+    PlugContext,
+    new_id,
+    register,
+    unsupported,
+    with_mtu,
+)
 from qmpnet.errors import InvalidInputError, NotOursError, UnsupportedError
 from qmpnet.lifecycle import Operation, Step
 from qmpnet.links import LinkInfo, Links, ours
@@ -92,6 +99,10 @@ class PairModel:
     parks_mac: bool
     #: refuses a sandbox link this model cannot join as it is
     admit: Admit
+    #: qmpnet's own links of a plugged pair, those a live MTU change sets: the ports first
+    own_links: Callable[[NetworkInterfacePair], tuple[str, ...]] = lambda pair: (
+        pair.tap_interface.tap_iface.name,
+    )
     #: the host link QEMU reads dies with the sandbox link (the kernel deletes a macvtap with
     #: its parent); QEMU 7.2 aborts when the guest resets a multiqueue NIC whose tap is gone,
     #: so a caller that cannot unplug first (the watcher) plugs one queue pair
@@ -350,6 +361,7 @@ MODELS: Mapping[InterworkingModel, PairModel] = {
         _nothing_left,
         parks_mac=True,
         admit=_bridge_admit,
+        own_links=lambda pair: (pair.tap_interface.tap_iface.name, bridge_name(pair)),
     ),
 }
 
@@ -407,6 +419,15 @@ class NetPairEndpoint:
     @property
     def tap(self) -> TapInterface:
         return self.net_pair.tap_interface
+
+    @property
+    def reads_tun(self) -> bool:
+        # with the macvtap model QEMU reads a macvtap's queues, not a tun tap's
+        return self.net_pair.model is not InterworkingModel.MACVTAP
+
+    @property
+    def mtu(self) -> int:
+        return self.properties.iface.mtu if self.properties else 1500
 
     @property
     def host_link(self) -> str:
@@ -499,6 +520,8 @@ class NetPairEndpoint:
             self,
             net_pair=attrs.evolve(self.net_pair, tap_interface=tap, virt_iface=virt_iface),
             found=FoundLink(index=virt.index, up=virt.up),
+            # the tap takes the link's MTU, whatever the description said: record what it is
+            properties=with_mtu(self.properties, virt.mtu),
         )
 
     async def hot_attach(self, ctx: PlugContext) -> Self:
@@ -515,15 +538,30 @@ class NetPairEndpoint:
             await model.connect(ep, ctx.op, queues, fds)
 
         pci_path, queues = await plumbing.plug_queues(
-            ctx, ep.tap, ep.hardware_addr, self.queues, open_host
+            ctx, ep.tap, ep.hardware_addr, self.queues, open_host, ep.mtu
         )
         return attrs.evolve(ep, pci_path=pci_path, queues=queues)
 
     async def hot_detach(self, ctx: PlugContext) -> None:
-        # with the macvtap model QEMU reads a macvtap's queues, not a tun tap's
-        tun = self.net_pair.model is not InterworkingModel.MACVTAP
-        await ctx.hypervisor.unplug_tap(self.tap, ctx.op, tun=tun)
+        await ctx.hypervisor.unplug_tap(self.tap, ctx.op, tun=self.reads_tun)
         await self.teardown(ctx.op)
+
+    async def set_mtu(self, mtu: int) -> Self:
+        check_tap_mtu("mtu", mtu)
+        async with Links.open(self.netns_path) as links:
+            virt = await links.get(self.virt_name)
+        if mtu > virt.mtu:
+            raise InvalidInputError(
+                "mtu",
+                mtu,
+                f"above the MTU of {self.virt_name} ({virt.mtu}), the sandbox link that carries "
+                "the NIC's frames: raise that link's first",
+            )
+        names = self.pair_model.own_links(self.net_pair)
+        if mtu < self.mtu:  # a bridge's MTU may not exceed its ports': lower it first
+            names = names[::-1]
+        await plumbing.set_links_mtu(self.netns_path, names, self.id, mtu)
+        return attrs.evolve(self, properties=with_mtu(self.properties, mtu))
 
     async def teardown(self, op: Operation) -> None:
         disconnect = self.pair_model.disconnect

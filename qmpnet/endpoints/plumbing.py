@@ -8,14 +8,14 @@ one hot-plug body every tap-backed endpoint shares.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from qmpnet import tuntap
 from qmpnet.config import Config
 from qmpnet.endpoints.base import PlugContext
-from qmpnet.errors import QmpnetError
+from qmpnet.errors import NotOursError, QmpnetError
 from qmpnet.lifecycle import Operation, Step
-from qmpnet.links import Links
+from qmpnet.links import Links, ours
 from qmpnet.model import TapInterface
 from qmpnet.netns import run_in_netns
 
@@ -25,13 +25,19 @@ log = logging.getLogger(__name__)
 OpenHost = Callable[[int, tuntap.QueueFds], Awaitable[None]]
 
 
-async def plug_queues(
-    ctx: PlugContext, tap: TapInterface, mac: str, requested: int, open_host: OpenHost
+async def plug_queues(  # noqa: PLR0917 - each is one thing a plug is made of
+    ctx: PlugContext,
+    tap: TapInterface,
+    mac: str,
+    requested: int,
+    open_host: OpenHost,
+    mtu: int,
 ) -> tuple[str, int]:
     """Open the host side and its queues, add vhost fds, plug into QEMU: (PCI path, queues).
 
-    The fds are closed here in every case: QEMU holds its own copies once the plug is done,
-    and an undone plug must not keep a tap alive.
+    ``mtu`` is the host link's: the NIC offers it to the guest (``host_mtu``), so the guest's
+    driver takes it. The fds are closed here in every case: QEMU holds its own copies once the
+    plug is done, and an undone plug must not keep a tap alive.
     """
     queues = await ctx.queues(requested)
     fds = tuntap.QueueFds()
@@ -46,10 +52,23 @@ async def plug_queues(
             wait_guest=ctx.wait_guest,
             link_up=ctx.link_up,
             announce=ctx.config.announce,
+            mtu=mtu,
         )
     finally:
         fds.close()
     return pci_path, queues
+
+
+async def set_links_mtu(netns: str, names: Sequence[str], owner: str, mtu: int) -> None:
+    """Set the MTU of qmpnet's links ``names`` (in that order); each must carry ``owner``'s
+    mark, and one that does not is refused before any is changed."""
+    async with Links.open(netns) as links:
+        for name in names:
+            info = await links.get(name)
+            if not ours(info, owner):
+                raise NotOursError("set the MTU of", name)
+        for name in names:
+            await links.set_mtu(name, mtu)
 
 
 async def open_tap(op: Operation, netns: str, name: str, queues: int, fds: tuntap.QueueFds) -> None:

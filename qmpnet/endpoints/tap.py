@@ -20,6 +20,7 @@ from qmpnet.endpoints.base import (
     random_mac,
     register,
     unsupported,
+    with_mtu,
 )
 from qmpnet.errors import InvalidInputError
 from qmpnet.lifecycle import Operation, Step
@@ -71,6 +72,14 @@ class TapEndpoint:
         return self.tap_interface
 
     @property
+    def reads_tun(self) -> bool:
+        return True
+
+    @property
+    def mtu(self) -> int:
+        return self.properties.iface.mtu if self.properties else 1500
+
+    @property
     def host_link(self) -> str:
         return self.tap_interface.tap_iface.name
 
@@ -99,17 +108,21 @@ class TapEndpoint:
     async def hot_attach(self, ctx: PlugContext) -> Self:
         async def open_host(queues: int, fds: tuntap.QueueFds) -> None:
             await plumbing.open_tap(ctx.op, self.netns_path, self.host_link, queues, fds)
-            mtu = self.properties.iface.mtu if self.properties else 1500
-            await plumbing.configure_tap(ctx.op, self.netns_path, self.host_link, self.id, mtu)
+            await plumbing.configure_tap(ctx.op, self.netns_path, self.host_link, self.id, self.mtu)
 
         pci_path, queues = await plumbing.plug_queues(
-            ctx, self.tap, self.hardware_addr, self.queues, open_host
+            ctx, self.tap, self.hardware_addr, self.queues, open_host, self.mtu
         )
         return attrs.evolve(self, pci_path=pci_path, queues=queues)
 
     async def hot_detach(self, ctx: PlugContext) -> None:
-        await ctx.hypervisor.unplug_tap(self.tap, ctx.op)
+        await ctx.hypervisor.unplug_tap(self.tap, ctx.op, tun=self.reads_tun)
         await self.teardown(ctx.op)
+
+    async def set_mtu(self, mtu: int) -> Self:
+        check_tap_mtu("mtu", mtu)
+        await plumbing.set_links_mtu(self.netns_path, [self.host_link], self.id, mtu)
+        return attrs.evolve(self, properties=with_mtu(self.properties, mtu))
 
     async def teardown(self, op: Operation) -> None:
         async def remove() -> None:

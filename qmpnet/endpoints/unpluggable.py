@@ -57,6 +57,14 @@ class UnpluggableEndpoint:
         return None  # nothing of it ever lives in QEMU
 
     @property
+    def reads_tun(self) -> bool:
+        return False
+
+    @property
+    def mtu(self) -> int:
+        return self.properties.iface.mtu if self.properties else 1500
+
+    @property
     def host_link(self) -> str:
         return ""
 
@@ -85,6 +93,9 @@ class UnpluggableEndpoint:
 
     async def teardown(self, op: Operation) -> None:
         return None  # qmpnet made nothing on the host for it
+
+    async def set_mtu(self, mtu: int) -> Self:
+        raise unsupported(self, "set mtu", self.reason)
 
 
 @register

@@ -138,6 +138,7 @@ class Service:
             "iface.add": self.iface_add,
             "iface.remove": self.iface_remove,
             "iface.set_link": self.iface_set_link,
+            "iface.set_mtu": self.iface_set_mtu,
             "iface.list": self.iface_list,
             "iface.stats": self.iface_stats,
             "reconcile": self.reconcile,
@@ -307,6 +308,14 @@ class Service:
         handle = await self._vm(p, caller)
         p.done()
         entry = await handle.for_request(config).set_link(check_mac("--mac", mac), link)
+        return {"interface": entry_document(entry, handle.vanished)}
+
+    async def iface_set_mtu(self, p: Params, caller: Caller) -> Any:
+        mac, mtu = p.text("mac"), p.count("mtu")
+        config = self._config(p)
+        handle = await self._vm(p, caller)
+        p.done()
+        entry = await handle.for_request(config).set_mtu(check_mac("--mac", mac), mtu or 0)
         return {"interface": entry_document(entry, handle.vanished)}
 
     async def iface_stats(self, p: Params, caller: Caller) -> Any:

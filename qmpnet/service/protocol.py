@@ -51,6 +51,7 @@ METHODS = (
     "iface.add",
     "iface.remove",
     "iface.set_link",
+    "iface.set_mtu",
     "iface.list",
     "iface.stats",
     "reconcile",

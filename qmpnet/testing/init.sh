@@ -3,7 +3,7 @@
 # host-side test must see, one "QMPNET <EVENT> key=value ..." line per event:
 #   QMPNET READY                      modules loaded, lo up; the NIC watcher starts now
 #   QMPNET IPERF ready                iperf3 -s listens on port 5201
-#   QMPNET NIC-ADD name= mac= rxq= txq= msix=
+#   QMPNET NIC-ADD name= mac= rxq= txq= msix= mtu=   mtu: as the driver set it (host_mtu)
 #   QMPNET NIC-ADDR name= addr=       169.254.B.2/24 set and link up (B = last MAC byte)
 #   QMPNET PING name= peer= result=ok|fail    peer 169.254.B.1, the host end
 #   QMPNET NIC-DEL name= mac=
@@ -64,7 +64,7 @@ ping_peer() {
 
 # /run/nic/NAME holds "MAC IFINDEX" of the NIC seen under NAME.
 nic_added() {
-    local n=$1 mac="" idx="" queues msix b
+    local n=$1 mac="" idx="" queues msix mtu b
     { read -r mac <"/sys/class/net/$n/address" && read -r idx <"/sys/class/net/$n/ifindex"; } \
         2>/dev/null
     case "$mac" in
@@ -76,7 +76,9 @@ nic_added() {
     queues=$(settled_queues $n $idx)
     # device is the virtio device; its parent is the PCI function that owns the vectors.
     msix=$(count /sys/class/net/$n/device/../msi_irqs/*)
-    say "NIC-ADD name=$n mac=$mac rxq=${queues% *} txq=${queues#* } msix=$msix"
+    mtu=""
+    { read -r mtu <"/sys/class/net/$n/mtu"; } 2>/dev/null
+    say "NIC-ADD name=$n mac=$mac rxq=${queues% *} txq=${queues#* } msix=$msix mtu=$mtu"
     still $n $idx || return  # gone (or replaced) already: the loop reports it
     b=$((0x${mac##*:}))
     if ip addr add 169.254.$b.2/24 dev $n && ip link set $n up; then
