@@ -462,28 +462,22 @@ class NetworkState:
         the asked-for state for :func:`~qmpnet.reconcile.reconcile` to apply (QEMU 7.2 has no
         command that reads a NIC's link, so reconcile sets every NIC's link again).
         """
-        mac = check_mac("hwAddr", hw_addr)
         want = LinkState.parse(link)
-        with fields(vm=self.qmp_path, mac=mac):
-            async with self.store.locked():
-                await self.settle_vm_change()
-                await self._recover()
-                snap = self.store.load()
-                entry = self._plugged(snap, mac)
-                changed = attrs.evolve(entry, link=want)
+        async with self._plugged_entry(hw_addr) as (snap, entry):
+            changed = attrs.evolve(entry, link=want)
+            if changed != entry:
+                await self._save(_replaced(snap, entry, changed))
+            try:
+                async with self.hypervisor() as hv:
+                    tap = _tap_of(entry.endpoint)
+                    await hv.set_link(tap, want is LinkState.UP)
+                    if want is LinkState.UP and self.config.announce.enabled:
+                        await hv.announce(tap, self.config.announce)
+            except BaseException:
                 if changed != entry:
-                    await self._save(_replaced(snap, entry, changed))
-                try:
-                    async with self.hypervisor() as hv:
-                        tap = _tap_of(entry.endpoint)
-                        await hv.set_link(tap, want is LinkState.UP)
-                        if want is LinkState.UP and self.config.announce.enabled:
-                            await hv.announce(tap, self.config.announce)
-                except BaseException:
-                    if changed != entry:
-                        await self._save(snap)
-                    raise
-                return changed
+                    await self._save(snap)
+                raise
+            return changed
 
     async def set_mtu(self, hw_addr: str, mtu: int) -> Entry:
         """Give a plugged NIC's host links (qmpnet's: the tap, a bridge) this MTU, live.
@@ -493,26 +487,20 @@ class NetworkState:
         than that is refused (a re-plug offers more); a NetPair's links stay within the
         sandbox link's MTU.
         """
-        mac = check_mac("hwAddr", hw_addr)
         check_tap_mtu("mtu", mtu)
-        with fields(vm=self.qmp_path, mac=mac):
-            async with self.store.locked():
-                await self.settle_vm_change()
-                await self._recover()
-                snap = self.store.load()
-                entry = self._plugged(snap, mac)
-                async with self.hypervisor() as hv:
-                    offered = await hv.host_mtu(_tap_of(entry.endpoint))
-                if offered and mtu > offered:
-                    raise UnsupportedError(
-                        f"NIC {entry.endpoint.name}",
-                        "set mtu",
-                        f"it was plugged offering its guest MTU {offered} (host_mtu), its "
-                        "driver's ceiling while the NIC is plugged: a larger MTU needs a re-plug",
-                    )
-                changed = attrs.evolve(entry, endpoint=await entry.endpoint.set_mtu(mtu))
-                await self._save(_replaced(snap, entry, changed))
-                return changed
+        async with self._plugged_entry(hw_addr) as (snap, entry):
+            async with self.hypervisor() as hv:
+                offered = await hv.host_mtu(_tap_of(entry.endpoint))
+            if offered and mtu > offered:
+                raise UnsupportedError(
+                    f"NIC {entry.endpoint.name}",
+                    "set mtu",
+                    f"it was plugged offering its guest MTU {offered} (host_mtu), its "
+                    "driver's ceiling while the NIC is plugged: a larger MTU needs a re-plug",
+                )
+            changed = attrs.evolve(entry, endpoint=await entry.endpoint.set_mtu(mtu))
+            await self._save(_replaced(snap, entry, changed))
+            return changed
 
     async def stats(self, hw_addr: str | None = None) -> list[NicStats]:
         """Every NIC's (or the one with MAC ``hw_addr``) host-link counters, read now.
@@ -539,6 +527,18 @@ class NetworkState:
             NicStats(e, found.get(f"{e.endpoint.netns_path}/{e.endpoint.host_link}"))
             for e in entries
         ]
+
+    @contextlib.asynccontextmanager
+    async def _plugged_entry(self, hw_addr: str) -> AsyncIterator[tuple[Snapshot, Entry]]:
+        """For a live change: under the VM's lock, once any change of VM or interrupted
+        operation is settled, the state and its plugged entry with MAC ``hw_addr``."""
+        mac = check_mac("hwAddr", hw_addr)
+        with fields(vm=self.qmp_path, mac=mac):
+            async with self.store.locked():
+                await self.settle_vm_change()
+                await self._recover()
+                snap = self.store.load()
+                yield snap, self._plugged(snap, mac)
 
     def _plugged(self, snap: Snapshot, mac: str) -> Entry:
         """The plugged entry with this MAC, or the error that names why there is none."""
