@@ -55,7 +55,7 @@ from qmpnet.errors import (
 )
 from qmpnet.lifecycle import Operation, Phase, Step
 from qmpnet.marks import claimed_owner
-from qmpnet.model import InterfaceDescription, InterworkingModel
+from qmpnet.model import InterfaceDescription, InterworkingModel, LinkState
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
 from qmpnet.reconcile import Outcome, reconcile
@@ -326,6 +326,7 @@ class Scene:
         model: InterworkingModel = InterworkingModel.TCFILTER,
         tap_name: str | None = None,
         wait_guest: bool = True,
+        link: LinkState = LinkState.UP,
     ) -> Endpoint:
         return await state.add_interface(
             InterfaceDescription(name=VIRT, hw_addr=MAC),
@@ -333,6 +334,7 @@ class Scene:
             netns_path=self.netns,
             tap_name=tap_name,
             wait_guest=wait_guest,
+            link=link,
         )
 
     async def plug_fails(self, state: NetworkState, **kw: Any) -> PlugError:
@@ -685,7 +687,7 @@ async def test_wait_guest_timeout_stopped_guest(booted: GuestVM, scene: Scene) -
     )
 
 
-HUNG_PLUG = [Step.PASS_FDS, Step.NETDEV_ADD, Step.DEVICE_ADD]
+HUNG_PLUG = [Step.PASS_FDS, Step.NETDEV_ADD, Step.DEVICE_ADD, Step.SET_LINK, Step.ANNOUNCE]
 
 
 @pytest.mark.parametrize("step", HUNG_PLUG, ids=[s.value for s in HUNG_PLUG])
@@ -702,7 +704,7 @@ async def test_plug_qemu_hung(booted: GuestVM, scene: Scene, step: Step) -> None
         at(step, Phase.BEGIN, lambda _: os.kill(booted.pid, signal.SIGSTOP)),
     )
     try:
-        err = await scene.plug_fails(state)
+        err = await scene.plug_fails(state, link=_link_for(step))
     finally:
         os.kill(booted.pid, signal.SIGCONT)
     text = expect(err, step, QmpTimeoutError, "no answer from QEMU within 1 s")
@@ -718,6 +720,11 @@ async def test_plug_qemu_hung(booted: GuestVM, scene: Scene, step: Step) -> None
         f"QEMU hung (SIGSTOP): {text}; undo timed out → journal kept; "
         "after SIGCONT, reconcile rolled back; clean",
     )
+
+
+def _link_for(step: Step) -> LinkState:
+    """The link a plug must ask for to reach ``step`` (set-link runs for a link set down)."""
+    return LinkState.DOWN if step is Step.SET_LINK else LinkState.UP
 
 
 STALLED_PLUG = [Step.NETDEV_ADD, Step.DEVICE_ADD]
@@ -804,8 +811,10 @@ async def test_persist_state_unwritable(booted: GuestVM, scene: Scene) -> None:
             "x-query-virtio-status",
             "Path /machine/peripheral/x/virtio-backend is not a VirtIODevice",
         ),
+        (Step.SET_LINK, "set_link", "Device 'x-dev' not found"),
+        (Step.ANNOUNCE, "announce-self", "Parameter 'rounds' expects a positive number"),
     ],
-    ids=["getfd", "virtio-status"],
+    ids=["getfd", "virtio-status", "set-link", "announce"],
 )
 async def test_plug_error_reply_fake_peer(
     scene: Scene, tmp_path: Path, step: Step, command: str, desc: str
@@ -814,7 +823,7 @@ async def test_plug_error_reply_fake_peer(
     try:
         before = await views(None, None, scene.netns, scene.state_dir)
         fake.fail[command] = desc
-        err = await scene.plug_fails(scene.state(tmp_path / "fake.sock"))
+        err = await scene.plug_fails(scene.state(tmp_path / "fake.sock"), link=_link_for(step))
         text = expect(err, step, QmpCommandError, desc)
         await fake.settled()
         assert not fake.fds

@@ -21,6 +21,7 @@ without parsing messages, and each is raised ``from`` its cause::
     │   └── QmpTimeoutError      no answer within the deadline
     │       └── UnplugTimeoutError  DEVICE_DELETED did not come in time (the unplug is pending)
     ├── PlugError                a hot-plug or unplug step failed: step + endpoint; cause chained
+    ├── QemuHoldsError           an undo left a plug's host links: QEMU may still hold the NIC
     ├── DeniedError              qmpnetd refuses the caller or a group member's request
     └── StateError               the saved state or journal cannot be read or written
 
@@ -312,6 +313,17 @@ class PlugError(QmpnetError):
         self.endpoint = endpoint
         self.cause = cause
         super().__init__(f"{operation} {endpoint}: step {step} failed: {cause}")
+
+
+class QemuHoldsError(QmpnetError):
+    """A plug's host links were left for the journal's rollback: QEMU may still hold its NIC."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        super().__init__(
+            f"host links of {endpoint} left in place: QEMU may still hold the NIC (its undo "
+            "failed); the journal's rollback removes them after the device and netdev"
+        )
 
 
 class DeniedError(QmpnetError):

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from qmpnet.errors import PlugError, QmpnetError
+from qmpnet.errors import PlugError, QemuHoldsError, QmpnetError
 from qmpnet.logs import fields
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,11 @@ class Step(enum.StrEnum):
     def changes_things(self) -> bool:
         """Whether the step can change the host, QEMU or the state (all but validation)."""
         return self is not Step.VALIDATE
+
+    @property
+    def gives_qemu(self) -> bool:
+        """Whether the step hands QEMU something it may go on holding if its undo fails."""
+        return self in (Step.PASS_FDS, Step.NETDEV_ADD, Step.DEVICE_ADD)
 
 
 class OpKind(enum.StrEnum):
@@ -87,6 +92,8 @@ class Operation:
     observers: list[Observer] = attrs.field(factory=list)
     history: list[tuple[Step, Phase]] = attrs.field(factory=list)
     undo_errors: list[BaseException] = attrs.field(factory=list)
+    #: an undo of a step that gave QEMU something failed: QEMU may still hold the NIC
+    _qemu_holds: bool = False
     _stack: AsyncExitStack = attrs.field(factory=AsyncExitStack)
     _committed: bool = False
 
@@ -151,11 +158,22 @@ class Operation:
     async def _run_undo(
         self, step: Step, undo: Callable[[Any], Awaitable[None]], result: Any
     ) -> None:
+        if step is Step.PREPARE_LINKS and self._qemu_holds:
+            # QEMU may still hold the NIC and its netdev (their undo failed: QEMU hung, the
+            # guest holding on): deleting the tap under them now is what QEMU 7.2 cannot
+            # survive once the guest resets a multiqueue NIC. The links stay for the
+            # journal's rollback, which removes the device and netdev first.
+            held = QemuHoldsError(self.endpoint)
+            self.undo_errors.append(held)
+            log.warning("%s of %s: %s", self.kind, self.endpoint, held)
+            await self._notify(step, Phase.UNDO_FAILED)
+            return
         try:
             with fields(step=f"undo {step.value}"):
                 await undo(result)
         except Exception as err:  # keep unwinding: one failed undo must not stop the others
             self.undo_errors.append(err)
+            self._qemu_holds = self._qemu_holds or step.gives_qemu
             log.error("%s of %s: undo of %s failed: %s", self.kind, self.endpoint, step, err)
             log.debug("undo traceback", exc_info=True)
             await self._notify(step, Phase.UNDO_FAILED)

@@ -64,6 +64,7 @@ SAMPLES: dict[str, list[tuple[Any, ...]]] = {
     "LinkExistsError": [("tap0",)],
     "NotOursError": [("delete link", "eth0")],
     "TapGoneError": [("qn0123456789-dev", "tap0_kata")],
+    "QemuHoldsError": [("eth1",)],
     "NetnsError": [("open netns", "/run/netns/gone", errno.ENOENT)],
     "QmpError": [("something between us and QEMU",)],
     "QmpConnectError": [
