@@ -22,6 +22,7 @@ import pytest_asyncio
 from qemu.qmp import QMPClient
 
 from qmpnet.qmp import connect_clean
+from qmpnet.testing.cli import run_qmpnet
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import GuestImage
 from qmpnet.testing.output import conforms
@@ -31,7 +32,6 @@ from qmpnet.testing.vm import GuestVM, marker_fields
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-QMPNET = str(Path(sys.executable).with_name("qmpnet"))
 MARKER_TIMEOUT = 60.0
 
 
@@ -39,20 +39,7 @@ def mac(last: int) -> str:
     return f"52:54:00:c1:{os.getpid() % 256:02x}:{last:02x}"
 
 
-async def qmpnet(
-    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run the installed console script without blocking the module's event loop."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [QMPNET, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+qmpnet = run_qmpnet  # the kit's, under the name this module's tests call
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:

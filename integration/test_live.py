@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +22,7 @@ import attrs
 import pytest
 import pytest_asyncio
 
+from qmpnet.testing.cli import run_qmpnet
 from qmpnet.testing.cni import free_link_local_byte, ping_until
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import guest_ip_for_mac, host_ip_for_mac
@@ -35,23 +34,13 @@ from qmpnet.testing.vm import GuestVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]
 
-QMPNET = str(Path(sys.executable).with_name("qmpnet"))
 GUEST = 90.0  # generous: TCG guests on a shared 2-core machine
 PING = ("busybox", "ping", "-c", "1", "-W", "1")
 
 vm = module_vm("live")
 
 
-async def qmpnet(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [QMPNET, *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+qmpnet = run_qmpnet  # the kit's, under the name this module's tests call
 
 
 async def ok(*args: str, env: dict[str, str] | None = None) -> Any:

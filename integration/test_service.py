@@ -22,6 +22,7 @@ import pytest_asyncio
 from qemu.qmp import QMPClient
 
 from qmpnet.qmp import connect_clean
+from qmpnet.testing.cli import run_qmpnet
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.output import conforms
 from qmpnet.testing.probe import links
@@ -40,19 +41,7 @@ def mac(last: int) -> str:
     return f"52:54:00:5e:{os.getpid() % 256:02x}:{last:02x}"
 
 
-async def qmpnet(
-    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [QMPNET, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+qmpnet = run_qmpnet  # the kit's, under the name this module's tests call
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

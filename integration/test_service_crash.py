@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from test_crash import (
 )
 
 from qmpnet import layout
+from qmpnet.testing.cli import run_qmpnet
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import GuestImage
 from qmpnet.testing.probe import held_fd_names, journal_file, qemu_view, saved_ids, tun_count
@@ -43,7 +43,6 @@ from qmpnet.testing.vm import GuestVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kernel, pytest.mark.asyncio(loop_scope="module")]
 
-QMPNET = str(Path(sys.executable).with_name("qmpnet"))
 MAC = "52:54:00:00:02:31"
 
 CASES = [("add", s, p) for s in PLUG_STEPS for p in ("begin", "done")] + [
@@ -75,16 +74,7 @@ async def services() -> AsyncIterator[list[ServiceProcess]]:
         await svc.stop()
 
 
-async def qmpnet(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [QMPNET, *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, **env},
-        check=False,
-    )
+qmpnet = run_qmpnet  # the kit's, under the name this module's tests call
 
 
 def iface_file(tmp_path: Path, address: str, name: str = "eth1") -> Path:

@@ -78,6 +78,7 @@ DEPENDED_ON = [
 
 #: the kit's modules that must import without pytest (``fixtures`` is the pytest plugin)
 KIT_MODULES = [
+    "cli",
     "cni",
     "cri",
     "fakeqemu",
