@@ -376,7 +376,7 @@ async def test_a_pod_torn_down_in_the_wrong_order_leaves_the_vm_and_nothing_on_t
         assert added
         ((tap, owner),) = owned_links(f"/run/netns/{pod.netns}").items()
         await asyncio.to_thread(subprocess.run, ["ip", "netns", "del", pod.netns], check=True)
-        # the service heard the tap go with the netns, and shows it
+        # the service lost every path to the tap with the netns (QEMU's fds keep it alive)
         deadline = asyncio.get_running_loop().time() + 30
         while True:
             status = await qmpnet(service, "status", "--json")

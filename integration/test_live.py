@@ -27,7 +27,7 @@ from qmpnet.testing.cni import free_link_local_byte, ping_until
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import guest_ip_for_mac, host_ip_for_mac
 from qmpnet.testing.output import conforms
-from qmpnet.testing.probe import ip_json, monitor_command
+from qmpnet.testing.probe import ip_json, links, monitor_command
 from qmpnet.testing.scene import del_link, unique
 from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM
@@ -345,8 +345,7 @@ async def test_announce_after_plug_and_link_up_for_that_nic_alone(
 
 
 def tap_mtu(tap: str) -> int:
-    (link,) = ip_json("link", "show", tap)
-    return int(link["mtu"])
+    return int(links()[tap]["mtu"])
 
 
 def saved_mtu(entry: dict[str, Any]) -> int:

@@ -26,8 +26,10 @@ import pytest
 from qmpnet.cni.entry import FORWARDED, TRY_AGAIN
 from qmpnet.cni.versions import READ_MAX, SUPPORTED_VERSIONS
 from qmpnet.service.protocol import DEFAULT_SOCKET, LINE_MAX, PROTOCOL_VERSION
+from qmpnet.testing.cli import run_qmpnet
 from qmpnet.testing.gobuild import PYTHON_PLUGIN, SHIM_SOURCE, cni_shim
 from qmpnet.testing.scene import del_link, unique
+from qmpnet.testing.scene import run as host
 from qmpnet.testing.service import ServiceProcess
 
 FRONTS = ("python", "compiled")
@@ -180,10 +182,10 @@ async def test_the_compiled_front_keeps_a_pods_first_network_pending_in_qmpnetd(
     compiled front forwarded it; its DEL cancels it there."""
     name = unique("s")
     netns = f"{name}n"
-    run_cmd("ip", "netns", "add", netns)
+    host("ip", "netns", "add", netns)
     try:
-        run_cmd("ip", "link", "add", f"{name}h", "type", "veth", "peer", "eth0", "netns", netns)
-        mac = json.loads(run_cmd("ip", "-j", "-n", netns, "link", "show", "eth0"))[0]["address"]
+        host("ip", "link", "add", f"{name}h", "type", "veth", "peer", "eth0", "netns", netns)
+        mac = json.loads(host("ip", "-j", "-n", netns, "link", "show", "eth0").stdout)[0]["address"]
         prev = {
             "cniVersion": "1.0.0",
             "interfaces": [{"name": "eth0", "mac": mac, "sandbox": f"/run/netns/{netns}"}],
@@ -201,29 +203,20 @@ async def test_the_compiled_front_keeps_a_pods_first_network_pending_in_qmpnetd(
             got = run(compiled, stdin, **env)
             assert (got.status, got.err) == (0, ""), got
             assert got.json == prev
-            (waiting,) = status(svc)["pending_attachments"]
+            (waiting,) = (await status(svc))["pending_attachments"]
             assert (waiting["container_id"], waiting["status"]) == (name, "pending")
             assert run(compiled, stdin, **{**env, "CNI_COMMAND": "DEL"}) == Run(0, "", "")
-            assert status(svc)["pending_attachments"] == []
+            assert (await status(svc))["pending_attachments"] == []
         assert svc.returncode == 0, svc.tail()
     finally:
-        run_cmd("ip", "netns", "del", netns)
+        host("ip", "netns", "del", netns)
         del_link(f"{name}h")
 
 
-def status(svc: ServiceProcess) -> Any:
-    done = subprocess.run(
-        [str(PYTHON_PLUGIN.with_name("qmpnet")), "status", "--json"],
-        env={**os.environ, **svc.env},
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )
+async def status(svc: ServiceProcess) -> Any:
+    done = await run_qmpnet("status", "--json", env=svc.env)
+    assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
-
-
-def run_cmd(*argv: str) -> str:
-    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout
 
 
 # --- the protocol's edges, played by a one-shot peer ----------------------------------------
