@@ -413,10 +413,7 @@ class NetworkState:
             await self.settle_vm_change()
             await self._recover()
             snap = self.store.load()
-            match = [e for e in snap.entries if e.endpoint.hardware_addr == mac]
-            if not match:
-                raise NoSuchInterfaceError("hwAddr", mac, "no interface of this VM has it")
-            entry = match[0]
+            entry = _with_mac(snap, mac)
             rest = tuple(e for e in snap.entries if e is not entry)
             async with self.hypervisor() as hv:
                 op = self._operation(OpKind.UNPLUG, entry.endpoint)
@@ -538,16 +535,18 @@ class NetworkState:
                 await self.settle_vm_change()
                 await self._recover()
                 snap = self.store.load()
-                yield snap, self._plugged(snap, mac)
-
-    def _plugged(self, snap: Snapshot, mac: str) -> Entry:
-        """The plugged entry with this MAC, or the error that names why there is none."""
-        for entry in snap.entries:
-            if entry.endpoint.hardware_addr == mac:
+                entry = _with_mac(snap, mac)
                 if entry.status is not Status.PLUGGED:
                     raise InvalidInputError("hwAddr", mac, f"the interface is {entry.status}")
-                return entry
-        raise NoSuchInterfaceError("hwAddr", mac, "no interface of this VM has it")
+                yield snap, entry
+
+
+def _with_mac(snap: Snapshot, mac: str) -> Entry:
+    """The saved interface with this MAC, or the error that says the VM has none."""
+    for entry in snap.entries:
+        if entry.endpoint.hardware_addr == mac:
+            return entry
+    raise NoSuchInterfaceError("hwAddr", mac, "no interface of this VM has it")
 
 
 def _replaced(snap: Snapshot, old: Entry, new: Entry) -> Snapshot:

@@ -164,6 +164,11 @@ def register(cls: E) -> E:
     return cls
 
 
+def described_mtu(info: NetworkInfo | None) -> int:
+    """The MTU ``info`` gives the host link (Ethernet's when nothing was described)."""
+    return info.iface.mtu if info is not None else 1500
+
+
 def with_mtu(info: NetworkInfo | None, mtu: int) -> NetworkInfo | None:
     """``info`` with the link's MTU set (None stays None: nothing was described)."""
     if info is None:

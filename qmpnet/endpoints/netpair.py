@@ -34,6 +34,7 @@ from qmpnet.endpoints import plumbing
 from qmpnet.endpoints.base import (
     EndpointSpec,
     PlugContext,
+    described_mtu,
     new_id,
     register,
     unsupported,
@@ -103,6 +104,8 @@ class PairModel:
     own_links: Callable[[NetworkInterfacePair], tuple[str, ...]] = lambda pair: (
         pair.tap_interface.tap_iface.name,
     )
+    #: QEMU reads a tun tap's queues (the macvtap model: a macvtap's, whose fds name no link)
+    reads_tun: bool = True
     #: the host link QEMU reads dies with the sandbox link (the kernel deletes a macvtap with
     #: its parent); QEMU 7.2 aborts when the guest resets a multiqueue NIC whose tap is gone,
     #: so a caller that cannot unplug first (the watcher) plugs one queue pair
@@ -353,6 +356,7 @@ MODELS: Mapping[InterworkingModel, PairModel] = {
         parks_mac=True,
         admit=_macvtap_admit,
         dies_with_link=True,
+        reads_tun=False,
     ),
     InterworkingModel.BRIDGED: PairModel(
         _bridge_connect,
@@ -422,12 +426,11 @@ class NetPairEndpoint:
 
     @property
     def reads_tun(self) -> bool:
-        # with the macvtap model QEMU reads a macvtap's queues, not a tun tap's
-        return self.net_pair.model is not InterworkingModel.MACVTAP
+        return self.pair_model.reads_tun
 
     @property
     def mtu(self) -> int:
-        return self.properties.iface.mtu if self.properties else 1500
+        return described_mtu(self.properties)
 
     @property
     def host_link(self) -> str:

@@ -16,6 +16,7 @@ from qmpnet.endpoints import plumbing
 from qmpnet.endpoints.base import (
     EndpointSpec,
     PlugContext,
+    described_mtu,
     new_id,
     random_mac,
     register,
@@ -77,7 +78,7 @@ class TapEndpoint:
 
     @property
     def mtu(self) -> int:
-        return self.properties.iface.mtu if self.properties else 1500
+        return described_mtu(self.properties)
 
     @property
     def host_link(self) -> str:

@@ -15,7 +15,14 @@ from typing import ClassVar, Self
 
 import attrs
 
-from qmpnet.endpoints.base import EndpointSpec, PlugContext, new_id, register, unsupported
+from qmpnet.endpoints.base import (
+    EndpointSpec,
+    PlugContext,
+    described_mtu,
+    new_id,
+    register,
+    unsupported,
+)
 from qmpnet.lifecycle import Operation
 from qmpnet.model import (
     EndpointType,
@@ -62,7 +69,7 @@ class UnpluggableEndpoint:
 
     @property
     def mtu(self) -> int:
-        return self.properties.iface.mtu if self.properties else 1500
+        return described_mtu(self.properties)
 
     @property
     def host_link(self) -> str:
