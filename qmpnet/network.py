@@ -496,7 +496,12 @@ class NetworkState:
                     "driver's ceiling while the NIC is plugged: a larger MTU needs a re-plug",
                 )
             changed = attrs.evolve(entry, endpoint=await entry.endpoint.set_mtu(mtu))
-            await self._save(_replaced(snap, entry, changed))
+            try:
+                await self._save(_replaced(snap, entry, changed))
+            except BaseException:
+                # the state still says the old MTU: the links get it back
+                await entry.endpoint.set_mtu(entry.endpoint.mtu)
+                raise
             return changed
 
     async def stats(self, hw_addr: str | None = None) -> list[NicStats]:

@@ -402,3 +402,33 @@ async def test_a_tcfilter_join_failing_after_the_mirror_leaves_no_qdisc(
     assert caught.value.step == "prepare-links"
     assert not _ingress(host, veth.sandbox, veth.inner)
     host.wait_until(lambda: ep.tap_name not in host.links(veth.sandbox), what="tap gone")
+
+
+@pytest.mark.asyncio
+async def test_a_live_mtu_change_that_fails_half_way_gives_back_what_it_changed(
+    netns: str,
+) -> None:
+    """set_links_mtu is all or nothing: 65530 suits a veth but not a tap (at most 65521), so
+    the veth, set first, is given its MTU back when the tap refuses."""
+    from qmpnet.endpoints.plumbing import set_links_mtu
+    from qmpnet.errors import HostError
+    from qmpnet.links import Links
+    from qmpnet.netns import run_in_netns
+
+    owner, veth, tap = "qn0123456789", unique("v"), unique("t")
+    fds = await run_in_netns(netns, lambda: tuntap.open_tap_queues(tap, 1))
+    try:
+        async with Links.open(netns) as links:
+            await links.add_veth(veth, unique("p"), owner)
+            await links.mark_ours(tap, owner)
+            before = {name: (await links.get(name)).mtu for name in (veth, tap)}
+        with pytest.raises(HostError):
+            await set_links_mtu(netns, [veth, tap], owner, 65530)
+        async with Links.open(netns) as links:
+            assert {name: (await links.get(name)).mtu for name in (veth, tap)} == before
+        await set_links_mtu(netns, [veth, tap], owner, 9000)  # one both can have
+        async with Links.open(netns) as links:
+            assert {(await links.get(name)).mtu for name in (veth, tap)} == {9000}
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -60,15 +60,27 @@ async def plug_queues(  # noqa: PLR0917 - each is one thing a plug is made of
 
 
 async def set_links_mtu(netns: str, names: Sequence[str], owner: str, mtu: int) -> None:
-    """Set the MTU of qmpnet's links ``names`` (in that order); each must carry ``owner``'s
-    mark, and one that does not is refused before any is changed."""
+    """Set the MTU of qmpnet's links ``names`` (in that order), all or nothing; each must
+    carry ``owner``'s mark, and one that does not is refused before any is changed."""
     async with Links.open(netns) as links:
+        before: dict[str, int] = {}
         for name in names:
             info = await links.get(name)
             if not ours(info, owner):
                 raise NotOursError("set the MTU of", name)
-        for name in names:
-            await links.set_mtu(name, mtu)
+            before[name] = info.mtu
+        done: list[str] = []
+        try:
+            for name in names:
+                await links.set_mtu(name, mtu)
+                done.append(name)
+        except BaseException:
+            for name in reversed(done):  # what was changed goes back, in the reverse order
+                try:
+                    await links.set_mtu(name, before[name])
+                except QmpnetError as err:
+                    log.error("giving %s its MTU %d back: %s", name, before[name], err)
+            raise
 
 
 async def open_tap(op: Operation, netns: str, name: str, queues: int, fds: tuntap.QueueFds) -> None:
