@@ -30,7 +30,6 @@ from qmpnet.endpoints.base import new_id, random_mac
 from qmpnet.endpoints.netpair import pair_model, parked_mac
 from qmpnet.errors import (
     InvalidInputError,
-    PlugError,
     QmpConnectError,
     QmpnetError,
     TapGoneError,
@@ -102,13 +101,10 @@ async def unplug(req: Request, attachment: Attachment, state_dir: Path, config: 
             raise
         log.info("the VM is gone (%s): removing the host side of %s only", err, attachment.ifname)
         await _forget(state, entry)
-    except (TapGoneError, PlugError) as err:
-        gone = err if isinstance(err, TapGoneError) else err.cause
-        if not isinstance(gone, TapGoneError):
-            raise
+    except TapGoneError as err:  # raised before the unplug's first step, so never wrapped
         # The runtime's DEL must end (kubelet retries a failed one forever), and the VM must
         # live: the NIC stays, without a backend, and its record says so until the VM stops.
-        log.warning("%s: %s; DEL succeeds without unplugging it", attachment.ifname, gone)
+        log.warning("%s: %s; DEL succeeds without unplugging it", attachment.ifname, err)
 
 
 async def sandbox_link(netns: str, ifname: str) -> tuple[str, int, str]:
