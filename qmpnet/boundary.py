@@ -272,6 +272,14 @@ class Boundary:
         self._conv.register_structure_hook(cls, read)
         self._conv.register_unstructure_hook(cls, unstructure)
 
+    def register_value(
+        self, cls: type[T], read: Callable[[Any], T], write: Callable[[T], Any]
+    ) -> None:
+        """Read and write ``cls`` with functions of its own (its spelling is not its fields'):
+        ``read`` names the fields of its errors itself."""
+        self._conv.register_structure_hook(cls, _ignore_type(read))
+        self._conv.register_unstructure_hook(cls, write)
+
     def structure(self, data: object, cls: type[T]) -> T:
         """``data`` as a ``cls``, or the first problem as an ``InvalidInputError``."""
         if self.none_is_absent and isinstance(data, Mapping):

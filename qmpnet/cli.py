@@ -185,6 +185,24 @@ def _plug_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tap-name", metavar="NAME", help="host tap name (default: tap{idx}_kata)")
 
 
+def _bandwidth_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bandwidth",
+        metavar="JSON",
+        default="",
+        help='libvirt\'s <bandwidth> as JSON: {"inbound": {"average": kB/s, "peak": kB/s, '
+        '"burst": kB}, "outbound": {...}}; inbound is what the guest receives',
+    )
+    for way, what in (("inbound", "receives"), ("outbound", "sends")):
+        p.add_argument(
+            f"--{way}",
+            metavar="AVG[,PEAK[,BURST]]",
+            default="",
+            help=f"shape what the guest {what}: kB/s (1000 bytes/s) and kB (1024 bytes), "
+            "as virsh domiftune takes them",
+        )
+
+
 def _add_iface_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add = sub.add_parser("add-iface", help="hot-plug an interface described by JSON")
     _vm_options(add)
@@ -206,6 +224,7 @@ def _add_iface_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default="up",
         help="the NIC's link as the guest first sees it (default up; see set-link)",
     )
+    _bandwidth_options(add)
     add.add_argument("file", metavar="FILE|-", help="interface JSON (Kata agent style)")
 
 
@@ -234,6 +253,18 @@ def _set_mtu_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _vm_options(mtu)
     mtu.add_argument("--mac", required=True, help="MAC of the interface")
     mtu.add_argument("mtu", type=int, metavar="MTU")
+
+
+def _set_bandwidth_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bw = sub.add_parser(
+        "set-bandwidth",
+        help="shape a plugged NIC's traffic live (the whole of it: a direction not given is "
+        "not shaped), or --clear it",
+    )
+    _vm_options(bw)
+    bw.add_argument("--mac", required=True, help="MAC of the interface")
+    _bandwidth_options(bw)
+    bw.add_argument("--clear", action="store_true", help="take every limit away")
 
 
 def _stats_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -314,6 +345,7 @@ _PARSERS = {
     "del-iface": _del_iface_parser,
     "set-link": _set_link_parser,
     "set-mtu": _set_mtu_parser,
+    "set-bandwidth": _set_bandwidth_parser,
     "list-ifaces": _list_ifaces_parser,
     "stats": _stats_parser,
     "reconcile": _reconcile_parser,
@@ -471,10 +503,14 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 async def cmd_add(args: argparse.Namespace) -> int:
-    from qmpnet.model import InterfaceDescription, check_ifname
+    from qmpnet.bandwidth import from_options
+    from qmpnet.model import InterfaceDescription, check_ifname, with_bandwidth
     from qmpnet.network import interface_of
 
-    desc = InterfaceDescription.from_json(_read_json(args.file))
+    desc = with_bandwidth(
+        InterfaceDescription.from_json(_read_json(args.file)),
+        from_options(args.bandwidth, args.inbound, args.outbound),
+    )
     if args.tap_name is not None:
         check_ifname("--tap-name", args.tap_name)
     state = _state(args)
@@ -537,6 +573,29 @@ async def cmd_set_mtu(args: argparse.Namespace) -> int:
     from qmpnet.views import entry_document
 
     entry = await _state(args).set_mtu(check_mac("--mac", args.mac), args.mtu)
+    _print_json(versioned({"interface": entry_document(entry)}))
+    return EXIT_OK
+
+
+def _wanted_bandwidth(args: argparse.Namespace) -> Any:
+    """set-bandwidth's: what its options say, or None for --clear (one of the two)."""
+    from qmpnet.bandwidth import from_options
+    from qmpnet.errors import InvalidInputError
+
+    want = from_options(args.bandwidth, args.inbound, args.outbound)
+    if (want is None) != args.clear:
+        raise InvalidInputError(
+            "--clear", args.clear, "give --clear, or --bandwidth or --inbound/--outbound"
+        )
+    return want
+
+
+async def cmd_set_bandwidth(args: argparse.Namespace) -> int:
+    from qmpnet.model import check_mac
+    from qmpnet.views import entry_document
+
+    want = _wanted_bandwidth(args)
+    entry = await _state(args).set_bandwidth(check_mac("--mac", args.mac), want)
     _print_json(versioned({"interface": entry_document(entry)}))
     return EXIT_OK
 
@@ -631,6 +690,7 @@ COMMANDS = {
     "del-iface": cmd_del,
     "set-link": cmd_set_link,
     "set-mtu": cmd_set_mtu,
+    "set-bandwidth": cmd_set_bandwidth,
     "list-ifaces": cmd_list,
     "stats": cmd_stats,
     "reconcile": cmd_reconcile,
@@ -690,6 +750,7 @@ def svc_add(client: Client, args: argparse.Namespace) -> int:
         wait_guest=args.wait_guest,
         allow_foreign_link=args.allow_foreign_link,
         link=args.link,
+        **_bandwidth_params(args),
     )
     if args.tap_name is not None:
         params["tap_name"] = args.tap_name
@@ -716,6 +777,19 @@ def svc_set_link(client: Client, args: argparse.Namespace) -> int:
 def svc_set_mtu(client: Client, args: argparse.Namespace) -> int:
     params = {**_vm_params(args), "mac": args.mac, "mtu": args.mtu}
     _print_json(versioned(client.call("iface.set_mtu", params)))
+    return EXIT_OK
+
+
+def _bandwidth_params(args: argparse.Namespace) -> dict[str, str]:
+    """The bandwidth options as given: the service reads them as the direct mode does."""
+    return {k: getattr(args, k) for k in ("bandwidth", "inbound", "outbound") if getattr(args, k)}
+
+
+def svc_set_bandwidth(client: Client, args: argparse.Namespace) -> int:
+    params = {**_vm_params(args), "mac": args.mac, **_bandwidth_params(args)}
+    if args.clear:
+        params["clear"] = True
+    _print_json(versioned(client.call("iface.set_bandwidth", params)))
     return EXIT_OK
 
 
@@ -836,6 +910,7 @@ SERVICE_COMMANDS = {
     "del-iface": svc_del,
     "set-link": svc_set_link,
     "set-mtu": svc_set_mtu,
+    "set-bandwidth": svc_set_bandwidth,
     "list-ifaces": svc_list,
     "stats": svc_stats,
     "reconcile": svc_reconcile,

@@ -35,6 +35,7 @@ class Step(enum.StrEnum):
     VALIDATE = "validate"
     PREPARE_LINKS = "prepare-links"
     OPEN_QUEUES = "open-queues"
+    SHAPE = "shape"
     OPEN_VHOST = "open-vhost"
     PASS_FDS = "pass-fds"
     NETDEV_ADD = "netdev-add"

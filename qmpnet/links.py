@@ -31,7 +31,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from qmpnet import marks
-from qmpnet.errors import HostError, LinkExistsError, NotOursError
+from qmpnet.errors import HostError, LinkExistsError, NotOursError, UnsupportedError
 from qmpnet.netns import run_in_netns
 from qmpnet.poll import poll_until
 
@@ -42,6 +42,13 @@ ETH_P_ALL = 0x0003
 INGRESS = 0xFFFF0000
 #: The preference of qmpnet's mirred filters: how an ingress qdisc is told to be its own.
 MIRROR_PRIO = 0x7171
+#: The preference of the filter that sends a link's ingress to its shaping ifb.
+SHAPE_PRIO = 0x7172
+OUR_PRIOS = frozenset({MIRROR_PRIO, SHAPE_PRIO})
+#: The handle of qmpnet's root htb (``7171:``), its one class (``7171:1``), and tc's root.
+SHAPE_HANDLE = 0x71710000
+SHAPE_CLASS = 0x71710001
+TC_H_ROOT = 0xFFFFFFFF
 NETLINK_ROUTE = 0
 #: rtnetlink multicast group of link announcements, and the two message types it carries.
 RTMGRP_LINK = 0x1
@@ -415,33 +422,38 @@ class Links:
                     "add ingress qdisc on", name, self._ipr.tc("add", "ingress", src, INGRESS)
                 )
                 added.append(src)
-                await self._call(
-                    "add mirred filter on",
-                    name,
-                    self._ipr.tc(
-                        "add-filter",
-                        "u32",
-                        src,
-                        ":1",
-                        parent=INGRESS,
-                        protocol=ETH_P_ALL,
-                        prio=MIRROR_PRIO,
-                        target=0x10000,
-                        keys=["0x0/0x0+0"],
-                        action={
-                            "kind": "mirred",
-                            "direction": "egress",
-                            "action": "redirect",
-                            "ifindex": dst,
-                        },
-                    ),
-                )
+                await self._redirect(name, src, dst, MIRROR_PRIO)
         except HostError:
             # Half a mirror is worse than none: take back the qdiscs made here (and only them).
             for index in added:
                 with contextlib.suppress(*_FAILURES):
                     await self._ipr.tc("del", "ingress", index, INGRESS)
             raise
+
+    async def _redirect(self, name: str, src: int, dst: int, prio: int) -> None:
+        """A u32 match-all filter on ``src``'s ingress sending every frame out of ``dst``
+        (this kernel has no ``matchall``); ``prio`` says which of qmpnet's it is."""
+        await self._call(
+            "add mirred filter on",
+            name,
+            self._ipr.tc(
+                "add-filter",
+                "u32",
+                src,
+                ":1",
+                parent=INGRESS,
+                protocol=ETH_P_ALL,
+                prio=prio,
+                target=0x10000,
+                keys=["0x0/0x0+0"],
+                action={
+                    "kind": "mirred",
+                    "direction": "egress",
+                    "action": "redirect",
+                    "ifindex": dst,
+                },
+            ),
+        )
 
     async def del_tc_ingress(self, name: str) -> None:
         """Remove our ingress qdisc (and with it our filters); absent link or qdisc is fine.
@@ -465,14 +477,124 @@ class Links:
                 raise HostError("delete ingress qdisc on", self._where(name), _errno(err)) from err
 
     async def tc_ingress_ours(self, name: str) -> bool:
-        """Whether the ingress qdisc of ``name`` holds qmpnet's mirred filter and only that."""
+        """Whether the ingress qdisc of ``name`` holds qmpnet's mirred filters and only those."""
         info = await self.get(name)
         filters = await self._dump(
             "list filters of", name, self._ipr.get_filters(index=info.index, parent=INGRESS)
         )
-        return bool(filters) and all(f["info"] >> 16 == MIRROR_PRIO for f in filters)
+        return bool(filters) and all(f["info"] >> 16 in OUR_PRIOS for f in filters)
 
     async def has_tc_ingress(self, name: str) -> bool:
         info = await self.get(name)
         qdiscs = await self._dump("list qdiscs of", name, self._ipr.get_qdiscs(index=info.index))
         return any(q.get("kind") == "ingress" for q in qdiscs)
+
+    # --- shaping (a NIC's bandwidth) -------------------------------------------------------
+
+    async def root_qdisc(self, name: str) -> tuple[str, int]:
+        """The kind and handle of ``name``'s root qdisc; handle 0 is the kernel's default."""
+        info = await self.get(name)
+        qdiscs = await self._dump("list qdiscs of", name, self._ipr.get_qdiscs(index=info.index))
+        for q in qdiscs:
+            if q["parent"] == TC_H_ROOT:
+                return str(q.get("kind")), int(q["handle"])
+        return "", 0
+
+    async def shaped(self, name: str) -> bool:
+        """Whether ``name``'s egress is shaped by qmpnet (its root is our htb)."""
+        return (await self.root_qdisc(name)) == ("htb", SHAPE_HANDLE)
+
+    async def shape_egress(self, name: str, *, rate: int, ceil: int, burst: int) -> None:
+        """Shape what leaves ``name`` to ``rate`` bytes/s (bursts of ``burst`` bytes up to
+        ``ceil``): an htb root ``7171:`` whose one class takes everything.
+
+        Our htb already there is changed in place (no unshaped moment); the kernel's default
+        root is replaced; any other root qdisc is someone else's, and is left as it is.
+        """
+        info = await self.get(name)
+        kind, handle = await self.root_qdisc(name)
+        spec: dict[str, Any] = {
+            "parent": SHAPE_HANDLE,
+            "rate": rate,
+            "ceil": ceil,
+            "burst": burst,
+            "cburst": burst,
+            # htb's default (rate / 10) warns past 200000 bytes; one class needs no fairness
+            "quantum": min(max(rate // 10, 2 * 1514), 200_000),
+        }
+        if (kind, handle) == ("htb", SHAPE_HANDLE):
+            await self._call(
+                "change htb class on",
+                name,
+                self._ipr.tc("change-class", "htb", info.index, SHAPE_CLASS, **spec),
+            )
+            return
+        if handle:
+            raise UnsupportedError(
+                self._where(name),
+                "shape",
+                f"the link has a root qdisc qmpnet did not make ({kind} {handle >> 16:x}:): "
+                "it is left as it is",
+            )
+        await self._call(
+            "add htb qdisc on",
+            name,
+            self._ipr.tc("add", "htb", info.index, SHAPE_HANDLE, default=1),
+        )
+        try:
+            await self._call(
+                "add htb class on",
+                name,
+                self._ipr.tc("add-class", "htb", info.index, SHAPE_CLASS, **spec),
+            )
+        except HostError:
+            with contextlib.suppress(*_FAILURES):
+                await self._ipr.tc("del", "htb", info.index, SHAPE_HANDLE)
+            raise
+
+    async def unshape_egress(self, name: str) -> bool:
+        """Remove our htb from ``name`` (the kernel's default comes back); False if none."""
+        info = await self.lookup(name)
+        if info is None or not await self.shaped(name):
+            return False
+        try:
+            await self._ipr.tc("del", "htb", info.index, SHAPE_HANDLE)
+        except _FAILURES as err:
+            if _errno(err) in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                return False
+            raise HostError("delete htb qdisc on", self._where(name), _errno(err)) from err
+        return True
+
+    async def add_ifb(self, name: str, owner: str) -> LinkInfo:
+        """An ifb of ours, up: what a link's ingress is redirected to, to be shaped there."""
+        await self._create("ifb", name, owner, kind="ifb")
+        await self.set_up(name)
+        return await self.get(name)
+
+    async def redirect_ingress(self, name: str, to: str) -> None:
+        """Send everything arriving on ``name`` out of ``to`` (an ifb, which re-injects it
+        into ``name``'s receive path past the filter once shaped)."""
+        src, dst = (await self.get(name)).index, (await self.get(to)).index
+        if await self.has_tc_ingress(name):
+            raise UnsupportedError(
+                self._where(name),
+                "shape",
+                "the link already has an ingress qdisc: it is left as it is",
+            )
+        await self._call("add ingress qdisc on", name, self._ipr.tc("add", "ingress", src, INGRESS))
+        try:
+            await self._redirect(name, src, dst, SHAPE_PRIO)
+        except HostError:
+            with contextlib.suppress(*_FAILURES):
+                await self._ipr.tc("del", "ingress", src, INGRESS)
+            raise
+
+    async def redirected(self, name: str) -> bool:
+        """Whether ``name``'s ingress goes to a shaping ifb of qmpnet's."""
+        info = await self.get(name)
+        if not await self.has_tc_ingress(name):
+            return False
+        filters = await self._dump(
+            "list filters of", name, self._ipr.get_filters(index=info.index, parent=INGRESS)
+        )
+        return any(f["info"] >> 16 == SHAPE_PRIO for f in filters)

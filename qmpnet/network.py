@@ -25,8 +25,15 @@ from pathlib import Path
 import attrs
 
 from qmpnet import layout
+from qmpnet.bandwidth import Bandwidth
 from qmpnet.config import Config
-from qmpnet.endpoints import Endpoint, PlugContext, create_endpoint, net_info_from_interface
+from qmpnet.endpoints import (
+    Endpoint,
+    PlugContext,
+    create_endpoint,
+    net_info_from_interface,
+    shaping,
+)
 from qmpnet.errors import (
     HostError,
     InvalidInputError,
@@ -361,10 +368,11 @@ class NetworkState:
                             wait_guest=wait_guest,
                             allow_foreign_link=allow_foreign_link,
                             link_up=link is LinkState.UP,
+                            bandwidth=desc.bandwidth,
                         )
                         plugged = await endpoint.hot_attach(ctx)
                         op.subject = plugged
-                        entry = Entry(plugged, link=link)
+                        entry = Entry(plugged, link=link, bandwidth=desc.bandwidth or None)
 
                         async def persist() -> None:
                             await self._save(attrs.evolve(snap, entries=(*snap.entries, entry)))
@@ -501,6 +509,25 @@ class NetworkState:
             except BaseException:
                 # the state still says the old MTU: the links get it back
                 await entry.endpoint.set_mtu(entry.endpoint.mtu)
+                raise
+            return changed
+
+    async def set_bandwidth(self, hw_addr: str, bandwidth: Bandwidth | None) -> Entry:
+        """Shape a plugged NIC's traffic as ``bandwidth`` says, live; None (or an empty one)
+        takes every limit away. The whole of it is replaced: a direction not given is not
+        shaped. All or nothing: when a change or the save fails, the shaping before stays.
+        """
+        want = bandwidth or None
+        async with self._plugged_entry(hw_addr) as (snap, entry):
+            sites = entry.endpoint.shaping
+            if sites is None:  # never plugged, so never in this VM's plugged entries
+                raise UnsupportedError(f"NIC {entry.endpoint.name}", "set bandwidth", "no NIC")
+            changed = attrs.evolve(entry, bandwidth=want)
+            await shaping.change(sites, entry.bandwidth, want)
+            try:
+                await self._save(_replaced(snap, entry, changed))
+            except BaseException:
+                await shaping.change(sites, want, entry.bandwidth)  # as the state says
                 raise
             return changed
 

@@ -10,7 +10,8 @@ then every saved entry:
 - an ``unplug-pending`` entry is completed once QEMU no longer has the device (a new request
   waits for it up to the unplug deadline), else kept pending;
 - a plugged entry whose device QEMU no longer has is cleaned and dropped; one it has gets its
-  saved link state set again (QEMU 7.2 has no command that reads it);
+  saved link state set again (QEMU 7.2 has no command that reads it) and its host shaping
+  made what the state says (:mod:`qmpnet.endpoints.shaping`);
 - devices and netdevs in QEMU that carry qmpnet's id pattern but no record are reported,
   never touched (another state directory may own them);
 - when QEMU is gone (socket missing, connection refused) the host side of every endpoint is
@@ -24,6 +25,7 @@ import re
 import attrs
 
 from qmpnet.codec import UnknownEntry
+from qmpnet.endpoints import shaping
 from qmpnet.errors import QmpnetError, shown
 from qmpnet.hypervisor import device_id
 from qmpnet.model import LinkState
@@ -117,6 +119,13 @@ class _Auditor(Settler):
             # tells the guest only of a change): a set_link through another monitor is undone
             assert self.hv is not None
             await self.hv.set_link(ep.tap, entry.link is LinkState.UP)
+            # and its shaping made what the state says (a live change a crash cut short)
+            if ep.shaping is not None:
+                try:
+                    await shaping.apply(ep.shaping, entry.bandwidth)
+                except QmpnetError as err:
+                    self.errors.append(f"{ep.id}: shaping as saved: {err}")
+                    return
             self.consistent.append(ep.id)
 
     async def _find_orphans(self) -> None:

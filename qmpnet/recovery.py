@@ -32,7 +32,7 @@ import attrs
 
 from qmpnet.codec import UnknownEntry
 from qmpnet.config import Config
-from qmpnet.endpoints import Endpoint
+from qmpnet.endpoints import Endpoint, shaping
 from qmpnet.endpoints.netpair import pair_model
 from qmpnet.errors import (
     HostError,
@@ -365,6 +365,8 @@ async def host_residue(ep: Endpoint) -> list[str]:
             virt = None if pair is None else await links.lookup(pair.virt_iface.name)
             if pair is not None and virt is not None:
                 problems += await pair_model(pair.model).residue(pair, links, virt)
+            if ep.shaping is not None:
+                problems += await shaping.residue(links, ep.shaping)
     except NetnsError as err:
         if err.errno not in (errno.ENOENT, errno.ENOTDIR):
             raise

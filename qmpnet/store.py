@@ -24,9 +24,10 @@ from typing import Any
 
 import attrs
 
+from qmpnet.bandwidth import Bandwidth, load_saved, saved
 from qmpnet.codec import UnknownEntry, dump_endpoint, load_endpoint
 from qmpnet.endpoints import Endpoint
-from qmpnet.errors import StateError, shown
+from qmpnet.errors import InvalidInputError, StateError, shown
 from qmpnet.files import (
     Writer,
     atomic_write,
@@ -63,6 +64,8 @@ class Entry:
     status: Status = Status.PLUGGED
     #: saved only when down; QEMU 7.2 cannot be asked for it, so reconcile sets it again
     link: LinkState = LinkState.UP
+    #: the shaping in force (saved only when set)
+    bandwidth: Bandwidth | None = None
 
 
 @attrs.frozen
@@ -204,7 +207,12 @@ class Store:
             elif not isinstance(link_text, str) or link_text not in LinkState._value2member_map_:
                 unknown.append(UnknownEntry(item, f"unknown link state {shown(link_text)}"))
             else:
-                entries.append(Entry(loaded, Status(status_text), LinkState(link_text)))
+                try:
+                    shaped = None if "bandwidth" not in item else load_saved(item["bandwidth"])
+                except InvalidInputError as err:
+                    unknown.append(UnknownEntry(item, f"unknown bandwidth: {err}"))
+                    continue
+                entries.append(Entry(loaded, Status(status_text), LinkState(link_text), shaped))
         qmp = data.get("qmp")
         return Snapshot(
             tuple(entries),
@@ -218,6 +226,7 @@ class Store:
             {
                 "status": e.status.value,
                 **({"link": e.link.value} if e.link is not LinkState.UP else {}),
+                **({"bandwidth": saved(e.bandwidth)} if e.bandwidth else {}),
                 "endpoint": dump_endpoint(e.endpoint),
             }
             for e in snapshot.entries

@@ -33,6 +33,8 @@ def _view(entry: Entry, vanished: Collection[str]) -> dict[str, Any]:
         "netns": ep.netns_path or "",
         "status": entry.status.value,
         "link": entry.link.value,
+        # libvirt's terms (kB/s, kB), only the shaped directions; null when not shaped
+        "bandwidth": entry.bandwidth.libvirt() if entry.bandwidth else None,
     }
     if ep.host_link and ep.host_link in vanished:
         view["host_link_gone"] = True
@@ -87,7 +89,23 @@ COUNTERS = (
     "tx_dropped",
     "tx_errors",
 )
-STATS_HEADER = ("MAC", "NAME", "HOST LINK", "QUEUES", "LINK", *(c.upper() for c in COUNTERS))
+STATS_HEADER = (
+    "MAC",
+    "NAME",
+    "HOST LINK",
+    "QUEUES",
+    "LINK",
+    "BANDWIDTH",
+    *(c.upper() for c in COUNTERS),
+)
+
+
+def bandwidth_cell(bandwidth: dict[str, dict[str, float]] | None) -> str:
+    """``in 2500 kB/s, out 1250 kB/s`` (averages), or ``-`` when not shaped."""
+    if not bandwidth:
+        return "-"
+    short = {"inbound": "in", "outbound": "out"}
+    return ", ".join(f"{short[w]} {r['average']:g} kB/s" for w, r in bandwidth.items())
 
 
 def stats_document(stats: Sequence[NicStats], vanished: Collection[str] = ()) -> dict[str, Any]:
@@ -112,6 +130,7 @@ def stats_rows(doc: dict[str, Any]) -> list[list[str]]:
                 v["host_link"] or "-",
                 str(v["queues"] or "-"),
                 v["link"],
+                bandwidth_cell(v["bandwidth"]),
                 *(str(counters[c]) if counters else "-" for c in COUNTERS),
             ]
         )

@@ -34,6 +34,11 @@ Network configuration, besides ``cniVersion``, ``name`` and ``type``::
                   false); chained mode never joins a link of the host's netns (error 4)
     logFile       append logs to this file
 
+Capabilities (``runtimeConfig``): ``qmpSocket``, ``mac`` and ``bandwidth``, CNI's standard
+``{"ingressRate", "ingressBurst", "egressRate", "egressBurst"}`` in bits/s and bits. Ingress is
+into the pod, which is the VM: what the guest receives. The NIC is shaped on the host link QEMU
+reads, as ``qmpnet set-bandwidth`` does; a rate of 0 or absent leaves that direction unshaped.
+
 Each attachment (network, container, ifname) is recorded next to the VM's qmpnet state before
 it is plugged, so DEL, CHECK and GC find exactly what this network made, and nothing else.
 

@@ -148,6 +148,7 @@ def check_sandbox(req: Request) -> None:
 
 async def cmd_add(req: Request) -> dict[str, Any]:
     check_sandbox(req)
+    req.bandwidth()  # refused before anything is made, a pending ADD's too
     qmp = req.qmp_socket()
     if req.vms.defers and not await req.vms.present(qmp):
         return await _add_pending(req, qmp)
@@ -236,7 +237,13 @@ async def _add_chained(
     index, _ = prev_interface(conf, env)
     addrs = ips_of(conf.prev_result or {}, index) if index is not None else ()
     desc = InterfaceDescription(
-        device=env.ifname, name=env.ifname, hw_addr=mac, mtu=mtu, ip_addresses=addrs, link_type=kind
+        device=env.ifname,
+        name=env.ifname,
+        hw_addr=mac,
+        mtu=mtu,
+        ip_addresses=addrs,
+        link_type=kind,
+        bandwidth=req.bandwidth(),
     )
     record = Attachment(
         network=conf.name,
@@ -295,6 +302,7 @@ async def _add_main(
             mtu=conf.mtu,
             ip_addresses=addrs,
             link_type="tap",
+            bandwidth=req.bandwidth(),
         )
         await book.save(Records((*records.known, record), records.unknown))
         await state.add_interface(

@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 
+from qmpnet.bandwidth import Bandwidth
 from qmpnet.boundary import Boundary
 from qmpnet.cni.records import Attachment
 from qmpnet.cni.spec import (
@@ -393,6 +394,17 @@ class Request:
             f"{CONTAINER_ID} is replaced), runtimeConfig.qmpSocket or CNI_ARGS "
             f"{ARG_QMP}=PATH",
         )
+
+    def bandwidth(self) -> Bandwidth | None:
+        """CNI's ``bandwidth`` capability (``runtimeConfig.bandwidth``), bits/s and bits;
+        ingress is into the pod, which is the guest's inbound (:mod:`qmpnet.bandwidth`)."""
+        given = self.conf.runtime_config.get("bandwidth")
+        if given is None:
+            return None
+        try:
+            return Bandwidth.from_cni(given) or None
+        except InvalidInputError as err:
+            raise CniError(Code.INVALID_CONFIG, str(err)) from err
 
     def mac(self) -> str:
         """Main mode's MAC: runtimeConfig.mac, CNI_ARGS MAC, the configuration, or none."""

@@ -30,7 +30,9 @@ from qmpnet.model import (
 )
 
 if TYPE_CHECKING:
+    from qmpnet.bandwidth import Bandwidth
     from qmpnet.config import Config
+    from qmpnet.endpoints.shaping import Sites
     from qmpnet.hypervisor import QemuHypervisor
     from qmpnet.lifecycle import Operation
 
@@ -63,6 +65,8 @@ class PlugContext:
     link_up: bool = True
     #: a NetPair may join a link of the host's namespace or a bridge's port (default: refused)
     allow_foreign_link: bool = False
+    #: the NIC's traffic shaped from the start (None: not shaped)
+    bandwidth: Bandwidth | None = None
 
     async def queues(self, requested: int) -> int:
         return await queue_pairs(requested, self.config.queues, self.hypervisor.vcpus)
@@ -129,6 +133,11 @@ class Endpoint(Protocol):
     @property
     def queues(self) -> int:
         """Queue pairs: 0 until plugged means "as configured / one per vCPU"."""
+        ...
+
+    @property
+    def shaping(self) -> Sites | None:
+        """Where the NIC's bandwidth is shaped on the host; None for a type never plugged."""
         ...
 
     @classmethod

@@ -30,7 +30,7 @@ from typing import ClassVar, Self
 import attrs
 
 from qmpnet import tuntap
-from qmpnet.endpoints import plumbing
+from qmpnet.endpoints import plumbing, shaping
 from qmpnet.endpoints.base import (
     EndpointSpec,
     PlugContext,
@@ -81,6 +81,9 @@ class FoundLink:
     up: bool
 
 
+ShapeSites = tuple[shaping.Site, shaping.Site]
+
+
 @attrs.frozen
 class PairModel:
     """Everything one interworking model means, in one place.
@@ -106,6 +109,12 @@ class PairModel:
     )
     #: QEMU reads a tun tap's queues (the macvtap model: a macvtap's, whose fds name no link)
     reads_tun: bool = True
+    #: where the guest's inbound and outbound traffic is shaped (:mod:`.shaping`); by
+    #: default the tap's egress, and its ingress through the NIC's ifb
+    shape_sites: Callable[[NetworkInterfacePair], ShapeSites] = lambda pair: (
+        _tap_site(pair),
+        _tap_site(pair, ifb=True),
+    )
     #: the host link QEMU reads dies with the sandbox link (the kernel deletes a macvtap with
     #: its parent); QEMU 7.2 aborts when the guest resets a multiqueue NIC whose tap is gone,
     #: so a caller that cannot unplug first (the watcher) plugs one queue pair
@@ -121,6 +130,10 @@ class PairModel:
                 f"{tap.tap_iface.hard_addr}"
             )
         return problems
+
+
+def _tap_site(pair: NetworkInterfacePair, *, ifb: bool = False) -> shaping.Site:
+    return shaping.Site(pair.tap_interface.tap_iface.name, ifb=ifb)
 
 
 def parked_mac(endpoint_id: str) -> str:
@@ -347,6 +360,9 @@ MODELS: Mapping[InterworkingModel, PairModel] = {
         _tc_leftover,
         parks_mac=False,
         admit=_tc_admit,
+        # the tap's ingress already goes to the sandbox link, and an ifb would re-inject past
+        # that redirect: what the guest sends is shaped leaving the sandbox link instead
+        shape_sites=lambda pair: (_tap_site(pair), shaping.Site(pair.virt_iface.name)),
     ),
     InterworkingModel.MACVTAP: PairModel(
         _macvtap_connect,
@@ -357,6 +373,8 @@ MODELS: Mapping[InterworkingModel, PairModel] = {
         admit=_macvtap_admit,
         dies_with_link=True,
         reads_tun=False,
+        # the macvtap's egress carries what the guest sends; what it receives only arrives
+        shape_sites=lambda pair: (_tap_site(pair, ifb=True), _tap_site(pair)),
     ),
     InterworkingModel.BRIDGED: PairModel(
         _bridge_connect,
@@ -447,6 +465,13 @@ class NetPairEndpoint:
     @property
     def pair_model(self) -> PairModel:
         return pair_model(self.net_pair.model)
+
+    @property
+    def shaping(self) -> shaping.Sites:
+        inbound, outbound = self.pair_model.shape_sites(self.net_pair)
+        return shaping.Sites(
+            netns=self.netns_path, owner=self.id, inbound=inbound, outbound=outbound
+        )
 
     @classmethod
     def create(cls, spec: EndpointSpec) -> Self:
@@ -541,7 +566,7 @@ class NetPairEndpoint:
             await model.connect(ep, ctx.op, queues, fds)
 
         pci_path, queues = await plumbing.plug_queues(
-            ctx, ep.tap, ep.hardware_addr, self.queues, open_host, ep.mtu
+            ctx, ep.tap, ep.hardware_addr, self.queues, open_host, ep.mtu, ep.shaping
         )
         return attrs.evolve(ep, pci_path=pci_path, queues=queues)
 
@@ -568,12 +593,14 @@ class NetPairEndpoint:
 
     async def teardown(self, op: Operation) -> None:
         disconnect = self.pair_model.disconnect
-        await op.step(
-            Step.REMOVE_LINKS,
-            lambda: plumbing.best_effort(
+
+        async def remove() -> None:
+            await plumbing.unshape(self.shaping)  # first: an htb may be on the sandbox link
+            await plumbing.best_effort(
                 f"removing the NetPair of {self.name}", lambda: disconnect(self)
-            ),
-        )
+            )
+
+        await op.step(Step.REMOVE_LINKS, remove)
 
 
 @register

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from qmpnet import tuntap
 from qmpnet.config import Config
+from qmpnet.endpoints import shaping
 from qmpnet.endpoints.base import PlugContext
 from qmpnet.errors import NotOursError, QmpnetError
 from qmpnet.lifecycle import Operation, Step
@@ -32,17 +33,21 @@ async def plug_queues(  # noqa: PLR0917 - each is one thing a plug is made of
     requested: int,
     open_host: OpenHost,
     mtu: int,
+    sites: shaping.Sites,
 ) -> tuple[str, int]:
-    """Open the host side and its queues, add vhost fds, plug into QEMU: (PCI path, queues).
+    """Open the host side and its queues, shape it, add vhost fds, plug into QEMU:
+    (PCI path, queues).
 
     ``mtu`` is the host link's: the NIC offers it to the guest (``host_mtu``), so the guest's
-    driver takes it. The fds are closed here in every case: QEMU holds its own copies once the
-    plug is done, and an undone plug must not keep a tap alive.
+    driver takes it. ``sites`` are where the context's bandwidth is shaped. The fds are closed
+    here in every case: QEMU holds its own copies once the plug is done, and an undone plug
+    must not keep a tap alive.
     """
     queues = await ctx.queues(requested)
     fds = tuntap.QueueFds()
     try:
         await open_host(queues, fds)
+        await shaping.shape(ctx.op, sites, ctx.bandwidth)
         await open_vhost(ctx.op, ctx.config, queues, fds)
         pci_path = await ctx.hypervisor.plug_tap(
             tap,
@@ -137,6 +142,14 @@ async def configure_tap(op: Operation, netns: str, name: str, owner: str, mtu: i
             await links.configure(name, mtu=mtu, owner=owner, up=True)
 
     await op.step(Step.PREPARE_LINKS, action)
+
+
+async def unshape(sites: shaping.Sites | None) -> None:
+    """Teardown's part: no shaping of the NIC left (its ifb, an htb on a link not its own)."""
+    if sites is not None:
+        await best_effort(
+            f"removing the shaping of {sites.owner}", lambda: shaping.apply(sites, None)
+        )
 
 
 async def best_effort(what: str, action: Callable[[], Awaitable[object]]) -> None:

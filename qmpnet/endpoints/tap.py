@@ -12,7 +12,7 @@ from typing import ClassVar, Self
 import attrs
 
 from qmpnet import tuntap
-from qmpnet.endpoints import plumbing
+from qmpnet.endpoints import plumbing, shaping
 from qmpnet.endpoints.base import (
     EndpointSpec,
     PlugContext,
@@ -84,6 +84,16 @@ class TapEndpoint:
     def host_link(self) -> str:
         return self.tap_interface.tap_iface.name
 
+    @property
+    def shaping(self) -> shaping.Sites:
+        # what the guest sends goes into the host's stack: no egress to shape but an ifb's
+        return shaping.Sites(
+            netns=self.netns_path,
+            owner=self.id,
+            inbound=shaping.Site(self.host_link),
+            outbound=shaping.Site(self.host_link, ifb=True),
+        )
+
     @classmethod
     def create(cls, spec: EndpointSpec) -> Self:
         # a tap endpoint has no interworking: that is model none
@@ -112,7 +122,7 @@ class TapEndpoint:
             await plumbing.configure_tap(ctx.op, self.netns_path, self.host_link, self.id, self.mtu)
 
         pci_path, queues = await plumbing.plug_queues(
-            ctx, self.tap, self.hardware_addr, self.queues, open_host, self.mtu
+            ctx, self.tap, self.hardware_addr, self.queues, open_host, self.mtu, self.shaping
         )
         return attrs.evolve(self, pci_path=pci_path, queues=queues)
 
@@ -130,10 +140,11 @@ class TapEndpoint:
             async with Links.open(self.netns_path) as links:
                 await links.delete(self.host_link, owner=self.id)
 
-        await op.step(
-            Step.REMOVE_LINKS,
-            lambda: plumbing.best_effort(f"removing tap {self.host_link}", remove),
-        )
+        async def remove_all() -> None:
+            await plumbing.unshape(self.shaping)
+            await plumbing.best_effort(f"removing tap {self.host_link}", remove)
+
+        await op.step(Step.REMOVE_LINKS, remove_all)
 
 
 def create_tap_endpoint(

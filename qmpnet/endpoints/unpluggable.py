@@ -79,6 +79,10 @@ class UnpluggableEndpoint:
     def queues(self) -> int:
         return 0
 
+    @property
+    def shaping(self) -> None:
+        return None
+
     @classmethod
     def create(cls, spec: EndpointSpec) -> Self:
         info = spec.net_info

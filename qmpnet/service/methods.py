@@ -20,6 +20,7 @@ from typing import Any
 
 import attrs
 
+from qmpnet.bandwidth import Bandwidth, from_options
 from qmpnet.boundary import load_json, load_toml
 from qmpnet.config import Config, with_options
 from qmpnet.endpoints.netpair import pair_model
@@ -30,6 +31,7 @@ from qmpnet.model import (
     LinkState,
     check_ifname,
     check_mac,
+    with_bandwidth,
 )
 from qmpnet.netns import check_sandbox_netns
 from qmpnet.network import interface_of
@@ -139,6 +141,7 @@ class Service:
             "iface.remove": self.iface_remove,
             "iface.set_link": self.iface_set_link,
             "iface.set_mtu": self.iface_set_mtu,
+            "iface.set_bandwidth": self.iface_set_bandwidth,
             "iface.list": self.iface_list,
             "iface.stats": self.iface_stats,
             "reconcile": self.reconcile,
@@ -264,10 +267,12 @@ class Service:
         netns, tap_name = p.text("netns"), p.text("tap_name")
         wait_guest, foreign = p.flag("wait_guest"), p.flag("allow_foreign_link")
         link = LinkState.parse(p.text("link", "up"))
+        shaped = _bandwidth(p)
         config = self._config(p)
         handle = await self._vm(p, caller)
         p.done()
         desc = InterfaceDescription.from_json(load_json(raw.encode(), "interface file", source))
+        desc = with_bandwidth(desc, shaped)
         if tap_name:
             check_ifname("--tap-name", tap_name)
         self._netns(netns, handle, caller)
@@ -316,6 +321,16 @@ class Service:
         handle = await self._vm(p, caller)
         p.done()
         entry = await handle.for_request(config).set_mtu(check_mac("--mac", mac), mtu or 0)
+        return {"interface": entry_document(entry, handle.vanished)}
+
+    async def iface_set_bandwidth(self, p: Params, caller: Caller) -> Any:
+        mac, want, clear = p.text("mac"), _bandwidth(p), p.flag("clear")
+        config = self._config(p)
+        handle = await self._vm(p, caller)
+        p.done()
+        if (want is None) != clear:
+            raise InvalidInputError("clear", clear, "give clear, or bandwidth or inbound/outbound")
+        entry = await handle.for_request(config).set_bandwidth(check_mac("--mac", mac), want)
         return {"interface": entry_document(entry, handle.vanished)}
 
     async def iface_stats(self, p: Params, caller: Caller) -> Any:
@@ -450,6 +465,11 @@ class Service:
             "requests_in_flight": len(self.inflight - {asyncio.current_task()}),
             "recent_errors": list(self.errors),
         }
+
+
+def _bandwidth(p: Params) -> Bandwidth | None:
+    """The command line's bandwidth options, as its direct mode reads them."""
+    return from_options(p.text("bandwidth"), p.text("inbound"), p.text("outbound"))
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -52,6 +52,7 @@ METHODS = (
     "iface.remove",
     "iface.set_link",
     "iface.set_mtu",
+    "iface.set_bandwidth",
     "iface.list",
     "iface.stats",
     "reconcile",
