@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import subprocess
 
 import attrs
 
-from bench.harness import Context, mac, name, spawn
+from bench.harness import Context, mac, name
 from bench.stats import Report, Table
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
 from qmpnet.qmp import QmpSession
 from qmpnet.testing.guest import guest_ip_for_mac, host_ip_for_mac
+from qmpnet.testing.iperf import throughput
 from qmpnet.testing.vm import GuestVM
 
 #: (queues, kind) -> the MAC's last byte, distinct so the four subnets never overlap.
@@ -71,35 +71,9 @@ def _ip(*args: str) -> None:
 
 
 async def _iperf(t: Target, seconds: int, reverse: bool) -> float:
-    """Mbit/s the receiver saw; retried twice, since the guest's server takes one client."""
-    argv = [
-        "iperf3",
-        "-c",
-        guest_ip_for_mac(t.hw),
-        "--bind-dev",
-        t.tap,
-        "-t",
-        str(seconds),
-        "-O",
-        "1",
-        "-J",
-        "-P",
-        str(t.streams),
-        "--connect-timeout",
-        "5000",
-        *(["-R"] if reverse else []),
-    ]
-    last = ""
-    for _ in range(3):
-        p = await spawn(argv)
-        with contextlib.suppress(ValueError):
-            doc = json.loads(p.stdout or "{}")
-            if p.returncode == 0 and "error" not in doc:
-                return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e6
-            last = str(doc.get("error", ""))
-        last = last or p.stderr.strip() or f"exit {p.returncode}"
-        await asyncio.sleep(1.0)
-    raise RuntimeError(f"iperf3 to {guest_ip_for_mac(t.hw)} via {t.tap} failed: {last}")
+    return await throughput(
+        guest_ip_for_mac(t.hw), reverse=reverse, seconds=seconds, streams=t.streams, bind_dev=t.tap
+    )
 
 
 async def run(ctx: Context, report: Report) -> None:

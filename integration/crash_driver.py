@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qmpnet.bandwidth import Bandwidth
 from qmpnet.config import Config, Timeouts
 from qmpnet.errors import QmpnetError
 from qmpnet.lifecycle import Operation, Phase, Step
@@ -57,7 +58,13 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     state.observers.append(steps)
     started = time.monotonic()
     if args.op == "add":
-        desc = InterfaceDescription(name=args.name, hw_addr=args.mac)
+        desc = InterfaceDescription(
+            name=args.name,
+            hw_addr=args.mac,
+            bandwidth=Bandwidth.from_libvirt(json.loads(args.bandwidth))
+            if args.bandwidth
+            else None,
+        )
         ep = await state.add_interface(
             desc,
             model=InterworkingModel.parse(args.model),
@@ -90,6 +97,7 @@ def main() -> None:
     p.add_argument("--queues", type=int, default=1)
     p.add_argument("--unplug-timeout", type=float, default=10.0)
     p.add_argument("--wait-guest", action="store_true")
+    p.add_argument("--bandwidth", default="", help="libvirt's <bandwidth> as JSON")
     p.add_argument("--kill-at", default="", help="STEP:PHASE, e.g. device-add:done")
     p.add_argument("--go", default="", help="wait for this file before starting")
     args = p.parse_args()

@@ -583,6 +583,76 @@ async def test_main_mode_makes_a_tap_in_the_netns_with_an_address_from_host_loca
     await runtime.ok("DEL", conf, **call)
 
 
+def tc_text(netns: str, *args: str) -> str:
+    import subprocess
+
+    done = subprocess.run(
+        ["tc", "-n", ns(netns), *args], check=True, capture_output=True, text=True
+    )
+    return done.stdout
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_bandwidth_capability_shapes_the_nic_and_del_takes_it_away(
+    pod_vm: PodVM,
+    runtime: Runtime,
+    state_template: str,
+    tmp_path: Path,
+    make_netns: Callable[[], str],
+) -> None:
+    """CNI's ``bandwidth`` (bits/s and bits; ingress = into the pod = the guest's inbound):
+    the tap's egress gets the ingress rate, the NIC's ifb the egress rate; a bad one is the
+    spec's error 7 before anything is made. Rates on the wire: integration/test_live.py."""
+    vm, netns = pod_vm.vm, make_netns()
+    mac = mac_ending(random.randrange(16, 250))
+    network = f"{RUN}bw"
+    conf = main_conf(
+        pod_vm,
+        network,
+        state_template,
+        tmp_path / "ipam",
+        "169.254.250.0/24",
+        capabilities={"bandwidth": True},
+        runtimeConfig={
+            "bandwidth": {
+                "ingressRate": 20_000_000,
+                "ingressBurst": 800_000,
+                "egressRate": 100_000_000,
+                "egressBurst": 8_000_000,
+            }
+        },
+    )
+    call = {
+        "container": pod_vm.container,
+        "netns": netns,
+        "ifname": "net1",
+        "args": f"IgnoreUnknown=1;MAC={mac}",
+    }
+    bad = {**conf, "runtimeConfig": {"bandwidth": {"ingressRate": -1}}}
+    error = (await runtime.call("ADD", bad, **call)).error()
+    assert error["code"] == 7, error
+    assert "runtimeConfig.bandwidth.ingressRate" in error["msg"], error
+    assert "net1" not in links(ns(netns))
+    cursor = vm.console_cursor()
+    await runtime.ok("ADD", conf, **call)
+    try:
+        await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={mac}\b", GUEST, since=cursor)
+        assert "rate 20Mbit ceil 20Mbit burst 100000b" in tc_text(
+            netns, "class", "show", "dev", "net1"
+        )
+        owner = claimed_owner(links(ns(netns))["net1"]["ifalias"])
+        assert owner
+        ifb = "qi" + owner[2:]
+        assert links(ns(netns))[ifb]["linkinfo"]["info_kind"] == "ifb"
+        assert "rate 100Mbit" in tc_text(netns, "class", "show", "dev", ifb)
+        assert ifb in tc_text(netns, "filter", "show", "dev", "net1", "ingress")
+    finally:
+        cursor = vm.console_cursor()
+        await runtime.ok("DEL", conf, **call)
+    await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={mac}", GUEST, since=cursor)
+    assert not {n for n in links(ns(netns)) if n.startswith(("net1", "qi"))}
+
+
 @pytest.mark.asyncio(loop_scope="module")
 async def test_del_after_the_netns_is_gone_still_unplugs_and_releases(
     pod_vm: PodVM,

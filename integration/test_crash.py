@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from crash_driver import command
 
+from qmpnet.bandwidth import Bandwidth
 from qmpnet.config import Config, Timeouts
 from qmpnet.errors import QmpConnectError
 from qmpnet.marks import claimed_owner
@@ -37,6 +38,7 @@ from qmpnet.testing.probe import (
     held_fd_names,
     journal_file,
     marked_links,
+    qdiscs,
     qemu_view,
     saved_ids,
     tun_count,
@@ -52,6 +54,7 @@ PLUG_STEPS = [
     "validate",
     "open-queues",
     "prepare-links",
+    "shape",
     "pass-fds",
     "netdev-add",
     "device-add",
@@ -75,14 +78,20 @@ FIRST_JOURNALED = {
 CASES = (
     [("add", "tcfilter", s, p) for s in PLUG_STEPS for p in ("begin", "done")]
     + [("remove", "tcfilter", s, p) for s in UNPLUG_STEPS for p in ("begin", "done")]
-    + [("add", "macvtap", s, "done") for s in ("prepare-links", "open-queues", "device-add")]
+    + [
+        ("add", "macvtap", s, "done")
+        for s in ("prepare-links", "open-queues", "shape", "device-add")
+    ]
     + [("remove", "macvtap", "device-del", "done"), ("remove", "macvtap", "remove-links", "begin")]
-    + [("add", "none", s, "done") for s in ("open-queues", "pass-fds", "device-add")]
+    + [("add", "none", s, "done") for s in ("open-queues", "shape", "pass-fds", "device-add")]
     + [("remove", "none", "netdev-del", "done")]
 )
 
 
 vm = module_vm("crash")
+
+#: every NIC here is shaped both ways, so a crash at any step leaves shaping to settle too
+SHAPED = {"inbound": {"average": 12500}, "outbound": {"average": 2500}}
 
 
 def _config() -> Config:
@@ -123,6 +132,9 @@ async def assert_views_agree(
     assert owners & ours == plugged, f"marked links {owners} vs state {plugged}"
     if virt:
         assert has_ingress(netns, virt) == bool(plugged and model == "tcfilter")
+        # tcfilter shapes what the guest sends on the sandbox link's egress
+        shaped = any(q.get("kind") == "htb" for q in qdiscs(netns, virt))
+        assert shaped == bool(plugged and model == "tcfilter"), qdiscs(netns, virt)
     per_nic = 0 if model == "macvtap" else QUEUES
     assert tun_count(vm.pid) == tun_before + per_nic * len(plugged)
     return saved
@@ -172,7 +184,9 @@ async def test_kill_driver_at_step_then_reconcile(
     state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path), _config())
     if op == "remove":
         await state.add_interface(
-            InterfaceDescription(name="eth1", hw_addr=mac),
+            InterfaceDescription(
+                name="eth1", hw_addr=mac, bandwidth=Bandwidth.from_libvirt(SHAPED)
+            ),
             model=InterworkingModel.parse(model),
             netns_path=netns,
             tap_name=tap_name or None,
@@ -180,7 +194,7 @@ async def test_kill_driver_at_step_then_reconcile(
         )
     args = [op, *base, "--kill-at", f"{step}:{phase}"]
     if op == "add":
-        args.append("--wait-guest")
+        args += ["--wait-guest", "--bandwidth", json.dumps(SHAPED)]
     code, output = await _driver(*args)
     assert code == -signal.SIGKILL, f"the driver was not killed at {step}:{phase}: {output}"
     journal = journal_file(state_dir)

@@ -39,12 +39,14 @@ from typing import Any
 import attrs
 import pytest
 
+from qmpnet.bandwidth import Bandwidth, Rate
 from qmpnet.config import Config, Timeouts
 from qmpnet.endpoints import Endpoint
 from qmpnet.errors import (
     HostError,
     LinkExistsError,
     NetnsError,
+    NotOursError,
     PlugError,
     QmpCommandError,
     QmpDisconnectedError,
@@ -72,6 +74,7 @@ from qmpnet.testing.probe import (
     netns_names,
     ns_name,
     open_fds,
+    qdiscs,
     qemu_view,
     saved_ids,
     state_file,
@@ -99,6 +102,8 @@ def _nics(state: Any) -> Any:
 
 
 VIRT = "eth1"
+#: every plug is shaped both ways, so every fault's undo must take the shaping away too
+SHAPED = Bandwidth(inbound=Rate(average=12_500_000), outbound=Rate(average=2_500_000))
 
 # --- the matrix --------------------------------------------------------------------------------
 
@@ -111,7 +116,15 @@ COLUMNS = (
 )
 ROWS = [s.value for s in Step]
 MATRIX: dict[tuple[str, str], list[str]] = {}
-HOST_STEPS = ("validate", "prepare-links", "open-queues", "persist", "remove-links", "forget")
+HOST_STEPS = (
+    "validate",
+    "prepare-links",
+    "open-queues",
+    "shape",
+    "persist",
+    "remove-links",
+    "forget",
+)
 NOT_APPLICABLE = {
     **{
         (row, c): "— (no QMP call in this step)"
@@ -203,6 +216,8 @@ class Views:
     netns: str
     sandbox: dict[str, Any]
     ingress: bool
+    #: the sandbox link's qdiscs (kind, handle): the tcfilter model shapes on its egress
+    virt_qdiscs: list[tuple[str, str]]
     host_ours: set[str]
     netns_list: set[str]
     qemu: Any
@@ -222,6 +237,7 @@ async def views(vm_qmp: str | None, pid: int | None, netns: str, state_dir: Path
         netns=netns,
         sandbox={n: link_fingerprint(v) for n, v in ip_links(netns).items()} if netns else {},
         ingress=has_ingress(netns, VIRT) if netns else False,
+        virt_qdiscs=sorted((q["kind"], q["handle"]) for q in qdiscs(netns, VIRT)) if netns else [],
         host_ours={n for n in ip_links() if n.startswith(RUN)},
         netns_list={n for n in netns_names() if n.startswith(RUN)},
         qemu=qemu,
@@ -279,6 +295,7 @@ async def assert_clean(
             sandbox_change(expected)
         assert after.sandbox == expected, "the sandbox netns links changed"
         assert after.ingress == before.ingress, "tc ingress on the sandbox link changed"
+        assert after.virt_qdiscs == before.virt_qdiscs, "the sandbox link's qdiscs changed"
         assert not marked_links(before.netns)
     gone_ns = {ns_name(before.netns)} if netns_gone else set()
     assert after.netns_list == before.netns_list - gone_ns
@@ -327,9 +344,10 @@ class Scene:
         tap_name: str | None = None,
         wait_guest: bool = True,
         link: LinkState = LinkState.UP,
+        bandwidth: Bandwidth | None = SHAPED,
     ) -> Endpoint:
         return await state.add_interface(
-            InterfaceDescription(name=VIRT, hw_addr=MAC),
+            InterfaceDescription(name=VIRT, hw_addr=MAC, bandwidth=bandwidth),
             model=model,
             netns_path=self.netns,
             tap_name=tap_name,
@@ -428,6 +446,59 @@ async def test_open_queues_name_clash(booted: GuestVM, scene: Scene) -> None:
     )
 
 
+async def test_shape_someone_elses_root_qdisc_on_the_sandbox_link(
+    booted: GuestVM, scene: Scene
+) -> None:
+    """tcfilter shapes the guest's outbound on the sandbox link's egress: a root qdisc that
+    appears there meanwhile is someone else's, refused and left; the inbound half goes."""
+    ns = ns_name(scene.netns)
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    state = scene.state(
+        booted.mgmt_qmp_path,
+        None,
+        at(
+            Step.SHAPE,
+            Phase.BEGIN,
+            lambda _: sh(
+                "tc", "-n", ns, "qdisc", "add", "dev", VIRT, "root", "handle", "5:", "pfifo"
+            ),
+        ),
+    )
+    err = await scene.plug_fails(state)
+    text = expect(err, Step.SHAPE, UnsupportedError, "root qdisc qmpnet did not make")
+    assert ("pfifo", "5:") in [(q["kind"], q["handle"]) for q in qdiscs(scene.netns, VIRT)]
+    sh("tc", "-n", ns, "qdisc", "del", "dev", VIRT, "root")
+    await assert_clean(
+        before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid, scene.state_dir
+    )
+    record(Step.SHAPE, "netlink / host", f"foreign root qdisc: {text}; it is left; clean")
+
+
+async def test_shape_the_nics_ifb_name_taken(booted: GuestVM, scene: Scene) -> None:
+    """bridged shapes the guest's outbound through the NIC's ifb (``qi`` + its id): a link of
+    that name made meanwhile is not ours, refused and left as it is."""
+    ns = ns_name(scene.netns)
+    taken: list[str] = []
+
+    def squat(op: Operation) -> None:
+        assert op.subject is not None
+        taken.append("qi" + op.subject.id[2:])
+        sh("ip", "-n", ns, "link", "add", taken[0], "type", "bridge")
+
+    before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
+    state = scene.state(booted.mgmt_qmp_path, None, at(Step.SHAPE, Phase.BEGIN, squat))
+    err = await scene.plug_fails(state, model=InterworkingModel.BRIDGED)
+    text = expect(err, Step.SHAPE, NotOursError, "not created by qmpnet")
+    squatter = ip_links(scene.netns)[taken[0]]
+    assert squatter["linkinfo"]["info_kind"] == "bridge"
+    assert not squatter.get("ifalias")
+    sh("ip", "-n", ns, "link", "del", taken[0])
+    await assert_clean(
+        before, scene.recorder.endpoint_id, booted.qmp_path, booted.pid, scene.state_dir
+    )
+    record(Step.SHAPE, "netlink / host", f"ifb name taken: {text}; other link untouched; clean")
+
+
 async def test_prepare_links_veth_deleted(booted: GuestVM, scene: Scene) -> None:
     before = await views(booted.qmp_path, booted.pid, scene.netns, scene.state_dir)
     state = scene.state(
@@ -442,6 +513,7 @@ async def test_prepare_links_veth_deleted(booted: GuestVM, scene: Scene) -> None
     err = await scene.plug_fails(state)
     text = expect(err, Step.PREPARE_LINKS, HostError, "No such device")
     before.ingress = False
+    before.virt_qdiscs = []  # the link is gone, and its qdiscs with it
     await assert_clean(
         before,
         scene.recorder.endpoint_id,
@@ -603,6 +675,7 @@ PLUG_KILLS = [
     Step.VALIDATE,
     Step.OPEN_QUEUES,
     Step.PREPARE_LINKS,
+    Step.SHAPE,
     Step.PASS_FDS,
     Step.NETDEV_ADD,
     Step.DEVICE_ADD,

@@ -1,5 +1,6 @@
 """Live control of a plugged NIC, seen from the guest: its link (``set-link``, ``--link`` at
-plug, reconcile setting it again), in the direct mode and through qmpnetd.
+plug, reconcile setting it again), in the direct mode and through qmpnetd; its bandwidth,
+measured with iperf3 through the NIC (model none and each NetPair model).
 
 The guest reports its NIC's carrier on the console (``CARRIER`` markers); traffic is a ping
 from the host end of the tap to the guest's own address; QEMU's first monitor (the VM
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import socket
 import subprocess
 import threading
@@ -26,9 +28,10 @@ from qmpnet.testing.cli import run_qmpnet
 from qmpnet.testing.cni import free_link_local_byte, ping_until
 from qmpnet.testing.fixtures import module_vm
 from qmpnet.testing.guest import guest_ip_for_mac, host_ip_for_mac
+from qmpnet.testing.iperf import throughput
 from qmpnet.testing.output import conforms
-from qmpnet.testing.probe import ip_json, links, monitor_command
-from qmpnet.testing.scene import del_link, unique
+from qmpnet.testing.probe import ip_json, links, monitor_command, ns_name
+from qmpnet.testing.scene import cni_veth, del_link, unique
 from qmpnet.testing.service import ServiceProcess
 from qmpnet.testing.vm import GuestVM
 
@@ -396,3 +399,236 @@ async def test_set_mtu_lives_within_what_the_nic_offered_its_guest(
     cursor = vm.console_cursor()
     await ok("del-iface", *vm_args(vm, spec), "--mac", spec.mac)
     await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={spec.mac}", GUEST, since=cursor)
+
+
+# --- bandwidth -----------------------------------------------------------------------------------
+
+#: libvirt's kB/s for 20 and 100 Mbit/s, well under this TCG guest's 2-3 Gbit/s
+SLOW, FAST = 2500, 12500
+TOLERANCE = 0.15
+
+
+def mbit(kbytes_per_s: int) -> float:
+    return kbytes_per_s * 8 / 1000
+
+
+def near(got: float, kbytes_per_s: int, what: str) -> None:
+    want = mbit(kbytes_per_s)
+    print(f"bandwidth {what}: {got:.1f} Mbit/s, set {want:g}")  # shown with -rP
+    assert abs(got - want) <= TOLERANCE * want, f"{what}: {got:.1f} Mbit/s, set {want:g}"
+
+
+async def both_ways(guest_ip: str, **where: str) -> tuple[float, float]:
+    """Mbit/s the guest received and sent, iperf3 against its own server."""
+    received = await throughput(guest_ip, **where)
+    sent = await throughput(guest_ip, reverse=True, **where)
+    return received, sent
+
+
+def tc_show(what: str, dev: str, netns: str = "") -> str:
+    """What ``tc [-n NETNS] WHAT show dev DEV`` prints (qdisc, class)."""
+    ns = ["-n", ns_name(netns)] if netns else []
+    done = subprocess.run(
+        ["tc", *ns, what, "show", "dev", dev], check=True, capture_output=True, text=True
+    )
+    return done.stdout
+
+
+def qdiscs(dev: str, netns: str = "") -> str:
+    return tc_show("qdisc", dev, netns)
+
+
+def ifbs_of(nic_id: str, netns: str = "") -> list[str]:
+    return [n for n in links(netns) if n == "qi" + nic_id[2:]]
+
+
+def nic_id(entry: dict[str, Any]) -> str:
+    """The NIC's id from a list-ifaces entry's saved record (a tap's, or a NetPair's tap's)."""
+    ep = entry["endpoint"]
+    return str((ep.get("tap_interface") or ep["net_pair"]["tap_interface"])["id"])
+
+
+async def test_bandwidth_each_way_at_two_rates_then_unlimited(vm: GuestVM, spec: Nic) -> None:
+    """Model none: what the guest receives is shaped on the tap's egress, what it sends on the
+    NIC's ifb; iperf3 through the NIC measures each within 15 % of what was set, at plug and
+    after a live change (directions swapped, so a mix-up shows), and far more once cleared."""
+    cursor = vm.console_cursor()
+    await ok(*plug_args(vm, spec, "--inbound", str(SLOW), "--outbound", str(FAST)))
+    await address_host_end(spec)
+    await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={spec.mac}", GUEST, since=cursor)
+    await ping_until([*PING, "-I", spec.tap, spec.guest_ip], GUEST)
+    (entry,) = (await ok("list-ifaces", *vm_args(vm, spec), "--json"))["interfaces"]
+    ident = nic_id(entry)
+    assert entry["bandwidth"] == {"inbound": {"average": SLOW}, "outbound": {"average": FAST}}
+    assert "qdisc htb 7171: root" in qdiscs(spec.tap)
+    assert "qdisc ingress ffff:" in qdiscs(spec.tap)
+    assert ifbs_of(ident) == ["qi" + ident[2:]]
+
+    received, sent = await both_ways(spec.guest_ip, bind_dev=spec.tap)
+    near(received, SLOW, "guest inbound at plug")
+    near(sent, FAST, "guest outbound at plug")
+
+    changed = conforms(
+        await ok(
+            "set-bandwidth",
+            *vm_args(vm, spec),
+            "--mac",
+            spec.mac,
+            "--bandwidth",
+            json.dumps({"inbound": {"average": FAST}, "outbound": {"average": SLOW, "burst": 32}}),
+        ),
+        "interfaceChanged",
+    )
+    assert changed["interface"]["bandwidth"]["outbound"] == {"average": SLOW, "burst": 32}
+    received, sent = await both_ways(spec.guest_ip, bind_dev=spec.tap)
+    near(received, FAST, "guest inbound after set-bandwidth")
+    near(sent, SLOW, "guest outbound after set-bandwidth")
+    doc = conforms(await ok("stats", *vm_args(vm, spec), "--json"), "stats")
+    assert doc["interfaces"][0]["bandwidth"]["inbound"] == {"average": FAST}
+
+    await ok("set-bandwidth", *vm_args(vm, spec), "--mac", spec.mac, "--clear")
+    assert "htb" not in qdiscs(spec.tap)
+    assert "ingress" not in qdiscs(spec.tap)
+    assert ifbs_of(ident) == []
+    received, sent = await both_ways(spec.guest_ip, bind_dev=spec.tap)
+    # unlimited: the TCG guest's own ceiling, far above either rate set before
+    print(f"bandwidth cleared: guest inbound {received:.0f}, outbound {sent:.0f} Mbit/s")
+    assert received > 1.5 * mbit(FAST), received
+    assert sent > 1.5 * mbit(FAST), sent
+    (entry,) = (await ok("list-ifaces", *vm_args(vm, spec), "--json"))["interfaces"]
+    assert entry["bandwidth"] is None
+
+    await ok("set-bandwidth", *vm_args(vm, spec), "--mac", spec.mac, "--outbound", str(SLOW))
+    assert ifbs_of(ident)
+    cursor = vm.console_cursor()
+    await ok("del-iface", *vm_args(vm, spec), "--mac", spec.mac)
+    await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={spec.mac}", GUEST, since=cursor)
+    assert ifbs_of(ident) == [], "the NIC's ifb outlived it"
+
+
+async def test_bad_bandwidth_is_refused_and_changes_nothing(vm: GuestVM, spec: Nic) -> None:
+    bad_plugs = (
+        (["--inbound", "0"], 3, "--inbound average"),
+        (["--outbound", "-5"], 3, "--outbound"),
+        (["--inbound", "99999999999"], 3, "12500000 kB/s"),
+        (["--inbound", "100,50"], 3, "--inbound peak"),
+        (["--bandwidth", '{"inbound": {"average": 100}}', "--inbound", "5"], 3, "not both"),
+        (["--bandwidth", '{"inbound": {"floor": 100}}'], 3, "bandwidth.inbound"),
+    )
+    for args, code, text in bad_plugs:
+        done = await qmpnet(*plug_args(vm, spec, *args))
+        assert done.returncode == code, (args, done.stderr)
+        assert text in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+        assert spec.tap not in links(), "a refused plug made its tap"
+    await ok(*plug_args(vm, spec, "--inbound", str(SLOW)))
+    for args, code, text in (
+        (["--mac", spec.mac, "--inbound", "0"], 3, "--inbound average"),
+        (["--mac", spec.mac], 3, "--clear"),
+        (["--mac", spec.mac, "--clear", "--inbound", "5"], 3, "--clear"),
+        (["--mac", "52:54:00:00:00:01", "--inbound", "5"], 3, "52:54:00:00:00:01"),
+    ):
+        done = await qmpnet("set-bandwidth", *vm_args(vm, spec), *args)
+        assert done.returncode == code, (args, done.stderr)
+        assert text in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert "rate 20Mbit" in tc_show("class", spec.tap)
+    (entry,) = (await ok("list-ifaces", *vm_args(vm, spec), "--json"))["interfaces"]
+    assert entry["bandwidth"] == {"inbound": {"average": SLOW}}
+    cursor = vm.console_cursor()
+    await ok("del-iface", *vm_args(vm, spec), "--mac", spec.mac)
+    await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={spec.mac}", GUEST, since=cursor)
+
+
+@pytest.mark.parametrize("model", ["tcfilter", "bridged", "macvtap"])
+async def test_bandwidth_of_a_netpair_from_the_pods_far_end(
+    vm: GuestVM, make_netns: Any, tmp_path: Path, model: str
+) -> None:
+    """Each NetPair model shapes where its frames really pass (tcfilter: the sandbox link's
+    egress; bridged: the tap's ingress through the ifb; macvtap: the macvtap's egress, and its
+    ingress through the ifb); measured from the far end of the pod's veth, and nothing of it
+    is left on the pod's link after the unplug."""
+    sandbox, far = make_netns(), make_netns()
+    mac = f"52:54:00:{random.randrange(256):02x}:{random.randrange(256):02x}:"
+    mac += f"{free_link_local_byte():02x}"
+    pair = cni_veth(sandbox, far, mac)
+    state = ["--qmp", str(vm.mgmt_qmp_path), "--state", str(tmp_path / "state")]
+    (tmp_path / "nic.json").write_text(json.dumps({"name": pair.inner, "hwAddr": mac}))
+    cursor = vm.console_cursor()
+    await ok(
+        "add-iface",
+        *state,
+        "--model",
+        model,
+        "--netns",
+        sandbox,
+        "--queues",
+        "1",
+        "--inbound",
+        str(FAST),
+        "--outbound",
+        str(SLOW),
+        str(tmp_path / "nic.json"),
+    )
+    await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={mac}", GUEST, since=cursor)
+    await ping_until(["ip", "netns", "exec", ns_name(far), *PING, guest_ip_for_mac(mac)], GUEST)
+    received, sent = await both_ways(guest_ip_for_mac(mac), netns=far)
+    near(received, FAST, f"{model}: guest inbound")
+    near(sent, SLOW, f"{model}: guest outbound")
+    (entry,) = (await ok("list-ifaces", *state, "--json"))["interfaces"]
+    cursor = vm.console_cursor()
+    await ok("del-iface", *state, "--mac", mac)
+    await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={mac}", GUEST, since=cursor)
+    left = qdiscs(pair.inner, sandbox)
+    assert "htb" not in left, left
+    assert "ingress" not in left, left
+    assert ifbs_of(nic_id(entry), sandbox) == []
+
+
+async def test_set_bandwidth_through_qmpnetd(vm: GuestVM, spec: Nic, tmp_path: Path) -> None:
+    """The service reads the same options as the direct mode (its clients send them as
+    given), shapes the same way, and refuses the same bad input."""
+    async with await ServiceProcess.start(tmp_path / "svc") as svc:
+        qmp = ["--qmp", str(vm.mgmt_qmp_path)]
+        cursor = vm.console_cursor()
+        args = plug_args(vm, spec, "--inbound", str(SLOW))
+        del args[3:5]  # the service keeps the state: no --state
+        await ok(*args, env=svc.env)
+        await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={spec.mac}", GUEST, since=cursor)
+        assert "rate 20Mbit" in tc_show("class", spec.tap)
+        (entry,) = (await ok("list-ifaces", *qmp, "--json", env=svc.env))["interfaces"]
+        ident = nic_id(entry)
+        assert ifbs_of(ident) == []
+
+        changed = await ok(
+            "set-bandwidth",
+            *qmp,
+            "--mac",
+            spec.mac,
+            "--outbound",
+            f"{FAST},{2 * FAST},128",
+            env=svc.env,
+        )
+        view = conforms(changed, "interfaceChanged")["interface"]["bandwidth"]
+        assert view == {"outbound": {"average": FAST, "peak": 2 * FAST, "burst": 128}}
+        assert "htb" not in qdiscs(spec.tap)
+        shown = tc_show("class", "qi" + ident[2:])
+        assert "rate 100Mbit ceil 200Mbit burst " in shown
+        # tc prints the burst back from htb's ticks: 128 kB within a tick's rounding
+        burst = re.search(r" burst (\d+)b ", shown)
+        assert burst, shown
+        assert abs(int(burst.group(1)) - 128 * 1024) < 128, shown
+        stats = conforms(await ok("stats", *qmp, "--json", env=svc.env), "stats")
+        assert stats["interfaces"][0]["bandwidth"] == view
+
+        bad = await qmpnet("set-bandwidth", *qmp, "--mac", spec.mac, "--inbound", "0", env=svc.env)
+        assert bad.returncode == 3, bad.stderr
+        assert "--inbound average" in bad.stderr
+        assert ifbs_of(ident)  # unchanged
+
+        await ok("set-bandwidth", *qmp, "--mac", spec.mac, "--clear", env=svc.env)
+        assert ifbs_of(ident) == []
+        cursor = vm.console_cursor()
+        await ok("del-iface", *qmp, "--mac", spec.mac, env=svc.env)
+        await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={spec.mac}", GUEST, since=cursor)
+    assert svc.returncode == 0, svc.tail()

@@ -219,7 +219,9 @@ CNI_KEYS = {
     "dns": "passed on in main mode's result.",
     "prevResult": "the previous plugin's result (chained mode); passed on with an interface "
     "entry for CNI_IFNAME.",
-    "runtimeConfig": "capability arguments from the runtime: qmpSocket and mac.",
+    "runtimeConfig": "capability arguments from the runtime: qmpSocket, mac and bandwidth "
+    "(ingressRate, ingressBurst, egressRate, egressBurst in bits/s and bits; ingress is "
+    "what the guest receives).",
 }
 
 CNI_GC_KEYS = "GC: the attachments to keep; every other attachment of this network is removed."
