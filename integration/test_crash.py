@@ -114,11 +114,20 @@ def _ours(names: frozenset[str]) -> set[str]:
 
 
 async def assert_views_agree(
-    vm: GuestVM, state_dir: Path, netns: str, virt: str, model: str, tun_before: int, ours: set[str]
+    vm: GuestVM,
+    state_dir: Path,
+    netns: str,
+    virt: str,
+    model: str,
+    tun_before: int,
+    ours: set[str],
+    *,
+    shaped: bool = False,
 ) -> dict[str, str]:
     """QEMU, the host and the state file list the same NICs of this test, and nothing else.
 
-    ``ours``: the endpoint ids this test made (the VM and the host netns are shared).
+    ``ours``: the endpoint ids this test made (the VM and the host netns are shared);
+    ``shaped``: they were plugged with a bandwidth (tcfilter's htb is on the sandbox link).
     """
     saved = saved_ids(state_dir)
     assert journal_file(state_dir) is None, "the journal must be settled"
@@ -133,8 +142,8 @@ async def assert_views_agree(
     if virt:
         assert has_ingress(netns, virt) == bool(plugged and model == "tcfilter")
         # tcfilter shapes what the guest sends on the sandbox link's egress
-        shaped = any(q.get("kind") == "htb" for q in qdiscs(netns, virt))
-        assert shaped == bool(plugged and model == "tcfilter"), qdiscs(netns, virt)
+        htb = any(q.get("kind") == "htb" for q in qdiscs(netns, virt))
+        assert htb == bool(shaped and plugged and model == "tcfilter"), qdiscs(netns, virt)
     per_nic = 0 if model == "macvtap" else QUEUES
     assert tun_count(vm.pid) == tun_before + per_nic * len(plugged)
     return saved
@@ -204,7 +213,7 @@ async def test_kill_driver_at_step_then_reconcile(
         report = await reconcile(state)
         assert report.ok, report.lines()
         assert not [a for a in report.actions if a.outcome is not Outcome.ORPHAN]
-        await assert_views_agree(vm, state_dir, netns, virt, model, tun_before, set())
+        await assert_views_agree(vm, state_dir, netns, virt, model, tun_before, set(), shaped=True)
         if virt:
             assert ip_links(netns)[virt]["address"] == veth_before
         return
@@ -218,7 +227,9 @@ async def test_kill_driver_at_step_then_reconcile(
     report = await reconcile(state)
     print("\n".join(report.lines()))
     assert report.ok, report.lines()
-    saved = await assert_views_agree(vm, state_dir, netns, virt, model, tun_before, ours)
+    saved = await assert_views_agree(
+        vm, state_dir, netns, virt, model, tun_before, ours, shaped=True
+    )
     (action,) = [a for a in report.actions if a.outcome is not Outcome.ORPHAN]
     committed = op == "add" and step == "persist" and phase == "done"
     if committed:
@@ -240,7 +251,7 @@ async def test_kill_driver_at_step_then_reconcile(
         assert tap_name not in ip_links() or committed
     if committed:
         await state.remove_interface(mac)
-        await assert_views_agree(vm, state_dir, netns, virt, model, tun_before, ours)
+        await assert_views_agree(vm, state_dir, netns, virt, model, tun_before, ours, shaped=True)
 
 
 # --- QEMU itself killed ------------------------------------------------------------------------

@@ -24,6 +24,9 @@ import attrs
 import pytest
 import pytest_asyncio
 
+from qmpnet.errors import UnsupportedError
+from qmpnet.model import InterfaceDescription, InterworkingModel
+from qmpnet.network import NetworkState
 from qmpnet.testing.cli import run_qmpnet
 from qmpnet.testing.cni import free_link_local_byte, ping_until
 from qmpnet.testing.fixtures import module_vm
@@ -632,3 +635,159 @@ async def test_set_bandwidth_through_qmpnetd(vm: GuestVM, spec: Nic, tmp_path: P
         await ok("del-iface", *qmp, "--mac", spec.mac, env=svc.env)
         await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={spec.mac}", GUEST, since=cursor)
     assert svc.returncode == 0, svc.tail()
+
+
+# --- rx-filter trust (macvtap) -------------------------------------------------------------------
+
+
+def macvtap_view(netns: str, name: str) -> tuple[str, set[str]]:
+    """The macvtap's MAC and its link-layer multicast groups, as ``ip`` shows them."""
+    (link,) = ip_json("link", "show", "dev", name, netns=netns)
+    done = subprocess.run(
+        ["ip", "-n", ns_name(netns), "maddr", "show", "dev", name],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    groups = set(re.findall(r"link\s+([0-9a-f:]{17})", done.stdout))
+    return str(link["address"]), groups
+
+
+async def answers(far: str, *ping: str, tries: int = 3) -> bool:
+    """Whether a ping from the pod's far end gets an answer (a few tries, no waiting long)."""
+    for _ in range(tries):
+        done = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", ns_name(far), *ping, stdout=subprocess.DEVNULL
+        )
+        if await done.wait() == 0:
+            return True
+    return False
+
+
+async def test_a_trusted_guest_changes_its_mac_and_joins_a_group_and_the_macvtap_follows(
+    vm: GuestVM, make_netns: Any, tmp_path: Path
+) -> None:
+    """macvtap passes only frames for its MAC and its multicast list: a guest that takes a new
+    MAC, or an IPv6 address (whose solicited-node group its NDP needs), is unreachable behind
+    it, unless qmpnetd mirrors the guest's receive filter (``--trust-guest-rx-filters``), which
+    it does on QEMU's NIC_RX_FILTER_CHANGED. The same steps run untrusted first, as the
+    control. The direct mode refuses trust (exit 7: nothing there would hear QEMU)."""
+    sandbox, far = make_netns(), make_netns()
+    b = free_link_local_byte()
+    mac = f"52:54:00:{random.randrange(256):02x}:{random.randrange(256):02x}:{b:02x}"
+    new_mac = f"52:54:00:{random.randrange(256):02x}:{random.randrange(256):02x}:{b:02x}"
+    pair = cni_veth(sandbox, far, mac)
+    guest_ip = guest_ip_for_mac(mac)
+    ula = f"fd00::{b:x}:2"
+    await asyncio.to_thread(
+        subprocess.run,
+        ["ip", "-n", ns_name(far), "addr", "add", f"fd00::{b:x}:1/64", "dev", pair.outer, "nodad"],
+        check=True,
+    )
+    (tmp_path / "nic.json").write_text(json.dumps({"name": pair.inner, "hwAddr": mac}))
+    plug = [
+        "add-iface", "--qmp", str(vm.mgmt_qmp_path), "--model", "macvtap", "--netns", sandbox,
+        "--queues", "1",
+    ]  # fmt: skip
+    nic = str(tmp_path / "nic.json")
+
+    direct = await qmpnet(
+        *plug, "--state", str(tmp_path / "direct"), "--trust-guest-rx-filters", nic
+    )
+    assert direct.returncode == 7, direct.stderr
+    assert "qmpnetd" in direct.stderr
+    assert set(links(sandbox)) == {"lo", pair.inner}, "a refused plug left something"
+
+    async with await ServiceProcess.start(tmp_path / "svc") as svc:
+        for trusted in (False, True):
+            cursor = vm.console_cursor()
+            extra = ["--trust-guest-rx-filters"] if trusted else []
+            await ok(*plug, *extra, nic, env=svc.env)
+            await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={mac}", GUEST, since=cursor)
+            await ping_until(["ip", "netns", "exec", ns_name(far), *PING, guest_ip], GUEST)
+            (entry,) = (await ok("list-ifaces", "--qmp", str(vm.mgmt_qmp_path), "--json",
+                                 env=svc.env))["interfaces"]  # fmt: skip
+            assert entry.get("trust_rx_filters", False) is trusted
+            macvtap = entry["host_link"]
+
+            # the guest takes another MAC: QEMU's filter follows, and the macvtap if trusted
+            assert await vm.guest_ip(mac, "link", "set", "dev", "{dev}", "address", new_mac) == 0
+            if trusted:
+                await until_macvtap(sandbox, macvtap, new_mac, None)
+            else:
+                assert macvtap_view(sandbox, macvtap)[0] == mac
+            await asyncio.to_thread(
+                subprocess.run,
+                ["ip", "-n", ns_name(far), "neigh", "flush", "dev", pair.outer],
+                check=True,
+            )
+            reached = await answers(far, *PING, guest_ip)
+            assert reached is trusted, f"trusted={trusted}: ping to the new MAC answered={reached}"
+
+            # the guest takes an IPv6 address: its solicited-node group joins its filter
+            assert await vm.guest_ip(mac, "-6", "addr", "add", f"{ula}/64", "dev", "{dev}") == 0
+            solicited = f"33:33:ff:{b:02x}:00:02"  # ff02::1:ff<low 24 bits of {ula}>
+            if trusted:
+                await until_macvtap(sandbox, macvtap, None, solicited)
+                # the group, not promiscuity, lets the NDP through
+                (shown,) = ip_json("link", "show", "dev", macvtap, netns=sandbox)
+                assert "PROMISC" not in shown["flags"], shown["flags"]
+            reached = await answers(far, "busybox", "ping6", "-c", "1", "-W", "1", ula, tries=4)
+            assert reached is trusted, (
+                f"trusted={trusted}: ping6 via {solicited} answered={reached}"
+            )
+
+            cursor = vm.console_cursor()
+            await ok("del-iface", "--qmp", str(vm.mgmt_qmp_path), "--mac", mac, env=svc.env)
+            await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={mac}", GUEST, since=cursor)
+            assert set(links(sandbox)) == {"lo", pair.inner}
+    assert svc.returncode == 0, svc.tail()
+
+
+async def until_macvtap(
+    netns: str, name: str, mac: str | None, group: str | None, timeout: float = 20.0
+) -> None:
+    """Until ``ip`` shows the macvtap with ``mac`` and in ``group`` (each if given)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        have, groups = macvtap_view(netns, name)
+        if (mac is None or have == mac) and (group is None or group in groups):
+            return
+        assert asyncio.get_running_loop().time() < deadline, (mac, group, have, groups)
+        await asyncio.sleep(0.1)
+
+
+async def test_a_kept_library_session_mirrors_a_trusted_guests_filter_while_open(
+    vm: GuestVM, make_netns: Any, tmp_path: Path
+) -> None:
+    """The library's own resident listener: ``NetworkState.connect()`` hears the guest's
+    filter changes while the session is open, and nothing after ``close()``; without a kept
+    session trust is refused before anything is made."""
+    sandbox, far = make_netns(), make_netns()
+    b = free_link_local_byte()
+    mac = f"52:54:00:{random.randrange(256):02x}:{random.randrange(256):02x}:{b:02x}"
+    pair = cni_veth(sandbox, far, mac)
+    state = NetworkState.open(tmp_path / "lib", str(vm.mgmt_qmp_path))
+    desc = InterfaceDescription(name=pair.inner, hw_addr=mac)
+    plug = {"model": InterworkingModel.MACVTAP, "netns_path": sandbox, "queues": 1}
+    with pytest.raises(UnsupportedError, match="resident listener"):
+        await state.add_interface(desc, trust_rx_filters=True, **plug)
+    assert set(links(sandbox)) == {"lo", pair.inner}
+    await state.connect()
+    try:
+        cursor = vm.console_cursor()
+        ep = await state.add_interface(desc, trust_rx_filters=True, **plug)
+        await vm.wait_for(rf"QMPNET NIC-ADD name=\S+ mac={mac}", GUEST, since=cursor)
+        first = f"52:54:00:{random.randrange(256):02x}:{random.randrange(256):02x}:{b:02x}"
+        assert await vm.guest_ip(mac, "link", "set", "dev", "{dev}", "address", first) == 0
+        await until_macvtap(sandbox, ep.host_link, first, None)
+    finally:
+        await state.close()
+    later = f"52:54:00:{random.randrange(256):02x}:{random.randrange(256):02x}:{b:02x}"
+    assert await vm.guest_ip(mac, "link", "set", "dev", "{dev}", "address", later) == 0
+    await asyncio.sleep(1.0)  # nothing listens now: the macvtap keeps what it had
+    assert macvtap_view(sandbox, ep.host_link)[0] == first
+    cursor = vm.console_cursor()
+    await state.remove_interface(mac)
+    await vm.wait_for(rf"QMPNET NIC-DEL name=\S+ mac={mac}", GUEST, since=cursor)
+    assert set(links(sandbox)) == {"lo", pair.inner}

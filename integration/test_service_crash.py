@@ -111,7 +111,9 @@ async def test_kill_service_at_step_then_startup_recovers(
     qmp = str(vm.mgmt_qmp_path)
     state_dir = Path(layout.vm_dir(str(root), qmp))
     tun_before = tun_count(vm.pid)
+    # shaped both ways, as test_crash's NICs: a kill at any step leaves shaping to settle too
     common = ["--qmp", qmp, "--model", "tcfilter", "--queues", str(QUEUES)]
+    common += ["--inbound", "12500", "--outbound", "2500"]
 
     # The plug and unplug steps have distinct names: an unplug drill lets the setup add pass.
     killing = await ServiceProcess.start(
@@ -163,7 +165,9 @@ async def test_kill_service_at_step_then_startup_recovers(
         tmp_path, root=root, socket=sock, args=["--config", str(config)]
     )
     services.append(recovering)
-    saved = await assert_views_agree(vm, state_dir, netns, "eth1", "tcfilter", tun_before, ours)
+    saved = await assert_views_agree(
+        vm, state_dir, netns, "eth1", "tcfilter", tun_before, ours, shaped=True
+    )
     committed = op == "add" and step == "persist" and phase == "done"
     outcome = "rolled-back" if op == "add" and not committed else "completed"
     for endpoint in ours:
@@ -183,7 +187,9 @@ async def test_kill_service_at_step_then_startup_recovers(
     if committed:
         removed = await qmpnet("del-iface", "--qmp", qmp, "--mac", MAC, env=recovering.env)
         assert removed.returncode == 0, removed.stderr + recovering.tail()
-        await assert_views_agree(vm, state_dir, netns, "eth1", "tcfilter", tun_before, ours)
+        await assert_views_agree(
+            vm, state_dir, netns, "eth1", "tcfilter", tun_before, ours, shaped=True
+        )
     assert await recovering.stop() == 0, recovering.tail()
 
 

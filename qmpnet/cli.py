@@ -225,6 +225,12 @@ def _add_iface_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="the NIC's link as the guest first sees it (default up; see set-link)",
     )
     _bandwidth_options(add)
+    add.add_argument(
+        "--trust-guest-rx-filters",
+        action="store_true",
+        help="macvtap model: the macvtap follows the guest's receive filter (its MAC, "
+        "multicast groups, promiscuity); needs qmpnetd (refused in the direct mode, exit 7)",
+    )
     add.add_argument("file", metavar="FILE|-", help="interface JSON (Kata agent style)")
 
 
@@ -522,6 +528,7 @@ async def cmd_add(args: argparse.Namespace) -> int:
         wait_guest=args.wait_guest,
         allow_foreign_link=args.allow_foreign_link,
         link=args.link,
+        trust_rx_filters=args.trust_guest_rx_filters,
     )
     _log().info(
         "plugged %s (%s) at %s in %.1f ms",
@@ -752,6 +759,8 @@ def svc_add(client: Client, args: argparse.Namespace) -> int:
         link=args.link,
         **_bandwidth_params(args),
     )
+    if args.trust_guest_rx_filters:
+        params["trust_rx_filters"] = True
     if args.tap_name is not None:
         params["tap_name"] = args.tap_name
     _print_json(client.call("iface.add", params))

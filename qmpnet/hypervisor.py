@@ -343,6 +343,12 @@ class QemuHypervisor:
         follows; the tap stays as it is. Idempotent: QEMU tells the guest only of a change."""
         await self.qmp.execute("set_link", {"name": device_id(tap), "up": up})
 
+    async def rx_filter(self, tap: TapInterface) -> RxFilter:
+        """What the guest's driver asked its NIC to receive (``query-rx-filter``; reading it
+        re-arms QEMU's one-shot NIC_RX_FILTER_CHANGED for the NIC)."""
+        (found,) = await self.qmp.execute("query-rx-filter", {"name": device_id(tap)})
+        return RxFilter.from_qemu(found)
+
     async def _tap_gone_under_multiqueue(self, tap: TapInterface) -> bool:
         """QEMU holds no live tap of that name, and the device has several queue pairs.
 
@@ -486,6 +492,31 @@ class QemuHypervisor:
 
 
 T = TypeVar("T")
+
+
+@attrs.frozen(kw_only=True)
+class RxFilter:
+    """A virtio NIC's receive filter as its guest set it (QEMU's ``RxFilterInfo``): a host
+    link that filters by MAC must pass the same frames, or the guest never gets them."""
+
+    main_mac: str
+    promiscuous: bool
+    #: "normal" (the tables), "all" or "none", as QEMU reports each
+    unicast: str
+    multicast: str
+    unicast_table: tuple[str, ...] = ()
+    multicast_table: tuple[str, ...] = ()
+
+    @classmethod
+    def from_qemu(cls, info: dict[str, Any]) -> RxFilter:
+        return cls(
+            main_mac=str(info["main-mac"]).lower(),
+            promiscuous=bool(info["promiscuous"]),
+            unicast=str(info["unicast"]),
+            multicast=str(info["multicast"]),
+            unicast_table=tuple(str(m).lower() for m in info.get("unicast-table", ())),
+            multicast_table=tuple(str(m).lower() for m in info.get("multicast-table", ())),
+        )
 
 
 async def _qemu_step(

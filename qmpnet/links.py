@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import re
 import socket
-from collections.abc import AsyncIterator
+import struct
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -598,3 +600,73 @@ class Links:
             "list filters of", name, self._ipr.get_filters(index=info.index, parent=INGRESS)
         )
         return any(f["info"] >> 16 == SHAPE_PRIO for f in filters)
+
+    # --- a guest's receive filter (trusted, on a macvtap) -----------------------------------
+
+    async def mirror_rx_filter(
+        self, name: str, *, promisc: bool, allmulti: bool, multicast: Collection[str]
+    ) -> None:
+        """Make ``name`` pass what a guest's filter asks: promiscuity, all multicast, and
+        exactly ``multicast`` among the link-layer groups added from user space (the kernel's
+        own, for its addresses, are left alone). A macvtap passes a group's frames only when
+        the group is on its list."""
+        await self.get(name)  # a missing link is a HostError naming it
+        try:
+            await run_in_netns(
+                self.netns, lambda: _mirror(name, promisc, allmulti, {m.lower() for m in multicast})
+            )
+        except OSError as err:
+            raise HostError("set the receive filter of", self._where(name), err.errno) from err
+
+    async def rx_view(self, name: str) -> tuple[bool, bool, frozenset[str]]:
+        """(promiscuous, all multicast, the user-added groups) of ``name``, as set."""
+        await self.get(name)
+        try:
+            return await run_in_netns(self.netns, lambda: _rx_view(name))
+        except OSError as err:
+            raise HostError("read the receive filter of", self._where(name), err.errno) from err
+
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCADDMULTI = 0x8931
+SIOCDELMULTI = 0x8932
+IFF_PROMISC = 0x100
+IFF_ALLMULTI = 0x200
+_IFREQ = 40  # sizeof(struct ifreq) on 64-bit Linux
+
+
+def _ifreq(name: str, tail: bytes) -> bytes:
+    return struct.pack("16s", name.encode()) + tail.ljust(_IFREQ - 16, b"\0")
+
+
+def _groups(name: str) -> frozenset[str]:
+    """The groups added from user space (``global`` use > 0), from this thread's netns."""
+    found = set()
+    with open("/proc/thread-self/net/dev_mcast", encoding="ascii") as fh:
+        for line in fh:
+            _, ifname, _, user, addr = line.split()
+            if ifname == name and int(user) > 0:
+                found.add(":".join(addr[i : i + 2] for i in range(0, 12, 2)))
+    return frozenset(found)
+
+
+def _rx_view(name: str) -> tuple[bool, bool, frozenset[str]]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        (flags,) = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(name, b"")), 16)
+    return bool(flags & IFF_PROMISC), bool(flags & IFF_ALLMULTI), _groups(name)
+
+
+def _mirror(name: str, promisc: bool, allmulti: bool, multicast: set[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        (flags,) = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(name, b"")), 16)
+        want = flags & ~(IFF_PROMISC | IFF_ALLMULTI)
+        want |= (IFF_PROMISC if promisc else 0) | (IFF_ALLMULTI if allmulti else 0)
+        if want != flags:
+            fcntl.ioctl(s, SIOCSIFFLAGS, _ifreq(name, struct.pack("H", want)))
+        have = _groups(name)
+        for group, request in [(g, SIOCADDMULTI) for g in sorted(multicast - have)] + [
+            (g, SIOCDELMULTI) for g in sorted(have - multicast)
+        ]:
+            hwaddr = struct.pack("H", 0) + bytes.fromhex(group.replace(":", ""))
+            fcntl.ioctl(s, request, _ifreq(name, hwaddr))

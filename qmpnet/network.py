@@ -15,6 +15,7 @@ long-lived caller instead.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -34,16 +35,18 @@ from qmpnet.endpoints import (
     net_info_from_interface,
     shaping,
 )
+from qmpnet.endpoints.netpair import pair_model as pair_model_of
 from qmpnet.errors import (
     HostError,
     InvalidInputError,
     MonitorHeldError,
     PlugError,
+    QmpnetError,
     StateError,
     UnplugRefusedError,
     UnsupportedError,
 )
-from qmpnet.hypervisor import QemuHypervisor
+from qmpnet.hypervisor import QemuHypervisor, device_id
 from qmpnet.lifecycle import Observer, Operation, OpKind, Phase, Step
 from qmpnet.links import LinkCounters, Links
 from qmpnet.logs import fields
@@ -59,7 +62,7 @@ from qmpnet.model import (
     check_tap_mtu,
 )
 from qmpnet.netns import check_netns
-from qmpnet.qmp import QmpSession, vm_identity
+from qmpnet.qmp import NIC_RX_FILTER_CHANGED, QmpSession, vm_identity
 from qmpnet.recovery import ReconcileReport, Settler, recover_journal
 from qmpnet.store import Entry, Snapshot, Status, Store
 
@@ -112,6 +115,8 @@ class NetworkState:
     _hypervisor: QemuHypervisor | None = None
     #: the state this one shares its kept session with (see :meth:`sharing`)
     _base: NetworkState | None = None
+    #: hears NIC_RX_FILTER_CHANGED on the kept session (see :meth:`mirror_rx_filter`)
+    _rx_listener: asyncio.Task[None] | None = None
 
     @classmethod
     def open(
@@ -139,9 +144,25 @@ class NetworkState:
         return QemuHypervisor(session, unplug_timeout=t.unplug, guest_timeout=t.guest_ready)
 
     async def connect(self) -> None:
-        """Keep one QMP session open across operations (a long-lived library caller)."""
+        """Keep one QMP session open across operations (a long-lived library caller); while
+        it is open, the receive filters of trusted NICs follow their guests."""
         if self._hypervisor is None:
             self._hypervisor = self._adapter(await self._session())
+            session = self._hypervisor.qmp
+            self._rx_listener = asyncio.create_task(
+                self._hear_rx_filters(session), name=f"rx filters {self.qmp_path}"
+            )
+
+    async def _hear_rx_filters(self, session: QmpSession) -> None:
+        with session.subscribe([NIC_RX_FILTER_CHANGED]) as listener:
+            while (event := await session.next_event(listener)) is not None:
+                device = (event.get("data") or {}).get("name")
+                if not isinstance(device, str):
+                    continue
+                try:
+                    await self.mirror_rx_filter(device)
+                except QmpnetError as err:
+                    log.warning("receive filter of %s not mirrored: %s", device, err)
 
     @property
     def session(self) -> QmpSession | None:
@@ -166,6 +187,11 @@ class NetworkState:
         return NetworkState(self.store, self.qmp_path, config, list(self.observers), base=base)
 
     async def close(self) -> None:
+        if self._rx_listener is not None:
+            self._rx_listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rx_listener
+            self._rx_listener = None
         if self._hypervisor is not None:
             await self._hypervisor.qmp.close()
             self._hypervisor = None
@@ -282,6 +308,7 @@ class NetworkState:
         allow_foreign_link: bool = False,
         endpoint_id: str = "",
         link: LinkState = LinkState.UP,
+        trust_rx_filters: bool = False,
     ) -> Endpoint:
         """Hot-plug the described interface; returns the plugged endpoint. All or nothing.
 
@@ -291,6 +318,9 @@ class NetworkState:
         form :func:`~qmpnet.endpoints.base.new_id` makes) is for a caller that answered
         before the plug: a pending CNI ADD reported the parked MAC the id derives. ``link``
         is the NIC's link as the guest first sees it (see :meth:`set_link`).
+        ``trust_rx_filters`` (the macvtap model, with a kept session: something must hear
+        the guest) mirrors the guest's receive filter onto the macvtap, now and whenever
+        QEMU says it changed (see :meth:`mirror_rx_filter`).
         """
         with fields(vm=self.qmp_path, mac=desc.hw_addr):
             return await self._add_interface(
@@ -303,6 +333,7 @@ class NetworkState:
                 allow_foreign_link=allow_foreign_link,
                 endpoint_id=endpoint_id,
                 link=LinkState.parse(link),
+                trust_rx_filters=trust_rx_filters,
             )
 
     async def _add_interface(
@@ -317,8 +348,11 @@ class NetworkState:
         allow_foreign_link: bool,
         endpoint_id: str,
         link: LinkState,
+        trust_rx_filters: bool = False,
     ) -> Endpoint:
         model = model or self.config.internetworking_model
+        if trust_rx_filters:
+            self._check_trust(model)
         if queues:
             check_queues("queues", queues)
         if tap_name is not None:
@@ -372,7 +406,12 @@ class NetworkState:
                         )
                         plugged = await endpoint.hot_attach(ctx)
                         op.subject = plugged
-                        entry = Entry(plugged, link=link, bandwidth=desc.bandwidth or None)
+                        entry = Entry(
+                            plugged,
+                            link=link,
+                            bandwidth=desc.bandwidth or None,
+                            trust_rx_filters=trust_rx_filters,
+                        )
 
                         async def persist() -> None:
                             await self._save(attrs.evolve(snap, entries=(*snap.entries, entry)))
@@ -386,7 +425,54 @@ class NetworkState:
                     # the journal entry: the next operation or a reconcile finishes it.
                     if not op.undo_errors:
                         await self.store.journal_end(endpoint.id)
+            if trust_rx_filters:
+                await self._mirror(hv, entry)
             return plugged
+
+    def _check_trust(self, model: InterworkingModel) -> None:
+        """Trust needs a model whose host link filters by MAC, and a listener for QEMU's
+        events: a kept session (the service's, or a library caller's ``connect``)."""
+        if not pair_model_of(model).filters_by_mac:
+            raise UnsupportedError(
+                f"model {model}",
+                "trust the guest's receive filter",
+                "only the macvtap model's host link filters by MAC",
+            )
+        if self._kept() is None:
+            raise UnsupportedError(
+                f"VM {self.qmp_path}",
+                "trust the guest's receive filter",
+                "it needs a resident listener for QEMU's NIC_RX_FILTER_CHANGED: plug it "
+                "through qmpnetd, or from a kept library session (NetworkState.connect)",
+            )
+
+    async def mirror_rx_filter(self, device: str) -> Entry | None:
+        """Mirror the receive filter of the trusted NIC with QEMU device id ``device`` onto
+        its host link (NIC_RX_FILTER_CHANGED says it changed; QEMU sends it once until the
+        filter is read, which this does); None when no trusted NIC of this VM has it."""
+        # under the VM's lock: its holder alone proves the macvtap is ours (its mark)
+        async with self.store.locked():
+            for entry in self.store.load().entries:
+                tap = entry.endpoint.tap
+                plugged = entry.status is Status.PLUGGED
+                if entry.trust_rx_filters and plugged and tap and device_id(tap) == device:
+                    async with self.hypervisor() as hv:
+                        await self._mirror(hv, entry)
+                    return entry
+        return None
+
+    async def _mirror(self, hv: QemuHypervisor, entry: Entry) -> None:
+        tap = _tap_of(entry.endpoint)
+        rx = await hv.rx_filter(tap)
+        await entry.endpoint.mirror_rx_filter(rx)
+        log.info(
+            "receive filter of %s mirrored: mac %s, promiscuous %s, multicast %s %s",
+            device_id(tap),
+            rx.main_mac,
+            rx.promiscuous,
+            rx.multicast,
+            ",".join(rx.multicast_table),
+        )
 
     async def _save(self, snap: Snapshot) -> None:
         """Save, recording the VM the operation found (see :meth:`settle_vm_change`) and the

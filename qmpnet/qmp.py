@@ -120,6 +120,7 @@ PERIPHERAL = "/machine/peripheral"
 #: the event that ends an unplug, and the one that refuses it (QEMU >= 6.2, qapi/qdev.json);
 #: both carry ``device`` (the id, when it has one) and ``path`` (the QOM path).
 DEVICE_DELETED = "DEVICE_DELETED"
+NIC_RX_FILTER_CHANGED = "NIC_RX_FILTER_CHANGED"
 DEVICE_UNPLUG_GUEST_ERROR = "DEVICE_UNPLUG_GUEST_ERROR"
 
 #: virtio status bit the guest driver sets once the device is ready (virtio spec 2.1).

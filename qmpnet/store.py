@@ -66,6 +66,8 @@ class Entry:
     link: LinkState = LinkState.UP
     #: the shaping in force (saved only when set)
     bandwidth: Bandwidth | None = None
+    #: the guest's receive filter is mirrored onto the host link (saved only when set)
+    trust_rx_filters: bool = False
 
 
 @attrs.frozen
@@ -212,7 +214,12 @@ class Store:
                 except InvalidInputError as err:
                     unknown.append(UnknownEntry(item, f"unknown bandwidth: {err}"))
                     continue
-                entries.append(Entry(loaded, Status(status_text), LinkState(link_text), shaped))
+                trust = item.get("trust_rx_filters", False)
+                if not isinstance(trust, bool):
+                    unknown.append(UnknownEntry(item, f"unknown trust_rx_filters {shown(trust)}"))
+                    continue
+                entry = Entry(loaded, Status(status_text), LinkState(link_text), shaped, trust)
+                entries.append(entry)
         qmp = data.get("qmp")
         return Snapshot(
             tuple(entries),
@@ -227,6 +234,7 @@ class Store:
                 "status": e.status.value,
                 **({"link": e.link.value} if e.link is not LinkState.UP else {}),
                 **({"bandwidth": saved(e.bandwidth)} if e.bandwidth else {}),
+                **({"trust_rx_filters": True} if e.trust_rx_filters else {}),
                 "endpoint": dump_endpoint(e.endpoint),
             }
             for e in snapshot.entries

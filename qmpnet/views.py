@@ -36,6 +36,8 @@ def _view(entry: Entry, vanished: Collection[str]) -> dict[str, Any]:
         # libvirt's terms (kB/s, kB), only the shaped directions; null when not shaped
         "bandwidth": entry.bandwidth.libvirt() if entry.bandwidth else None,
     }
+    if entry.trust_rx_filters:
+        view["trust_rx_filters"] = True
     if ep.host_link and ep.host_link in vanished:
         view["host_link_gone"] = True
     return view

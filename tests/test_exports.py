@@ -84,6 +84,7 @@ KIT_MODULES = [
     "fakeqemu",
     "gobuild",
     "guest",
+    "iperf",
     "output",
     "probe",
     "scene",

@@ -433,3 +433,42 @@ async def test_no_netlink_error_leaves_links(
         assert netns in str(caught.value)
         assert {link.name for link in await links.list()} == before  # nothing made or lost
         assert await links.delete(name)
+
+
+@pytest.mark.asyncio
+async def test_a_guests_receive_filter_mirrored_onto_a_link_and_taken_back(netns: str) -> None:
+    """Promiscuity, all-multicast and the user-added groups, as ``ip`` shows them; the
+    kernel's own groups (its IPv6 addresses') are never touched."""
+    name = unique("m")
+    _ip(netns, "link", "add", name, "type", "veth", "peer", "name", name + "p")
+    _ip(netns, "link", "set", name, "up")
+
+    def view() -> tuple[list[str], set[str]]:
+        (link,) = ip_json("link", "show", "dev", name, netns=netns)
+        out = subprocess.run(
+            ["ip", "-n", os.path.basename(netns), "maddr", "show", "dev", name],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return list(link["flags"]), {line.split()[1] for line in out.splitlines() if "link" in line}
+
+    _, kernel_groups = view()
+    groups = {"01:00:5e:01:02:03", "33:33:00:00:71:71"}
+    async with Links.open(netns) as links:
+        await links.mirror_rx_filter(name, promisc=True, allmulti=True, multicast=groups)
+        flags, seen = view()
+        assert {"PROMISC", "ALLMULTI"} <= set(flags)
+        assert seen == kernel_groups | groups
+        assert await links.rx_view(name) == (True, True, frozenset(groups))
+        await links.mirror_rx_filter(name, promisc=False, allmulti=False, multicast=groups)
+        await links.mirror_rx_filter(
+            name, promisc=False, allmulti=False, multicast={"01:00:5e:01:02:03"}
+        )
+        flags, seen = view()
+        assert not {"PROMISC", "ALLMULTI"} & set(flags)
+        assert seen == kernel_groups | {"01:00:5e:01:02:03"}
+        await links.mirror_rx_filter(name, promisc=False, allmulti=False, multicast=())
+        assert view()[1] == kernel_groups
+        with pytest.raises(HostError):
+            await links.mirror_rx_filter("gone0", promisc=True, allmulti=False, multicast=())

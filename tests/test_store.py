@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from qmpnet.bandwidth import Bandwidth, Rate
 from qmpnet.codec import UnknownEntry
 from qmpnet.endpoints import create_endpoint, create_tap_endpoint, net_info_from_interface
 from qmpnet.errors import StateError
@@ -79,6 +80,31 @@ def test_a_link_set_down_is_saved_and_an_unknown_link_state_is_kept_verbatim(
     (kept,) = loaded.unknown
     assert kept.raw == written[0]
     assert "unknown link state 'sideways'" in kept.reason
+
+
+def test_bandwidth_and_trust_are_saved_only_when_set_and_bad_ones_kept_verbatim(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s")
+    plain = create_tap_endpoint(0, "eth0", tap_name="t0", mac="52:54:00:00:05:05")
+    shaped = create_tap_endpoint(1, "eth1", tap_name="t1", mac="52:54:00:00:05:06")
+    bw = Bandwidth(inbound=Rate(average=2_500_100, burst=99_999))
+    snap = Snapshot((Entry(plain), Entry(shaped, bandwidth=bw, trust_rx_filters=True)))
+    asyncio.run(store.save(snap))
+    assert store.load() == snap
+    written = json.loads(store.state_path.read_text())["endpoints"]
+    assert ["bandwidth" in e or "trust_rx_filters" in e for e in written] == [False, True]
+    assert written[1]["bandwidth"] == {
+        "inbound": {"average": 2_500_100, "peak": 0, "burst": 99_999}
+    }
+    written[0]["bandwidth"] = {"inbound": {"average": -1, "peak": 0, "burst": 0}}
+    written[1]["trust_rx_filters"] = "yes"
+    store.state_path.write_text(json.dumps({"version": 1, "endpoints": written}))
+    loaded = store.load()
+    assert loaded.entries == ()
+    assert [u.raw for u in loaded.unknown] == written
+    assert "unknown bandwidth" in loaded.unknown[0].reason
+    assert "unknown trust_rx_filters" in loaded.unknown[1].reason
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from qmpnet.bandwidth import Bandwidth
     from qmpnet.config import Config
     from qmpnet.endpoints.shaping import Sites
-    from qmpnet.hypervisor import QemuHypervisor
+    from qmpnet.hypervisor import QemuHypervisor, RxFilter
     from qmpnet.lifecycle import Operation
 
 
@@ -156,6 +156,11 @@ class Endpoint(Protocol):
         QEMU: for a VM that is gone or a device already removed. Safe to repeat."""
         ...
 
+    async def mirror_rx_filter(self, rx: RxFilter) -> None:
+        """Let the host link pass what the guest's driver asked for (a trusted guest); a type
+        whose host link does not filter refuses (:class:`UnsupportedError`)."""
+        ...
+
     async def set_mtu(self, mtu: int) -> Self:
         """Give the host links of a plugged NIC that are qmpnet's this MTU, live; the
         endpoint as it is then. The guest's side is the guest's to follow."""
@@ -183,6 +188,13 @@ def with_mtu(info: NetworkInfo | None, mtu: int) -> NetworkInfo | None:
     if info is None:
         return None
     return attrs.evolve(info, iface=attrs.evolve(info.iface, mtu=mtu))
+
+
+def no_rx_filter(endpoint: Endpoint) -> UnsupportedError:
+    """The refusal of a type whose host link passes every frame (nothing to mirror)."""
+    return unsupported(
+        endpoint, "trust the guest's receive filter", "its host link does not filter by MAC"
+    )
 
 
 def new_id() -> str:

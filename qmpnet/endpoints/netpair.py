@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import attrs
 
@@ -54,6 +54,9 @@ from qmpnet.model import (
     check_tap_mtu,
 )
 from qmpnet.netns import is_own_netns
+
+if TYPE_CHECKING:
+    from qmpnet.hypervisor import RxFilter
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,9 @@ class PairModel:
         _tap_site(pair),
         _tap_site(pair, ifb=True),
     )
+    #: the host link QEMU reads passes only frames for its MAC and its multicast list (a
+    #: macvtap): a guest's own filter can be mirrored onto it (``--trust-guest-rx-filters``)
+    filters_by_mac: bool = False
     #: the host link QEMU reads dies with the sandbox link (the kernel deletes a macvtap with
     #: its parent); QEMU 7.2 aborts when the guest resets a multiqueue NIC whose tap is gone,
     #: so a caller that cannot unplug first (the watcher) plugs one queue pair
@@ -373,6 +379,7 @@ MODELS: Mapping[InterworkingModel, PairModel] = {
         admit=_macvtap_admit,
         dies_with_link=True,
         reads_tun=False,
+        filters_by_mac=True,
         # the macvtap's egress carries what the guest sends; what it receives only arrives
         shape_sites=lambda pair: (_tap_site(pair, ifb=True), _tap_site(pair)),
     ),
@@ -590,6 +597,30 @@ class NetPairEndpoint:
             names = names[::-1]
         await plumbing.set_links_mtu(self.netns_path, names, self.id, mtu)
         return attrs.evolve(self, properties=with_mtu(self.properties, mtu))
+
+    async def mirror_rx_filter(self, rx: RxFilter) -> None:
+        """Let the host link pass what the guest's driver asked for (a trusted guest, libvirt's
+        ``trustGuestRxFilters``): its MAC, its multicast groups or all of them, promiscuity.
+        A macvtap cannot hold extra unicast MACs: a guest that asks for some (or for all
+        unicast) gets promiscuity."""
+        if not self.pair_model.filters_by_mac:
+            raise UnsupportedError(
+                f"{self.type} endpoint {self.virt_name}",
+                "trust the guest's receive filter",
+                f"model {self.net_pair.model}'s host link does not filter by MAC",
+            )
+        async with Links.open(self.netns_path) as links:
+            info = await links.get(self.tap_name)
+            if not ours(info, self.id):
+                raise NotOursError("set the receive filter of", self.tap_name)
+            if info.mac != rx.main_mac:
+                await links.set_mac(self.tap_name, rx.main_mac)
+            await links.mirror_rx_filter(
+                self.tap_name,
+                promisc=rx.promiscuous or rx.unicast == "all" or bool(rx.unicast_table),
+                allmulti=rx.multicast == "all",
+                multicast=rx.multicast_table if rx.multicast == "normal" else (),
+            )
 
     async def teardown(self, op: Operation) -> None:
         disconnect = self.pair_model.disconnect

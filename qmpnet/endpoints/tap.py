@@ -7,7 +7,7 @@ it lives exactly as long as QEMU holds a queue: a crash before the hand-over lea
 
 from __future__ import annotations
 
-from typing import ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import attrs
 
@@ -18,6 +18,7 @@ from qmpnet.endpoints.base import (
     PlugContext,
     described_mtu,
     new_id,
+    no_rx_filter,
     random_mac,
     register,
     unsupported,
@@ -26,6 +27,9 @@ from qmpnet.endpoints.base import (
 from qmpnet.errors import InvalidInputError
 from qmpnet.lifecycle import Operation, Step
 from qmpnet.links import Links
+
+if TYPE_CHECKING:
+    from qmpnet.hypervisor import RxFilter
 from qmpnet.model import (
     EndpointType,
     LinkAttrs,
@@ -129,6 +133,9 @@ class TapEndpoint:
     async def hot_detach(self, ctx: PlugContext) -> None:
         await ctx.hypervisor.unplug_tap(self.tap, ctx.op, tun=self.reads_tun)
         await self.teardown(ctx.op)
+
+    async def mirror_rx_filter(self, rx: RxFilter) -> None:
+        raise no_rx_filter(self)  # a tap passes every frame to QEMU
 
     async def set_mtu(self, mtu: int) -> Self:
         check_tap_mtu("mtu", mtu)

@@ -11,7 +11,7 @@ kept), and refuse ``hot_attach``/``attach`` with the reason:
 
 from __future__ import annotations
 
-from typing import ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import attrs
 
@@ -24,6 +24,9 @@ from qmpnet.endpoints.base import (
     unsupported,
 )
 from qmpnet.lifecycle import Operation
+
+if TYPE_CHECKING:
+    from qmpnet.hypervisor import RxFilter
 from qmpnet.model import (
     EndpointType,
     NetworkInfo,
@@ -107,6 +110,9 @@ class UnpluggableEndpoint:
 
     async def set_mtu(self, mtu: int) -> Self:
         raise unsupported(self, "set mtu", self.reason)
+
+    async def mirror_rx_filter(self, rx: RxFilter) -> None:
+        raise unsupported(self, "trust the guest's receive filter", self.reason)
 
 
 @register

@@ -267,7 +267,7 @@ class Service:
         netns, tap_name = p.text("netns"), p.text("tap_name")
         wait_guest, foreign = p.flag("wait_guest"), p.flag("allow_foreign_link")
         link = LinkState.parse(p.text("link", "up"))
-        shaped = _bandwidth(p)
+        shaped, trust = _bandwidth(p), p.flag("trust_rx_filters")
         config = self._config(p)
         handle = await self._vm(p, caller)
         p.done()
@@ -283,6 +283,7 @@ class Service:
             wait_guest=wait_guest,
             allow_foreign_link=foreign,
             link=link,
+            trust_rx_filters=trust,
         )
         handle.follow_links()
         return interface_of(endpoint).to_json()

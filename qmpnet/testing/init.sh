@@ -8,6 +8,11 @@
 #   QMPNET PING name= peer= result=ok|fail    peer 169.254.B.1, the host end
 #   QMPNET NIC-DEL name= mac=
 #   QMPNET CARRIER name= mac= state=up|down   the NIC's carrier, first seen and on each change
+#   QMPNET DONE seq= rc=              a command from the host's channel ran (see below)
+# Commands come on the second serial port (ttyS1, the host's command socket), one per line:
+# "DO SEQ MAC ARGS..." runs "ip ARGS..." with the word "{dev}" replaced by the name of the NIC
+# that has MAC (as plugged: /run/nic), so a test can change the guest's own view of its NIC
+# (its MAC, its addresses and multicast groups) and see what QEMU and the host make of it.
 # MACs are printed as the kernel does, in lower case. There is no udev: NICs are found by
 # polling /sys/class/net, every 50 ms. A NIC is known by its ifindex, not its name: when a NIC
 # goes and the next one registers under the same name between two looks, the first one's
@@ -106,6 +111,8 @@ for m in /lib/modules/*.ko; do
     insmod "$m" || say "ERROR insmod $m"
 done
 ip link set lo up
+# an address a test adds is usable at once (no duplicate detection to wait out)
+echo 0 >/proc/sys/net/ipv6/conf/default/accept_dad 2>/dev/null
 mkdir -p /run/nic /run/carrier
 say READY
 
@@ -123,6 +130,29 @@ if [ -x /usr/bin/iperf3 ]; then
         say "IPERF fail"
     fi
 fi
+
+# the NIC (its name) plugged with MAC $1, from /run/nic
+nic_named() {
+    local f mac idx
+    for f in /run/nic/*; do
+        [ -e "$f" ] || continue
+        read -r mac idx <"$f"
+        [ "$mac" = "$1" ] && { echo "${f##*/}"; return; }
+    done
+}
+
+commands() {
+    local tag seq mac dev args
+    stty -F /dev/ttyS1 -echo 2>/dev/null
+    while read -r tag seq mac args; do
+        [ "$tag" = DO ] || continue
+        dev=$(nic_named "$mac")
+        # shellcheck disable=SC2086 # the words are the command's own
+        ip $(echo "$args" | sed "s/{dev}/${dev:-none}/g") >/dev/null 2>&1
+        say "DONE seq=$seq rc=$?"
+    done </dev/ttyS1
+}
+[ -e /dev/ttyS1 ] && commands &
 
 nic_gone() {
     local mac idx

@@ -183,6 +183,9 @@ def _qemu_command(
         "-append", "console=ttyS0 quiet panic=-1",
         "-no-reboot",
         "-serial", "stdio",
+        # ttyS1: the guest's command channel (init.sh's "DO" lines; see GuestVM.guest_ip)
+        "-chardev", f"socket,id=cmd,path={run_dir / 'cmd.sock'},server=on,wait=off",
+        "-serial", "chardev:cmd",
         "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
         "-qmp", f"unix:{run_dir / 'qmp2.sock'},server=on,wait=off",
     ]  # fmt: skip
@@ -221,6 +224,7 @@ class GuestVM:
     _readers: list[asyncio.Task[None]] = attrs.field(repr=False)
     _log: logging.Logger = attrs.field(repr=False)
     _stopped: bool = attrs.field(default=False, repr=False)
+    _commands: int = attrs.field(default=0, repr=False)
 
     @classmethod
     async def start(
@@ -350,6 +354,23 @@ class GuestVM:
                     await asyncio.sleep(0.01)
         except TimeoutError as err:
             raise await self._error(f"QEMU opened no monitors within {limit:g} s") from err
+
+    async def guest_ip(self, mac: str, *args: str, timeout: float = 60.0) -> int:
+        """Run ``ip ARGS`` in the guest (``{dev}``: the name of its NIC plugged with ``mac``),
+        through the command channel; its exit status, once the console says it ran."""
+        self._commands += 1
+        seq, cursor = self._commands, self.console_cursor()
+        line = " ".join(("DO", str(seq), mac, *args)) + "\n"
+        _, writer = await asyncio.open_unix_connection(str(self.workdir / "cmd.sock"))
+        try:
+            writer.write(line.encode())
+            await writer.drain()
+            done = await self.wait_for(rf"^QMPNET DONE seq={seq} rc=(\d+)", timeout, since=cursor)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        return int(done.group(1))
 
     def console_cursor(self) -> int:
         """A position in the console: pass it as ``since`` to see only later lines."""
