@@ -8,12 +8,13 @@ independently: the guest's serial markers, QEMU's first monitor (the VM manager'
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from qemu.qmp import QMPClient
 from qmpnet.qmp import connect_clean
 from qmpnet.testing.cli import run_qmpnet
 from qmpnet.testing.fixtures import module_vm
+from qmpnet.testing.gobuild import cli_shim
 from qmpnet.testing.output import conforms
 from qmpnet.testing.probe import links
 from qmpnet.testing.service import ServiceProcess
@@ -42,6 +44,20 @@ def mac(last: int) -> str:
 
 
 qmpnet = run_qmpnet  # the kit's, under the name this module's tests call
+
+Runner = Callable[..., Awaitable[subprocess.CompletedProcess[str]]]
+
+
+@pytest.fixture(params=["python", "compiled"])
+def front(request: pytest.FixtureRequest) -> str:
+    """The client a user runs: the Python console script, or the compiled front (whose
+    command lines qmpnetd runs with the Python client's code, through cli.exec)."""
+    return QMPNET if request.param == "python" else str(cli_shim())
+
+
+@pytest.fixture
+def cli(front: str) -> Runner:
+    return functools.partial(run_qmpnet, binary=front)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -73,10 +89,16 @@ def iface_file(tmp_path: Path, address: str, name: str = "eth7") -> Path:
 
 
 async def add_tap(
-    service: ServiceProcess, qmp: str, address: str, tap: str, tmp_path: Path, *options: str
+    service: ServiceProcess,
+    qmp: str,
+    address: str,
+    tap: str,
+    tmp_path: Path,
+    *options: str,
+    run: Runner = qmpnet,
 ) -> subprocess.CompletedProcess[str]:
     """``add-iface`` of a model-none tap NIC through the service; it must succeed."""
-    added = await qmpnet(
+    added = await run(
         "add-iface",
         "--qmp",
         qmp,
@@ -93,12 +115,17 @@ async def add_tap(
 
 
 async def test_add_list_del_through_the_service(
-    vm: GuestVM, service: ServiceProcess, manager: QMPClient, tmp_path: Path, host_link_names: Any
+    vm: GuestVM,
+    service: ServiceProcess,
+    manager: QMPClient,
+    tmp_path: Path,
+    host_link_names: Any,
+    cli: Runner,
 ) -> None:
     address, tap = mac(0x11), host_link_names("s")
     qmp = str(vm.mgmt_qmp_path)
     cursor = vm.console_cursor()
-    added = await add_tap(service, qmp, address, tap, tmp_path)
+    added = await add_tap(service, qmp, address, tap, tmp_path, run=cli)
     reply = conforms(json.loads(added.stdout), "interface")
     assert reply["hwAddr"] == address
     assert reply["pciPath"]
@@ -108,19 +135,19 @@ async def test_add_list_del_through_the_service(
     assert any(p.endswith("-dev") for p in await peripherals(manager))
     assert tap in links()
     # no --state was needed: the service keeps the VM's state under its own root
-    listed = await qmpnet("list-ifaces", "--qmp", qmp, "--json", env=service.env)
+    listed = await cli("list-ifaces", "--qmp", qmp, "--json", env=service.env)
     assert listed.returncode == 0, listed.stderr
     doc = conforms(json.loads(listed.stdout), "interfaceList")
     assert [i["status"] for i in doc["interfaces"]] == ["plugged"]
     assert [i["mac"] for i in doc["interfaces"]] == [address]
-    table = await qmpnet("list-ifaces", "--qmp", qmp, env=service.env)
+    table = await cli("list-ifaces", "--qmp", qmp, env=service.env)
     assert address in table.stdout
     assert "plugged" in table.stdout
-    removed = await qmpnet("del-iface", "--qmp", qmp, "--mac", address, env=service.env)
+    removed = await cli("del-iface", "--qmp", qmp, "--mac", address, env=service.env)
     assert removed.returncode == 0, removed.stderr + service.tail()
     assert tap not in links()
     assert not any(p.endswith("-dev") for p in await peripherals(manager))
-    listed = await qmpnet("list-ifaces", "--qmp", qmp, "--json", env=service.env)
+    listed = await cli("list-ifaces", "--qmp", qmp, "--json", env=service.env)
     assert json.loads(listed.stdout)["interfaces"] == []
 
 
@@ -337,44 +364,44 @@ async def test_version_names_both_sides(service: ServiceProcess) -> None:
 
 
 async def test_reconcile_status_vm_and_watch_doors(
-    vm: GuestVM, service: ServiceProcess, make_netns: Any
+    vm: GuestVM, service: ServiceProcess, make_netns: Any, cli: Runner
 ) -> None:
     qmp = str(vm.mgmt_qmp_path)
-    rec = await qmpnet("reconcile", "--qmp", qmp, env=service.env)
+    rec = await cli("reconcile", "--qmp", qmp, env=service.env)
     assert rec.returncode == 0, rec.stderr
-    rec_json = await qmpnet("reconcile", "--qmp", qmp, "--json", env=service.env)
+    rec_json = await cli("reconcile", "--qmp", qmp, "--json", env=service.env)
     assert rec_json.returncode == 0
     assert conforms(json.loads(rec_json.stdout), "reconcile")["qemu"] == "running"
-    reg = await qmpnet("vm", "register", "--id", "sandbox-1", "--qmp", qmp, env=service.env)
+    reg = await cli("vm", "register", "--id", "sandbox-1", "--qmp", qmp, env=service.env)
     assert reg.returncode == 0, reg.stderr
     conforms(json.loads(reg.stdout), "vmRegistered")
-    listed = await qmpnet("vm", "list", "--json", env=service.env)
+    listed = await cli("vm", "list", "--json", env=service.env)
     vms = conforms(json.loads(listed.stdout), "vmList")["vms"]
     (entry,) = [v for v in vms if v["id"] == "sandbox-1"]
     assert entry["session"] == "open"
     assert entry["registered_by_root"] is True
-    status = await qmpnet("status", "--json", env=service.env)
+    status = await cli("status", "--json", env=service.env)
     doc = conforms(json.loads(status.stdout), "status")
     assert doc["pid"] == service.pid
     assert any(v["id"] == "sandbox-1" for v in doc["vms"])
-    human = await qmpnet("status", env=service.env)
+    human = await cli("status", env=service.env)
     assert "qmpnetd" in human.stdout
     assert "sandbox-1" in human.stdout
     netns = make_netns()
-    started = await qmpnet(
+    started = await cli(
         "watch", "--qmp", qmp, "--netns", netns, "--model", "tcfilter", env=service.env
     )
     assert started.returncode == 0, started.stderr
     ident = started.stdout.split()[1]
-    watches = json.loads((await qmpnet("watches", "--json", env=service.env)).stdout)
+    watches = json.loads((await cli("watches", "--json", env=service.env)).stdout)
     (w,) = [x for x in conforms(watches, "watchList")["watches"] if x["id"] == ident]
     assert w["running"] is True
-    assert (await qmpnet("unwatch", ident, env=service.env)).returncode == 0
-    watches = json.loads((await qmpnet("watches", "--json", env=service.env)).stdout)
+    assert (await cli("unwatch", ident, env=service.env)).returncode == 0
+    watches = json.loads((await cli("watches", "--json", env=service.env)).stdout)
     assert all(x["id"] != ident for x in watches["watches"])
-    unreg = await qmpnet("vm", "unregister", "sandbox-1", env=service.env)
+    unreg = await cli("vm", "unregister", "sandbox-1", env=service.env)
     assert unreg.returncode == 0, unreg.stderr
-    again = await qmpnet("list-ifaces", "--qmp", qmp, env=service.env)  # known again on use
+    again = await cli("list-ifaces", "--qmp", qmp, env=service.env)  # known again on use
     assert again.returncode == 0, again.stderr
 
 
@@ -439,7 +466,7 @@ async def test_a_qemu_restarted_on_the_same_path_is_a_new_vm(
 
 
 async def test_group_members_act_within_their_rules_and_strangers_are_refused(
-    guest_image: Any, tmp_path: Path, host_link_names: Any
+    guest_image: Any, tmp_path: Path, host_link_names: Any, front: str
 ) -> None:
     """Real unprivileged clients (uid 65534) against a service run with ``--group nogroup``.
 
@@ -465,7 +492,7 @@ async def test_group_members_act_within_their_rules_and_strangers_are_refused(
             async def run(who: list[str], *args: str, stdin: str | None = None) -> Any:
                 return await asyncio.to_thread(
                     subprocess.run,
-                    [*who, QMPNET, *args],
+                    [*who, front, *args],
                     input=stdin,
                     capture_output=True,
                     text=True,
@@ -480,9 +507,28 @@ async def test_group_members_act_within_their_rules_and_strangers_are_refused(
                 assert all(w in lines[0] for w in words), lines[0]
                 assert "Traceback" not in done.stderr
 
-            refused = await run(stranger, "status")
-            assert refused.returncode == 10, refused.stderr
-            one_error(refused, "permission denied")
+            if front == QMPNET:
+                refused = await run(stranger, "status")
+                assert refused.returncode == 10, refused.stderr
+                one_error(refused, "permission denied")
+            else:
+                # the compiled front cannot reach the socket either, and runs the Python
+                # qmpnet in its place; that one's interpreter is this venv's, under /root
+                # (0700, out of the stranger's reach here), so a probe stands in for it
+                probe = work / "probe"
+                probe.write_text("#!/bin/sh\necho the Python front ran; exit 99\n")
+                probe.chmod(0o755)
+                shim = cli_shim(full_cli=probe, name="qmpnet-stranger")
+                fell = await asyncio.to_thread(
+                    subprocess.run,
+                    [*stranger, str(shim), "status"],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    env={**os.environ, **env},
+                    check=False,
+                )
+                assert (fell.returncode, fell.stdout) == (99, "the Python front ran\n"), fell
 
             assert (await run(member, "vm", "list")).returncode == 0
             qmp = str(vm.mgmt_qmp_path)

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 
 from qmpnet.exits import (
     EXIT_CODES_TEXT,
@@ -470,17 +471,65 @@ def _state(args: argparse.Namespace) -> NetworkState:
     return NetworkState.open(directory, args.qmp or "", config)
 
 
-def _read_input(path: str) -> bytes:
-    """The interface JSON's bytes from a file or stdin, read no further than the cap allows."""
-    from qmpnet.errors import InvalidInputError
+class NeedFile(Exception):
+    """A forwarded command line reads a file its caller has not sent yet (qmpnetd asks)."""
 
-    try:
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
+class Origin:
+    """Where a command line's relative paths and files are: this process's, or the caller's.
+
+    qmpnetd runs a compiled front's command line (``cli.exec``) with the caller's working
+    directory and the files the caller read itself, in the caller's mount namespace and with
+    the caller's rights; the command's code is the same either way.
+    """
+
+    def __init__(
+        self, cwd: str | None = None, files: dict[str, bytes | OSError] | None = None
+    ) -> None:
+        self.cwd = cwd
+        self.files = files
+
+    def abspath(self, path: str) -> str:
+        if self.cwd is None:
+            return os.path.abspath(path)
+        return os.path.normpath(os.path.join(self.cwd, path))
+
+    def read(self, path: str) -> bytes:
+        """A file's bytes (``-``: stdin), no further than the cap; OSError as reading gives."""
+        if self.files is not None:
+            if path not in self.files:
+                raise NeedFile(path)
+            got = self.files[path]
+            if isinstance(got, OSError):
+                raise got
+            return got[:_READ_MAX]
         if path == "-":
             return sys.stdin.buffer.read(_READ_MAX)
         with open(path, "rb") as fh:
             return fh.read(_READ_MAX)
+
+
+#: this process's own paths; qmpnetd's cli.exec sets the caller's for the command it runs
+_here = Origin()
+ORIGIN: ContextVar[Origin] = ContextVar("qmpnet_cli_origin", default=_here)
+
+
+def _read_file(path: str, what: str) -> bytes:
+    from qmpnet.errors import InvalidInputError
+
+    try:
+        return ORIGIN.get().read(path)
     except OSError as err:
-        raise InvalidInputError("interface file", path, err.strerror or str(err)) from err
+        raise InvalidInputError(what, path, err.strerror or str(err)) from err
+
+
+def _read_input(path: str) -> bytes:
+    """The interface JSON's bytes from a file or stdin, read no further than the cap allows."""
+    return _read_file(path, "interface file")
 
 
 def _read_json(path: str) -> Any:
@@ -713,19 +762,14 @@ SERVICE_ONLY = ("watches", "unwatch", "vm", "status")
 
 def _vm_params(args: argparse.Namespace) -> dict[str, Any]:
     params: dict[str, Any] = {}
+    origin = ORIGIN.get()
     if getattr(args, "qmp", None):
-        params["qmp"] = os.path.abspath(args.qmp)
+        params["qmp"] = origin.abspath(args.qmp)
     if getattr(args, "state", None):
-        params["state"] = os.path.abspath(args.state)
+        params["state"] = origin.abspath(args.state)
     config = getattr(args, "config", None)
     if config:
-        from qmpnet.errors import InvalidInputError
-
-        try:
-            with open(config, "rb") as fh:
-                params["config"] = fh.read(_READ_MAX).decode("utf-8", "surrogateescape")
-        except OSError as err:
-            raise InvalidInputError("config file", config, err.strerror or str(err)) from err
+        params["config"] = _read_file(config, "config file").decode("utf-8", "surrogateescape")
         params["config_source"] = config
     timeouts = _timeouts(args)
     if timeouts:
@@ -872,7 +916,8 @@ def _print_vms(vms: list[dict[str, Any]]) -> None:
 
 def svc_vm(client: Client, args: argparse.Namespace) -> int:
     if args.vm_command == "register":
-        params = {"qmp": os.path.abspath(args.qmp), "id": args.id, "sandbox": args.sandbox}
+        qmp = ORIGIN.get().abspath(args.qmp)
+        params = {"qmp": qmp, "id": args.id, "sandbox": args.sandbox}
         _print_json(versioned(client.call("vm.register", params)))
     elif args.vm_command == "unregister":
         _print_json(versioned(client.call("vm.unregister", {"id": args.id})))
@@ -959,13 +1004,7 @@ def _fail(args: argparse.Namespace, code: int, kind: str, message: str) -> int:
 
 def _via_service(args: argparse.Namespace) -> int | None:
     """Run the command through qmpnetd; None to do it in the direct mode instead."""
-    from qmpnet.service.client import (
-        Client,
-        ServiceError,
-        ServiceLost,
-        ServiceUnavailable,
-        socket_path,
-    )
+    from qmpnet.service.client import Client, ServiceUnavailable, socket_path
 
     explicit = bool(args.socket or os.environ.get("QMPNET_SOCKET"))
     path = socket_path(args.socket)
@@ -980,6 +1019,18 @@ def _via_service(args: argparse.Namespace) -> int | None:
             return _fail(args, EXIT_SERVICE, "ServiceUnavailable", str(err))
         _note(f"{err}; doing it in this process (direct mode)")
         return None
+    return serve(args, client)
+
+
+def serve(args: argparse.Namespace, client: Client) -> int | None:
+    """A parsed command through a connected client; None: do it in the direct mode instead.
+
+    The thin client and qmpnetd's ``cli.exec`` (a compiled front's command line) both run
+    commands here, so the two print the same bytes and exit with the same codes.
+    """
+    from qmpnet.service.client import ServiceError, ServiceLost
+
+    needs_service = args.command in SERVICE_ONLY
     try:
         with client:
             return SERVICE_COMMANDS[args.command](client, args)
@@ -990,6 +1041,10 @@ def _via_service(args: argparse.Namespace) -> int | None:
         return _fail(args, err.exit_code, str(err.data.get("type", "ServiceError")), str(err))
     except ServiceLost as err:
         return _fail(args, EXIT_SERVICE, "ServiceLost", str(err))
+    except NeedFile:
+        raise
+    except Exception as err:  # input the client reads itself (the interface file)
+        return _fail(args, exit_code_for(err), type(err).__name__, str(err))
 
 
 def _print_version(args: argparse.Namespace) -> int:
@@ -1034,6 +1089,19 @@ def _direct(args: argparse.Namespace) -> int:
         return _fail(args, code, type(err).__name__, str(err))
 
 
+def forwardable(argv: Sequence[str]) -> argparse.Namespace | None:
+    """A command line qmpnetd can run for a compiled front (``cli.exec``), parsed; None for
+    one this program must run itself: help, a usage error, ``--version``, ``--direct``, demo.
+    """
+    try:
+        args = build_parser(_command_in(argv)).parse_args(argv)
+    except SystemExit:
+        return None
+    if args.version or args.command is None or args.direct or args.command == "demo":
+        return None
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_in(argv))
@@ -1043,10 +1111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.error("the following arguments are required: COMMAND")
     if args.command != "demo" and not args.direct:
-        try:
-            done = _via_service(args)
-        except Exception as err:  # input the client reads itself (the interface file)
-            return _fail(args, exit_code_for(err), type(err).__name__, str(err))
+        done = _via_service(args)
         if done is not None:
             return done
     if args.command in SERVICE_ONLY:

@@ -151,6 +151,7 @@ def test_sdist_has_license_units_and_docs_generator(dists: tuple[Path, Path]) ->
         "contrib/systemd/qmpnetd.socket",
         "contrib/docs/manpages.py",
         "contrib/cni-shim/main.go",
+        "contrib/cli-shim/main.go",
     ):
         assert f"{top}/{path}" in names
     assert not [n for n in names if "__pycache__" in n]

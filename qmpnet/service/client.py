@@ -115,21 +115,7 @@ class Client:
             raise ServiceLost(self.path, method) from err
         if not line:
             raise ServiceLost(self.path, method)
-        try:
-            reply = json.loads(line)
-        except ValueError as err:
-            raise ServiceError(protocol.INTERNAL_ERROR, f"unreadable reply: {err}") from err
-        if not isinstance(reply, dict):
-            raise ServiceError(protocol.INTERNAL_ERROR, "the reply is not a JSON object")
-        if "error" in reply:
-            body = reply["error"] if isinstance(reply["error"], dict) else {}
-            data = body.get("data")
-            raise ServiceError(
-                int(body.get("code", protocol.INTERNAL_ERROR)),
-                str(body.get("message", "error")),
-                data if isinstance(data, dict) else None,
-            )
-        return reply.get("result")
+        return result_of(line)
 
     def _readline(self) -> bytes:
         assert self._sock is not None
@@ -142,6 +128,25 @@ class Client:
                 raise ServiceError(protocol.INTERNAL_ERROR, "reply longer than the line cap")
         line, _, self._buf = self._buf.partition(b"\n")
         return line
+
+
+def result_of(line: bytes) -> Any:
+    """A reply line's result, or its error raised as :class:`ServiceError`."""
+    try:
+        reply = json.loads(line)
+    except ValueError as err:
+        raise ServiceError(protocol.INTERNAL_ERROR, f"unreadable reply: {err}") from err
+    if not isinstance(reply, dict):
+        raise ServiceError(protocol.INTERNAL_ERROR, "the reply is not a JSON object")
+    if "error" in reply:
+        body = reply["error"] if isinstance(reply["error"], dict) else {}
+        data = body.get("data")
+        raise ServiceError(
+            int(body.get("code", protocol.INTERNAL_ERROR)),
+            str(body.get("message", "error")),
+            data if isinstance(data, dict) else None,
+        )
+    return reply.get("result")
 
 
 def socket_path(option: str | None = None) -> str:

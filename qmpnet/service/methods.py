@@ -106,6 +106,12 @@ class Params:
     def table(self, name: str) -> dict[str, Any]:
         return dict(self._take(name, (dict,), "an object", {}))
 
+    def strings(self, name: str) -> list[str]:
+        value = list(self._take(name, (list,), "a list of strings", []))
+        if not all(isinstance(v, str) for v in value):
+            raise InvalidInputError(name, "…", "must be a list of strings")
+        return value
+
     def done(self) -> None:
         if self._raw:
             name = sorted(self._raw)[0]

@@ -60,6 +60,7 @@ METHODS = (
     "watch.stop",
     "watch.list",
     "cni.exec",
+    "cli.exec",
 )
 
 

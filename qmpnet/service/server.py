@@ -21,6 +21,7 @@ from qmpnet.errors import DeniedError, QmpnetError
 from qmpnet.exits import EXIT_DENIED, EXIT_INPUT, exit_code_for
 from qmpnet.service import protocol
 from qmpnet.service.auth import Authority, Peer, Role
+from qmpnet.service.cliexec import CliExec
 from qmpnet.service.methods import Caller, Params, Service
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ class Server:
         self.authority = authority
         self._connections: set[asyncio.Task[Any]] = set()
         self._methods = service.table()
+        self.cli = CliExec(self.answer)
+        self._methods["cli.exec"] = self.cli.execute
+        #: command lines being run for a compiled front (cli.exec)
+        self._carriers: set[asyncio.Task[Any]] = set()
         self._stopping = False
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -135,6 +140,10 @@ class Server:
             return protocol.error(
                 None, protocol.PARSE_ERROR, f"not JSON: {err}", {"exit": EXIT_INPUT}
             )
+        return await self.answer(message, caller)
+
+    async def answer(self, message: Any, caller: Caller) -> dict[str, Any]:
+        """The reply to one decoded message, from a socket or a forwarded command line."""
         if not isinstance(message, dict) or not _depth(message):
             return protocol.error(None, protocol.INVALID_REQUEST, "not a JSON-RPC request object")
         ident = message.get("id")
@@ -163,8 +172,10 @@ class Server:
                 ident, protocol.METHOD_NOT_FOUND, f"no method {method[:80]!r}", {"exit": EXIT_INPUT}
             )
         work = asyncio.create_task(call(Params(params), caller), name=f"request {method}")
-        self.service.inflight.add(work)
-        work.add_done_callback(self.service.inflight.discard)
+        # a forwarded command line is not a request of its own: the ones it makes are counted
+        tasks = self._carriers if method == "cli.exec" else self.service.inflight
+        tasks.add(work)
+        work.add_done_callback(tasks.discard)
         try:
             # shielded: a client that goes away does not cut the operation in half
             value = await asyncio.shield(work)
@@ -185,7 +196,7 @@ class Server:
     async def drain(self, timeout: float) -> None:
         """Wait for requests in flight (bounded); what is left is cancelled, so undone."""
         self._stopping = True
-        inflight = set(self.service.inflight)
+        inflight = self.service.inflight | self._carriers
         if inflight:
             log.info("finishing %d request(s) in flight", len(inflight))
             _, left = await asyncio.wait(inflight, timeout=timeout)
@@ -195,3 +206,4 @@ class Server:
                 await asyncio.wait(left)
         for conn in list(self._connections):
             conn.cancel()
+        self.cli.close()

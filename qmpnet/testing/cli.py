@@ -17,12 +17,14 @@ async def run_qmpnet(
     env: dict[str, str] | None = None,
     stdin: str | None = None,
     timeout: float = 180.0,
+    binary: str = QMPNET,
 ) -> subprocess.CompletedProcess[str]:
     """``qmpnet ARGS`` in a new process, on a thread so the loop goes on; ``env`` is added to
-    this process's environment. Its status is the caller's to check."""
+    this process's environment; ``binary``: another front (the compiled one). Its status is the
+    caller's to check."""
     return await asyncio.to_thread(
         subprocess.run,
-        [QMPNET, *args],
+        [binary, *args],
         input=stdin,
         capture_output=True,
         text=True,

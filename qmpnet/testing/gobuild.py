@@ -17,6 +17,9 @@ from pathlib import Path
 #: the compiled CNI front, and the Python plugin it runs when no service takes a call
 CHECKOUT = Path(__file__).resolve().parents[2]
 SHIM_SOURCE = CHECKOUT / "contrib" / "cni-shim" / "main.go"
+#: the compiled qmpnet front, and the Python qmpnet it runs for what the service does not take
+CLI_SOURCE = CHECKOUT / "contrib" / "cli-shim" / "main.go"
+PYTHON_CLI = Path(sys.executable).with_name("qmpnet")
 #: where the tests keep their builds (and Go's build cache): inside the venv, so `make clean`
 #: drops them with it
 CACHE = CHECKOUT / ".venv" / "cache" / "go"
@@ -64,3 +67,9 @@ def cni_shim(cache: Path = CACHE, full_plugin: Path = PYTHON_PLUGIN) -> Path:
     return go_build(
         SHIM_SOURCE, cache, "qmpnet-cni", ldflags=f"-s -w -X main.fullPlugin={full_plugin}"
     )
+
+
+def cli_shim(cache: Path = CACHE, full_cli: Path = PYTHON_CLI, name: str = "qmpnet") -> Path:
+    """The compiled ``qmpnet`` front, built as ``make cli-shim`` builds it (``name``: one
+    build per name is kept, so a test's variant does not replace the others)."""
+    return go_build(CLI_SOURCE, cache, name, ldflags=f"-s -w -X main.fullCli={full_cli}")
