@@ -1089,12 +1089,20 @@ def _direct(args: argparse.Namespace) -> int:
         return _fail(args, code, type(err).__name__, str(err))
 
 
+#: qmpnetd's parsers for forwarded command lines, by the command each parses alone
+_kept_parsers: dict[str | None, argparse.ArgumentParser] = {}
+
+
 def forwardable(argv: Sequence[str]) -> argparse.Namespace | None:
     """A command line qmpnetd can run for a compiled front (``cli.exec``), parsed; None for
     one this program must run itself: help, a usage error, ``--version``, ``--direct``, demo.
     """
+    only = _command_in(argv)
+    parser = _kept_parsers.get(only)
+    if parser is None:  # built once per command: a parse does not change its parser
+        parser = _kept_parsers[only] = build_parser(only)
     try:
-        args = build_parser(_command_in(argv)).parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit:
         return None
     if args.version or args.command is None or args.direct or args.command == "demo":
