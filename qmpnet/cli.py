@@ -471,7 +471,12 @@ def _state(args: argparse.Namespace) -> NetworkState:
     return NetworkState.open(directory, args.qmp or "", config)
 
 
-class NeedFile(Exception):
+class Pending(Exception):
+    """A forwarded command line needs what its runner (qmpnetd's cli.exec) must fetch first;
+    the runner fetches it and runs the line again from the start."""
+
+
+class NeedFile(Pending):
     """A forwarded command line reads a file its caller has not sent yet (qmpnetd asks)."""
 
     def __init__(self, path: str) -> None:
@@ -1041,7 +1046,7 @@ def serve(args: argparse.Namespace, client: Client) -> int | None:
         return _fail(args, err.exit_code, str(err.data.get("type", "ServiceError")), str(err))
     except ServiceLost as err:
         return _fail(args, EXIT_SERVICE, "ServiceLost", str(err))
-    except NeedFile:
+    except Pending:
         raise
     except Exception as err:  # input the client reads itself (the interface file)
         return _fail(args, exit_code_for(err), type(err).__name__, str(err))

@@ -14,15 +14,15 @@ done). A command line that is not the service's to run (help, a usage error, ``-
 ``--direct``, ``demo``, a caller the service refuses) answers ``{"fallback": why}``: the front
 runs the Python ``qmpnet`` with the same arguments, which says what it says today.
 
-The command's code is synchronous (the thin client blocks on its socket), so it runs in a
-worker thread; its output goes to buffers of its own through a router on ``sys.stdout`` and
-``sys.stderr`` (each worker's context names its buffers; the rest of the service writes
-through to the real streams).
+The command's code is synchronous (the thin client blocks on its socket): it runs on the
+event loop, stops at its request (which the service then answers as any other) and runs
+again with the reply, to its end. Its output goes to buffers of its own through a router on
+``sys.stdout`` and ``sys.stderr`` (the run's context names its buffers; the rest of the
+service writes through to the real streams).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextvars
@@ -31,7 +31,6 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
 from qmpnet import cli
@@ -40,8 +39,8 @@ from qmpnet.service import protocol
 from qmpnet.service.client import Client, result_of
 from qmpnet.service.methods import Caller, Params
 
-#: command lines run at once; more wait for a worker
-WORKERS = 64
+#: the most requests one command line makes (each makes one)
+REQUESTS_MAX = 4
 #: the most files one command line reads (an interface and a config)
 FILES_MAX = 4
 
@@ -108,27 +107,42 @@ def _files(raw: dict[str, Any]) -> dict[str, bytes | OSError]:
     return files
 
 
-class _Local(Client):
-    """The thin client's ``Client``, answered by this service in-process (from a worker)."""
+class _NeedReply(cli.Pending):
+    """The command line's next request, for the service to answer before the line runs again."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, answer: Answer, caller: Caller) -> None:
+    def __init__(self, message: dict[str, Any]) -> None:
+        super().__init__(message.get("method"))
+        self.message = message
+
+
+class _Replay(Client):
+    """The thin client's ``Client`` for a line run inside the service: each request is
+    answered by a reply the service fetched after an earlier run of the line stopped at it.
+
+    A command reads its input and makes its one request, then prints: running it again
+    with the reply is cheaper than a worker thread to block in, and keeps the line's code
+    off the event loop's other work only for the sub-millisecond runs themselves.
+    """
+
+    def __init__(self, replies: list[bytes]) -> None:
         super().__init__("cli.exec")
-        self._loop = loop
-        self._answer = answer
-        self._caller = caller
+        self._replies = replies
 
     def connect(self) -> None:
         pass
 
-    def __enter__(self) -> _Local:
+    def __enter__(self) -> _Replay:
         return self
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        # through JSON and back, both ways: the methods see what a socket would carry
-        message = json.loads(protocol.encode(protocol.request(method, params or {}, self._next_id)))
+        made = self._next_id - 1
         self._next_id += 1
-        future = asyncio.run_coroutine_threadsafe(self._answer(message, self._caller), self._loop)
-        return result_of(protocol.encode(future.result()))
+        if made < len(self._replies):
+            return result_of(self._replies[made])
+        # through JSON and back: the method sees what a socket would carry
+        raise _NeedReply(
+            json.loads(protocol.encode(protocol.request(method, params or {}, made + 1)))
+        )
 
 
 class CliExec:
@@ -136,7 +150,6 @@ class CliExec:
 
     def __init__(self, answer: Answer) -> None:
         self._answer = answer
-        self._pool: ThreadPoolExecutor | None = None
 
     async def execute(self, p: Params, caller: Caller) -> Any:
         argv, cwd, raw = p.strings("argv"), p.text("cwd"), p.table("files")
@@ -145,31 +158,34 @@ class CliExec:
             raise InvalidInputError("cwd", cwd, "must be an absolute path")
         origin = cli.Origin(cwd, _files(raw))
         _route()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="cli.exec")
-        loop = asyncio.get_running_loop()
-        context = contextvars.copy_context()
-        return await loop.run_in_executor(
-            self._pool, context.run, self._run, loop, argv, origin, caller
-        )
+        replies: list[bytes] = []
+        while True:
+            done = self._run(argv, origin, replies)
+            if not isinstance(done, _NeedReply):
+                return done
+            if len(replies) >= REQUESTS_MAX:
+                raise InvalidInputError("argv", argv[:1], f"more than {REQUESTS_MAX} requests")
+            replies.append(protocol.encode(await self._answer(done.message, caller)))
 
     def _run(
-        self, loop: asyncio.AbstractEventLoop, argv: list[str], origin: cli.Origin, caller: Caller
-    ) -> dict[str, Any]:
+        self, argv: list[str], origin: cli.Origin, replies: list[bytes]
+    ) -> dict[str, Any] | _NeedReply:
+        """One run of the line, to its end or to a request not answered yet."""
         out, err = io.StringIO(), io.StringIO()
-        _streams.set((out, err))
-        cli.ORIGIN.set(origin)
-        args = cli.forwardable(argv)
-        if args is None:
-            return {"fallback": "not a command line the service runs"}
+        streams, where = _streams.set((out, err)), cli.ORIGIN.set(origin)
         try:
-            code = cli.serve(args, _Local(loop, self._answer, caller))
-        except cli.NeedFile as need:
-            return {"read": [need.path]}
-        if code is None:
-            return {"fallback": "the service refuses this caller"}
-        return {"exit": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            args = cli.forwardable(argv)
+            if args is None:
+                return {"fallback": "not a command line the service runs"}
+            try:
+                code = cli.serve(args, _Replay(replies))
+            except cli.NeedFile as need:
+                return {"read": [need.path]}
+            except _NeedReply as need:
+                return need
+            if code is None:
+                return {"fallback": "the service refuses this caller"}
+            return {"exit": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+        finally:
+            cli.ORIGIN.reset(where)
+            _streams.reset(streams)

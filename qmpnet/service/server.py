@@ -206,4 +206,3 @@ class Server:
                 await asyncio.wait(left)
         for conn in list(self._connections):
             conn.cancel()
-        self.cli.close()
