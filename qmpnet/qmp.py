@@ -200,6 +200,26 @@ def _identity_of_pid(pid: int) -> VmIdentity | None:
     return VmIdentity(pid, int(fields[19]))
 
 
+class _Client(QMPClient):
+    """qemu.qmp's client, without its message hooks' eager pretty-print.
+
+    The library's hooks call ``str(msg)`` (``json.dumps(..., indent=2)``) for every message
+    before ``logger.debug`` looks at the level: with logging off, a plug into a VM with a few
+    dozen devices spent most of its time (a ``query-pci`` or ``qom-list`` reply) formatting
+    text nobody reads. Here it is formatted only when the debug level is on (``-vv``).
+    """
+
+    def _cb_outbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("--> %s", str(msg))
+        return msg
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("<-- %s", str(msg))
+        return msg
+
+
 class QmpSession:
     """One connection to one QEMU monitor. Fd passing is serialized on the connection."""
 
@@ -224,7 +244,7 @@ class QmpSession:
         """Connect with a deadline. A monitor serves one client at a time: a hang means busy."""
         check_socket_path(path)
         label = name or path.rstrip("/").rsplit("/", 2)[-2 if path.count("/") > 1 else -1]
-        client = QMPClient(label)
+        client = _Client(label)
         mute_default_listener(client)
         try:
             await asyncio.wait_for(connect_clean(client, path), connect_timeout)
