@@ -307,3 +307,31 @@ async def test_a_kept_session_reads_the_buses_once_and_rereads_when_full() -> No
     session.occupant = None  # unplugged behind the session's back, through another monitor
     assert await hv.plug_tap(taps[2], QueueFds(tap=[-1]), "52:54:00:00:00:03") == "01/00"
     assert session.reads > first, "a kept topology with no free slot is read again once"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("", {}, id="no-nic"),
+        pytest.param(
+            "qn1-dev: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:9C:00:01\n"
+            " \\ qn1-net: index=0,type=tap,fd=13\n",
+            {"qn1-dev": "52:54:00:9c:00:01"},
+            id="nic-and-its-tap",
+        ),
+        pytest.param(
+            "hub 0\n \\ hub0port0: index=0,type=hubport,peer=e1000.0\n"
+            " \\ hub0port1: index=0,type=hubport,netdev=u\n"
+            "e1000.0: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:56\n",
+            {"e1000.0": "52:54:00:12:34:56"},
+            id="behind-a-hub",
+        ),
+        pytest.param("x: index=0,type=nic,mac 52:54\n", None, id="a-shape-not-known"),
+    ],
+)
+def test_info_network_names_each_nic_and_its_mac(
+    text: str, expected: dict[str, str] | None
+) -> None:
+    from qmpnet.hypervisor import nic_macs
+
+    assert nic_macs(text) == expected

@@ -31,7 +31,7 @@ from qmpnet.errors import (
     UnplugTimeoutError,
     UnsupportedError,
 )
-from qmpnet.hypervisor import QemuHypervisor, device_id
+from qmpnet.hypervisor import QemuHypervisor, device_id, nic_macs
 from qmpnet.lifecycle import Operation, Phase, Step
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
@@ -601,3 +601,34 @@ async def test_a_new_qemu_behind_the_state_is_a_new_vm(
         assert f"{again.id}-dev" in (await _snapshot(second, host))["peripherals"]
     finally:
         await second.stop()
+
+
+@pytest.mark.asyncio
+async def test_the_network_list_and_the_filter_view_name_the_same_nics(
+    guest_image: GuestImage, host_link_names: Any, tmp_path: Path
+) -> None:
+    """The MAC check reads QEMU's network list (``info network``); QEMU's rx-filter view, the
+    independent one, must name the same NICs and MACs: ours, and the VM manager's own."""
+    cold = "52:54:00:00:00:c0"
+    extra = [
+        "-netdev",
+        f"tap,id={RUN}u0,ifname={host_link_names('t')},script=no,downscript=no",
+        "-device",
+        f"virtio-net-pci,netdev={RUN}u0,mac={cold},id={RUN}cold,romfile=",
+    ]
+    vm = await GuestVM.start(guest_image, tmp_path, paused=True, root_ports=4, extra_args=extra)
+    try:
+        state = NetworkState.open(tmp_path / "state", str(vm.mgmt_qmp_path), Config())
+        for mac in ("52:54:00:00:00:c1", "52:54:00:00:00:c2"):
+            await _add(state, _plug_args(host_link_names("t"), mac))
+        async with await QmpSession.connect(str(vm.qmp_path)) as qmp:
+            text = await qmp.execute("human-monitor-command", {"command-line": "info network"})
+            filters = await qmp.execute("query-rx-filter")
+            hv = QemuHypervisor(qmp)
+            assert await hv.nic_with_mac(cold.upper()) == f"{RUN}cold"
+            assert await hv.nic_with_mac("52:54:00:00:00:ff") is None
+        listed = nic_macs(text)
+        assert listed == {f["name"]: f["main-mac"].lower() for f in filters}, text
+        assert set(listed.values()) == {cold, "52:54:00:00:00:c1", "52:54:00:00:00:c2"}
+    finally:
+        await vm.stop()
