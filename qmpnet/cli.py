@@ -523,18 +523,21 @@ _here = Origin()
 ORIGIN: ContextVar[Origin] = ContextVar("qmpnet_cli_origin", default=_here)
 
 
-def _read_file(path: str, what: str) -> bytes:
+def _read_file(path: str, what: str, stdin: bool = False) -> bytes:
+    """A file's bytes; ``-`` is stdin only where ``stdin`` says so (the interface file),
+    elsewhere a file of that name, as the direct mode's config loader reads it."""
     from qmpnet.errors import InvalidInputError
 
+    where = os.path.join(".", path) if path == "-" and not stdin else path
     try:
-        return ORIGIN.get().read(path)
+        return ORIGIN.get().read(where)
     except OSError as err:
         raise InvalidInputError(what, path, err.strerror or str(err)) from err
 
 
 def _read_input(path: str) -> bytes:
     """The interface JSON's bytes from a file or stdin, read no further than the cap allows."""
-    return _read_file(path, "interface file")
+    return _read_file(path, "interface file", stdin=True)
 
 
 def _read_json(path: str) -> Any:

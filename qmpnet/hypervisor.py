@@ -508,20 +508,20 @@ class QemuHypervisor:
 
 T = TypeVar("T")
 
-#: a NIC's line of ``info network``: ``ID: index=N,type=nic,model=M,macaddr=MAC`` (hub
-#: ports and backends are other types; a NIC behind a hub is indented)
+#: a NIC's line of ``info network``: ``ID: index=N,type=nic,model=M,macaddr=MAC``; a NIC
+#: on a hub is printed once, inside the hub's block, after its port: `` \ PORT: ID: …``
 _NIC_LINE = re.compile(
-    r"^[ \\]*(?P<name>[^\s:]+): index=\d+,type=nic,model=[^,\n]*,"
+    r"^[ \\]*(?:[^\s:]+: )?(?P<name>[^\s:]+): index=\d+,type=nic,model=[^,\n]*,"
     r"macaddr=(?P<mac>[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5})\s*$",
     re.M,
 )
 
 
 def nic_macs(text: str) -> dict[str, str] | None:
-    """Each NIC's MAC from ``info network`` text; None when the text has no shape of it
-    (it names NICs, ``type=nic``, yet no line reads as one)."""
+    """Each NIC's MAC from ``info network`` text; None when the text is not empty yet no line
+    reads as a NIC (another shape, an error's words, or backends alone): ask otherwise."""
     macs = {m["name"]: m["mac"].lower() for m in _NIC_LINE.finditer(text)}
-    if not macs and "type=nic" in text:
+    if not macs and text.strip():
         return None
     return macs
 

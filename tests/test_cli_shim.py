@@ -33,7 +33,13 @@ import pytest_asyncio
 from qmpnet import cli
 from qmpnet.exits import EXIT_SERVICE
 from qmpnet.service import cliexec
-from qmpnet.service.protocol import DEFAULT_SOCKET, LINE_MAX, PROTOCOL_VERSION
+from qmpnet.service.protocol import (
+    DEFAULT_SOCKET,
+    LINE_MAX,
+    METHOD_NOT_FOUND,
+    PROTOCOL_MISMATCH,
+    PROTOCOL_VERSION,
+)
 from qmpnet.testing.gobuild import CLI_SOURCE, PYTHON_CLI, cli_shim
 from qmpnet.testing.probe import links
 from qmpnet.testing.service import ServiceProcess
@@ -111,11 +117,13 @@ def test_the_front_restates_the_same_constants() -> None:
         ("protocolVersion", PROTOCOL_VERSION),
         ("filesMax", cliexec.FILES_MAX),
         ("exitService", EXIT_SERVICE),
+        ("methodNotFound", METHOD_NOT_FOUND),
+        ("protocolMismatch", PROTOCOL_MISMATCH),
     ):
         found = re.search(rf"^\s*{name}\s*=\s*(.+)$", source, re.M)
         assert found, name
         assert eval(found[1]) == value, name  # our own integer literals
-    assert f'defaultSocket   = "{DEFAULT_SOCKET}"' in source
+    assert re.search(rf"defaultSocket\s+= \"{re.escape(DEFAULT_SOCKET)}\"", source)
     valued = re.search(r"valued = \[\]string\{([^}]*)\}", source)
     assert valued, "valued"
     assert tuple(json.loads(f"[{valued[1]}]")) == cli._GLOBAL_VALUED
@@ -152,6 +160,7 @@ def test_without_a_service_the_python_front_does_it(compiled: Path, tmp_path: Pa
         pytest.param(("add-iface", "--qmp", "x.sock", "-"), id="stdin"),
         pytest.param(("add-iface", "--qmp", "x.sock", "--config", "nope.toml", "-"), id="config"),
         pytest.param(("add-iface", "--qmp", "x.sock", "--bandwidth", "{", "-"), id="bad-option"),
+        pytest.param(("add-iface", "--qmp", "x.sock", "--config", "-", "-"), id="config-dash"),
         pytest.param(("del-iface", "--qmp", "x.sock", "--mac", "zz"), id="bad-mac"),
         pytest.param(
             ("set-link", "--qmp", "x.sock", "--mac", "52:54:00:00:00:01", "sideways"), id="usage"
@@ -204,13 +213,14 @@ async def test_the_service_runs_what_it_can_and_the_rest_falls_back(
         ("demo", "--help"),
         ("add-iface", "--help"),
         ("nosuch",),
+        ("vm", "list", *["--json"] * 300),  # longer than the service parses
         ("--sock", "x", "status"),
     )
     for args in not_taken:
         got = run(front, *args, env=env)
         assert got.status == 99, (args, got)
     assert notes.read_text().splitlines()[-1] == "--sock x status"
-    assert len(notes.read_text().splitlines()) == 6
+    assert len(notes.read_text().splitlines()) == 7
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -355,8 +365,8 @@ def test_a_service_that_dies_mid_request_is_said_in_one_line(
     "reply",
     [
         pytest.param({"error": {"code": -32601, "message": "no method 'cli.exec'"}}, id="older"),
+        pytest.param({"error": {"code": -32001, "message": "protocol 2"}}, id="other-protocol"),
         pytest.param({"error": {"code": 12, "data": {"refused_caller": True}}}, id="refused"),
-        pytest.param({"result": [1]}, id="not-an-object"),
         pytest.param({"result": {"fallback": "help"}}, id="fallback"),
     ],
 )
@@ -370,6 +380,34 @@ def test_anything_but_an_answer_is_the_python_fronts_to_say(
         got = run(front, "vm", "list", env={"QMPNET_SOCKET": str(path)})
     assert got.status == 99, got
     assert notes.read_text().splitlines()[-1] == "vm list"
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "words"),
+    [
+        pytest.param(
+            {"error": {"code": 4, "message": "QEMU said no", "data": {"exit": 4}}},
+            4,
+            "qmpnet: error: QEMU said no",
+            id="an-error-after-it-may-have-acted",
+        ),
+        pytest.param({"result": [1]}, EXIT_SERVICE, "not cli.exec's", id="not-an-object"),
+        pytest.param({"result": {"stdout": "x"}}, EXIT_SERVICE, "without an exit", id="no-exit"),
+    ],
+)
+def test_an_error_the_service_may_have_acted_before_is_said_never_run_again(
+    probed: tuple[Path, Path], tmp_path: Path, reply: dict[str, Any], status: int, words: str
+) -> None:
+    front, notes = probed
+    notes.unlink(missing_ok=True)
+    path = tmp_path / "peer.sock"
+    message = json.dumps({"jsonrpc": "2.0", "id": 1, **reply}).encode() + b"\n"
+    with peer(path, lambda line: message):
+        got = run(front, "vm", "list", env={"QMPNET_SOCKET": str(path)})
+    assert got.status == status, got
+    [line] = got.err.splitlines()
+    assert words in line, line
+    assert not notes.exists()
 
 
 def test_the_front_sends_the_files_it_is_asked_for(compiled: Path, tmp_path: Path) -> None:

@@ -320,12 +320,17 @@ async def test_a_kept_session_reads_the_buses_once_and_rereads_when_full() -> No
             id="nic-and-its-tap",
         ),
         pytest.param(
-            "hub 0\n \\ hub0port0: index=0,type=hubport,peer=e1000.0\n"
-            " \\ hub0port1: index=0,type=hubport,netdev=u\n"
-            "e1000.0: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:56\n",
-            {"e1000.0": "52:54:00:12:34:56"},
+            # QEMU 7.2's hmp_info_network: a hub NIC only inside its hub's block, after its port
+            "qn1-dev: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:9c:00:01\n"
+            " \\ qn1-net: index=0,type=tap,fd=13\n"
+            "hub 0\n"
+            " \\ hub0port1: u0: index=0,type=user,net=10.0.2.0,restrict=off\n"
+            " \\ hub0port0: e1000.0: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:56\n",
+            {"qn1-dev": "52:54:00:9c:00:01", "e1000.0": "52:54:00:12:34:56"},
             id="behind-a-hub",
         ),
+        pytest.param("qn1-net: index=0,type=tap,fd=13\n", None, id="a-backend-alone"),
+        pytest.param("unknown command: 'info network'\n", None, id="an-error"),
         pytest.param("x: index=0,type=nic,mac 52:54\n", None, id="a-shape-not-known"),
     ],
 )

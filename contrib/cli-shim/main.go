@@ -28,12 +28,14 @@ import (
 // Kept equal to qmpnet.cli, qmpnet.service.protocol and qmpnet.service.cliexec by
 // tests/test_cli_shim.py.
 const (
-	readMax         = (1 << 20) + 1
-	lineMax         = 8 << 20
-	protocolVersion = 1
-	defaultSocket   = "/run/qmpnet/qmpnetd.sock"
-	filesMax        = 4
-	exitService     = 10
+	readMax          = (1 << 20) + 1
+	lineMax          = 8 << 20
+	protocolVersion  = 1
+	defaultSocket    = "/run/qmpnet/qmpnetd.sock"
+	filesMax         = 4
+	exitService      = 10
+	methodNotFound   = -32601
+	protocolMismatch = -32001
 )
 
 // fullCli is the Python qmpnet run when the service does not take a command line; the build
@@ -190,18 +192,33 @@ func forward(path string, args []string) (answer, error) {
 			return lost(path), nil
 		}
 		var got reply
-		if json.Unmarshal(line, &got) != nil || got.Error != nil || got.Result == nil {
-			// refused, an older service without cli.exec, or params it will not take:
-			// nothing was done, and the Python front says what there is to say
-			return answer{}, errFull
+		if json.Unmarshal(line, &got) != nil {
+			return failed(exitService, fmt.Sprintf("qmpnetd at %s: an unreadable reply", path)), nil
+		}
+		if got.Error != nil {
+			if notTaken(got.Error) {
+				// a caller it refuses, an older service without cli.exec or protocol:
+				// nothing was done, and the Python front says what there is to say
+				return answer{}, errFull
+			}
+			status := 1
+			if n, ok := got.Error.Data["exit"].(float64); ok {
+				status = int(n)
+			}
+			return failed(status, got.Error.Message), nil
 		}
 		var a answer
-		if json.Unmarshal(*got.Result, &a) != nil || a.Fallback != nil {
-			return answer{}, errFull
+		if got.Result == nil || json.Unmarshal(*got.Result, &a) != nil {
+			return failed(exitService, fmt.Sprintf("qmpnetd at %s: an answer that is not "+
+				"cli.exec's", path)), nil
+		}
+		if a.Fallback != nil {
+			return answer{}, errFull // decided before anything was done or read
 		}
 		if len(a.Read) == 0 {
 			if a.Exit == nil {
-				return answer{}, errFull
+				return failed(exitService, fmt.Sprintf("qmpnetd at %s: an answer without "+
+					"an exit status", path)), nil
 			}
 			return a, nil
 		}
@@ -213,6 +230,18 @@ func forward(path string, args []string) (answer, error) {
 		}
 	}
 	return answer{}, errFull
+}
+
+// notTaken: errors the service gives before it runs anything of a command line, for which
+// the Python front is the one to answer. Any other error may come after the service acted:
+// it is said, never run again.
+func notTaken(e *rpcError) bool {
+	refused, _ := e.Data["refused_caller"].(bool)
+	return refused || e.Code == methodNotFound || e.Code == protocolMismatch
+}
+
+func failed(status int, msg string) answer {
+	return answer{Exit: &status, Stderr: "qmpnet: error: " + msg + "\n"}
 }
 
 func lost(path string) answer {

@@ -35,12 +35,18 @@ from typing import Any, TextIO
 
 from qmpnet import cli
 from qmpnet.errors import InvalidInputError
+from qmpnet.exits import EXIT_INTERNAL
 from qmpnet.service import protocol
 from qmpnet.service.client import Client, result_of
 from qmpnet.service.methods import Caller, Params
 
 #: the most requests one command line makes (each makes one)
 REQUESTS_MAX = 4
+#: the longest command line the service parses (items, bytes in all), and the longest cwd:
+#: argparse's cost grows faster than its input, and it runs on the service's event loop
+ARGV_MAX = 256
+ARGV_BYTES_MAX = 64 << 10
+CWD_MAX = 4096
 #: the most files one command line reads (an interface and a config)
 FILES_MAX = 4
 
@@ -131,9 +137,6 @@ class _Replay(Client):
     def connect(self) -> None:
         pass
 
-    def __enter__(self) -> _Replay:
-        return self
-
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         made = self._next_id - 1
         self._next_id += 1
@@ -143,6 +146,10 @@ class _Replay(Client):
         raise _NeedReply(
             json.loads(protocol.encode(protocol.request(method, params or {}, made + 1)))
         )
+
+
+def _internal(why: str) -> dict[str, Any]:
+    return {"exit": EXIT_INTERNAL, "stdout": "", "stderr": f"qmpnet: internal error: {why}\n"}
 
 
 class CliExec:
@@ -156,15 +163,24 @@ class CliExec:
         p.done()
         if not os.path.isabs(cwd):
             raise InvalidInputError("cwd", cwd, "must be an absolute path")
+        if len(argv) > ARGV_MAX or sum(len(a) for a in argv) > ARGV_BYTES_MAX or len(cwd) > CWD_MAX:
+            # nothing done: the caller's own process parses it, at its own cost
+            return {"fallback": "a command line longer than the service parses"}
         origin = cli.Origin(cwd, _files(raw))
         _route()
         replies: list[bytes] = []
         while True:
-            done = self._run(argv, origin, replies)
+            try:
+                done = self._run(argv, origin, replies)
+            except Exception as err:
+                if not replies:
+                    raise  # nothing done yet: an error reply, and the front may fall back
+                # a request ran: the front must not run the line again, so this is an answer
+                return _internal(f"{type(err).__name__}: {err}")
             if not isinstance(done, _NeedReply):
                 return done
             if len(replies) >= REQUESTS_MAX:
-                raise InvalidInputError("argv", argv[:1], f"more than {REQUESTS_MAX} requests")
+                return _internal(f"the command line made more than {REQUESTS_MAX} requests")
             replies.append(protocol.encode(await self._answer(done.message, caller)))
 
     def _run(

@@ -18,7 +18,7 @@ from typing import Any
 
 from qmpnet.boundary import DEPTH_MAX
 from qmpnet.errors import DeniedError, QmpnetError
-from qmpnet.exits import EXIT_DENIED, EXIT_INPUT, exit_code_for
+from qmpnet.exits import EXIT_DENIED, EXIT_INPUT, EXIT_SERVICE, exit_code_for
 from qmpnet.service import protocol
 from qmpnet.service.auth import Authority, Peer, Role
 from qmpnet.service.cliexec import CliExec
@@ -165,6 +165,12 @@ class Server:
                 f"qmpnetd speaks protocol {protocol.PROTOCOL_VERSION}, the client "
                 f"{params.get('protocol')!r}: use a client of this release",
                 {"protocol": protocol.PROTOCOL_VERSION},
+            )
+        if self._stopping:
+            # drain() waits for what it saw; a request after that would race the sessions'
+            # close (a compiled front's second round on its open connection, say)
+            return protocol.error(
+                ident, EXIT_SERVICE, "qmpnetd is stopping: ask again when it is back"
             )
         call = self._methods.get(method)
         if call is None:
