@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import errno
 import json
 import os
@@ -22,7 +21,6 @@ import socket
 import stat
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ from qmpnet.service.protocol import (
 from qmpnet.testing.gobuild import CLI_SOURCE, PYTHON_CLI, cli_shim
 from qmpnet.testing.probe import links
 from qmpnet.testing.service import ServiceProcess
+from qmpnet.testing.standin import peer, rpc
 from qmpnet.testing.vm import GuestVM
 
 
@@ -318,34 +317,6 @@ async def test_a_plug_through_the_compiled_front_is_the_services(
     assert tap not in links()
 
 
-@contextlib.contextmanager
-def peer(path: Path, answer: Callable[[bytes], bytes | None]) -> Iterator[list[Any]]:
-    """A stand-in for qmpnetd: one connection, one request read, ``answer``'s bytes sent (None:
-    the connection is closed unanswered, as by a service that died)."""
-    seen: list[Any] = []
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(path))
-    server.listen()
-
-    def serve() -> None:
-        with contextlib.suppress(OSError):
-            conn, _ = server.accept()
-            with conn:
-                line = conn.makefile("rb").readline()
-                seen.append(json.loads(line))
-                reply = answer(line)
-                if reply is not None:
-                    conn.sendall(reply)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield seen
-    finally:
-        server.close()
-        thread.join(5)
-
-
 def test_a_service_that_dies_mid_request_is_said_in_one_line(
     compiled: Path, tmp_path: Path
 ) -> None:
@@ -375,8 +346,7 @@ def test_anything_but_an_answer_is_the_python_fronts_to_say(
 ) -> None:
     front, notes = probed
     path = tmp_path / "peer.sock"
-    message = json.dumps({"jsonrpc": "2.0", "id": 1, **reply}).encode() + b"\n"
-    with peer(path, lambda line: message):
+    with peer(path, rpc(**reply)):
         got = run(front, "vm", "list", env={"QMPNET_SOCKET": str(path)})
     assert got.status == 99, got
     assert notes.read_text().splitlines()[-1] == "vm list"
@@ -401,8 +371,7 @@ def test_an_error_the_service_may_have_acted_before_is_said_never_run_again(
     front, notes = probed
     notes.unlink(missing_ok=True)
     path = tmp_path / "peer.sock"
-    message = json.dumps({"jsonrpc": "2.0", "id": 1, **reply}).encode() + b"\n"
-    with peer(path, lambda line: message):
+    with peer(path, rpc(**reply)):
         got = run(front, "vm", "list", env={"QMPNET_SOCKET": str(path)})
     assert got.status == status, got
     [line] = got.err.splitlines()

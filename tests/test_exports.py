@@ -89,6 +89,7 @@ KIT_MODULES = [
     "probe",
     "scene",
     "service",
+    "standin",
     "steps",
     "vm",
 ]
