@@ -29,13 +29,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
-from qmpnet import marks
+from qmpnet import marks, pyroute
 from qmpnet.errors import HostError, LinkExistsError, NotOursError, UnsupportedError
 from qmpnet.netns import run_in_netns
 from qmpnet.poll import poll_until
+
+pyroute.package()  # before the first pyroute2 import: its package __init__ is not needed
+from pyroute2.iproute.linux import AsyncIPRoute  # noqa: E402
+from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
