@@ -309,6 +309,69 @@ async def test_a_kept_session_reads_the_buses_once_and_rereads_when_full() -> No
     assert session.reads > first, "a kept topology with no free slot is read again once"
 
 
+class MisnumberedPorts(QmpSession):
+    """A q35 with two root ports whose guest programmed rp0's secondary bus number with
+    the number of rp1's bus: query-pci lists rp1's (empty) bus below both, and rp0's NIC
+    below neither. A fake because the test guest has no way to write a bridge's config
+    space, and QEMU lists below a bridge whatever bus carries the number the guest wrote.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(None, "misnumbered", 1.0, logging.getLogger("test"))  # type: ignore[arg-type]
+        self.on = {"rp0": "vm-manager-nic"}
+        self.sent: list[str] = []
+
+    async def execute(
+        self, command: str, arguments: Mapping[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
+        args = dict(arguments or {})
+        self.sent.append(command)
+        if command == "qom-list" and args["path"] == "/machine/peripheral":
+            kids = [{"name": p, "type": "child<pcie-root-port>"} for p in ("rp0", "rp1")]
+            return kids + [{"name": d, "type": "child<virtio-net-pci>"} for d in self.on.values()]
+        if command == "qom-list":  # /machine/peripheral/rpN/rpN: the port's bus
+            port = args["path"].rsplit("/", 1)[1]
+            return [{"name": "child[0]", "type": "child<x>"}] if port in self.on else []
+        if command == "qom-get":
+            return {"rp0": 2, "rp1": 3}[args["path"].rsplit("/", 1)[1]] << 3
+        if command == "query-pci":
+            ports = [
+                {
+                    "qdev_id": p,
+                    "slot": slot,
+                    "id": {"device": 0x000C},
+                    "pci_bridge": {"devices": []},
+                }
+                for p, slot in (("rp0", 2), ("rp1", 3))
+            ]
+            return [{"bus": 0, "devices": [{"slot": 0, "id": {"device": 0x29C0}}, *ports]}]
+        if command == "device_add":
+            if args["bus"] in self.on:
+                raise QmpCommandError(
+                    command, args, "GenericError", "PCI: slot 0 function 0 not available"
+                )
+            self.on[args["bus"]] = args["id"]
+        return {}
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        return None
+
+
+@pytest.mark.asyncio
+async def test_a_port_query_pci_shows_free_but_qemu_refuses_is_read_from_qom_once() -> None:
+    session = MisnumberedPorts()
+    hv = QemuHypervisor(session)
+    fast = await hv.read_topology()
+    assert not fast.exact
+    assert [s.bus for s in fast.free()] == ["rp0", "rp1"]
+    assert session.sent == ["qom-list", "query-pci"]
+    tap = create_tap_endpoint(0, "eth0", tap_name="t0").tap_interface
+    assert await hv.plug_tap(tap, QueueFds(tap=[-1]), "52:54:00:00:00:01") == "03/00"
+    assert session.on == {"rp0": "vm-manager-nic", "rp1": device_id(tap)}
+    assert session.sent.count("device_add") == 2
+    assert "qom-get" in session.sent, "the second look walked QOM"
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

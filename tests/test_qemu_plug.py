@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 
 from qmpnet.config import Config
+from qmpnet.hypervisor import QemuHypervisor, Topology
 from qmpnet.marks import claimed_owner
 from qmpnet.model import InterfaceDescription, InterworkingModel
 from qmpnet.network import NetworkState
@@ -240,3 +241,62 @@ async def test_veth_tcfilter_endpoint(
     assert seen[veth.inner]["address"] == veth.mac
     assert "ingress" not in [q["kind"] for q in host.qdiscs(veth.sandbox, veth.inner)]
     assert await state.list_interfaces() == []
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_buses_read_from_query_pci_are_the_buses_qom_shows(
+    booted_vm: GuestVM, host: Any, host_link_names: Any, state_dir: Path
+) -> None:
+    """Once the firmware has numbered the buses, the slot search reads query-pci and QOM's
+    list of peripherals, two commands however many root ports there are, instead of two
+    QOM reads per bridge; what it finds is what the QOM walk finds: our NIC's port and a VM
+    manager's device (plugged through its own monitor) taken, the other ports free."""
+    vm = booted_vm
+    mac = "52:54:00:00:00:71"
+    state = NetworkState.open(state_dir, str(vm.mgmt_qmp_path), Config())
+    endpoint = await state.add_interface(
+        InterfaceDescription(name="eth0", hw_addr=mac),
+        model=InterworkingModel.NONE,
+        queues=1,
+        tap_name=host_link_names("t"),
+    )
+    theirs = f"{RUN}-theirs"
+    async with await QmpSession.connect(str(vm.qmp_path)) as manager:
+        [*_, last] = await QemuHypervisor(manager).free_slots()
+        await manager.device_add(
+            {"driver": "virtio-net-pci", "id": theirs, "bus": last.bus, "romfile": ""}
+        )
+        try:
+            async with await QmpSession.connect(str(vm.mgmt_qmp_path)) as qmp:
+                sent: list[str] = []
+                execute = qmp.execute
+
+                async def counted(
+                    command: str, arguments: Any = None, timeout: float | None = None
+                ) -> Any:
+                    sent.append(command)
+                    return await execute(command, arguments, timeout)
+
+                qmp.execute = counted  # type: ignore[method-assign]
+                hv = QemuHypervisor(qmp)
+                fast = await hv.read_topology()
+                assert sorted(sent) == ["qom-list", "query-pci"], sent
+                walked = await hv.read_topology(exact=True)
+            assert (fast.exact, walked.exact) == (False, True)
+            assert fast.bridges == walked.bridges
+            assert fast.root_used == walked.root_used
+            used = {b.qdev_id for b in walked.bridges if b.used}
+            assert used == {last.bus, _port_of(walked, endpoint.pci_path)}
+            assert [s.bus for s in fast.free()] == [
+                b.qdev_id for b in sorted(walked.bridges, key=lambda b: b.slot) if not b.used
+            ]
+        finally:
+            assert await manager.device_del(theirs, 30.0), "the guest did not release it"
+    await state.remove_interface(mac)
+
+
+def _port_of(topology: Topology, pci_path: str) -> str:
+    """The root port whose slot on pcie.0 is the first part of a guest PCI path."""
+    slot = int(pci_path.split("/", maxsplit=1)[0], 16)
+    [port] = [b.qdev_id for b in topology.bridges if b.slot == slot]
+    return str(port)

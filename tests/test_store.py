@@ -45,6 +45,31 @@ def test_round_trip_keeps_every_field_and_status(tmp_path: Path) -> None:
     assert "vm_fds" not in store.state_path.read_text()
 
 
+def test_an_unchanged_file_reuses_its_snapshot_and_any_write_is_seen(tmp_path: Path) -> None:
+    """load() reads the file every time; only the same text gives back the same snapshot.
+    Another process's write (here: another Store on the directory, and a hand edit of the
+    same length) and damage after a good load are all seen."""
+    ours, theirs = Store(tmp_path / "s"), Store(tmp_path / "s")
+    taps = [create_tap_endpoint(i, "eth0", tap_name=f"t{i}") for i in range(2)]
+    asyncio.run(ours.save(Snapshot((Entry(taps[0]),))))
+    first = ours.load()
+    assert ours.load() is first
+    asyncio.run(theirs.save(Snapshot((Entry(taps[0]), Entry(taps[1], Status.UNPLUG_PENDING)))))
+    second = ours.load()
+    assert second is not first
+    assert [e.status for e in second.entries] == [Status.PLUGGED, Status.UNPLUG_PENDING]
+    text = ours.state_path.read_text()
+    ours.state_path.write_text(text.replace('"unplug-pending"', '"plugged"       ', 1))
+    assert [e.status for e in ours.load().entries] == [Status.PLUGGED, Status.PLUGGED]
+    ours.state_path.write_text(text[:-3])
+    with pytest.raises(StateError, match="not valid JSON"):
+        ours.load()
+    # a save writes what the snapshot holds, reused endpoint JSON or not
+    asyncio.run(ours.save(second))
+    asyncio.run(ours.save(Snapshot(second.entries[1:])))
+    assert theirs.load().entries == second.entries[1:]
+
+
 def test_unknown_entries_are_kept_verbatim(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
     store.dir.mkdir()
