@@ -136,7 +136,8 @@ async def _ramp(ctx: Context, report: Report) -> None:
         [
             "N is the NIC's position: N-1 NICs are already plugged when it is plugged, and"
             " N-1 remain after it is unplugged",
-            "device_add includes choosing a slot (QOM walk over the 30 root ports)",
+            "device_add includes choosing a slot (query-pci and QOM's peripheral list once the"
+            " guest numbered the buses; a QOM walk over the 30 root ports before)",
             "guest marker: the guest's /init polls /sys/class/net every ~50 ms and loops over"
             " all NICs, so its own lag can grow with N (not the driver's)",
         ],

@@ -200,6 +200,26 @@ def _qemu_command(
     return [*cmd, *extra_args]
 
 
+#: /proc/net/unix's flag of a listening socket (__SO_ACCEPTCON)
+_ACCEPTCON = 0x10000
+
+
+def _listening(paths: set[str]) -> bool:
+    """Whether a unix socket bound to each of ``paths`` is listening (this netns's sockets)."""
+    try:
+        with open("/proc/net/unix") as table:
+            lines = table.read().splitlines()[1:]
+    except OSError:
+        return False
+    found = set()
+    for line in lines:
+        # Num RefCount Protocol Flags Type St Inode Path
+        fields = line.split(None, 7)
+        if len(fields) == 8 and int(fields[3], 16) & _ACCEPTCON:
+            found.add(fields[7])
+    return paths <= found
+
+
 @attrs.define(eq=False)
 class GuestVM:
     """One running QEMU with the test guest; create it with :meth:`start`.
@@ -348,7 +368,9 @@ class GuestVM:
     async def _wait_for_monitors(self, limit: float) -> None:
         try:
             async with asyncio.timeout(limit):
-                while not (self.qmp_path.exists() and self.mgmt_qmp_path.exists()):
+                # a socket file exists from QEMU's bind(); a connect before its listen() is
+                # refused: both must be listening (seen under a loaded host)
+                while not _listening({str(self.qmp_path), str(self.mgmt_qmp_path)}):
                     if self._proc.returncode is not None or self._stderr.closed:
                         raise await self._error("QEMU exited before opening its monitors")
                     await asyncio.sleep(0.01)
